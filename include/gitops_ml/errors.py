@@ -1,0 +1,45 @@
+"""Errors a user can act on.
+
+Every error names the thing that was wrong (the SHA, the file, the key) in its
+message.  ``InputError`` marks problems with the user's commit or data: retrying
+cannot fix them, so the Airflow adapters fail the task at once instead of
+retrying.
+"""
+
+from __future__ import annotations
+
+
+class GitopsMLError(Exception):
+    """Base class of every error raised on purpose by gitops-ml."""
+
+
+class InputError(GitopsMLError):
+    """The commit, its params or its data are wrong; retrying will not help."""
+
+
+class CommitNotFound(InputError):
+    """The requested SHA does not exist in the repository."""
+
+
+class CommitNotOnBranch(InputError):
+    """The SHA exists but is not reachable from the tracked branch."""
+
+
+class InvalidRef(InputError):
+    """A branch name or SHA is malformed (or looks like a command-line option)."""
+
+
+class ParamsError(InputError):
+    """``params.yaml`` is missing, unparsable, lacks a key or has a wrong type."""
+
+
+class DataError(InputError):
+    """DVC data is missing, does not match its hash, or is not a valid image folder."""
+
+
+class RegistryError(GitopsMLError):
+    """The model registry refused an operation."""
+
+
+class DeployError(GitopsMLError):
+    """Deployment failed; the previous model was restored."""

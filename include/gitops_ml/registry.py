@@ -1,0 +1,218 @@
+"""MLflow: training runs, model versions with lineage tags, aliases.
+
+The only module that imports mlflow.  A model version is created in one call
+with all its lineage tags (no half-tagged version), and at most one version
+exists per (commit SHA, data hash).
+"""
+
+from __future__ import annotations
+
+import json
+import logging
+import os
+import tempfile
+import time
+from pathlib import Path
+from typing import Any
+
+os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
+os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
+
+import mlflow  # noqa: E402
+from mlflow import MlflowClient  # noqa: E402
+from mlflow.entities.model_registry import ModelVersion  # noqa: E402
+from mlflow.exceptions import MlflowException  # noqa: E402
+
+from gitops_ml.config import Settings  # noqa: E402
+from gitops_ml.errors import RegistryError  # noqa: E402
+
+log = logging.getLogger(__name__)
+
+TAG_PREFIX = "gitops_ml."
+CHAMPION = "champion"
+META_ARTIFACT = "gitops_ml_meta.json"
+MODEL_ARTIFACT = "model"
+
+
+def client(settings: Settings) -> MlflowClient:
+    """Point MLflow at the configured store (creating the embedded SQLite folder if needed)."""
+    if settings.tracking_uri.startswith("sqlite:///"):
+        Path(settings.tracking_uri.removeprefix("sqlite:///")).parent.mkdir(parents=True, exist_ok=True)
+    mlflow.set_tracking_uri(settings.tracking_uri)
+    mlflow.set_registry_uri(settings.tracking_uri)
+    return MlflowClient(tracking_uri=settings.tracking_uri, registry_uri=settings.tracking_uri)
+
+
+def experiment_id(settings: Settings) -> str:
+    mlc = client(settings)
+    experiment = mlc.get_experiment_by_name(settings.experiment_name)
+    if experiment is not None:
+        return experiment.experiment_id
+    location = settings.artifact_root if settings.tracking_uri.startswith("sqlite:") else None
+    if location:
+        Path(location).mkdir(parents=True, exist_ok=True)
+    try:
+        return mlc.create_experiment(settings.experiment_name, artifact_location=location)
+    except MlflowException:  # created meanwhile by another process
+        return mlc.get_experiment_by_name(settings.experiment_name).experiment_id
+
+
+def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
+    """``{"commit_sha": ...}`` -> ``{"gitops_ml.commit_sha": ...}`` (values as strings, None dropped)."""
+    return {f"{TAG_PREFIX}{k}": str(v) for k, v in lineage.items() if v is not None}
+
+
+def find_version(settings: Settings, commit_sha: str, data_hash: str | None = None) -> ModelVersion | None:
+    """The registered version built from ``commit_sha`` (and ``data_hash`` when given), if any."""
+    mlc = client(settings)
+    query = f"name = '{settings.model_name}' and tags.`{TAG_PREFIX}commit_sha` = '{commit_sha}'"
+    try:
+        versions = mlc.search_model_versions(query)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc):
+            return None
+        raise
+    if data_hash is not None:
+        versions = [v for v in versions if v.tags.get(f"{TAG_PREFIX}data_hash") == data_hash]
+    versions = [v for v in versions if v.status == "READY"]
+    return min(versions, key=lambda v: int(v.version)) if versions else None
+
+
+def log_training(settings: Settings, run_name: str, run_tags: dict[str, str], params: dict[str, Any],
+                 model, history: dict[str, list[float]], meta: dict[str, Any],
+                 input_example) -> dict[str, str]:
+    """Create the MLflow run of one training: params, per-epoch metrics, the Keras model, metadata.
+
+    The model is logged with an explicit signature.  mlflow 3.17's ``log_model(input_example=...)``
+    writes the example before the model folder exists (mlflow issue #16183), so the example is
+    stored next to the model as ``input_example.json`` instead.
+    """
+    from mlflow.models import ModelSignature  # noqa: PLC0415
+    from mlflow.types.schema import Schema, TensorSpec  # noqa: PLC0415
+    import numpy as np  # noqa: PLC0415
+
+    exp_id = experiment_id(settings)
+    h, w, c = input_example.shape[1:]
+    signature = ModelSignature(
+        inputs=Schema([TensorSpec(np.dtype("float32"), (-1, h, w, c), "image")]),
+        outputs=Schema([TensorSpec(np.dtype("float32"), (-1, len(meta["class_names"])), "probabilities")]),
+    )
+    with mlflow.start_run(experiment_id=exp_id, run_name=run_name, tags=run_tags) as run:
+        mlflow.log_params(params)
+        for key, values in history.items():
+            for step, value in enumerate(values):
+                mlflow.log_metric(key, value, step=step)
+        info = mlflow.keras.log_model(
+            model, name=MODEL_ARTIFACT, signature=signature,
+            pip_requirements=[f"tensorflow-cpu=={_version('tensorflow-cpu')}", f"keras=={_version('keras')}"],
+        )
+        mlflow.log_dict(meta, META_ARTIFACT)
+        mlflow.log_dict({"inputs": input_example.tolist()}, "input_example.json")
+    return {"run_id": run.info.run_id, "model_uri": info.model_uri, "experiment_id": exp_id}
+
+
+def _version(package: str) -> str:
+    from importlib.metadata import version  # noqa: PLC0415
+
+    return version(package)
+
+
+def log_evaluation(settings: Settings, run_id: str, metrics: dict[str, float],
+                   images: dict[str, bytes], artifacts: dict[str, Any]) -> None:
+    """Add evaluation metrics, plots (PNG) and JSON artifacts to an existing run."""
+    mlc = client(settings)
+    for key, value in metrics.items():
+        mlc.log_metric(run_id, key, float(value))
+    with tempfile.TemporaryDirectory() as tmp:
+        for name, data in images.items():
+            (Path(tmp) / name).write_bytes(data)
+        for name, obj in artifacts.items():
+            (Path(tmp) / name).write_text(json.dumps(obj, indent=2))
+        mlc.log_artifacts(run_id, tmp, artifact_path="evaluation")
+
+
+def register(settings: Settings, run_id: str, model_uri: str, lineage: dict[str, Any],
+             timeout: float = 300.0) -> ModelVersion:
+    """Register ``model_uri`` as a version of ``settings.model_name`` with lineage tags; idempotent.
+
+    A version that exists for the same commit and data hash is returned unchanged.  A version
+    that never becomes READY is deleted, so the registry never keeps a half-registered one.
+    """
+    existing = find_version(settings, lineage["commit_sha"], lineage.get("data_hash"))
+    if existing is not None:
+        log.info("model version %s already registered for commit %s", existing.version, lineage["commit_sha"])
+        return existing
+    mlc = client(settings)
+    try:
+        mlc.get_registered_model(settings.model_name)
+    except MlflowException:
+        try:
+            mlc.create_registered_model(settings.model_name, description="Registered by gitops-ml, one version per commit.")
+        except MlflowException:
+            pass  # created meanwhile
+    version = mlc.create_model_version(settings.model_name, source=model_uri, run_id=run_id,
+                                       tags=lineage_tags(lineage),
+                                       description=f"commit {lineage['commit_sha']}")
+    deadline = time.monotonic() + timeout
+    while version.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
+        time.sleep(0.5)
+        version = mlc.get_model_version(settings.model_name, version.version)
+    if version.status != "READY":
+        mlc.delete_model_version(settings.model_name, version.version)
+        raise RegistryError(f"model version for commit {lineage['commit_sha']} ended {version.status}; deleted")
+    return version
+
+
+def get_alias(settings: Settings, alias: str = CHAMPION) -> ModelVersion | None:
+    try:
+        return client(settings).get_model_version_by_alias(settings.model_name, alias)
+    except MlflowException:
+        return None
+
+
+def set_alias(settings: Settings, version: str | None, alias: str = CHAMPION) -> None:
+    """Point ``alias`` at ``version``; ``None`` removes the alias."""
+    mlc = client(settings)
+    if version is None:
+        try:
+            mlc.delete_registered_model_alias(settings.model_name, alias)
+        except MlflowException:
+            pass
+    else:
+        mlc.set_registered_model_alias(settings.model_name, alias, str(version))
+
+
+def get_version(settings: Settings, version: str) -> ModelVersion:
+    try:
+        return client(settings).get_model_version(settings.model_name, str(version))
+    except MlflowException as exc:
+        raise RegistryError(f"model version {version} of {settings.model_name} not found: {exc.message}") from None
+
+
+def set_version_tags(settings: Settings, version: str, tags: dict[str, Any]) -> None:
+    mlc = client(settings)
+    for key, value in lineage_tags(tags).items():
+        mlc.set_model_version_tag(settings.model_name, str(version), key, value)
+
+
+def version_tags(version: ModelVersion) -> dict[str, str]:
+    """The ``gitops_ml.*`` tags of a version without their prefix."""
+    return {k.removeprefix(TAG_PREFIX): v for k, v in version.tags.items() if k.startswith(TAG_PREFIX)}
+
+
+def load_model(settings: Settings, version: ModelVersion):
+    """Load the Keras model and its metadata (class names, image size) of a registered version."""
+    client(settings)
+    model = mlflow.keras.load_model(f"models:/{settings.model_name}/{version.version}")
+    meta = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/{META_ARTIFACT}")
+    return model, meta
+
+
+def run_url(settings: Settings, ui_url: str, experiment: str, run_id: str) -> str:
+    return f"{ui_url.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
+
+
+def load_logged_model(settings: Settings, model_uri: str):
+    """Load a logged (not necessarily registered) Keras model by URI (``models:/m-...`` or ``runs:/...``)."""
+    client(settings)
+    return mlflow.keras.load_model(model_uri)

@@ -1,0 +1,180 @@
+"""Git: resolve a commit on a tracked branch and check it out in an isolated work tree.
+
+Each repository is mirrored once as a bare repository under the git cache and
+fetched before every resolve; every SHA gets its own detached work tree, so two
+runs never share a checkout.  Credentials inside a remote URL are used by git
+but never appear in a returned value, a log line or an error message.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import logging
+import re
+import shutil
+from dataclasses import asdict, dataclass
+from pathlib import Path
+from urllib.parse import urlsplit, urlunsplit
+
+import git
+
+from gitops_ml.errors import CommitNotFound, CommitNotOnBranch, GitopsMLError, InvalidRef
+
+log = logging.getLogger(__name__)
+
+_SHA_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
+_URL_CREDENTIALS_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+_BAD_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
+
+
+def redact_url(url: str) -> str:
+    """Return ``url`` without user name, password or token (``https://tok@host/x`` -> ``https://host/x``)."""
+    parts = urlsplit(url)
+    if parts.scheme and "@" in parts.netloc:
+        host = parts.netloc.rsplit("@", 1)[1]
+        return urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment))
+    return url
+
+
+def redact(text: str) -> str:
+    """Mask credentials of every URL inside free text (error messages, git output)."""
+    return _URL_CREDENTIALS_RE.sub(r"\g<scheme>***@", text)
+
+
+def validate_branch(branch: str) -> str:
+    """Refuse a branch name git would refuse, or one that could be read as an option.
+
+    Checked before any git call, following ``git check-ref-format --branch``.
+    """
+    problem = None
+    if not branch:
+        problem = "it is empty"
+    elif branch.startswith("-"):
+        problem = "it starts with '-' and would be read as a command-line option"
+    elif _BAD_REF_CHARS.search(branch):
+        problem = "it contains a space, a control character or one of ~ ^ : ? * [ \\"
+    elif ".." in branch or "@{" in branch or "//" in branch or branch == "@":
+        problem = "it contains '..', '@{' or '//'"
+    elif branch.endswith(("/", ".", ".lock")) or branch.startswith("/"):
+        problem = "it starts or ends with '/', or ends with '.' or '.lock'"
+    elif any(part.startswith(".") for part in branch.split("/")):
+        problem = "a path component starts with '.'"
+    if problem:
+        raise InvalidRef(f"invalid branch name {branch!r}: {problem}")
+    return branch
+
+
+def validate_sha(commit_sha: str) -> str:
+    """Return the SHA in lower case; refuse anything but 7 to 40 hex digits."""
+    if not isinstance(commit_sha, str) or not _SHA_RE.match(commit_sha):
+        raise InvalidRef(f"invalid commit SHA {commit_sha!r}: expected 7 to 40 hexadecimal digits")
+    return commit_sha.lower()
+
+
+def validate_repo_url(repo_url: str) -> str:
+    if not repo_url:
+        raise InvalidRef("no repository URL configured (set GITOPS_ML_REPO_URL or pass repo_url in the run conf)")
+    if repo_url.startswith("-"):
+        raise InvalidRef(f"invalid repository URL {redact(repo_url)!r}: it starts with '-'")
+    return repo_url
+
+
+@dataclass(frozen=True)
+class Commit:
+    """One commit of the tracked branch: the key of every later step.
+
+    ``repo_url`` is stored without credentials; the caller keeps the real URL.
+    """
+
+    repo_url: str
+    branch: str
+    commit_sha: str
+    message: str
+    author: str
+    committed_at: str
+
+    def to_dict(self) -> dict:
+        return asdict(self)
+
+    @classmethod
+    def from_dict(cls, data: dict) -> "Commit":
+        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
+
+
+def _git_error(action: str, exc: git.GitCommandError) -> GitopsMLError:
+    stderr = redact(str(exc.stderr or "").strip())
+    return GitopsMLError(f"git failed to {action}: {stderr or 'exit status ' + str(exc.status)}")
+
+
+def mirror_path(repo_url: str, cache_dir: Path) -> Path:
+    """Deterministic location of the bare mirror of ``repo_url`` (credentials do not change it)."""
+    key = hashlib.sha256(redact_url(repo_url).encode()).hexdigest()[:16]
+    return Path(cache_dir) / f"{key}.git"
+
+
+def fetch_mirror(repo_url: str, branch: str, cache_dir: Path) -> git.Repo:
+    """Create or update the bare mirror of ``repo_url`` with the head of ``branch``."""
+    validate_repo_url(repo_url)
+    validate_branch(branch)
+    path = mirror_path(repo_url, cache_dir)
+    repo = git.Repo(path) if (path / "HEAD").exists() else git.Repo.init(path, bare=True, mkdir=True)
+    try:
+        repo.git.fetch("--quiet", "--no-tags", "--", repo_url, f"+refs/heads/{branch}:refs/heads/{branch}")
+    except git.GitCommandError as exc:
+        raise _git_error(f"fetch branch {branch!r} from {redact_url(repo_url)}", exc) from None
+    return repo
+
+
+def resolve_commit(repo_url: str, branch: str, commit_sha: str | None, cache_dir: Path) -> Commit:
+    """Fetch ``branch`` and return the commit ``commit_sha`` (default: the branch head).
+
+    Raises ``CommitNotFound`` when the SHA does not exist and ``CommitNotOnBranch``
+    when it exists but is not reachable from the branch.
+    """
+    if commit_sha is not None:
+        commit_sha = validate_sha(commit_sha)
+    repo = fetch_mirror(repo_url, branch, cache_dir)
+    safe_url = redact_url(repo_url)
+    wanted = commit_sha or f"refs/heads/{branch}"
+    try:
+        full_sha = repo.git.rev_parse("--verify", "--quiet", "--end-of-options", f"{wanted}^{{commit}}")
+    except git.GitCommandError:
+        raise CommitNotFound(
+            f"commit {commit_sha} does not exist in {safe_url} (fetched branch {branch!r})"
+        ) from None
+    if commit_sha and not repo.is_ancestor(full_sha, f"refs/heads/{branch}"):
+        raise CommitNotOnBranch(f"commit {full_sha} is not on branch {branch!r} of {safe_url}")
+    commit = repo.commit(full_sha)
+    return Commit(
+        repo_url=safe_url,
+        branch=branch,
+        commit_sha=full_sha,
+        message=commit.message.strip(),
+        author=f"{commit.author.name} <{commit.author.email}>",
+        committed_at=commit.committed_datetime.isoformat(),
+    )
+
+
+def checkout(repo_url: str, commit_sha: str, cache_dir: Path, work_dir: Path) -> Path:
+    """Check ``commit_sha`` out, detached, in its own work tree ``work_dir/<sha>``; idempotent.
+
+    The mirror must hold the commit already (``resolve_commit`` fetched it).
+    """
+    repo = git.Repo(mirror_path(repo_url, cache_dir))
+    dest = Path(work_dir) / commit_sha
+    if dest.exists():
+        try:
+            if git.Repo(dest).head.commit.hexsha == commit_sha:
+                git.Repo(dest).git.reset("--hard", "--quiet")
+                return dest
+        except (git.InvalidGitRepositoryError, git.NoSuchPathError, ValueError):
+            pass
+        shutil.rmtree(dest)
+    repo.git.worktree("prune")
+    dest.parent.mkdir(parents=True, exist_ok=True)
+    try:
+        repo.git.worktree("add", "--detach", "--force", "--", str(dest), commit_sha)
+    except git.GitCommandError as exc:
+        raise _git_error(f"check out commit {commit_sha}", exc) from None
+    log.info("checked out commit %s in %s", commit_sha, dest)
+    return dest
