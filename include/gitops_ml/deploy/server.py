@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import base64
 import binascii
+import contextlib
 import hmac
 import logging
 import threading
@@ -160,10 +161,15 @@ def create_app(settings: Settings,
         else:
             log.info("no champion yet: /predict answers 503 until a deploy")
 
+    @contextlib.asynccontextmanager
+    async def lifespan(app: Starlette):
+        await run_in_threadpool(startup)
+        yield
+
     app = Starlette(routes=[
         Route("/health", health), Route("/version", version),
         Route("/predict", predict, methods=["POST"]), Route("/admin/reload", reload, methods=["POST"]),
-    ], on_startup=[startup])
+    ], lifespan=lifespan)
     app.state.served = state
     return app
 

@@ -1,0 +1,97 @@
+"""gitops_ml_pipeline: one run per commit of the model repository.
+
+resolve_commit -> prepare_workspace -> pull_data -> train -> evaluate -> register -> deploy -> record
+
+Trigger it with ``gitops-ml trigger [SHA]`` (run id ``commit__<sha>``) or from the UI
+with ``commit_sha`` in the run conf.  Only wiring lives here: the task bodies are in
+``gitops_ml.airflow.steps`` and are imported when a task runs, so parsing this file
+never imports TensorFlow, MLflow or DVC.
+"""
+
+from __future__ import annotations
+
+from datetime import timedelta
+
+from airflow.sdk import Param, dag, task
+
+
+def _record_failure(context):
+    from gitops_ml.airflow.steps import record_failure
+
+    record_failure(context)
+
+
+@dag(
+    dag_id="gitops_ml_pipeline",
+    schedule=None,
+    catchup=False,
+    max_active_runs=1,
+    tags=["gitops-ml"],
+    doc_md=__doc__,
+    params={
+        "commit_sha": Param(None, type=["null", "string"], description="Commit to build (default: branch head)"),
+        "repo_url": Param(None, type=["null", "string"], description="Model repository (default: GITOPS_ML_REPO_URL)"),
+        "branch": Param(None, type=["null", "string"], description="Tracked branch (default: GITOPS_ML_BRANCH)"),
+    },
+    default_args={"retries": 1, "retry_delay": timedelta(seconds=15), "on_failure_callback": _record_failure},
+)
+def gitops_ml_pipeline():
+    @task
+    def resolve_commit():
+        from gitops_ml.airflow import steps
+
+        return steps.resolve_commit()
+
+    @task
+    def prepare_workspace(resolved):
+        from gitops_ml.airflow import steps
+
+        return steps.prepare_workspace(resolved)
+
+    @task
+    def pull_data(resolved, prepared):
+        from gitops_ml.airflow import steps
+
+        return steps.pull_data(resolved, prepared)
+
+    @task(execution_timeout=timedelta(hours=6))
+    def train(resolved, prepared, pulled):
+        from gitops_ml.airflow import steps
+
+        return steps.train(resolved, prepared, pulled)
+
+    @task
+    def evaluate(resolved, prepared, pulled, trained):
+        from gitops_ml.airflow import steps
+
+        return steps.evaluate(resolved, prepared, pulled, trained)
+
+    @task
+    def register(resolved, pulled, trained, evaluated):
+        from gitops_ml.airflow import steps
+
+        return steps.register(resolved, pulled, trained, evaluated)
+
+    @task(trigger_rule="none_failed")
+    def deploy(resolved, registered):
+        from gitops_ml.airflow import steps
+
+        return steps.deploy(resolved, registered)
+
+    @task(trigger_rule="none_failed")
+    def record(resolved, pulled, deployed):
+        from gitops_ml.airflow import steps
+
+        return steps.record(resolved, pulled, deployed)
+
+    resolved = resolve_commit()
+    prepared = prepare_workspace(resolved)
+    pulled = pull_data(resolved, prepared)
+    trained = train(resolved, prepared, pulled)
+    evaluated = evaluate(resolved, prepared, pulled, trained)
+    registered = register(resolved, pulled, trained, evaluated)
+    deployed = deploy(resolved, registered)
+    record(resolved, pulled, deployed)
+
+
+gitops_ml_pipeline()

@@ -1,0 +1,196 @@
+"""``gitops-ml``: the one command-line entry point.
+
+    gitops-ml init-demo PATH            create the demo model repository (digits + DVC)
+    gitops-ml serve                     run the model server (champion alias)
+    gitops-ml run [SHA] --local         run the pipeline in this process, without Airflow
+    gitops-ml trigger [SHA] [--wait]    start the Airflow run ``commit__<sha>``
+    gitops-ml stack up|down             start/stop Airflow, MLflow UI and the server (embedded)
+    gitops-ml demo                      init (once), start the stack, commit, follow the run, predict
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import logging
+import os
+import sys
+from pathlib import Path
+
+from gitops_ml.config import Settings
+from gitops_ml.errors import GitopsMLError
+from gitops_ml.source import redact
+
+
+def _settings(args) -> Settings:
+    settings = Settings.from_env()
+    overrides = {k: getattr(args, k, None) for k in ("repo_url", "branch")}
+    return settings.with_overrides(**overrides)
+
+
+def cmd_init_demo(args) -> int:
+    from gitops_ml import demo  # noqa: PLC0415
+
+    settings = _settings(args)
+    remote = args.remote_url or str(settings.home / "dvc-remote")
+    info = demo.init_demo(Path(args.path), remote, branch=args.branch or "main")
+    print(json.dumps(info, indent=2))
+    return 0
+
+
+def cmd_serve(args) -> int:
+    from gitops_ml.deploy import server  # noqa: PLC0415
+
+    settings = _settings(args)
+    server.serve(settings, args.host, args.port)
+    return 0
+
+
+def cmd_run(args) -> int:
+    from gitops_ml import pipeline  # noqa: PLC0415
+
+    result = pipeline.run_local(_settings(args), args.commit_sha, deploy_model=not args.no_deploy)
+    print(json.dumps(result, indent=2, default=str))
+    return 0
+
+
+def cmd_trigger(args) -> int:
+    from gitops_ml import source  # noqa: PLC0415
+    from gitops_ml.airflow.client import AirflowClient  # noqa: PLC0415
+
+    settings = _settings(args)
+    commit = source.resolve_commit(settings.repo_url, settings.branch, args.commit_sha, settings.git_cache_dir)
+    client = AirflowClient(args.airflow_url)
+    run = client.trigger_commit(commit.commit_sha, rerun=args.rerun)
+    print(f"run {run['dag_run_id']} for commit {commit.commit_sha}: {run['state']}")
+    if args.wait:
+        run = client.wait_for_run(run["dag_run_id"], timeout=args.timeout,
+                                  on_change=lambda task, state: print(f"  {task}: {state}", flush=True))
+        print(f"run {run['dag_run_id']}: {run['state']}")
+        return 0 if run["state"] == "success" else 1
+    return 0
+
+
+def cmd_stack(args) -> int:
+    from gitops_ml import stack  # noqa: PLC0415
+
+    settings = _settings(args)
+    if args.action == "up":
+        for name, url in stack.up(settings).items():
+            print(f"{name}: {url}")
+    else:
+        stopped = stack.down(settings)
+        print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
+    return 0
+
+
+def cmd_demo(args) -> int:
+    from gitops_ml import demo  # noqa: PLC0415
+
+    settings = _settings(args)
+    repo_path = settings.home / "demo-repo"
+    if not settings.repo_url:
+        settings = settings.with_overrides(repo_url=str(repo_path))
+        os.environ["GITOPS_ML_REPO_URL"] = settings.repo_url
+    if not (repo_path / ".git").exists():
+        info = demo.init_demo(repo_path, str(settings.home / "dvc-remote"))
+        print(f"demo repository {repo_path}: {info['images']} images, data hash {info['data_hash']}")
+    from gitops_ml import stack  # noqa: PLC0415
+    from gitops_ml.airflow.client import AirflowClient  # noqa: PLC0415
+
+    print("starting Airflow, MLflow UI and the model server (first start takes a minute) ...", flush=True)
+    urls = stack.up(settings)
+    import git  # noqa: PLC0415
+    import yaml  # noqa: PLC0415
+
+    epochs = yaml.safe_load((repo_path / "params.yaml").read_text())["train"]["epochs"]
+    commit_sha = demo.bump_param(repo_path, "train.epochs", epochs + 1 if epochs < 20 else 10,
+                                 "demo: retrain with a different number of epochs")
+    print(f"committed {commit_sha} to {repo_path} ({git.Repo(repo_path).head.commit.summary})")
+    client = AirflowClient(urls["airflow"])
+    client.wait_for_dag()
+    client.unpause()
+    run = client.trigger_commit(commit_sha)
+    print(f"Airflow run {run['dag_run_id']} ... following it", flush=True)
+    run = client.wait_for_run(run["dag_run_id"], timeout=1800,
+                              on_change=lambda task, state: print(f"  {task}: {state}", flush=True))
+    if run["state"] != "success":
+        print(f"run {run['dag_run_id']} ended {run['state']}; see {urls['airflow']}", file=sys.stderr)
+        return 1
+    import httpx  # noqa: PLC0415
+
+    sample = sorted((settings.work_dir / commit_sha / "data" / "images" / "7").glob("*.png"))[0]
+    response = httpx.post(urls["serving"] + "/predict", files={"file": (sample.name, sample.read_bytes(), "image/png")})
+    prediction = response.json()
+    print()
+    print(f"commit SHA:      {commit_sha}")
+    print(f"model version:   {prediction.get('model_version')} of {settings.model_name}")
+    print(f"serving URL:     {urls['serving']}  (served commit {prediction.get('commit_sha')})")
+    print(f"prediction:      {sample.relative_to(settings.work_dir / commit_sha)} -> "
+          f"class {prediction['predictions'][0]['class']}")
+    print(f"Airflow UI:      {urls['airflow']}/dags/gitops_ml_pipeline/runs/{run['dag_run_id']}")
+    print(f"MLflow UI:       {urls['mlflow']}")
+    print("stop everything with: make stop")
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="gitops-ml", description="GitOps for machine learning on Airflow")
+    parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
+    sub = parser.add_subparsers(dest="command", required=True)
+
+    def with_repo(p):
+        p.add_argument("--repo-url", help="model repository (default: GITOPS_ML_REPO_URL)")
+        p.add_argument("--branch", help="tracked branch (default: GITOPS_ML_BRANCH or main)")
+        return p
+
+    p = sub.add_parser("init-demo", help="create the demo model repository")
+    p.add_argument("path")
+    p.add_argument("--remote-url", help="DVC remote (default: <GITOPS_ML_HOME>/dvc-remote)")
+    p.add_argument("--branch", default="main")
+    p.set_defaults(func=cmd_init_demo)
+
+    p = sub.add_parser("serve", help="run the model server")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8765)
+    p.set_defaults(func=cmd_serve)
+
+    p = with_repo(sub.add_parser("run", help="run the pipeline in this process (no Airflow)"))
+    p.add_argument("commit_sha", nargs="?")
+    p.add_argument("--local", action="store_true", help="(the default; kept for clarity)")
+    p.add_argument("--no-deploy", action="store_true")
+    p.set_defaults(func=cmd_run)
+
+    p = with_repo(sub.add_parser("trigger", help="start the Airflow run for a commit"))
+    p.add_argument("commit_sha", nargs="?")
+    p.add_argument("--airflow-url", help="default: AIRFLOW_API_URL or http://127.0.0.1:8080")
+    p.add_argument("--wait", action="store_true")
+    p.add_argument("--rerun", action="store_true", help="start another run even if this commit has one")
+    p.add_argument("--timeout", type=float, default=1800)
+    p.set_defaults(func=cmd_trigger)
+
+    p = sub.add_parser("stack", help="start or stop the embedded stack")
+    p.add_argument("action", choices=["up", "down"])
+    p.set_defaults(func=cmd_stack)
+
+    p = with_repo(sub.add_parser("demo", help="the whole demo"))
+    p.set_defaults(func=cmd_demo)
+    return parser
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = build_parser().parse_args(argv)
+    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
+                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return args.func(args)
+    except GitopsMLError as exc:
+        print(f"gitops-ml: error: {redact(str(exc))}", file=sys.stderr)
+        return 2
+    except FileExistsError as exc:
+        print(f"gitops-ml: error: {exc}", file=sys.stderr)
+        return 2
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,153 @@
+"""The embedded stack: Airflow (``airflow standalone``: SQLite + LocalExecutor), the MLflow UI
+and the model server, all on 127.0.0.1 with all state under ``GITOPS_ML_HOME``.
+
+``gitops-ml stack up`` starts what is not running yet and waits until each answers;
+``gitops-ml stack down`` stops them.  PIDs and logs live in ``<home>/stack``.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import httpx
+
+from gitops_ml.config import Settings
+
+PROJECT_ROOT = Path(__file__).resolve().parents[2]
+
+
+def airflow_env(settings: Settings, api_port: int = 8080, project_root: Path = PROJECT_ROOT) -> dict[str, str]:
+    """Environment for every Airflow process of the embedded stack (and for ``dag.test()``)."""
+    airflow_home = settings.home / "airflow"
+    return {
+        "AIRFLOW_HOME": str(airflow_home),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(project_root / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(project_root / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__EXECUTOR": "LocalExecutor",
+        "AIRFLOW__CORE__PARALLELISM": "4",
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "True",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
+        "AIRFLOW__API__HOST": "127.0.0.1",
+        "AIRFLOW__API__PORT": str(api_port),
+        "AIRFLOW__API__WORKERS": "1",
+        "AIRFLOW__API__BASE_URL": f"http://127.0.0.1:{api_port}",
+        "AIRFLOW__CORE__EXECUTION_API_SERVER_URL": f"http://127.0.0.1:{api_port}/execution/",
+        "AIRFLOW__DAG_PROCESSOR__REFRESH_INTERVAL": "5",
+        "AIRFLOW__DAG_PROCESSOR__MIN_FILE_PROCESS_INTERVAL": "5",
+        "AIRFLOW__SCHEDULER__SCHEDULER_HEARTBEAT_SEC": "1",
+        "AIRFLOW__LOGGING__LOGGING_LEVEL": "INFO",
+        "GITOPS_ML_HOME": str(settings.home),
+        "GITOPS_ML_REPO_URL": settings.repo_url,
+        "GITOPS_ML_BRANCH": settings.branch,
+        "GITOPS_ML_MODEL_NAME": settings.model_name,
+        "MLFLOW_TRACKING_URI": settings.tracking_uri,
+        "GITOPS_ML_ARTIFACT_ROOT": settings.artifact_root,
+        "GITOPS_ML_SERVING_URL": settings.serving_url,
+        "NO_PROXY": "127.0.0.1,localhost",
+        "no_proxy": "127.0.0.1,localhost",
+    }
+
+
+def _bin(name: str) -> str:
+    candidate = Path(sys.executable).parent / name
+    return str(candidate) if candidate.exists() else name
+
+
+def _stack_dir(settings: Settings) -> Path:
+    path = settings.home / "stack"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
+def _alive(pid_file: Path) -> int | None:
+    try:
+        pid = int(pid_file.read_text())
+        os.kill(pid, 0)
+        return pid
+    except (FileNotFoundError, ValueError, ProcessLookupError, PermissionError):
+        return None
+
+
+def start(settings: Settings, name: str, argv: list[str], env: dict[str, str]) -> int:
+    """Start ``argv`` in its own process group with output to ``<home>/stack/<name>.log``."""
+    folder = _stack_dir(settings)
+    pid_file = folder / f"{name}.pid"
+    pid = _alive(pid_file)
+    if pid:
+        return pid
+    with open(folder / f"{name}.log", "ab") as log_file:
+        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT,
+                                stdin=subprocess.DEVNULL, start_new_session=True)
+    pid_file.write_text(str(proc.pid))
+    return proc.pid
+
+
+def stop(settings: Settings, name: str, timeout: float = 20.0) -> bool:
+    pid_file = _stack_dir(settings) / f"{name}.pid"
+    pid = _alive(pid_file)
+    pid_file.unlink(missing_ok=True)
+    if not pid:
+        return False
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        try:
+            os.killpg(pid, sig)
+        except ProcessLookupError:
+            return True
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            try:
+                os.kill(pid, 0)
+            except ProcessLookupError:
+                return True
+            try:
+                os.waitpid(pid, os.WNOHANG)
+            except ChildProcessError:
+                pass
+            time.sleep(0.2)
+    return True
+
+
+def wait_http(url: str, timeout: float, what: str, log_file: Path | None = None) -> None:
+    deadline = time.monotonic() + timeout
+    last = ""
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code < 500:
+                return
+        except httpx.HTTPError as exc:
+            last = str(exc)
+        time.sleep(0.5)
+    hint = f"; see {log_file}" if log_file else ""
+    raise TimeoutError(f"{what} did not answer at {url} within {timeout:.0f} s ({last}){hint}")
+
+
+def up(settings: Settings, airflow_port: int = 8080, mlflow_port: int = 5000, serve_port: int = 8765) -> dict[str, str]:
+    """Start Airflow, the MLflow UI and the model server; return their URLs."""
+    from gitops_ml import registry  # noqa: PLC0415
+
+    env = airflow_env(settings, airflow_port)
+    registry.experiment_id(settings)  # create/migrate the MLflow store once, before any concurrent writer
+    folder = _stack_dir(settings)
+    start(settings, "airflow", [_bin("airflow"), "standalone"], env)
+    start(settings, "mlflow", [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
+                               "--backend-store-uri", settings.tracking_uri,
+                               "--default-artifact-root", settings.artifact_root, "--workers", "1"], env)
+    start(settings, "serve", [_bin("gitops-ml"), "serve", "--host", "127.0.0.1", "--port", str(serve_port)],
+          {**env, "GITOPS_ML_SERVING_URL": f"http://127.0.0.1:{serve_port}"})
+    urls = {"airflow": f"http://127.0.0.1:{airflow_port}", "mlflow": f"http://127.0.0.1:{mlflow_port}",
+            "serving": f"http://127.0.0.1:{serve_port}"}
+    wait_http(urls["serving"] + "/health", 120, "model server", folder / "serve.log")
+    wait_http(urls["mlflow"] + "/health", 120, "MLflow UI", folder / "mlflow.log")
+    wait_http(urls["airflow"] + "/api/v2/monitor/health", 180, "Airflow", folder / "airflow.log")
+    return urls
+
+
+def down(settings: Settings) -> list[str]:
+    return [name for name in ("serve", "mlflow", "airflow") if stop(settings, name)]
