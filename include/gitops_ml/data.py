@@ -108,7 +108,7 @@ def pull(repo_root: Path, data_path: str, cache_dir: Path) -> DataSnapshot:
         try:
             repo.pull(targets=[str(repo_root / pointer)])
         except DvcException as exc:
-            missing = _missing_objects(repo_root, data_path, dir_md5, cache_dir)
+            missing = _missing_in_remote(repo, data_path, dir_md5)
             detail = f"; missing from remote {default_remote!r}: {', '.join(missing[:5])}" if missing else ""
             raise DataError(f"dvc pull of {pointer} ({dir_md5}) failed: {exc}{detail}") from None
     finally:
@@ -119,19 +119,19 @@ def pull(repo_root: Path, data_path: str, cache_dir: Path) -> DataSnapshot:
                         nfiles=nfiles, pointer=pointer)
 
 
-def _read_manifest(cache_dir: Path, dir_md5: str) -> list[dict] | None:
-    manifest = _cache_object(cache_dir, dir_md5)
-    if not manifest.is_file():
-        return None
-    return json.loads(manifest.read_bytes())
-
-
-def _missing_objects(repo_root: Path, data_path: str, dir_md5: str, cache_dir: Path) -> list[str]:
-    entries = _read_manifest(cache_dir, dir_md5)
-    if entries is None:
-        return [f"{data_path} (directory manifest {dir_md5})"]
-    return [f"{data_path}/{e['relpath']} ({e['md5']})" for e in entries
-            if not _cache_object(cache_dir, e["md5"]).is_file()]
+def _missing_in_remote(repo, data_path: str, dir_md5: str) -> list[str]:
+    """Which objects of ``dir_md5`` the default remote lacks (any DVC remote type)."""
+    try:
+        odb = repo.cloud.get_remote_odb(None, hash_name="md5")
+        manifest = odb.oid_to_path(dir_md5)
+        if not odb.fs.exists(manifest):
+            return [f"{data_path} (directory manifest {dir_md5})"]
+        entries = json.loads(odb.fs.cat_file(manifest))
+        return [f"{data_path}/{e['relpath']} ({e['md5']})" for e in entries
+                if not odb.fs.exists(odb.oid_to_path(e["md5"]))]
+    except Exception as exc:  # noqa: BLE001 - only used to enrich an error message
+        log.warning("could not list missing objects of %s: %s", data_path, exc)
+        return []
 
 
 def verify(repo_root: Path, data_path: str, dir_md5: str, cache_dir: Path) -> int:

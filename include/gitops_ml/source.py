@@ -119,9 +119,14 @@ def fetch_mirror(repo_url: str, branch: str, cache_dir: Path) -> git.Repo:
     path = mirror_path(repo_url, cache_dir)
     repo = git.Repo(path) if (path / "HEAD").exists() else git.Repo.init(path, bare=True, mkdir=True)
     try:
-        repo.git.fetch("--quiet", "--no-tags", "--", repo_url, f"+refs/heads/{branch}:refs/heads/{branch}")
+        # All branches, so that a SHA of another branch is told apart from one that does not exist.
+        repo.git.fetch("--quiet", "--no-tags", "--prune", "--", repo_url, "+refs/heads/*:refs/heads/*")
     except git.GitCommandError as exc:
         raise _git_error(f"fetch branch {branch!r} from {redact_url(repo_url)}", exc) from None
+    try:
+        repo.git.rev_parse("--verify", "--quiet", f"refs/heads/{branch}")
+    except git.GitCommandError:
+        raise InvalidRef(f"branch {branch!r} does not exist in {redact_url(repo_url)}") from None
     return repo
 
 

@@ -1,0 +1,113 @@
+"""The serving app with a real Keras model: predict formats, input validation, version, atomic reload."""
+
+import base64
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+from starlette.testclient import TestClient
+
+from gitops_ml import training
+from gitops_ml.config import Settings
+from gitops_ml.deploy import server
+
+CLASSES = ["zero", "one", "two"]
+
+
+def served(version: str, commit_sha: str, bias: int = 0) -> server.ServedModel:
+    params = {"image": {"height": 8, "width": 8, "channels": 1},
+              "train": {"learning_rate": 0.01}}
+    import keras
+
+    keras.utils.set_random_seed(int(version))
+    model = training.build_model(len(CLASSES), params)
+    return server.ServedModel(model_version=version, commit_sha=commit_sha, data_hash="d" * 32,
+                              airflow_run_id=f"commit__{commit_sha}", class_names=CLASSES, height=8, width=8,
+                              channels=1, predict=training.compile_predictor(model))
+
+
+MODELS = {"1": lambda: served("1", "a" * 40), "2": lambda: served("2", "b" * 40)}
+
+
+def loader(settings, version):
+    if version is None:
+        return MODELS["1"]()
+    if version not in MODELS:
+        raise RuntimeError(f"model version {version} has no artifacts")
+    return MODELS[version]()
+
+
+@pytest.fixture(scope="module")
+def client(tmp_path_factory):
+    settings = Settings(home=tmp_path_factory.mktemp("home"), serving_token="t0ken")
+    with TestClient(server.create_app(settings, loader=loader)) as test_client:
+        yield test_client
+
+
+def png(size=(8, 8), mode="L") -> bytes:
+    buf = io.BytesIO()
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size, 3) if mode == "RGB" else size,
+                                                      dtype=np.uint8), mode).save(buf, "PNG")
+    return buf.getvalue()
+
+
+def test_version_health_and_headers(client):
+    body = client.get("/version").json()
+    assert body["model_version"] == "1" and body["commit_sha"] == "a" * 40 and body["class_names"] == CLASSES
+    health = client.get("/health")
+    assert health.json()["model_loaded"] is True
+    assert health.headers["X-Model-Version"] == "1" and health.headers["X-Commit-Sha"] == "a" * 40
+
+
+def test_predict_multipart_json_and_raw(client):
+    one = client.post("/predict", files={"file": ("x.png", png(), "image/png")})
+    assert one.status_code == 200
+    prediction = one.json()["predictions"][0]
+    assert prediction["class"] in CLASSES and abs(sum(prediction["probabilities"].values()) - 1) < 1e-3
+    assert one.json()["commit_sha"] == "a" * 40 and one.headers["X-Commit-Sha"] == "a" * 40
+    batch = client.post("/predict", json={"images": [base64.b64encode(png()).decode(),
+                                                     base64.b64encode(png((20, 30), "RGB")).decode()]})
+    assert batch.status_code == 200 and len(batch.json()["predictions"]) == 2
+    raw = client.post("/predict", content=png(), headers={"content-type": "image/png"})
+    assert raw.status_code == 200
+
+
+@pytest.mark.parametrize("kwargs,status,message", [
+    ({"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty body"),
+    ({"content": b"this is text", "headers": {"content-type": "image/png"}}, 400, "body is not a decodable image"),
+    ({"files": {"file": ("notes.txt", b"hello", "text/plain")}}, 400, "notes.txt is not a decodable image"),
+    ({"json": {"images": "not-a-list"}}, 400, 'JSON body must be {"images"'),
+    ({"json": {"images": ["%%%"]}}, 400, "images[0] is not valid base64"),
+    ({"content": b"{bad json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+    ({"content": b"\x89PNG" + b"0" * (server.MAX_IMAGE_BYTES + 1), "headers": {"content-type": "image/png"}},
+     413, "over the limit"),
+])
+def test_bad_input_gets_4xx_json_and_server_keeps_serving(client, kwargs, status, message):
+    response = client.post("/predict", **kwargs)
+    assert response.status_code == status
+    assert message in response.json()["error"]
+    assert client.post("/predict", files={"file": ("x.png", png(), "image/png")}).status_code == 200
+
+
+def test_reload_requires_token_and_swaps_atomically(client):
+    assert client.post("/admin/reload", json={"model_version": "2"}).status_code == 401
+    auth = {"Authorization": "Bearer t0ken"}
+    bad = client.post("/admin/reload", json={"model_version": "9"}, headers=auth)
+    assert bad.status_code == 409 and "still serving 1" in bad.json()["error"]
+    assert client.get("/version").json()["model_version"] == "1"
+    assert client.post("/admin/reload", json={"model_version": "x; rm"}, headers=auth).status_code == 400
+    ok = client.post("/admin/reload", json={"model_version": "2"}, headers=auth)
+    assert ok.status_code == 200 and ok.json()["commit_sha"] == "b" * 40
+    predicted = client.post("/predict", files={"file": ("x.png", png(), "image/png")})
+    assert predicted.headers["X-Model-Version"] == "2"
+    assert client.post("/admin/reload", json={}, headers=auth).json()["model_version"] == "1"
+
+
+def test_no_champion_answers_503_not_500(tmp_path):
+    app = server.create_app(Settings(home=tmp_path), loader=lambda s, v: None)
+    with TestClient(app) as empty:
+        assert empty.get("/health").json()["model_loaded"] is False
+        assert empty.get("/version").status_code == 503
+        response = empty.post("/predict", files={"file": ("x.png", png(), "image/png")})
+        assert response.status_code == 503 and "no model deployed" in response.json()["error"]

@@ -1,0 +1,56 @@
+"""TensorFlow training and evaluation on a small mixed image folder (any classes, PNG+JPEG, grey+RGB)."""
+
+import numpy as np
+import pytest
+
+from gitops_ml import data, params
+from tests.integration.test_data import make_images
+
+from gitops_ml import training  # noqa: E402
+
+
+@pytest.fixture(scope="module")
+def folder(tmp_path_factory):
+    root = tmp_path_factory.mktemp("imgs") / "images"
+    make_images(root, classes=("a", "b", "c"))
+    return data.scan_images(root)
+
+
+def small_params(channels=3):
+    return params.validate({"image": {"height": 12, "width": 12, "channels": channels},
+                            "train": {"epochs": 2, "batch_size": 4, "learning_rate": 0.01, "seed": 7,
+                                      "test_fraction": 0.25}})
+
+
+def test_split_is_stratified_and_deterministic(folder):
+    one = training.split(folder, 0.25, seed=1)
+    two = training.split(folder, 0.25, seed=1)
+    other = training.split(folder, 0.25, seed=2)
+    assert one == two and one != other
+    assert sorted(one.train + one.test) == list(range(len(folder.files)))
+    assert sorted({folder.labels[i] for i in one.test}) == [0, 1, 2]
+
+
+@pytest.mark.parametrize("channels", [1, 3])
+def test_train_evaluate_predict_on_mixed_folder(folder, channels):
+    p = small_params(channels)
+    model, history, parts = training.train(folder, p)
+    assert len(history["loss"]) == 2 and model.output_shape == (None, 3)
+    predict = training.compile_predictor(model)
+    x = training.load_arrays([folder.files[i] for i in parts.test], p)
+    y = [folder.labels[i] for i in parts.test]
+    assert x.shape == (len(parts.test), 12, 12, channels)
+    assert np.allclose(predict(x), model(x, training=False).numpy(), atol=1e-5)
+    result = training.evaluate(predict, x, y, folder.class_names)
+    assert sum(map(sum, result["confusion_matrix"])) == len(y)
+    assert 0.0 <= result["accuracy"] <= 1.0 and set(result["recall"]) == {"a", "b", "c"}
+    png = training.confusion_matrix_png(result["confusion_matrix"], folder.class_names, "t")
+    assert png.startswith(b"\x89PNG")
+
+
+def test_same_seed_same_weights(folder):
+    p = small_params(1)
+    first, _, _ = training.train(folder, p)
+    second, _, _ = training.train(folder, p)
+    for a, b in zip(first.get_weights(), second.get_weights()):
+        assert np.array_equal(a, b)

@@ -1,0 +1,35 @@
+import io
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from gitops_ml import images
+
+
+def encode(array, fmt, mode):
+    buf = io.BytesIO()
+    Image.fromarray(array, mode).save(buf, format=fmt)
+    return buf.getvalue()
+
+
+def test_grey_png_keeps_values_and_adds_channel():
+    pixels = np.arange(64, dtype=np.uint8).reshape(8, 8) * 4
+    out = images.decode(encode(pixels, "PNG", "L"), 8, 8, 1)
+    assert out.shape == (8, 8, 1) and out.dtype == np.float32
+    assert np.allclose(out[..., 0], pixels / 255.0)
+
+
+def test_rgb_jpeg_resized_to_grey_and_grey_to_rgb():
+    rgb = np.full((30, 20, 3), 200, dtype=np.uint8)
+    grey = images.decode(encode(rgb, "JPEG", "RGB"), 8, 8, 1)
+    assert grey.shape == (8, 8, 1) and abs(float(grey.mean()) - 200 / 255) < 0.02
+    colour = images.decode(encode(rgb[..., 0], "PNG", "L"), 16, 12, 3)
+    assert colour.shape == (16, 12, 3)
+
+
+@pytest.mark.parametrize("payload,message", [(b"", "is empty"), (b"hello world", "is not a decodable image"),
+                                             (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "is not a decodable image")])
+def test_bad_bytes_raise_named_error(payload, message):
+    with pytest.raises(images.ImageDecodeError, match=f"upload.png {message}"):
+        images.decode(payload, 8, 8, 1, name="upload.png")

@@ -1,0 +1,53 @@
+import pytest
+import yaml
+
+from gitops_ml import params
+from gitops_ml.demo import DEMO_PARAMS
+from gitops_ml.errors import ParamsError
+
+
+def test_demo_params_validate_and_fill_defaults():
+    result = params.validate({k: dict(v) for k, v in DEMO_PARAMS.items() if k != "gate"})
+    assert result["gate"] == {"min_accuracy": 0.0, "max_accuracy_drop": 1.0, "min_class_recall": None}
+    assert result["train"]["epochs"] == DEMO_PARAMS["train"]["epochs"]
+    assert params.flatten(result)["image.height"] == 8
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("train", "epochs", "ten", "train.epochs must be an integer >= 1, got 'ten' (str)"),
+    ("train", "epochs", True, "train.epochs must be an integer >= 1, got True (bool)"),
+    ("train", "learning_rate", -1, "train.learning_rate must be a number > 0"),
+    ("image", "channels", 2, "image.channels must be 1 (grey) or 3 (RGB)"),
+    ("data", "path", "../outside", "data.path must be a relative path inside the repository"),
+])
+def test_wrong_type_or_value_names_the_key(section, key, value, expected):
+    raw = {k: dict(v) for k, v in DEMO_PARAMS.items()}
+    raw[section][key] = value
+    with pytest.raises(ParamsError, match="params.yaml: ") as info:
+        params.validate(raw)
+    assert expected in str(info.value)
+
+
+def test_missing_required_key_is_named():
+    raw = {k: dict(v) for k, v in DEMO_PARAMS.items()}
+    del raw["train"]["batch_size"]
+    with pytest.raises(ParamsError, match="missing required key train.batch_size"):
+        params.validate(raw)
+
+
+def test_unknown_section_and_non_mapping_are_refused(tmp_path):
+    with pytest.raises(ParamsError, match="unknown section"):
+        params.validate({**DEMO_PARAMS, "trian": {}})
+    (tmp_path / "params.yaml").write_text("- just\n- a list\n")
+    with pytest.raises(ParamsError, match="expected a mapping"):
+        params.load(tmp_path)
+
+
+def test_load_reports_missing_and_invalid_yaml(tmp_path):
+    with pytest.raises(ParamsError, match="params.yaml not found"):
+        params.load(tmp_path)
+    (tmp_path / "params.yaml").write_text("train: {epochs: [unclosed\n")
+    with pytest.raises(ParamsError, match="not valid YAML"):
+        params.load(tmp_path)
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(DEMO_PARAMS))
+    assert params.load(tmp_path)["image"]["width"] == 8
