@@ -94,4 +94,4 @@ def gitops_ml_pipeline():
     record(resolved, pulled, deployed)
 
 
-gitops_ml_pipeline()
+pipeline_dag = gitops_ml_pipeline()
