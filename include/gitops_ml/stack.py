@@ -50,6 +50,8 @@ def airflow_env(settings: Settings, api_port: int = 8080, project_root: Path = P
         "MLFLOW_TRACKING_URI": settings.tracking_uri,
         "GITOPS_ML_ARTIFACT_ROOT": settings.artifact_root,
         "GITOPS_ML_SERVING_URL": settings.serving_url,
+        # `airflow standalone` starts its components as `airflow ...` from PATH.
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
     }

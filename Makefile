@@ -1,0 +1,43 @@
+# gitops-ml: every target installs what it needs first (uv, then the locked environment).
+SHELL := /bin/bash
+PYTHON ?= python3.11
+UV_VERSION := 0.13.9
+TOOLS := .cache/tools
+UV := $(TOOLS)/bin/uv
+VENV := .venv
+export GITOPS_ML_HOME ?= $(CURDIR)/.state
+export UV_PYTHON_DOWNLOADS := never
+
+.PHONY: install demo stop test test-fast bench compose-check clean
+
+$(UV):
+	$(PYTHON) -m venv $(TOOLS)
+	$(TOOLS)/bin/pip install --quiet --disable-pip-version-check uv==$(UV_VERSION)
+
+$(VENV)/.synced: $(UV) pyproject.toml uv.lock
+	$(UV) sync --frozen --python $(PYTHON)
+	touch $@
+
+install: $(VENV)/.synced  ## create .venv from uv.lock
+
+demo: install  ## init the demo repo, start Airflow + MLflow UI + server, commit, follow the run, predict
+	$(VENV)/bin/gitops-ml demo
+
+stop:  ## stop everything `make demo` started
+	@if [ -x $(VENV)/bin/gitops-ml ]; then $(VENV)/bin/gitops-ml stack down; else echo "nothing installed"; fi
+
+test: install  ## the whole suite (unit, integration, e2e with live Airflow)
+	$(VENV)/bin/python -m pytest tests -p no:cacheprovider
+
+test-fast: install  ## unit and integration tests only
+	$(VENV)/bin/python -m pytest tests/unit tests/integration -p no:cacheprovider
+
+bench: install  ## benchmarks: DAG parse time, commit-to-serving latency (writes benchmarks/out/)
+	$(VENV)/bin/python -m benchmarks.dag_parse
+	$(VENV)/bin/python -m benchmarks.commit_to_serving
+
+compose-check:  ## validate docker-compose.yml against the compose schema (no engine needed)
+	docker-compose -f docker-compose.yml config -q
+
+clean: stop
+	rm -rf $(VENV) .cache .state
