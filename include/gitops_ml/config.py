@@ -31,6 +31,7 @@ class Settings:
     :param serving_url: base URL of the running ``gitops-ml serve`` process.
     :param serving_token: shared secret for the server's ``/admin`` endpoints (optional).
     :param deploy_timeout: seconds the deploy step waits for ``/version`` to report the new SHA.
+    :param mlflow_ui_url: MLflow UI that links from the Airflow UI point to.
     """
 
     home: Path
@@ -43,6 +44,7 @@ class Settings:
     serving_url: str = "http://127.0.0.1:8765"
     serving_token: str = field(default="", repr=False)
     deploy_timeout: float = 120.0
+    mlflow_ui_url: str = "http://127.0.0.1:5000"
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -58,6 +60,7 @@ class Settings:
             serving_url=_env("GITOPS_ML_SERVING_URL", "http://127.0.0.1:8765").rstrip("/"),
             serving_token=_env("GITOPS_ML_SERVING_TOKEN", ""),
             deploy_timeout=float(_env("GITOPS_ML_DEPLOY_TIMEOUT", "120")),
+            mlflow_ui_url=_env("GITOPS_ML_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/"),
         )
 
     def with_overrides(self, **overrides: object) -> "Settings":

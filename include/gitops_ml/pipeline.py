@@ -11,6 +11,7 @@ twice gives the same result and never a second model version.
 from __future__ import annotations
 
 import logging
+import resource
 import time
 from typing import Any
 
@@ -61,6 +62,22 @@ def pull_data(settings: Settings, commit: dict[str, Any], workdir: str, params: 
     return {**snapshot.to_dict(), "class_names": index.class_names, "class_counts": counts}
 
 
+def ensure_workspace(settings: Settings, commit: dict[str, Any], params: dict[str, Any]) -> str:
+    """The pulled data folder of ``commit``, recreated if this worker does not have it.
+
+    With several workers (CeleryExecutor) a task may run on another machine than
+    ``prepare_workspace`` and ``pull_data``; both steps are idempotent, so they are
+    simply repeated here (the Git mirror and the DVC cache make that cheap).
+    """
+    data_dir = settings.work_dir / commit["commit_sha"] / params["data"]["path"]
+    if not data_dir.is_dir():
+        log.info("commit %s: work tree not on this worker, checking out and pulling again", commit["commit_sha"])
+        source.fetch_mirror(settings.repo_url, commit["branch"], settings.git_cache_dir)
+        workdir = source.checkout(settings.repo_url, commit["commit_sha"], settings.git_cache_dir, settings.work_dir)
+        data.pull(workdir, params["data"]["path"], data_cache_dir(settings))
+    return str(data_dir)
+
+
 def lineage(commit: dict[str, Any], data_hash: str, dag_id: str | None, run_id: str | None) -> dict[str, Any]:
     return {"commit_sha": commit["commit_sha"], "branch": commit["branch"], "repo_url": commit["repo_url"],
             "data_hash": data_hash, "airflow_dag_id": dag_id, "airflow_run_id": run_id}
@@ -71,7 +88,7 @@ def train(settings: Settings, commit: dict[str, Any], workdir: str, params: dict
     """Train on the pulled data and log the run (params, curves, model) to MLflow."""
     from gitops_ml import registry, training  # noqa: PLC0415
 
-    index = data.scan_images(pulled["path"], params["data"]["path"])
+    index = data.scan_images(ensure_workspace(settings, commit, params), params["data"]["path"])
     started = time.monotonic()
     model, history, parts = training.train(index, params)
     seconds = time.monotonic() - started
@@ -88,12 +105,14 @@ def train(settings: Settings, commit: dict[str, Any], workdir: str, params: dict
             "n_train": len(parts.train), "n_test": len(parts.test)}
     logged = registry.log_training(settings, f"train-{commit['commit_sha'][:12]}", run_tags,
                                    params_mod.flatten(params), model, history, meta, example)
-    registry.log_evaluation(settings, logged["run_id"], {"train_seconds": seconds},
+    peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
+    registry.log_evaluation(settings, logged["run_id"], {"train_seconds": seconds, "train_peak_rss_mb": peak_rss_mb},
                             {"learning_curves.png": training.learning_curves_png(history, commit["commit_sha"][:12])},
                             {"history.json": history})
     log.info("commit %s: trained %d epochs in %.1f s, final accuracy %.4f, MLflow run %s", commit["commit_sha"],
              len(history.get("loss", [])), seconds, history.get("accuracy", [float("nan")])[-1], logged["run_id"])
-    return {**logged, "train_seconds": round(seconds, 3), "final_train_accuracy": history["accuracy"][-1]}
+    return {**logged, "train_seconds": round(seconds, 3), "train_peak_rss_mb": round(peak_rss_mb, 1),
+            "final_train_accuracy": history["accuracy"][-1]}
 
 
 def evaluate(settings: Settings, commit: dict[str, Any], params: dict[str, Any], pulled: dict[str, Any],
@@ -101,7 +120,7 @@ def evaluate(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
     """Evaluate the logged model on the held-out split; log metrics and the confusion matrix."""
     from gitops_ml import registry, training  # noqa: PLC0415
 
-    index = data.scan_images(pulled["path"], params["data"]["path"])
+    index = data.scan_images(ensure_workspace(settings, commit, params), params["data"]["path"])
     parts = training.split(index, params["train"]["test_fraction"], params["train"]["seed"])
     model = registry.load_logged_model(settings, trained["model_uri"])
     predict = training.compile_predictor(model)

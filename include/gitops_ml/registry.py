@@ -208,7 +208,7 @@ def load_model(settings: Settings, version: ModelVersion):
     return model, meta
 
 
-def run_url(settings: Settings, ui_url: str, experiment: str, run_id: str) -> str:
+def run_url(ui_url: str, experiment: str, run_id: str) -> str:
     return f"{ui_url.rstrip('/')}/#/experiments/{experiment}/runs/{run_id}"
 
 
@@ -216,3 +216,15 @@ def load_logged_model(settings: Settings, model_uri: str):
     """Load a logged (not necessarily registered) Keras model by URI (``models:/m-...`` or ``runs:/...``)."""
     client(settings)
     return mlflow.keras.load_model(model_uri)
+
+
+def find_training_run(settings: Settings, airflow_run_id: str):
+    """The MLflow training run started by an Airflow run, or ``None``."""
+    mlc = client(settings)
+    experiment = mlc.get_experiment_by_name(settings.experiment_name)
+    if experiment is None:
+        return None
+    runs = mlc.search_runs([experiment.experiment_id],
+                           filter_string=f"tags.`{TAG_PREFIX}airflow_run_id` = '{airflow_run_id}'",
+                           max_results=1, order_by=["attributes.start_time DESC"])
+    return runs[0] if runs else None

@@ -134,7 +134,7 @@ def up(settings: Settings, airflow_port: int = 8080, mlflow_port: int = 5000, se
     """Start Airflow, the MLflow UI and the model server; return their URLs."""
     from gitops_ml import registry  # noqa: PLC0415
 
-    env = airflow_env(settings, airflow_port)
+    env = {**airflow_env(settings, airflow_port), "GITOPS_ML_MLFLOW_UI_URL": f"http://127.0.0.1:{mlflow_port}"}
     registry.experiment_id(settings)  # create/migrate the MLflow store once, before any concurrent writer
     folder = _stack_dir(settings)
     start(settings, "airflow", [_bin("airflow"), "standalone"], env)

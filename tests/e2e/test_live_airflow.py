@@ -43,3 +43,11 @@ def test_trigger_names_run_after_commit_and_serves_it(settings, demo_repo, live_
     runs = client._check(client._http.get("/api/v2/dags/gitops_ml_pipeline/dagRuns"), "list runs")
     assert runs["total_entries"] == 1
     assert httpx.get(live_stack["mlflow"] + "/health").status_code == 200
+
+    # The UI plugin: listed by the API, and its DAG-run link lands on this commit's MLflow run.
+    plugins = client._check(client._http.get("/api/v2/plugins"), "list plugins")["plugins"]
+    assert any(p["name"] == "gitops_ml" for p in plugins)
+    link = client._http.get(f"/gitops-ml/runs/gitops_ml_pipeline/commit__{commit_sha}/mlflow")
+    mlflow_run = registry.find_training_run(settings, f"commit__{commit_sha}")
+    assert link.status_code == 307 and link.headers["location"].startswith(live_stack["mlflow"])
+    assert link.headers["location"].endswith(f"/runs/{mlflow_run.info.run_id}")

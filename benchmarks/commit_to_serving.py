@@ -1,0 +1,129 @@
+"""Commit-to-serving latency of the demo, with its breakdown per step.
+
+    python -m benchmarks.commit_to_serving [--runs 3]
+
+Starts the embedded stack (``airflow standalone``, MLflow UI, model server) on free
+loopback ports with its own state folder, makes the demo repository, does one
+warm-up run, then ``--runs`` measured runs.  Each: commit a change to
+``params.yaml`` -> trigger ``commit__<sha>`` over the REST API -> run succeeds ->
+the server's ``/version`` reports the SHA.  The breakdown comes from Airflow's task
+instance times; "scheduling overhead" is everything between them.
+
+Baseline, same machine, same run: ``gitops-ml run SHA`` (every step in one fresh
+process, no Airflow) on commits of the same kind.  Peak memory of the training
+task is its own ``ru_maxrss``, logged by the task as the MLflow metric
+``train_peak_rss_mb``.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from datetime import datetime
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+TASKS = ["resolve_commit", "prepare_workspace", "pull_data", "train", "evaluate", "register", "deploy", "record"]
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def ts(value: str) -> float:
+    return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
+
+
+def wait_served(url: str, commit_sha: str, timeout: float = 120) -> float:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        response = httpx.get(url + "/version", timeout=5)
+        if response.status_code == 200 and response.json()["commit_sha"] == commit_sha:
+            return time.time()
+        time.sleep(0.05)
+    raise TimeoutError(f"server never reported {commit_sha}")
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--runs", type=int, default=3)
+    args = parser.parse_args()
+    out_dir = ROOT / "benchmarks" / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="commit-to-serving-", dir=out_dir))
+    serve_port = free_port()
+    os.environ.update({"GITOPS_ML_HOME": str(home), "GITOPS_ML_REPO_URL": str(home / "demo-repo"),
+                       "GITOPS_ML_SERVING_URL": f"http://127.0.0.1:{serve_port}"})
+    for key in ("MLFLOW_TRACKING_URI", "GITOPS_ML_ARTIFACT_ROOT"):
+        os.environ.pop(key, None)
+
+    from gitops_ml import demo, registry, stack
+    from gitops_ml.airflow.client import AirflowClient
+    from gitops_ml.config import Settings
+
+    settings = Settings.from_env()
+    repo = home / "demo-repo"
+    demo.init_demo(repo, str(home / "dvc-remote"))
+    urls = stack.up(settings, airflow_port=free_port(), mlflow_port=free_port(), serve_port=serve_port)
+    rows = []
+    try:
+        client = AirflowClient(urls["airflow"])
+        client.wait_for_dag()
+        for i in range(args.runs + 1):
+            t_commit = time.time()
+            commit_sha = demo.bump_param(repo, "train.learning_rate", round(0.003 + 0.0001 * (i + 1), 5))
+            run = client.trigger_commit(commit_sha)
+            t_created = time.time()
+            run = client.wait_for_run(run["dag_run_id"], timeout=900)
+            assert run["state"] == "success", run
+            t_served = wait_served(urls["serving"], commit_sha)
+            tis = {ti["task_id"]: ti for ti in client.task_instances(run["dag_run_id"])}
+            steps = {t: ts(tis[t]["end_date"]) - ts(tis[t]["start_date"]) for t in TASKS}
+            total = t_served - t_commit
+            training = registry.find_training_run(settings, run["dag_run_id"])
+            row = {"commit_sha": commit_sha, "total_s": total, "trigger_s": t_created - t_commit, **steps,
+                   "scheduling_overhead_s": total - (t_created - t_commit) - sum(steps.values()),
+                   "train_peak_rss_mb": training.data.metrics.get("train_peak_rss_mb"), "warmup": i == 0}
+            rows.append(row)
+            print(f"{'warm-up' if i == 0 else 'run ' + str(i)}: {commit_sha[:12]} served after {total:.1f} s",
+                  flush=True)
+        baseline = []
+        for i in range(args.runs):
+            commit_sha = demo.bump_param(repo, "train.learning_rate", round(0.002 + 0.0001 * (i + 1), 5))
+            t0 = time.time()
+            subprocess.run([str(Path(sys.executable).parent / "gitops-ml"), "run", commit_sha], check=True,
+                           capture_output=True, env={**os.environ, **stack.airflow_env(settings)})
+            baseline.append(wait_served(urls["serving"], commit_sha) - t0)
+            print(f"baseline {i + 1}: {commit_sha[:12]} served after {baseline[-1]:.1f} s", flush=True)
+    finally:
+        stack.down(settings)
+
+    measured = [r for r in rows if not r["warmup"]]
+    med = {k: statistics.median(r[k] for r in measured)
+           for k in ["total_s", "trigger_s", *TASKS, "scheduling_overhead_s", "train_peak_rss_mb"]}
+    base = statistics.median(baseline)
+    print(f"\ncommit-to-serving, median of {len(measured)} runs (after 1 warm-up), 2 cores, no GPU")
+    print(f"{'step':28} {'seconds':>9}")
+    for key in ["trigger_s", *TASKS, "scheduling_overhead_s"]:
+        print(f"{key.removesuffix('_s'):28} {med[key]:9.2f}")
+    print(f"{'total (commit -> /version)':28} {med['total_s']:9.2f}")
+    print(f"\nbaseline `gitops-ml run SHA` (no Airflow): {base:.2f} s; ratio airflow/baseline = "
+          f"{med['total_s'] / base:.2f}")
+    print(f"peak RSS of the train task: {med['train_peak_rss_mb']:.0f} MB")
+    (out_dir / "commit_to_serving.json").write_text(json.dumps({"runs": rows, "baseline_s": baseline,
+                                                               "median": med}, indent=2))
+
+
+if __name__ == "__main__":
+    main()

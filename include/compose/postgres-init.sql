@@ -1,0 +1,2 @@
+-- A second database in the same PostgreSQL for the MLflow tracking server.
+CREATE DATABASE mlflow OWNER airflow;
