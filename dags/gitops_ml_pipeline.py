@@ -2,6 +2,11 @@
 
 resolve_commit -> prepare_workspace -> pull_data -> train -> evaluate -> register -> deploy -> record
 
+A commit whose model already exists (same SHA, or same data + params + model code, e.g. a
+``git revert``) skips train/evaluate/register and deploys that version.  A challenger that
+fails the evaluation gate is registered but NOT PROMOTED: deploy and record are skipped
+with the reason, the run succeeds, the serving model is untouched.
+
 Trigger it with ``gitops-ml trigger [SHA]`` (run id ``commit__<sha>``) or from the UI
 with ``commit_sha`` in the run conf.  Only wiring lives here: the task bodies are in
 ``gitops_ml.airflow.steps`` and are imported when a task runs, so parsing this file
@@ -67,31 +72,31 @@ def gitops_ml_pipeline():
         return steps.evaluate(resolved, prepared, pulled, trained)
 
     @task
-    def register(resolved, pulled, trained, evaluated):
+    def register(resolved, prepared, pulled, trained, evaluated):
         from gitops_ml.airflow import steps
 
-        return steps.register(resolved, pulled, trained, evaluated)
+        return steps.register(resolved, prepared, pulled, trained, evaluated)
 
     @task(trigger_rule="none_failed")
-    def deploy(resolved, registered):
+    def deploy(resolved, prepared, registered):
         from gitops_ml.airflow import steps
 
-        return steps.deploy(resolved, registered)
+        return steps.deploy(resolved, prepared, registered)
 
     @task(trigger_rule="none_failed")
-    def record(resolved, pulled, deployed):
+    def record(resolved, prepared, deployed):
         from gitops_ml.airflow import steps
 
-        return steps.record(resolved, pulled, deployed)
+        return steps.record(resolved, prepared, deployed)
 
     resolved = resolve_commit()
     prepared = prepare_workspace(resolved)
     pulled = pull_data(resolved, prepared)
     trained = train(resolved, prepared, pulled)
     evaluated = evaluate(resolved, prepared, pulled, trained)
-    registered = register(resolved, pulled, trained, evaluated)
-    deployed = deploy(resolved, registered)
-    record(resolved, pulled, deployed)
+    registered = register(resolved, prepared, pulled, trained, evaluated)
+    deployed = deploy(resolved, prepared, registered)
+    record(resolved, prepared, deployed)
 
 
 pipeline_dag = gitops_ml_pipeline()

@@ -32,6 +32,7 @@ class Settings:
     :param serving_token: shared secret for the server's ``/admin`` endpoints (optional).
     :param deploy_timeout: seconds the deploy step waits for ``/version`` to report the new SHA.
     :param mlflow_ui_url: MLflow UI that links from the Airflow UI point to.
+    :param push_notes: push the ``refs/notes/gitops-ml`` note of each run to the model repository.
     """
 
     home: Path
@@ -45,6 +46,7 @@ class Settings:
     serving_token: str = field(default="", repr=False)
     deploy_timeout: float = 120.0
     mlflow_ui_url: str = "http://127.0.0.1:5000"
+    push_notes: bool = False
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -61,6 +63,7 @@ class Settings:
             serving_token=_env("GITOPS_ML_SERVING_TOKEN", ""),
             deploy_timeout=float(_env("GITOPS_ML_DEPLOY_TIMEOUT", "120")),
             mlflow_ui_url=_env("GITOPS_ML_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/"),
+            push_notes=_env("GITOPS_ML_PUSH_NOTES", "false").lower() in ("1", "true", "yes"),
         )
 
     def with_overrides(self, **overrides: object) -> "Settings":

@@ -35,6 +35,11 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], Any, Any, str]] = {
     "gate.max_accuracy_drop": ((int, float), 1.0, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
     "gate.min_class_recall": ((int, float, type(None)), None, lambda v: v is None or 0 <= v <= 1,
                               "a number from 0 to 1, or null"),
+    "deploy.watch_seconds": ((int, float), 0, lambda v: 0 <= v <= 86_400, "a number of seconds from 0 to 86400"),
+    "deploy.min_requests": (int, 20, lambda v: v >= 1, "an integer >= 1"),
+    "deploy.max_error_rate": ((int, float), 0.05, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
+    "deploy.max_latency_ratio": ((int, float), 3.0, lambda v: v >= 1, "a number >= 1"),
+    "deploy.max_low_confidence_increase": ((int, float), 0.2, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
 }
 
 _SECTIONS = {key.split(".")[0] for key in _SCHEMA}

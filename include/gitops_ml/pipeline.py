@@ -10,9 +10,14 @@ twice gives the same result and never a second model version.
 
 from __future__ import annotations
 
+import base64
+import hashlib
+import json
 import logging
+import os
 import resource
 import time
+from pathlib import Path
 from typing import Any
 
 from gitops_ml import data, params as params_mod, records, source
@@ -36,15 +41,52 @@ def resolve(settings: Settings, commit_sha: str | None) -> dict[str, Any]:
     return {"commit": commit.to_dict(), "existing_version": str(existing.version) if existing else None}
 
 
+def code_hash() -> str:
+    """Hash of the code that turns data into a model: training and preprocessing source, TF/Keras versions."""
+    from importlib.metadata import version  # noqa: PLC0415
+
+    digest = hashlib.sha256()
+    for name in ("training.py", "images.py"):
+        digest.update((Path(__file__).parent / name).read_bytes())
+    for package in ("tensorflow-cpu", "keras"):
+        try:
+            digest.update(f"{package}=={version(package)}".encode())
+        except Exception:  # noqa: BLE001 - a GPU install has tensorflow instead of tensorflow-cpu
+            digest.update(package.encode())
+    return digest.hexdigest()[:16]
+
+
+def inputs_hash(params: dict[str, Any], data_hash: str) -> str:
+    """Everything a model version depends on: data, params and model code (not the commit itself)."""
+    canonical = json.dumps({"data_hash": data_hash, "params": params, "code": code_hash()}, sort_keys=True)
+    return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
 def prepare(settings: Settings, commit: dict[str, Any]) -> dict[str, Any]:
-    """Check the commit out in its own work tree and validate its ``params.yaml``."""
+    """Check the commit out in its own work tree, validate ``params.yaml``, look for a reusable version.
+
+    A registered version built from the same data hash, params and model code is reused
+    instead of retrained (``git revert`` of a bad commit brings the old model back at once).
+    """
+    from gitops_ml import registry  # noqa: PLC0415
+
     commit_sha = commit["commit_sha"]
     workdir = source.checkout(settings.repo_url, commit_sha, settings.git_cache_dir, settings.work_dir)
     try:
         params = params_mod.load(workdir)
     except params_mod.ParamsError as exc:
         raise params_mod.ParamsError(f"commit {commit_sha}: {exc}") from None
-    return {"workdir": str(workdir), "params": params}
+    try:
+        _, pointer = data.read_pointer(workdir, params["data"]["path"])
+    except data.DataError as exc:
+        raise data.DataError(f"commit {commit_sha}: {exc}") from None
+    digest = inputs_hash(params, pointer["md5"].removesuffix(".dir"))
+    reusable = registry.find_version_by_tag(settings, "inputs_hash", digest)
+    if reusable is not None:
+        log.info("commit %s has the same data, params and model code as model version %s (commit %s): reusing it",
+                 commit_sha, reusable.version, registry.version_tags(reusable).get("commit_sha"))
+    return {"workdir": str(workdir), "params": params, "inputs_hash": digest,
+            "reuse_version": str(reusable.version) if reusable is not None else None}
 
 
 def pull_data(settings: Settings, commit: dict[str, Any], workdir: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -78,9 +120,10 @@ def ensure_workspace(settings: Settings, commit: dict[str, Any], params: dict[st
     return str(data_dir)
 
 
-def lineage(commit: dict[str, Any], data_hash: str, dag_id: str | None, run_id: str | None) -> dict[str, Any]:
+def lineage(commit: dict[str, Any], data_hash: str, dag_id: str | None, run_id: str | None,
+            inputs_digest: str | None = None) -> dict[str, Any]:
     return {"commit_sha": commit["commit_sha"], "branch": commit["branch"], "repo_url": commit["repo_url"],
-            "data_hash": data_hash, "airflow_dag_id": dag_id, "airflow_run_id": run_id}
+            "data_hash": data_hash, "airflow_dag_id": dag_id, "airflow_run_id": run_id, "inputs_hash": inputs_digest}
 
 
 def train(settings: Settings, commit: dict[str, Any], workdir: str, params: dict[str, Any],
@@ -107,8 +150,7 @@ def train(settings: Settings, commit: dict[str, Any], workdir: str, params: dict
                                    params_mod.flatten(params), model, history, meta, example)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     registry.log_evaluation(settings, logged["run_id"], {"train_seconds": seconds, "train_peak_rss_mb": peak_rss_mb},
-                            {"learning_curves.png": training.learning_curves_png(history, commit["commit_sha"][:12])},
-                            {"history.json": history})
+                            {}, {"history.json": history})
     log.info("commit %s: trained %d epochs in %.1f s, final accuracy %.4f, MLflow run %s", commit["commit_sha"],
              len(history.get("loss", [])), seconds, history.get("accuracy", [float("nan")])[-1], logged["run_id"])
     return {**logged, "train_seconds": round(seconds, 3), "train_peak_rss_mb": round(peak_rss_mb, 1),
@@ -117,40 +159,72 @@ def train(settings: Settings, commit: dict[str, Any], workdir: str, params: dict
 
 def evaluate(settings: Settings, commit: dict[str, Any], params: dict[str, Any], pulled: dict[str, Any],
              trained: dict[str, Any]) -> dict[str, Any]:
-    """Evaluate the logged model on the held-out split; log metrics and the confusion matrix."""
-    from gitops_ml import registry, training  # noqa: PLC0415
+    """Score challenger and champion on the same held-out images of this commit; apply the gate.
+
+    Logs both models' metrics, confusion matrices and learning curves side by side, and a
+    smoke sample (images with the challenger's predictions) that the deploy step replays.
+    """
+    from gitops_ml import gate, registry, training  # noqa: PLC0415
 
     index = data.scan_images(ensure_workspace(settings, commit, params), params["data"]["path"])
     parts = training.split(index, params["train"]["test_fraction"], params["train"]["seed"])
-    model = registry.load_logged_model(settings, trained["model_uri"])
-    predict = training.compile_predictor(model)
-    x = training.load_arrays([index.files[i] for i in parts.test], params)
+    test_files = [index.files[i] for i in parts.test]
     y = [index.labels[i] for i in parts.test]
-    result = training.evaluate(predict, x, y, index.class_names)
-    metrics = {"test_accuracy": result["accuracy"]}
-    metrics.update({f"test_recall_{c}": v for c, v in result["recall"].items()})
-    metrics.update({f"test_precision_{c}": v for c, v in result["precision"].items()})
-    gate = params["gate"]
-    reasons = []
-    if result["accuracy"] < gate["min_accuracy"]:
-        reasons.append(f"test accuracy {result['accuracy']:.4f} < gate.min_accuracy {gate['min_accuracy']}")
-    if gate["min_class_recall"] is not None:
-        low = {c: r for c, r in result["recall"].items() if r < gate["min_class_recall"]}
-        if low:
-            reasons.append(f"recall below gate.min_class_recall {gate['min_class_recall']} for {sorted(low)}")
-    passed = not reasons
+    challenger = training.evaluate(training.compile_predictor(registry.load_logged_model(settings, trained["model_uri"])),
+                                   training.load_arrays(test_files, params), y, index.class_names)
+    champion_version, champion, champion_history, note = None, None, None, None
+    current = registry.get_alias(settings)
+    if current is not None:
+        champion_version = str(current.version)
+        model, meta = registry.load_model(settings, current)
+        if list(meta["class_names"]) != index.class_names:
+            note = (f"champion version {champion_version} predicts classes {meta['class_names']}, this commit has "
+                    f"{index.class_names}: compared on absolute thresholds only")
+            champion = None
+        else:
+            shape = {"image": {"height": meta["height"], "width": meta["width"], "channels": meta["channels"]}}
+            champion = training.evaluate(training.compile_predictor(model), training.load_arrays(test_files, shape),
+                                         y, index.class_names)
+            champion_history = registry.load_run_json(settings, current.run_id, "evaluation/history.json")
+    decision = gate.decide(challenger, champion, params["gate"])
+    if note:
+        decision["reasons_info"] = [note]
+    metrics = {"test_accuracy": challenger["accuracy"], "gate_passed": float(decision["passed"])}
+    metrics.update({f"test_recall_{c}": v for c, v in challenger["recall"].items()})
+    metrics.update({f"test_precision_{c}": v for c, v in challenger["precision"].items()})
+    if champion is not None:
+        metrics.update(champion_test_accuracy=champion["accuracy"],
+                       accuracy_delta=challenger["accuracy"] - champion["accuracy"])
+    short = commit["commit_sha"][:12]
+    panels = [(f"challenger {short}", challenger["confusion_matrix"])]
+    curves = [(f"challenger {short}",
+               registry.load_run_json(settings, trained["run_id"], "evaluation/history.json") or {})]
+    if champion is not None:
+        panels.append((f"champion v{champion_version}", champion["confusion_matrix"]))
+        if champion_history:
+            curves.append((f"champion v{champion_version}", champion_history))
+    smoke = {"files": [os.path.relpath(f, settings.work_dir / commit["commit_sha"]) for f in test_files[:16]],
+             "images": [base64.b64encode(Path(f).read_bytes()).decode() for f in test_files[:16]],
+             "classes": [index.class_names[p] for p in challenger["predictions"][:16]]}
     registry.log_evaluation(
         settings, trained["run_id"], metrics,
-        {"confusion_matrix.png": training.confusion_matrix_png(result["confusion_matrix"], index.class_names,
-                                                               f"challenger {commit['commit_sha'][:12]}")},
-        {"evaluation.json": {k: v for k, v in result.items() if k != "predictions"},
-         "smoke_sample.json": {"files": [index.files[i] for i in parts.test[:8]],
-                               "predictions": result["predictions"][:8]}},
+        {"confusion_matrix.png": training.confusion_matrices_png(panels, index.class_names),
+         "learning_curves.png": training.learning_curves_png(curves)},
+        {"evaluation.json": {"challenger": _without_predictions(challenger),
+                             "champion": _without_predictions(champion) if champion else None,
+                             "champion_version": champion_version, "gate": decision},
+         "smoke_sample.json": smoke},
     )
-    log.info("commit %s: test accuracy %.4f on %d images; gate %s%s", commit["commit_sha"], result["accuracy"],
-             result["n_test"], "passed" if passed else "failed: ", "; ".join(reasons))
-    return {"test_accuracy": result["accuracy"], "n_test": result["n_test"], "gate_passed": passed,
-            "gate_reasons": reasons}
+    log.info("commit %s: test accuracy %.4f on %d images (champion %s: %s); %s", commit["commit_sha"],
+             challenger["accuracy"], challenger["n_test"], champion_version or "none",
+             f"{champion['accuracy']:.4f}" if champion else "n/a", gate.summary(decision, champion_version))
+    return {"test_accuracy": challenger["accuracy"], "n_test": challenger["n_test"],
+            "champion_version": champion_version, "champion_accuracy": champion["accuracy"] if champion else None,
+            "gate_passed": decision["passed"], "gate_reasons": decision["reasons"]}
+
+
+def _without_predictions(result: dict[str, Any]) -> dict[str, Any]:
+    return {k: v for k, v in result.items() if k != "predictions"}
 
 
 def register(settings: Settings, trained: dict[str, Any], evaluated: dict[str, Any],
@@ -158,21 +232,43 @@ def register(settings: Settings, trained: dict[str, Any], evaluated: dict[str, A
     """Register the model version with lineage tags; the same commit never gets a second version."""
     from gitops_ml import registry  # noqa: PLC0415
 
-    tags = {**run_lineage, "test_accuracy": round(evaluated["test_accuracy"], 6),
+    tags = {**run_lineage, "code_hash": code_hash(), "test_accuracy": round(evaluated["test_accuracy"], 6),
             "gate": "passed" if evaluated["gate_passed"] else "failed",
-            "gate_reasons": "; ".join(evaluated["gate_reasons"]) or None}
+            "gate_reasons": "; ".join(evaluated["gate_reasons"]) or None,
+            "gate_compared_with": evaluated["champion_version"]}
     version = registry.register(settings, trained["run_id"], trained["model_uri"], tags)
-    log.info("commit %s: model %s version %s", run_lineage["commit_sha"], settings.model_name, version.version)
-    return {"model_version": str(version.version), "gate_passed": evaluated["gate_passed"]}
+    registry.set_alias(settings, str(version.version), registry.CHALLENGER)
+    log.info("commit %s: model %s version %s (alias %s)", run_lineage["commit_sha"], settings.model_name,
+             version.version, registry.CHALLENGER)
+    return {"model_version": str(version.version), "gate_passed": evaluated["gate_passed"],
+            "gate_reasons": evaluated["gate_reasons"]}
 
 
-def deploy(settings: Settings, commit: dict[str, Any], model_version: str) -> dict[str, Any]:
-    """Make ``model_version`` the champion and confirm the server reports the commit."""
+def deploy(settings: Settings, commit: dict[str, Any], model_version: str, params: dict[str, Any],
+           run_id: str = "local") -> dict[str, Any]:
+    """Promote ``model_version`` to champion and converge the server on it (see ``gitops_ml.deploy``).
+
+    Every promotion and rollback is recorded: MLflow version tags, a deploy record against
+    the commit, and the Git note on the commit.
+    """
     from gitops_ml import deploy as deploy_mod, registry  # noqa: PLC0415
 
-    result = deploy_mod.deploy(settings, model_version, commit["commit_sha"])
-    registry.set_version_tags(settings, model_version, {"deployed_at": time.strftime("%Y-%m-%dT%H:%M:%SZ",
-                                                                                      time.gmtime())})
+    now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    try:
+        result = deploy_mod.deploy(settings, model_version, params.get("deploy"))
+    except deploy_mod.DeployError as exc:
+        registry.set_version_tags(settings, model_version, {"deploy_outcome": "rolled_back", "rolled_back_at": now,
+                                                            "rollback_reason": str(exc)[:4000]})
+        record(settings, commit, run_id, "deploy", "rolled_back", model_version=str(model_version), reason=str(exc))
+        raise
+    if result["changed"]:
+        registry.set_version_tags(settings, model_version, {"deploy_outcome": "promoted", "deployed_at": now,
+                                                            "replaced_version": result["previous_version"]})
+        if result["previous_version"]:
+            registry.set_version_tags(settings, result["previous_version"], {"replaced_by": str(model_version),
+                                                                             "replaced_at": now})
+    record(settings, commit, run_id, "deploy", "promoted" if result["changed"] else "unchanged",
+           model_version=str(model_version), previous_version=result["previous_version"], watch=result["watch"])
     return {"model_version": str(model_version), **result}
 
 
@@ -182,24 +278,69 @@ def record(settings: Settings, commit: dict[str, Any], run_id: str, step: str, o
     records.write(settings.records_dir, records.document(commit["commit_sha"], run_id, step, outcome, **fields))
 
 
+def write_note(settings: Settings, commit: dict[str, Any], outcome: dict[str, Any]) -> None:
+    """Write the run's outcome onto the commit as a Git note (``refs/notes/gitops-ml``); never fails the run."""
+    try:
+        source.write_note(settings.repo_url, commit["commit_sha"], settings.git_cache_dir, outcome,
+                          push=settings.push_notes)
+    except Exception as exc:  # noqa: BLE001 - the outcome is recorded elsewhere too
+        log.warning("could not write the Git note on commit %s: %s", commit["commit_sha"], source.redact(str(exc)))
+
+
+def outcome_of(settings: Settings, commit: dict[str, Any], run_id: str, model_version: str | None,
+               deployed: dict[str, Any] | None, reused: bool) -> dict[str, Any]:
+    """What the Git note and the final record say about one run of one commit."""
+    from gitops_ml import registry  # noqa: PLC0415
+
+    tags = registry.version_tags(registry.get_version(settings, model_version)) if model_version else {}
+    return {
+        "gitops_ml_run": run_id,
+        "model": f"{settings.model_name} version {model_version}" if model_version else None,
+        "reused_from_commit": tags.get("commit_sha") if reused and tags.get("commit_sha") != commit["commit_sha"]
+        else None,
+        "data_hash": tags.get("data_hash"),
+        "gate": tags.get("gate"),
+        "gate_reasons": tags.get("gate_reasons"),
+        "test_accuracy": float(tags["test_accuracy"]) if tags.get("test_accuracy") else None,
+        "compared_with_champion_version": tags.get("gate_compared_with"),
+        "deployed": bool(deployed),
+        "replaced_version": deployed["previous_version"] if deployed and deployed.get("changed") else None,
+        "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
+    }
+
+
+def finish(settings: Settings, commit: dict[str, Any], run_id: str, model_version: str | None,
+           deployed: dict[str, Any] | None, reused: bool) -> dict[str, Any]:
+    """Final record and Git note of a run that did not fail."""
+    outcome = outcome_of(settings, commit, run_id, model_version, deployed, reused)
+    record(settings, commit, run_id, "pipeline", "success" if deployed else "not_promoted", **outcome)
+    write_note(settings, commit, outcome)
+    return outcome
+
+
 def run_local(settings: Settings, commit_sha: str | None, run_id: str = "local", dag_id: str = "local",
               deploy_model: bool = True) -> dict[str, Any]:
     """Run every step in this process, in order (no Airflow): for the CLI and tests."""
+    from gitops_ml import registry  # noqa: PLC0415
+
     resolved = resolve(settings, commit_sha)
     commit = resolved["commit"]
     prepared = prepare(settings, commit)
     pulled = pull_data(settings, commit, prepared["workdir"], prepared["params"])
-    run_lineage = lineage(commit, pulled["data_hash"], dag_id, run_id)
+    run_lineage = lineage(commit, pulled["data_hash"], dag_id, run_id, prepared["inputs_hash"])
     result: dict[str, Any] = {"commit": commit, "data_hash": pulled["data_hash"]}
-    if resolved["existing_version"]:
-        result.update(model_version=resolved["existing_version"], gate_passed=True, reused=True)
+    existing = resolved["existing_version"] or prepared["reuse_version"]
+    if existing:
+        gate_passed = registry.version_tags(registry.get_version(settings, existing)).get("gate") != "failed"
+        result.update(model_version=existing, gate_passed=gate_passed, reused=True)
     else:
         trained = train(settings, commit, prepared["workdir"], prepared["params"], pulled, run_lineage)
         evaluated = evaluate(settings, commit, prepared["params"], pulled, trained)
         registered = register(settings, trained, evaluated, run_lineage)
         result.update(registered, test_accuracy=evaluated["test_accuracy"], mlflow_run_id=trained["run_id"],
                       reused=False)
+    deployed = None
     if deploy_model and result["gate_passed"]:
-        result["deploy"] = deploy(settings, commit, result["model_version"])
-    record(settings, commit, run_id, "pipeline", "success", **{k: v for k, v in result.items() if k != "commit"})
+        deployed = result["deploy"] = deploy(settings, commit, result["model_version"], prepared["params"], run_id)
+    result["outcome"] = finish(settings, commit, run_id, result["model_version"], deployed, result["reused"])
     return result

@@ -30,6 +30,7 @@ log = logging.getLogger(__name__)
 
 TAG_PREFIX = "gitops_ml."
 CHAMPION = "champion"
+CHALLENGER = "challenger"
 META_ARTIFACT = "gitops_ml_meta.json"
 MODEL_ARTIFACT = "model"
 
@@ -62,20 +63,29 @@ def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
     return {f"{TAG_PREFIX}{k}": str(v) for k, v in lineage.items() if v is not None}
 
 
-def find_version(settings: Settings, commit_sha: str, data_hash: str | None = None) -> ModelVersion | None:
-    """The registered version built from ``commit_sha`` (and ``data_hash`` when given), if any."""
-    mlc = client(settings)
-    query = f"name = '{settings.model_name}' and tags.`{TAG_PREFIX}commit_sha` = '{commit_sha}'"
+def _ready_versions_tagged(settings: Settings, key: str, value: str) -> list[ModelVersion]:
+    query = f"name = '{settings.model_name}' and tags.`{TAG_PREFIX}{key}` = '{value}'"
     try:
-        versions = mlc.search_model_versions(query)
+        versions = client(settings).search_model_versions(query)
     except MlflowException as exc:
         if "RESOURCE_DOES_NOT_EXIST" in str(exc):
-            return None
+            return []
         raise
+    return sorted((v for v in versions if v.status == "READY"), key=lambda v: int(v.version))
+
+
+def find_version(settings: Settings, commit_sha: str, data_hash: str | None = None) -> ModelVersion | None:
+    """The registered version built from ``commit_sha`` (and ``data_hash`` when given), if any."""
+    versions = _ready_versions_tagged(settings, "commit_sha", commit_sha)
     if data_hash is not None:
         versions = [v for v in versions if v.tags.get(f"{TAG_PREFIX}data_hash") == data_hash]
-    versions = [v for v in versions if v.status == "READY"]
-    return min(versions, key=lambda v: int(v.version)) if versions else None
+    return versions[0] if versions else None
+
+
+def find_version_by_tag(settings: Settings, key: str, value: str) -> ModelVersion | None:
+    """The oldest READY version of the model whose ``gitops_ml.<key>`` tag equals ``value``."""
+    versions = _ready_versions_tagged(settings, key, value)
+    return versions[0] if versions else None
 
 
 def log_training(settings: Settings, run_name: str, run_tags: dict[str, str], params: dict[str, Any],
@@ -228,3 +238,12 @@ def find_training_run(settings: Settings, airflow_run_id: str):
                            filter_string=f"tags.`{TAG_PREFIX}airflow_run_id` = '{airflow_run_id}'",
                            max_results=1, order_by=["attributes.start_time DESC"])
     return runs[0] if runs else None
+
+
+def load_run_json(settings: Settings, run_id: str, path: str) -> Any:
+    """A JSON artifact of a run, or ``None`` when it is missing."""
+    client(settings)
+    try:
+        return mlflow.artifacts.load_dict(f"runs:/{run_id}/{path}")
+    except (MlflowException, OSError, ValueError):
+        return None

@@ -183,3 +183,44 @@ def checkout(repo_url: str, commit_sha: str, cache_dir: Path, work_dir: Path) ->
         raise _git_error(f"check out commit {commit_sha}", exc) from None
     log.info("checked out commit %s in %s", commit_sha, dest)
     return dest
+
+
+NOTES_REF = "refs/notes/gitops-ml"
+_NOTE_IDENTITY = {"GIT_AUTHOR_NAME": "gitops-ml", "GIT_AUTHOR_EMAIL": "gitops-ml@localhost",
+                  "GIT_COMMITTER_NAME": "gitops-ml", "GIT_COMMITTER_EMAIL": "gitops-ml@localhost"}
+
+
+def write_note(repo_url: str, commit_sha: str, cache_dir: Path, outcome: dict, push: bool = False) -> str:
+    """Attach ``outcome`` (as YAML) to the commit under ``refs/notes/gitops-ml``; push it when asked.
+
+    The note replaces an earlier one of the same commit (the full history is in the deploy
+    records and MLflow tags).  With ``push``, the notes ref is fetched first so the push is
+    a fast-forward.
+    """
+    import yaml  # noqa: PLC0415
+
+    repo = git.Repo(mirror_path(repo_url, cache_dir))
+    text = yaml.safe_dump(outcome, sort_keys=False, default_flow_style=False)
+    with repo.git.custom_environment(**_NOTE_IDENTITY):
+        if push:
+            try:
+                repo.git.fetch("--quiet", "--", repo_url, f"+{NOTES_REF}:{NOTES_REF}")
+            except git.GitCommandError:
+                pass  # the remote has no notes yet
+        repo.git.notes("--ref", NOTES_REF, "add", "--force", "--message", text, commit_sha)
+        if push:
+            try:
+                repo.git.push("--quiet", "--", repo_url, f"{NOTES_REF}:{NOTES_REF}")
+            except git.GitCommandError as exc:
+                raise _git_error(f"push the note of {commit_sha} to {redact_url(repo_url)}", exc) from None
+    return text
+
+
+def read_note(repo_url: str, commit_sha: str, cache_dir: Path) -> str | None:
+    path = mirror_path(repo_url, cache_dir)
+    if not (path / "HEAD").exists():
+        return None
+    try:
+        return git.Repo(path).git.notes("--ref", NOTES_REF, "show", commit_sha)
+    except git.GitCommandError:
+        return None

@@ -161,46 +161,51 @@ def evaluate(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.n
     }
 
 
-def confusion_matrix_png(confusion: list[list[int]], class_names: list[str], title: str) -> bytes:
+def _pyplot():
     import matplotlib  # noqa: PLC0415
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt  # noqa: PLC0415
 
-    matrix = np.asarray(confusion)
-    fig, ax = plt.subplots(figsize=(1.0 + 0.5 * len(class_names), 1.0 + 0.5 * len(class_names)))
-    ax.imshow(matrix, cmap="Blues")
-    ax.set_xticks(range(len(class_names)), class_names, rotation=90)
-    ax.set_yticks(range(len(class_names)), class_names)
-    ax.set_xlabel("predicted")
-    ax.set_ylabel("true")
-    ax.set_title(title)
-    for (i, j), v in np.ndenumerate(matrix):
-        ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                color="white" if v > matrix.max() / 2 else "black")
+    return plt
+
+
+def confusion_matrices_png(panels: list[tuple[str, list[list[int]]]], class_names: list[str]) -> bytes:
+    """Confusion matrices side by side (e.g. challenger | champion), counts written in each cell."""
+    plt = _pyplot()
+    side = 1.0 + 0.45 * len(class_names)
+    fig, axes = plt.subplots(1, len(panels), figsize=(side * len(panels), side), squeeze=False)
+    for ax, (title, confusion) in zip(axes[0], panels):
+        matrix = np.asarray(confusion)
+        ax.imshow(matrix, cmap="Blues")
+        ax.set_xticks(range(len(class_names)), class_names, rotation=90)
+        ax.set_yticks(range(len(class_names)), class_names)
+        ax.set_xlabel("predicted")
+        ax.set_ylabel("true")
+        ax.set_title(title)
+        for (i, j), v in np.ndenumerate(matrix):
+            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
+                    color="white" if v > matrix.max() / 2 else "black")
     return _png(fig)
 
 
-def learning_curves_png(history: dict[str, list[float]], title: str) -> bytes:
-    import matplotlib  # noqa: PLC0415
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
-    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(9, 3.5))
-    for key, values in history.items():
-        (acc_ax if "acc" in key else loss_ax).plot(range(1, len(values) + 1), values, label=key)
+def learning_curves_png(panels: list[tuple[str, dict[str, list[float]]]]) -> bytes:
+    """Loss and accuracy per epoch; one line per model and split (e.g. challenger and champion)."""
+    plt = _pyplot()
+    fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
+    for (title, history), style in zip(panels, ("-", "--", ":")):
+        for key, values in history.items():
+            ax = acc_ax if "acc" in key else loss_ax
+            ax.plot(range(1, len(values) + 1), values, style, label=f"{title} {key}")
     for ax, name in ((loss_ax, "loss"), (acc_ax, "accuracy")):
         ax.set_xlabel("epoch")
         ax.set_ylabel(name)
-        ax.legend()
-    fig.suptitle(title)
+        ax.legend(fontsize=7)
     return _png(fig)
 
 
 def _png(fig) -> bytes:
-    import matplotlib.pyplot as plt  # noqa: PLC0415
-
+    plt = _pyplot()
     buf = io.BytesIO()
     fig.tight_layout()
     fig.savefig(buf, format="png", dpi=100)

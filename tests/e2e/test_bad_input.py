@@ -147,6 +147,6 @@ def test_failed_deploy_rolls_back_alias_and_server(settings, demo_repo, server, 
     shutil.rmtree(model_dirs[0].parent)
     with pytest.raises(DeployError, match=f"deploy of model version {challenger['model_version']}.*rolled back "
                                           f"to version {deployed['model_version']}"):
-        pipeline.deploy(settings, challenger["commit"], challenger["model_version"])
+        pipeline.deploy(settings, challenger["commit"], challenger["model_version"], {})
     assert str(registry.get_alias(settings).version) == deployed["model_version"]
     assert server.version()["commit_sha"] == demo_repo["commit_sha"]

@@ -44,7 +44,8 @@ def test_train_evaluate_predict_on_mixed_folder(folder, channels):
     result = training.evaluate(predict, x, y, folder.class_names)
     assert sum(map(sum, result["confusion_matrix"])) == len(y)
     assert 0.0 <= result["accuracy"] <= 1.0 and set(result["recall"]) == {"a", "b", "c"}
-    png = training.confusion_matrix_png(result["confusion_matrix"], folder.class_names, "t")
+    png = training.confusion_matrices_png([("a", result["confusion_matrix"]), ("b", result["confusion_matrix"])],
+                                          folder.class_names)
     assert png.startswith(b"\x89PNG")
 
 

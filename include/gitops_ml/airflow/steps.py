@@ -69,32 +69,39 @@ def pull_data(resolved: dict[str, Any], prepared: dict[str, Any]) -> dict[str, A
                               prepared["workdir"], prepared["params"])
 
 
-def _lineage(resolved: dict[str, Any], pulled: dict[str, Any]) -> dict[str, Any]:
+def _lineage(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[str, Any]) -> dict[str, Any]:
     from gitops_ml import pipeline  # noqa: PLC0415
 
     return pipeline.lineage(resolved["commit"], pulled["data_hash"], resolved["lineage"]["airflow_dag_id"],
-                            resolved["lineage"]["airflow_run_id"])
+                            resolved["lineage"]["airflow_run_id"], prepared["inputs_hash"])
 
 
-def _skip_if_registered(resolved: dict[str, Any]) -> None:
-    if resolved.get("existing_version"):
-        raise AirflowSkipException(f"commit {resolved['commit']['commit_sha']} is already registered as model "
-                                   f"version {resolved['existing_version']}: nothing to train")
+def _existing_version(resolved: dict[str, Any], prepared: dict[str, Any]) -> str | None:
+    return resolved.get("existing_version") or prepared.get("reuse_version")
+
+
+def _skip_if_registered(resolved: dict[str, Any], prepared: dict[str, Any]) -> None:
+    existing = _existing_version(resolved, prepared)
+    if existing:
+        why = ("this commit is already registered" if resolved.get("existing_version")
+               else "a version with the same data, params and model code exists")
+        raise AirflowSkipException(f"commit {resolved['commit']['commit_sha']}: {why} as model version "
+                                   f"{existing}: nothing to train")
 
 
 @_adapter
 def train(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[str, Any]) -> dict[str, Any]:
-    _skip_if_registered(resolved)
+    _skip_if_registered(resolved, prepared)
     from gitops_ml import pipeline  # noqa: PLC0415
 
     return pipeline.train(settings_from_context(get_current_context()), resolved["commit"], prepared["workdir"],
-                          prepared["params"], pulled, _lineage(resolved, pulled))
+                          prepared["params"], pulled, _lineage(resolved, prepared, pulled))
 
 
 @_adapter
 def evaluate(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[str, Any],
              trained: dict[str, Any]) -> dict[str, Any]:
-    _skip_if_registered(resolved)
+    _skip_if_registered(resolved, prepared)
     from gitops_ml import pipeline  # noqa: PLC0415
 
     return pipeline.evaluate(settings_from_context(get_current_context()), resolved["commit"],
@@ -102,43 +109,46 @@ def evaluate(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[st
 
 
 @_adapter
-def register(resolved: dict[str, Any], pulled: dict[str, Any], trained: dict[str, Any],
+def register(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[str, Any], trained: dict[str, Any],
              evaluated: dict[str, Any]) -> dict[str, Any]:
-    _skip_if_registered(resolved)
+    _skip_if_registered(resolved, prepared)
     from gitops_ml import pipeline  # noqa: PLC0415
 
     return pipeline.register(settings_from_context(get_current_context()), trained, evaluated,
-                             _lineage(resolved, pulled))
+                             _lineage(resolved, prepared, pulled))
 
 
 @_adapter
-def deploy(resolved: dict[str, Any], registered: dict[str, Any] | None) -> dict[str, Any]:
+def deploy(resolved: dict[str, Any], prepared: dict[str, Any], registered: dict[str, Any] | None) -> dict[str, Any]:
     from gitops_ml import pipeline, registry  # noqa: PLC0415
-
-    settings = settings_from_context(get_current_context())
-    commit = resolved["commit"]
-    if registered:
-        model_version, gate_passed = registered["model_version"], registered["gate_passed"]
-    else:  # reused: the commit was registered by an earlier run
-        model_version = resolved["existing_version"]
-        gate_passed = registry.version_tags(registry.get_version(settings, model_version)).get("gate") != "failed"
-    if not gate_passed:
-        raise AirflowSkipException(f"not promoted: model version {model_version} of commit "
-                                   f"{commit['commit_sha']} failed the evaluation gate; serving model unchanged")
-    return pipeline.deploy(settings, commit, model_version)
-
-
-@_adapter
-def record(resolved: dict[str, Any], pulled: dict[str, Any], deployed: dict[str, Any] | None) -> dict[str, Any]:
-    from gitops_ml import pipeline  # noqa: PLC0415
 
     context = get_current_context()
     settings = settings_from_context(context)
-    outcome = {"data_hash": pulled["data_hash"], "model_version": (deployed or {}).get("model_version"),
-               "deployed": bool(deployed), "reused": bool(resolved.get("existing_version"))}
-    pipeline.record(settings, resolved["commit"], context["run_id"], "pipeline",
-                    "success" if deployed else "not_promoted", **outcome)
-    return outcome
+    commit = resolved["commit"]
+    if registered:
+        model_version, gate_passed = registered["model_version"], registered["gate_passed"]
+        reasons = "; ".join(registered.get("gate_reasons") or [])
+    else:  # reused: registered by an earlier run of this commit or of one with the same inputs
+        model_version = _existing_version(resolved, prepared)
+        tags = registry.version_tags(registry.get_version(settings, model_version))
+        gate_passed, reasons = tags.get("gate") != "failed", tags.get("gate_reasons", "")
+    if not gate_passed:
+        pipeline.finish(settings, commit, context["run_id"], model_version, None,
+                        reused=not registered)
+        raise AirflowSkipException(f"NOT PROMOTED: model version {model_version} of commit {commit['commit_sha']} "
+                                   f"failed the evaluation gate ({reasons}); the serving model is unchanged")
+    return pipeline.deploy(settings, commit, model_version, prepared["params"], context["run_id"])
+
+
+@_adapter
+def record(resolved: dict[str, Any], prepared: dict[str, Any], deployed: dict[str, Any] | None) -> dict[str, Any]:
+    from gitops_ml import pipeline  # noqa: PLC0415
+
+    context = get_current_context()
+    if not deployed:
+        raise AirflowSkipException("not promoted: the outcome was recorded by the deploy step")
+    return pipeline.finish(settings_from_context(context), resolved["commit"], context["run_id"],
+                           deployed["model_version"], deployed, reused=bool(_existing_version(resolved, prepared)))
 
 
 def record_failure(context) -> None:
@@ -150,7 +160,10 @@ def record_failure(context) -> None:
         ti = context["ti"]
         resolved = ti.xcom_pull(task_ids="resolve_commit") or {}
         commit = resolved.get("commit") or {"commit_sha": context["params"].get("commit_sha") or "unknown"}
-        pipeline.record(settings, commit, context["run_id"], ti.task_id, "failure",
-                        reason=str(context.get("exception") or "unknown"))
+        reason = str(context.get("exception") or "unknown")
+        pipeline.record(settings, commit, context["run_id"], ti.task_id, "failure", reason=reason)
+        if resolved.get("commit"):
+            pipeline.write_note(settings, commit, {"gitops_ml_run": context["run_id"], "failed_step": ti.task_id,
+                                                   "reason": reason, "deployed": False})
     except Exception:  # noqa: BLE001 - a failing callback must not hide the task's own error
         log.exception("could not record the failure of run %s", context.get("run_id"))

@@ -1,22 +1,36 @@
-"""Deploy: move the ``champion`` alias, make the running server load it, confirm, or roll back.
+"""Deploy: a reconcile loop between the registry alias (desired) and the servers' ``/version`` (observed).
 
-A reconcile step in the spirit of Flux: the desired state is the registry alias,
-the observed state is what the server reports at ``/version``.  The step ends
-with both agreeing on the new version, or with both back on the previous one
-and a ``DeployError`` that says why.
+1. Desired state: alias ``champion`` -> the new version.
+2. The server loads the new version beside the serving one and replays the smoke
+   sample (evaluation images with the classes the evaluation predicted) before it
+   switches traffic with one reference swap.
+3. ``/version`` must report the new version and its commit.
+4. Watch window (``deploy.watch_seconds`` in ``params.yaml``): the server's own
+   ``/metrics`` for the new version (error rate, mean latency, share of
+   low-confidence predictions) are compared with the previous version's; past a
+   limit the deploy rolls back by itself and says why.
+
+Any failure restores the alias, returns the server to the previous model (still
+loaded, so a swap) and raises ``DeployError`` naming the version, the commit and
+the reason.
 """
 
 from __future__ import annotations
 
 import logging
 import time
+from typing import Any
 
 import httpx
 
 from gitops_ml.config import Settings
+from gitops_ml.deploy import metrics as metrics_mod
 from gitops_ml.errors import DeployError
 
 log = logging.getLogger(__name__)
+
+DEFAULT_POLICY = {"watch_seconds": 0, "min_requests": 20, "max_error_rate": 0.05, "max_latency_ratio": 3.0,
+                  "max_low_confidence_increase": 0.2}
 
 
 class ServingClient:
@@ -38,11 +52,19 @@ class ServingClient:
         response.raise_for_status()
         return response.json()
 
-    def reload(self, model_version: str | None, timeout: float) -> dict:
-        """Ask the server to load ``model_version`` (``None``: the current champion) and switch to it."""
-        response = self._http.post("/admin/reload", json={"model_version": model_version}, timeout=timeout)
+    def metrics(self) -> list[tuple[str, dict[str, str], float]]:
+        response = self._http.get("/metrics")
+        response.raise_for_status()
+        return metrics_mod.parse(response.text)
+
+    def reload(self, model_version: str | None, timeout: float, smoke: dict | None = None) -> dict:
+        """Ask the server to load ``model_version`` (``None``: the champion), check ``smoke``, switch."""
+        body: dict[str, Any] = {"model_version": model_version}
+        if smoke:
+            body["smoke"] = {"images": smoke["images"], "classes": smoke["classes"]}
+        response = self._http.post("/admin/reload", json=body, timeout=timeout)
         if response.status_code != 200:
-            raise DeployError(f"server {self.base_url} refused to load model version {model_version}: "
+            raise DeployError(f"server {self.base_url} did not switch to model version {model_version}: "
                               f"HTTP {response.status_code} {_error_text(response)}")
         return response.json()
 
@@ -54,32 +76,46 @@ def _error_text(response: httpx.Response) -> str:
         return response.text[:500]
 
 
-def deploy(settings: Settings, model_version: str, commit_sha: str) -> dict:
-    """Promote ``model_version`` to champion and converge the server on it; roll back on any failure."""
+def deploy(settings: Settings, model_version: str, policy: dict[str, Any] | None = None) -> dict[str, Any]:
+    """Converge alias and server on ``model_version``; roll back on any failure. Returns what happened."""
     from gitops_ml import registry  # noqa: PLC0415 - mlflow is heavy
 
+    policy = {**DEFAULT_POLICY, **(policy or {})}
+    model_version = str(model_version)
+    target = registry.get_version(settings, model_version)
+    commit_sha = registry.version_tags(target).get("commit_sha", "")
+    smoke = registry.load_run_json(settings, target.run_id, "evaluation/smoke_sample.json")
     previous = registry.get_alias(settings)
-    previous_version = previous.version if previous is not None else None
+    previous_version = str(previous.version) if previous is not None else None
     serving = ServingClient(settings)
     try:
         try:
             observed = serving.version()
+            before = serving.metrics()
         except httpx.HTTPError as exc:
             raise DeployError(f"serving endpoint {settings.serving_url} is not reachable ({exc}); "
-                              f"model version {model_version} was not deployed") from None
-        if previous_version == str(model_version) and observed and observed.get("model_version") == str(model_version):
+                              f"model version {model_version} (commit {commit_sha}) was not deployed") from None
+        if previous_version == model_version and observed and observed.get("model_version") == model_version:
             log.info("model version %s (commit %s) is already champion and serving", model_version, commit_sha)
-            return {"changed": False, "previous_version": previous_version, "serving": observed}
+            return {"changed": False, "previous_version": previous_version, "serving": observed, "watch": None}
         registry.set_alias(settings, model_version)
         try:
-            serving.reload(str(model_version), timeout=settings.deploy_timeout)
-            observed = _wait_for(serving, str(model_version), commit_sha, settings.deploy_timeout)
+            serving.reload(model_version, timeout=settings.deploy_timeout, smoke=smoke)
+            observed = _wait_for(serving, model_version, commit_sha, settings.deploy_timeout)
         except (DeployError, httpx.HTTPError) as exc:
             _roll_back(settings, serving, previous_version)
             raise DeployError(f"deploy of model version {model_version} (commit {commit_sha}) failed and was "
                               f"rolled back to version {previous_version}: {exc}") from None
         log.info("serving model version %s of commit %s at %s", model_version, commit_sha, settings.serving_url)
-        return {"changed": True, "previous_version": previous_version, "serving": observed}
+        watch = None
+        if policy["watch_seconds"] > 0:
+            watch = watch_window(serving, model_version, previous_version, before, policy)
+            if watch["verdict"] != "healthy":
+                _roll_back(settings, serving, previous_version)
+                raise DeployError(f"model version {model_version} (commit {commit_sha}) was rolled back to version "
+                                  f"{previous_version} after {watch['elapsed_s']:.1f} s of live traffic: "
+                                  f"{watch['reason']}")
+        return {"changed": True, "previous_version": previous_version, "serving": observed, "watch": watch}
     finally:
         serving.close()
 
@@ -96,6 +132,53 @@ def _wait_for(serving: ServingClient, model_version: str, commit_sha: str, timeo
                       f"expected version {model_version} of commit {commit_sha}")
 
 
+def _delta(now: dict[str, float], then: dict[str, float]) -> dict[str, float]:
+    return {k: now[k] - then.get(k, 0.0) for k in now}
+
+
+def judge(new: dict[str, float], old: dict[str, float] | None, policy: dict[str, Any]) -> str | None:
+    """Why the new version's live numbers are worse than allowed, or ``None``."""
+    if new["requests"] < policy["min_requests"]:
+        return None
+    error_rate = new["errors"] / new["requests"]
+    if error_rate > policy["max_error_rate"]:
+        return (f"error rate {error_rate:.1%} over {int(new['requests'])} requests is above "
+                f"deploy.max_error_rate {policy['max_error_rate']:.1%}")
+    if old and old["requests"] >= policy["min_requests"] and old["latency_count"] and new["latency_count"]:
+        new_latency = new["latency_sum"] / new["latency_count"]
+        old_latency = old["latency_sum"] / old["latency_count"]
+        if old_latency > 0 and new_latency / old_latency > policy["max_latency_ratio"]:
+            return (f"mean latency {new_latency * 1000:.1f} ms is {new_latency / old_latency:.1f}x the previous "
+                    f"version's {old_latency * 1000:.1f} ms (deploy.max_latency_ratio {policy['max_latency_ratio']})")
+    if new["predictions"]:
+        new_share = new["low_confidence"] / new["predictions"]
+        old_share = old["low_confidence"] / old["predictions"] if old and old["predictions"] else 0.0
+        if new_share - old_share > policy["max_low_confidence_increase"]:
+            return (f"{new_share:.1%} low-confidence predictions against {old_share:.1%} for the previous version "
+                    f"(deploy.max_low_confidence_increase {policy['max_low_confidence_increase']:.0%})")
+    return None
+
+
+def watch_window(serving: ServingClient, model_version: str, previous_version: str | None,
+                 before: list, policy: dict[str, Any]) -> dict[str, Any]:
+    """Poll ``/metrics`` for ``watch_seconds``; stop at the first breached limit."""
+    old = metrics_mod.version_stats(before, previous_version) if previous_version else None
+    start_stats = metrics_mod.version_stats(serving.metrics(), model_version)
+    started = time.monotonic()
+    new = {k: 0.0 for k in start_stats}
+    while time.monotonic() - started < policy["watch_seconds"]:
+        time.sleep(0.5)
+        new = _delta(metrics_mod.version_stats(serving.metrics(), model_version), start_stats)
+        reason = judge(new, old, policy)
+        if reason:
+            log.error("watch window: %s", reason)
+            return {"verdict": "rolled_back", "reason": reason, "elapsed_s": time.monotonic() - started,
+                    "stats": new}
+    log.info("watch window of %.0f s passed: %d requests, %d errors", policy["watch_seconds"], new["requests"],
+             new["errors"])
+    return {"verdict": "healthy", "reason": None, "elapsed_s": time.monotonic() - started, "stats": new}
+
+
 def _roll_back(settings: Settings, serving: ServingClient, previous_version: str | None) -> None:
     from gitops_ml import registry  # noqa: PLC0415
 
@@ -105,4 +188,4 @@ def _roll_back(settings: Settings, serving: ServingClient, previous_version: str
     try:
         serving.reload(previous_version, timeout=settings.deploy_timeout)
     except (DeployError, httpx.HTTPError) as exc:
-        log.error("rollback: server did not reload previous version %s: %s", previous_version, exc)
+        log.error("rollback: server did not return to previous version %s: %s", previous_version, exc)

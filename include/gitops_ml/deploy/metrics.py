@@ -1,0 +1,119 @@
+"""Prometheus metrics of the model server, per model version, in the text exposition format.
+
+Small and dependency-free: counters and one latency histogram, labelled by model
+version, plus ``parse`` so the deploy watch window reads the same numbers a
+Prometheus server would scrape.
+"""
+
+from __future__ import annotations
+
+import re
+import threading
+from collections import defaultdict
+
+LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
+LOW_CONFIDENCE = 0.5
+
+
+class ServerMetrics:
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self.requests: dict[tuple[str, str], int] = defaultdict(int)   # (version, outcome) -> count
+        self.predictions: dict[str, int] = defaultdict(int)
+        self.low_confidence: dict[str, int] = defaultdict(int)
+        self.latency_buckets: dict[str, list[int]] = defaultdict(lambda: [0] * len(LATENCY_BUCKETS))
+        self.latency_sum: dict[str, float] = defaultdict(float)
+        self.latency_count: dict[str, int] = defaultdict(int)
+        self.batch_sizes: dict[str, int] = defaultdict(int)
+        self.batches: dict[str, int] = defaultdict(int)
+        self.info: dict[str, str] = {}
+
+    def observe_request(self, version: str, outcome: str, seconds: float) -> None:
+        with self._lock:
+            self.requests[(version, outcome)] += 1
+            self.latency_sum[version] += seconds
+            self.latency_count[version] += 1
+            buckets = self.latency_buckets[version]
+            for i, bound in enumerate(LATENCY_BUCKETS):
+                if seconds <= bound:
+                    buckets[i] += 1
+
+    def observe_predictions(self, version: str, top_probabilities) -> None:
+        with self._lock:
+            self.predictions[version] += len(top_probabilities)
+            self.low_confidence[version] += int(sum(1 for p in top_probabilities if p < LOW_CONFIDENCE))
+
+    def observe_batch(self, version: str, size: int) -> None:
+        with self._lock:
+            self.batches[version] += 1
+            self.batch_sizes[version] += size
+
+    def render(self) -> str:
+        with self._lock:
+            lines = ["# HELP gitops_ml_requests_total Prediction requests by model version and outcome.",
+                     "# TYPE gitops_ml_requests_total counter"]
+            lines += [f'gitops_ml_requests_total{{model_version="{v}",outcome="{o}"}} {n}'
+                      for (v, o), n in sorted(self.requests.items())]
+            lines += ["# HELP gitops_ml_request_latency_seconds Latency of prediction requests.",
+                      "# TYPE gitops_ml_request_latency_seconds histogram"]
+            for version in sorted(self.latency_count):
+                for bound, count in zip(LATENCY_BUCKETS, self.latency_buckets[version]):
+                    lines.append(f'gitops_ml_request_latency_seconds_bucket{{model_version="{version}",le="{bound}"}} '
+                                 f"{count}")
+                lines.append(f'gitops_ml_request_latency_seconds_bucket{{model_version="{version}",le="+Inf"}} '
+                             f"{self.latency_count[version]}")
+                lines.append(f'gitops_ml_request_latency_seconds_sum{{model_version="{version}"}} '
+                             f"{self.latency_sum[version]:.6f}")
+                lines.append(f'gitops_ml_request_latency_seconds_count{{model_version="{version}"}} '
+                             f"{self.latency_count[version]}")
+            for name, values, text in (
+                ("gitops_ml_predictions_total", self.predictions, "Images classified."),
+                ("gitops_ml_low_confidence_predictions_total", self.low_confidence,
+                 f"Predictions whose top probability is below {LOW_CONFIDENCE}."),
+                ("gitops_ml_batches_total", self.batches, "Compiled model calls."),
+                ("gitops_ml_batched_images_total", self.batch_sizes, "Images sent through compiled calls."),
+            ):
+                lines += [f"# HELP {name} {text}", f"# TYPE {name} counter"]
+                lines += [f'{name}{{model_version="{v}"}} {n}' for v, n in sorted(values.items())]
+            lines += ["# HELP gitops_ml_model_info The model version being served (value 1).",
+                      "# TYPE gitops_ml_model_info gauge"]
+            if self.info:
+                labels = ",".join(f'{k}="{v}"' for k, v in sorted(self.info.items()))
+                lines.append(f"gitops_ml_model_info{{{labels}}} 1")
+            return "\n".join(lines) + "\n"
+
+
+_SAMPLE = re.compile(r'^(?P<name>[a-zA-Z_:][a-zA-Z0-9_:]*)(\{(?P<labels>[^}]*)\})?\s+(?P<value>\S+)$')
+_LABEL = re.compile(r'(\w+)="([^"]*)"')
+
+
+def parse(text: str) -> list[tuple[str, dict[str, str], float]]:
+    """Samples of a Prometheus text exposition: ``[(name, labels, value), ...]``."""
+    samples = []
+    for line in text.splitlines():
+        match = _SAMPLE.match(line.strip())
+        if match and not line.startswith("#"):
+            labels = dict(_LABEL.findall(match.group("labels") or ""))
+            samples.append((match.group("name"), labels, float(match.group("value"))))
+    return samples
+
+
+def version_stats(samples, version: str) -> dict[str, float]:
+    """Requests, error rate, mean latency and low-confidence share of one model version."""
+    def total(name: str, **match: str) -> float:
+        return sum(v for n, labels, v in samples
+                   if n == name and labels.get("model_version") == version
+                   and all(labels.get(k) == val for k, val in match.items()))
+
+    requests = total("gitops_ml_requests_total")
+    errors = total("gitops_ml_requests_total", outcome="error")
+    predictions = total("gitops_ml_predictions_total")
+    count = total("gitops_ml_request_latency_seconds_count")
+    return {
+        "requests": requests,
+        "errors": errors,
+        "predictions": predictions,
+        "low_confidence": total("gitops_ml_low_confidence_predictions_total"),
+        "latency_sum": total("gitops_ml_request_latency_seconds_sum"),
+        "latency_count": count,
+    }

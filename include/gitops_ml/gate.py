@@ -1,0 +1,39 @@
+"""The evaluation gate: may the challenger replace the champion?
+
+Rules come from ``params.yaml`` (``gate.*``).  Both models are scored on the same
+held-out images of the new commit.  The first model ever has no champion and only
+meets the absolute rules.  Pure Python: the numbers come from ``training.evaluate``.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+
+def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, rules: dict[str, Any]) -> dict[str, Any]:
+    """Return ``{"passed", "reasons", "checks"}``; every failed check is one human-readable reason."""
+    reasons: list[str] = []
+    checks: dict[str, Any] = {"challenger_accuracy": challenger["accuracy"]}
+    if challenger["accuracy"] < rules["min_accuracy"]:
+        reasons.append(f"accuracy {challenger['accuracy']:.4f} is below gate.min_accuracy {rules['min_accuracy']}")
+    floor = rules.get("min_class_recall")
+    if floor is not None:
+        low = {c: round(r, 4) for c, r in challenger["recall"].items() if r < floor}
+        checks["classes_below_recall_floor"] = low
+        if low:
+            reasons.append(f"recall below gate.min_class_recall {floor} for class(es) "
+                           + ", ".join(f"{c} ({r})" for c, r in sorted(low.items())))
+    if champion is not None:
+        drop = champion["accuracy"] - challenger["accuracy"]
+        checks.update(champion_accuracy=champion["accuracy"], accuracy_drop=drop)
+        if drop > rules["max_accuracy_drop"]:
+            reasons.append(f"accuracy {challenger['accuracy']:.4f} is {drop:.4f} below the champion's "
+                           f"{champion['accuracy']:.4f} (gate.max_accuracy_drop {rules['max_accuracy_drop']})")
+    return {"passed": not reasons, "reasons": reasons, "checks": checks}
+
+
+def summary(decision: dict[str, Any], champion_version: str | None) -> str:
+    if decision["passed"]:
+        against = f"champion version {champion_version}" if champion_version else "no champion (first model)"
+        return f"promoted: passed the gate against {against}"
+    return "not promoted: " + "; ".join(decision["reasons"])

@@ -1,0 +1,29 @@
+from gitops_ml import gate
+
+RULES = {"min_accuracy": 0.8, "max_accuracy_drop": 0.02, "min_class_recall": None}
+
+
+def result(accuracy, recall=None):
+    return {"accuracy": accuracy, "recall": recall or {"a": accuracy, "b": accuracy}}
+
+
+def test_first_model_needs_only_absolute_thresholds():
+    assert gate.decide(result(0.85), None, RULES)["passed"]
+    failed = gate.decide(result(0.5), None, RULES)
+    assert not failed["passed"] and "below gate.min_accuracy 0.8" in failed["reasons"][0]
+
+
+def test_drop_against_champion():
+    assert gate.decide(result(0.95), result(0.96), RULES)["passed"]
+    failed = gate.decide(result(0.90), result(0.96), RULES)
+    assert not failed["passed"] and "0.0600 below the champion's 0.9600" in failed["reasons"][0]
+    assert abs(failed["checks"]["accuracy_drop"] - 0.06) < 1e-9
+
+
+def test_per_class_recall_floor_names_the_class():
+    rules = {**RULES, "min_class_recall": 0.7}
+    failed = gate.decide(result(0.9, {"cat": 0.95, "dog": 0.6}), None, rules)
+    assert not failed["passed"] and "dog (0.6)" in failed["reasons"][0]
+    assert gate.summary(failed, None).startswith("not promoted: recall below")
+    assert gate.summary(gate.decide(result(0.9), None, RULES), None) == \
+        "promoted: passed the gate against no champion (first model)"
