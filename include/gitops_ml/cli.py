@@ -5,6 +5,7 @@
     gitops-ml run [SHA] --local         run the pipeline in this process, without Airflow
     gitops-ml trigger [SHA] [--wait]    start the Airflow run ``commit__<sha>``
     gitops-ml stack up|down             start/stop Airflow, MLflow UI and the server (embedded)
+    gitops-ml trace SHA|VERSION         commit -> run -> model version -> deploys -> serving now
     gitops-ml demo                      init (once), start the stack, commit, follow the run, predict
 """
 
@@ -134,6 +135,14 @@ def cmd_demo(args) -> int:
     return 0
 
 
+def cmd_trace(args) -> int:
+    from gitops_ml import trace  # noqa: PLC0415
+
+    chain = trace.trace(_settings(args), args.ref)
+    print(json.dumps(chain, indent=2, default=str) if args.json else trace.render(chain))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gitops-ml", description="GitOps for machine learning on Airflow")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -172,6 +181,11 @@ def build_parser() -> argparse.ArgumentParser:
     p = sub.add_parser("stack", help="start or stop the embedded stack")
     p.add_argument("action", choices=["up", "down"])
     p.set_defaults(func=cmd_stack)
+
+    p = with_repo(sub.add_parser("trace", help="commit -> Airflow run -> MLflow version -> deploys -> serving"))
+    p.add_argument("ref", help="a commit SHA (full or abbreviated) or a model version number")
+    p.add_argument("--json", action="store_true")
+    p.set_defaults(func=cmd_trace)
 
     p = with_repo(sub.add_parser("demo", help="the whole demo"))
     p.set_defaults(func=cmd_demo)

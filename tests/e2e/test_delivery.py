@@ -1,0 +1,195 @@
+"""Continuous delivery a careful team would trust: gate, reuse on revert, smoke check, watch-window
+rollback, zero failed requests during a switch, the Git note, and ``gitops-ml trace``.
+
+Real Git, DVC, MLflow, TensorFlow and a real ``gitops-ml serve`` process throughout.
+"""
+
+import io
+import threading
+import time
+
+import httpx
+import numpy as np
+import pytest
+from PIL import Image
+
+from gitops_ml import demo, pipeline, registry, trace
+from gitops_ml.errors import DeployError
+from tests.conftest import git
+from tests.e2e.test_dag import all_versions, load_dag, task_states
+
+pytestmark = pytest.mark.e2e
+
+
+@pytest.fixture
+def champion(settings, demo_repo, server):
+    """Version 1, trained from the demo's first commit and serving (the first model ever: absolute gate only)."""
+    result = pipeline.run_local(settings, demo_repo["commit_sha"])
+    assert result["model_version"] == "1" and result["gate_passed"]
+    evaluation = registry.load_run_json(settings, result["mlflow_run_id"], "evaluation/evaluation.json")
+    assert evaluation["champion_version"] is None and evaluation["gate"]["passed"]
+    return result
+
+
+def digit_png(repo, invert: bool = False) -> bytes:
+    path = sorted((repo / "data" / "images" / "4").glob("*.png"))[0]
+    pixels = np.asarray(Image.open(path))
+    buf = io.BytesIO()
+    Image.fromarray((255 - pixels) if invert else pixels).save(buf, "PNG")
+    return buf.getvalue()
+
+
+class Traffic:
+    """Sends images to /predict until stopped; counts answers by status and model version."""
+
+    def __init__(self, url: str, payloads: list[bytes]):
+        self.url, self.payloads = url, payloads
+        self.statuses: list[int] = []
+        self.versions: set[str] = set()
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, daemon=True)
+
+    def _run(self):
+        with httpx.Client(timeout=10) as client:
+            i = 0
+            while not self._stop.is_set():
+                response = client.post(self.url + "/predict", content=self.payloads[i % len(self.payloads)],
+                                       headers={"content-type": "image/png"})
+                self.statuses.append(response.status_code)
+                self.versions.add(response.headers.get("X-Model-Version"))
+                i += 1
+
+    def __enter__(self):
+        self._thread.start()
+        return self
+
+    def __exit__(self, *exc):
+        self._stop.set()
+        self._thread.join(30)
+
+
+def test_gate_failure_is_not_promoted_and_noted_on_the_commit(airflow_db, settings, demo_repo, server, champion,
+                                                             monkeypatch):
+    monkeypatch.setenv("GITOPS_ML_PUSH_NOTES", "true")
+    repo = demo_repo["path"]
+    demo.bump_param(repo, "train.learning_rate", 0.00001)
+    bad_sha = demo.bump_param(repo, "train.epochs", 1, "a model that cannot learn")
+    run = load_dag().test(run_conf={"commit_sha": bad_sha})
+    states = task_states(run)
+    assert run.state == "success", states
+    assert states["deploy"] == "skipped" and states["record"] == "skipped" and states["register"] == "success"
+    version = registry.find_version(settings, bad_sha)
+    tags = registry.version_tags(version)
+    assert tags["gate"] == "failed" and "below gate.min_accuracy 0.8" in tags["gate_reasons"]
+    assert tags["gate_compared_with"] == "1"
+    assert str(registry.get_alias(settings, registry.CHALLENGER).version) == str(version.version)
+    assert str(registry.get_alias(settings).version) == "1"
+    assert server.version()["model_version"] == "1"
+    note = git(repo, "notes", "--ref", "gitops-ml", "show", bad_sha)
+    assert "gate: failed" in note and "deployed: false" in note and f"version {version.version}" in note
+
+
+def test_revert_reuses_the_previous_version_without_training(settings, demo_repo, server, champion):
+    repo = demo_repo["path"]
+    second = pipeline.run_local(settings, demo.bump_param(repo, "train.learning_rate", 0.004, "tune"))
+    assert second["model_version"] == "2" and server.version()["model_version"] == "2"
+    git(repo, "revert", "--no-edit", "HEAD")
+    revert_sha = git(repo, "rev-parse", "HEAD")
+    started = time.monotonic()
+    result = pipeline.run_local(settings, revert_sha)
+    seconds = time.monotonic() - started
+    assert result["reused"] is True and result["model_version"] == "1" and "mlflow_run_id" not in result
+    assert result["outcome"]["reused_from_commit"] == demo_repo["commit_sha"]
+    assert len(all_versions(settings)) == 2
+    assert server.version()["model_version"] == "1" and str(registry.get_alias(settings).version) == "1"
+    print(f"revert brought version 1 back in {seconds:.1f} s")  # measured in the benchmark, not asserted
+
+
+def test_smoke_check_failure_rolls_back(settings, demo_repo, server, champion):
+    challenger = pipeline.run_local(settings, demo.bump_param(demo_repo["path"], "train.seed", 7), deploy_model=False)
+    version = registry.get_version(settings, challenger["model_version"])
+    store = settings.home / "mlflow" / "artifacts"
+
+    def model_file(v):
+        model_id = v.source.rsplit("/", 1)[-1]
+        return next(p for p in store.rglob("model.keras") if model_id in str(p))
+
+    # A real fault: the challenger's artifact in the store is altered after its evaluation
+    # (its output layer now names the neighbouring class), so it loads fine but predicts wrong.
+    import keras
+
+    path = model_file(version)
+    model = keras.models.load_model(path)
+    kernel, bias = model.layers[-1].get_weights()
+    model.layers[-1].set_weights([np.roll(kernel, 1, axis=1), np.roll(bias, 1)])
+    model.save(path)
+    with pytest.raises(DeployError, match="smoke check of model version 2 failed: .* differ from the evaluation"):
+        pipeline.deploy(settings, challenger["commit"], "2", {})
+    assert str(registry.get_alias(settings).version) == "1" and server.version()["model_version"] == "1"
+    assert registry.version_tags(registry.get_version(settings, "2"))["deploy_outcome"] == "rolled_back"
+
+
+def test_no_request_fails_while_switching(settings, demo_repo, server, champion):
+    repo = demo_repo["path"]
+    second = pipeline.run_local(settings, demo.bump_param(repo, "train.seed", 11), deploy_model=False)
+    with Traffic(server.url, [digit_png(repo)]) as traffic:
+        time.sleep(0.5)
+        pipeline.deploy(settings, second["commit"], second["model_version"], {})
+        pipeline.deploy(settings, champion["commit"], "1", {})
+        pipeline.deploy(settings, second["commit"], second["model_version"], {})
+        time.sleep(0.5)
+    assert len(traffic.statuses) > 50
+    assert set(traffic.statuses) == {200}, f"{sum(s != 200 for s in traffic.statuses)} failed requests"
+    assert {"1", second["model_version"]} <= traffic.versions
+
+
+def register_bright_image_bug(settings, demo_repo) -> tuple[dict, str]:
+    """A model that passes the gate (dark digits) but returns inf on bright images, as buggy code would."""
+    import keras
+
+    commit_sha = demo.bump_param(demo_repo["path"], "train.seed", 99, "custom output layer")
+    commit = pipeline.resolve(settings, commit_sha)["commit"]
+    base, meta = registry.load_model(settings, registry.get_version(settings, "1"))
+    image = keras.Input((8, 8, 1), name="image")
+    brightness = keras.layers.GlobalAveragePooling2D()(image)
+    bright = keras.layers.Dense(1, activation="relu", kernel_initializer=keras.initializers.Constant(1000.0),
+                                bias_initializer=keras.initializers.Constant(-500.0))(brightness)
+    blow_up = keras.layers.Dense(10, kernel_initializer=keras.initializers.Constant(1e38))(bright)
+    model = keras.Model(image, keras.layers.Add()([base(image), blow_up]))
+    run_tags = registry.lineage_tags({"commit_sha": commit_sha})
+    logged = registry.log_training(settings, "bright-image-bug", run_tags, {}, model, {}, meta,
+                                   np.zeros((1, 8, 8, 1), np.float32))
+    champion_run = registry.get_version(settings, "1").run_id
+    registry.log_evaluation(settings, logged["run_id"], {"test_accuracy": 0.98}, {},
+                            {"smoke_sample.json": registry.load_run_json(settings, champion_run,
+                                                                         "evaluation/smoke_sample.json")})
+    version = registry.register(settings, logged["run_id"], logged["model_uri"],
+                                {"commit_sha": commit_sha, "data_hash": demo_repo["data_hash"], "gate": "passed"})
+    return commit, str(version.version)
+
+
+def test_watch_window_rolls_back_a_model_that_fails_live(settings, demo_repo, server, champion):
+    commit, bad_version = register_bright_image_bug(settings, demo_repo)
+    policy = {"deploy": {"watch_seconds": 20, "min_requests": 10, "max_error_rate": 0.05}}
+    payloads = [digit_png(demo_repo["path"]), digit_png(demo_repo["path"], invert=True)]
+    with Traffic(server.url, payloads) as traffic:
+        started = time.monotonic()
+        with pytest.raises(DeployError, match=f"version {bad_version} .* rolled back to version 1 after .* error rate"):
+            pipeline.deploy(settings, commit, bad_version, policy)
+        elapsed = time.monotonic() - started
+        time.sleep(0.3)
+    assert elapsed < 20, "the rollback should happen as soon as the limit is breached"
+    assert 500 in traffic.statuses  # the bug was live, and seen
+    assert server.version()["model_version"] == "1" and str(registry.get_alias(settings).version) == "1"
+    tags = registry.version_tags(registry.get_version(settings, bad_version))
+    assert tags["deploy_outcome"] == "rolled_back" and "error rate" in tags["rollback_reason"]
+    metrics = httpx.get(server.url + "/metrics").text
+    assert f'gitops_ml_requests_total{{model_version="{bad_version}",outcome="error"}}' in metrics
+    assert 'gitops_ml_model_info{commit_sha="' in metrics
+
+    chain = trace.trace(settings, bad_version)
+    assert chain["commit"]["commit_sha"] == commit["commit_sha"]
+    assert any(e["step"] == "deploy" and e["outcome"] == "rolled_back" for e in chain["deploy_events"])
+    assert chain["serving_now"]["model_version"] == "1"
+    text = trace.render(trace.trace(settings, demo_repo["commit_sha"]))
+    assert "version 1" in text and "serving    version 1 of commit" in text
