@@ -28,7 +28,7 @@ class Settings:
     :param tracking_uri: MLflow tracking URI (default: SQLite file under ``home``).
     :param artifact_root: where MLflow stores artifacts for experiments we create.
     :param experiment_name: MLflow experiment holding the training runs.
-    :param serving_url: base URL of the running ``gitops-ml serve`` process.
+    :param serving_url: base URL of the running ``gitops-ml serve`` process (comma-separated for several).
     :param serving_token: shared secret for the server's ``/admin`` endpoints (optional).
     :param deploy_timeout: seconds the deploy step waits for ``/version`` to report the new SHA.
     :param mlflow_ui_url: MLflow UI that links from the Airflow UI point to.
@@ -69,6 +69,11 @@ class Settings:
     def with_overrides(self, **overrides: object) -> "Settings":
         """Return a copy with the non-empty ``overrides`` applied (run conf wins over env)."""
         return replace(self, **{k: v for k, v in overrides.items() if v not in (None, "")})
+
+    @property
+    def serving_urls(self) -> list[str]:
+        """Every server to converge (``GITOPS_ML_SERVING_URL`` may list several, comma-separated)."""
+        return [u.strip().rstrip("/") for u in self.serving_url.split(",") if u.strip()]
 
     @property
     def git_cache_dir(self) -> Path:

@@ -47,6 +47,7 @@ class ImageIndex:
     class_names: list[str]
     files: list[str]
     labels: list[int]
+    root: str = ""
 
 
 def _md5(path: Path) -> str:
@@ -198,7 +199,7 @@ def scan_images(root: Path, data_path: str = "data/images") -> ImageIndex:
                 raise DataError(f"{rel} is not a readable image: {exc}") from None
             files.append(str(image))
             labels.append(label)
-    return ImageIndex(class_names=[p.name for p in class_dirs], files=files, labels=labels)
+    return ImageIndex(class_names=[p.name for p in class_dirs], files=files, labels=labels, root=str(root))
 
 
 def track_and_push(repo_root: Path, data_path: str, remote_name: str, remote_url: str) -> str:

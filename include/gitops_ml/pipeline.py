@@ -167,7 +167,7 @@ def evaluate(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
     from gitops_ml import gate, registry, training  # noqa: PLC0415
 
     index = data.scan_images(ensure_workspace(settings, commit, params), params["data"]["path"])
-    parts = training.split(index, params["train"]["test_fraction"], params["train"]["seed"])
+    parts = training.split(index, params["train"]["test_fraction"])
     test_files = [index.files[i] for i in parts.test]
     y = [index.labels[i] for i in parts.test]
     challenger = training.evaluate(training.compile_predictor(registry.load_logged_model(settings, trained["model_uri"])),

@@ -6,6 +6,7 @@ TensorFlow and the split) so the same commit gives the same model.
 
 from __future__ import annotations
 
+import hashlib
 import io
 import logging
 import os
@@ -32,19 +33,26 @@ class Split:
     test: list[int]
 
 
-def split(index: ImageIndex, test_fraction: float, seed: int) -> Split:
-    """Stratified split: each class keeps ``test_fraction`` of its images (at least one) for testing."""
-    rng = np.random.default_rng(seed)
-    labels = np.asarray(index.labels)
-    train: list[int] = []
-    test: list[int] = []
+def split(index: ImageIndex, test_fraction: float) -> Split:
+    """Hash-based held-out split: an image is held out iff the hash of its path says so.
+
+    The split does not depend on the seed or on the other files, so the same image stays
+    held out across commits and the champion can be scored fairly on the challenger's
+    held-out images (it never trained on them unless the data moved).  Every class with
+    at least two images keeps one held out.
+    """
+    def bucket(i: int) -> float:
+        rel = os.path.relpath(index.files[i], index.root) if index.root else index.files[i]
+        return int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
+
+    test = {i for i in range(len(index.files)) if bucket(i) < test_fraction}
     for label in range(len(index.class_names)):
-        members = np.flatnonzero(labels == label)
-        members = members[rng.permutation(len(members))]
-        n_test = max(1, int(round(len(members) * test_fraction))) if len(members) > 1 else 0
-        test.extend(int(i) for i in members[:n_test])
-        train.extend(int(i) for i in members[n_test:])
-    return Split(train=sorted(train), test=sorted(test))
+        members = [i for i, y in enumerate(index.labels) if y == label]
+        if len(members) > 1 and not test.intersection(members):
+            test.add(min(members, key=bucket))
+        if len(members) > 1 and test.issuperset(members):
+            test.discard(max(members, key=bucket))
+    return Split(train=[i for i in range(len(index.files)) if i not in test], test=sorted(test))
 
 
 def input_shape(params: dict) -> tuple[int, int, int]:
@@ -100,7 +108,7 @@ def train(index: ImageIndex, params: dict) -> tuple[keras.Model, dict[str, list[
     seed = params["train"]["seed"]
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
-    parts = split(index, params["train"]["test_fraction"], seed)
+    parts = split(index, params["train"]["test_fraction"])
     files = [index.files[i] for i in parts.train]
     labels = [index.labels[i] for i in parts.train]
     test_files = [index.files[i] for i in parts.test]

@@ -193,3 +193,32 @@ def test_watch_window_rolls_back_a_model_that_fails_live(settings, demo_repo, se
     assert chain["serving_now"]["model_version"] == "1"
     text = trace.render(trace.trace(settings, demo_repo["commit_sha"]))
     assert "version 1" in text and "serving    version 1 of commit" in text
+
+
+def test_every_server_converges_or_all_roll_back(settings, demo_repo, server, champion, tmp_path, monkeypatch):
+    from tests.conftest import ServerProcess, free_port
+
+    second = ServerProcess(settings.with_overrides(serving_url=f"http://127.0.0.1:{free_port()}"),
+                           tmp_path / "serve2.log")
+    # A third server whose MLflow store is not the registry's: it cannot load any version.
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    misconfigured = ServerProcess(settings.with_overrides(serving_url=f"http://127.0.0.1:{free_port()}"),
+                                  tmp_path / "serve3.log")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    try:
+        assert second.version()["model_version"] == "1" and misconfigured.version() is None
+        challenger = pipeline.run_local(settings, demo.bump_param(demo_repo["path"], "train.seed", 5),
+                                        deploy_model=False)
+        both = settings.with_overrides(serving_url=f"{server.url},{second.url}")
+        result = pipeline.deploy(both, challenger["commit"], challenger["model_version"], {})
+        assert set(result["serving"]) == {server.url, second.url}
+        assert server.version()["model_version"] == second.version()["model_version"] == "2"
+
+        all_three = settings.with_overrides(serving_url=f"{server.url},{second.url},{misconfigured.url}")
+        with pytest.raises(DeployError, match=f"failed on {misconfigured.url} and was rolled back to version 2"):
+            pipeline.deploy(all_three, champion["commit"], "1", {})
+        assert str(registry.get_alias(settings).version) == "2"
+        assert server.version()["model_version"] == second.version()["model_version"] == "2"
+    finally:
+        second.stop()
+        misconfigured.stop()

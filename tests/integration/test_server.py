@@ -111,3 +111,58 @@ def test_no_champion_answers_503_not_500(tmp_path):
         assert empty.get("/version").status_code == 503
         response = empty.post("/predict", files={"file": ("x.png", png(), "image/png")})
         assert response.status_code == 503 and "no model deployed" in response.json()["error"]
+
+
+def test_metrics_count_requests_by_version_and_outcome(client):
+    client.post("/predict", files={"file": ("x.png", png(), "image/png")})
+    client.post("/predict", content=b"", headers={"content-type": "image/png"})
+    from gitops_ml.deploy import metrics
+
+    text = client.get("/metrics").text
+    samples = metrics.parse(text)
+    version = client.get("/version").json()["model_version"]
+    stats = metrics.version_stats(samples, version)
+    assert stats["requests"] >= 2 and stats["latency_count"] == stats["requests"] and stats["predictions"] >= 1
+    assert any(n == "gitops_ml_requests_total" and l.get("outcome") == "bad_request" for n, l, _ in samples)
+    assert f'gitops_ml_model_info{{commit_sha="{"a" * 40 if version == "1" else "b" * 40}"' in text
+
+
+def test_batcher_serves_queued_requests_in_one_call():
+    import asyncio
+    import time as _time
+
+    from gitops_ml.deploy.metrics import ServerMetrics
+
+    calls = []
+
+    def slow_predict(x):
+        calls.append(len(x))
+        _time.sleep(0.2)
+        return np.repeat(x.reshape(len(x), -1)[:, :1], 3, axis=1)
+
+    model = server.ServedModel("7", "c" * 40, "", "", CLASSES, 1, 1, 1, slow_predict)
+
+    async def scenario():
+        batcher = server.Batcher(ServerMetrics())
+        worker = asyncio.create_task(batcher.run())
+        while batcher.queue is None:
+            await asyncio.sleep(0)
+        inputs = [np.full((1, 1, 1, 1), i, np.float32) for i in range(10)]
+        results = await asyncio.gather(*(batcher.predict(model, x) for x in inputs))
+        worker.cancel()
+        return results
+
+    results = asyncio.run(scenario())
+    assert [float(r[0, 0]) for r in results] == list(range(10))  # each request gets its own rows back
+    assert sum(calls) == 10 and len(calls) < 10 and max(calls) >= 5
+
+
+def test_non_finite_model_output_is_a_counted_500(tmp_path):
+    def nan_loader(settings, version):
+        return server.ServedModel("5", "e" * 40, "", "", CLASSES, 8, 8, 1,
+                                  lambda x: np.full((len(x), 3), np.nan, np.float32))
+
+    with TestClient(server.create_app(Settings(home=tmp_path), loader=nan_loader)) as broken:
+        response = broken.post("/predict", files={"file": ("x.png", png(), "image/png")})
+        assert response.status_code == 500 and "non-finite" in response.json()["error"]
+        assert 'gitops_ml_requests_total{model_version="5",outcome="error"} 1' in broken.get("/metrics").text

@@ -22,13 +22,17 @@ def small_params(channels=3):
                                       "test_fraction": 0.25}})
 
 
-def test_split_is_stratified_and_deterministic(folder):
-    one = training.split(folder, 0.25, seed=1)
-    two = training.split(folder, 0.25, seed=1)
-    other = training.split(folder, 0.25, seed=2)
-    assert one == two and one != other
+def test_split_is_hash_based_stable_and_keeps_every_class(folder):
+    one = training.split(folder, 0.25)
+    assert one == training.split(folder, 0.25)
     assert sorted(one.train + one.test) == list(range(len(folder.files)))
     assert sorted({folder.labels[i] for i in one.test}) == [0, 1, 2]
+    assert sorted({folder.labels[i] for i in one.train}) == [0, 1, 2]
+    # Adding an image never moves another image across the split.
+    extra = data.ImageIndex(folder.class_names, folder.files + [folder.root + "/a/new.png"], folder.labels + [0],
+                            folder.root)
+    two = training.split(extra, 0.25)
+    assert set(one.test) <= set(two.test) | {i for i in one.test if folder.labels[i] == 0}
 
 
 @pytest.mark.parametrize("channels", [1, 3])

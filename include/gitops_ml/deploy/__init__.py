@@ -36,8 +36,8 @@ DEFAULT_POLICY = {"watch_seconds": 0, "min_requests": 20, "max_error_rate": 0.05
 class ServingClient:
     """HTTP client of a running ``gitops-ml serve``."""
 
-    def __init__(self, settings: Settings, timeout: float = 10.0):
-        self.base_url = settings.serving_url
+    def __init__(self, settings: Settings, timeout: float = 10.0, base_url: str | None = None):
+        self.base_url = base_url or settings.serving_urls[0]
         headers = {"Authorization": f"Bearer {settings.serving_token}"} if settings.serving_token else {}
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
@@ -77,7 +77,7 @@ def _error_text(response: httpx.Response) -> str:
 
 
 def deploy(settings: Settings, model_version: str, policy: dict[str, Any] | None = None) -> dict[str, Any]:
-    """Converge alias and server on ``model_version``; roll back on any failure. Returns what happened."""
+    """Converge the alias and every server on ``model_version``; roll back on any failure."""
     from gitops_ml import registry  # noqa: PLC0415 - mlflow is heavy
 
     policy = {**DEFAULT_POLICY, **(policy or {})}
@@ -87,37 +87,44 @@ def deploy(settings: Settings, model_version: str, policy: dict[str, Any] | None
     smoke = registry.load_run_json(settings, target.run_id, "evaluation/smoke_sample.json")
     previous = registry.get_alias(settings)
     previous_version = str(previous.version) if previous is not None else None
-    serving = ServingClient(settings)
+    servers = [ServingClient(settings, base_url=url) for url in settings.serving_urls]
     try:
-        try:
-            observed = serving.version()
-            before = serving.metrics()
-        except httpx.HTTPError as exc:
-            raise DeployError(f"serving endpoint {settings.serving_url} is not reachable ({exc}); "
-                              f"model version {model_version} (commit {commit_sha}) was not deployed") from None
-        if previous_version == model_version and observed and observed.get("model_version") == model_version:
-            log.info("model version %s (commit %s) is already champion and serving", model_version, commit_sha)
+        observed, before = {}, {}
+        for server in servers:
+            try:
+                observed[server.base_url] = server.version()
+                before[server.base_url] = server.metrics()
+            except httpx.HTTPError as exc:
+                raise DeployError(f"serving endpoint {server.base_url} is not reachable ({exc}); model version "
+                                  f"{model_version} (commit {commit_sha}) was not deployed") from None
+        if previous_version == model_version and all(
+                o and o.get("model_version") == model_version for o in observed.values()):
+            log.info("model version %s (commit %s) is already champion on every server", model_version, commit_sha)
             return {"changed": False, "previous_version": previous_version, "serving": observed, "watch": None}
         registry.set_alias(settings, model_version)
-        try:
-            serving.reload(model_version, timeout=settings.deploy_timeout, smoke=smoke)
-            observed = _wait_for(serving, model_version, commit_sha, settings.deploy_timeout)
-        except (DeployError, httpx.HTTPError) as exc:
-            _roll_back(settings, serving, previous_version)
-            raise DeployError(f"deploy of model version {model_version} (commit {commit_sha}) failed and was "
-                              f"rolled back to version {previous_version}: {exc}") from None
-        log.info("serving model version %s of commit %s at %s", model_version, commit_sha, settings.serving_url)
+        for server in servers:
+            try:
+                server.reload(model_version, timeout=settings.deploy_timeout, smoke=smoke)
+                observed[server.base_url] = _wait_for(server, model_version, commit_sha, settings.deploy_timeout)
+            except (DeployError, httpx.HTTPError) as exc:
+                _roll_back(settings, servers, previous_version)
+                raise DeployError(f"deploy of model version {model_version} (commit {commit_sha}) failed on "
+                                  f"{server.base_url} and was rolled back to version {previous_version}: "
+                                  f"{exc}") from None
+        log.info("serving model version %s of commit %s on %s", model_version, commit_sha,
+                 ", ".join(settings.serving_urls))
         watch = None
         if policy["watch_seconds"] > 0:
-            watch = watch_window(serving, model_version, previous_version, before, policy)
+            watch = watch_window(servers, model_version, previous_version, before, policy)
             if watch["verdict"] != "healthy":
-                _roll_back(settings, serving, previous_version)
+                _roll_back(settings, servers, previous_version)
                 raise DeployError(f"model version {model_version} (commit {commit_sha}) was rolled back to version "
                                   f"{previous_version} after {watch['elapsed_s']:.1f} s of live traffic: "
                                   f"{watch['reason']}")
         return {"changed": True, "previous_version": previous_version, "serving": observed, "watch": watch}
     finally:
-        serving.close()
+        for server in servers:
+            server.close()
 
 
 def _wait_for(serving: ServingClient, model_version: str, commit_sha: str, timeout: float) -> dict:
@@ -159,16 +166,26 @@ def judge(new: dict[str, float], old: dict[str, float] | None, policy: dict[str,
     return None
 
 
-def watch_window(serving: ServingClient, model_version: str, previous_version: str | None,
-                 before: list, policy: dict[str, Any]) -> dict[str, Any]:
-    """Poll ``/metrics`` for ``watch_seconds``; stop at the first breached limit."""
-    old = metrics_mod.version_stats(before, previous_version) if previous_version else None
-    start_stats = metrics_mod.version_stats(serving.metrics(), model_version)
+def _stats(servers: list[ServingClient], version: str | None, samples: dict | None = None) -> dict[str, float]:
+    """One version's numbers summed over every server (from ``samples`` or a fresh scrape)."""
+    total: dict[str, float] = {}
+    for server in servers:
+        scraped = samples[server.base_url] if samples is not None else server.metrics()
+        for key, value in metrics_mod.version_stats(scraped, version).items():
+            total[key] = total.get(key, 0.0) + value
+    return total
+
+
+def watch_window(servers: list[ServingClient], model_version: str, previous_version: str | None,
+                 before: dict[str, list], policy: dict[str, Any]) -> dict[str, Any]:
+    """Poll every server's ``/metrics`` for ``watch_seconds``; stop at the first breached limit."""
+    old = _stats(servers, previous_version, before) if previous_version else None
+    start_stats = _stats(servers, model_version)
     started = time.monotonic()
     new = {k: 0.0 for k in start_stats}
     while time.monotonic() - started < policy["watch_seconds"]:
         time.sleep(0.5)
-        new = _delta(metrics_mod.version_stats(serving.metrics(), model_version), start_stats)
+        new = _delta(_stats(servers, model_version), start_stats)
         reason = judge(new, old, policy)
         if reason:
             log.error("watch window: %s", reason)
@@ -179,13 +196,15 @@ def watch_window(serving: ServingClient, model_version: str, previous_version: s
     return {"verdict": "healthy", "reason": None, "elapsed_s": time.monotonic() - started, "stats": new}
 
 
-def _roll_back(settings: Settings, serving: ServingClient, previous_version: str | None) -> None:
+def _roll_back(settings: Settings, servers: list[ServingClient], previous_version: str | None) -> None:
     from gitops_ml import registry  # noqa: PLC0415
 
     registry.set_alias(settings, previous_version)
     if previous_version is None:
         return
-    try:
-        serving.reload(previous_version, timeout=settings.deploy_timeout)
-    except (DeployError, httpx.HTTPError) as exc:
-        log.error("rollback: server did not return to previous version %s: %s", previous_version, exc)
+    for server in servers:
+        try:
+            server.reload(previous_version, timeout=settings.deploy_timeout)
+        except (DeployError, httpx.HTTPError) as exc:
+            log.error("rollback: %s did not return to previous version %s: %s", server.base_url,
+                      previous_version, exc)

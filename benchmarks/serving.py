@@ -1,0 +1,182 @@
+"""Our model server against ``mlflow models serve`` on the same registered model, same machine, same run.
+
+    python -m benchmarks.serving [--seconds 10]
+
+Trains the digits demo once and registers it, starts ``gitops-ml serve`` and
+``mlflow models serve -m models:/<name>/1 --env-manager local`` on loopback, then
+drives each with ``wrk`` (Debian package; loopback only, fixed duration) at batch 1
+and batch 32, with 1 and 8 concurrent connections.  Each server gets its native
+request: ours a PNG body (batch 1) or JSON base64 PNGs (batch 32), so it also decodes
+and resizes; MLflow a JSON tensor (``{"inputs": ...}``).  Peak memory is the VmHWM
+of each server's process tree.
+"""
+
+from __future__ import annotations
+
+import argparse
+import base64
+import json
+import os
+import re
+import signal
+import socket
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+import httpx
+
+ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent
+LUA = """
+wrk.method = "POST"
+local f = io.open(os.getenv("BODY_FILE"), "rb")
+wrk.body = f:read("*all")
+f:close()
+wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE")
+"""
+
+
+def free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return sock.getsockname()[1]
+
+
+def wait(url: str, timeout: float = 180) -> None:
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(url, timeout=2).status_code == 200:
+                return
+        except httpx.HTTPError:
+            pass
+        time.sleep(0.5)
+    raise TimeoutError(url)
+
+
+def tree_peak_rss_mb(pid: int) -> float:
+    pids, frontier = {pid}, [pid]
+    while frontier:
+        parent = frontier.pop()
+        try:
+            children = Path(f"/proc/{parent}/task/{parent}/children").read_text().split()
+        except OSError:
+            children = []
+        for child in map(int, children):
+            pids.add(child)
+            frontier.append(child)
+    total = 0
+    for p in pids:
+        try:
+            status = Path(f"/proc/{p}/status").read_text()
+            total += int(re.search(r"VmHWM:\s+(\d+)", status).group(1))
+        except (OSError, AttributeError):
+            pass
+    return total / 1024
+
+
+def wrk(url: str, body: Path, content_type: str, connections: int, seconds: int, script: Path) -> dict:
+    out = subprocess.run(["wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{seconds}s", "--latency",
+                          "-s", str(script), url], capture_output=True, text=True, check=True,
+                         env={**os.environ, "BODY_FILE": str(body), "CONTENT_TYPE": content_type}).stdout
+    def pct(label: str) -> float:
+        value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
+        return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+    non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
+    errors = re.search(r"Socket errors: (.*)", out)
+    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": pct("50"),
+            "p99_ms": pct("99"), "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+            "socket_errors": errors.group(1) if errors else ""}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--seconds", type=int, default=10)
+    args = parser.parse_args()
+    out_dir = ROOT / "benchmarks" / "out"
+    out_dir.mkdir(parents=True, exist_ok=True)
+    home = Path(tempfile.mkdtemp(prefix="serving-", dir=out_dir))
+    ours_port, mlflow_port = free_port(), free_port()
+    os.environ.update({"GITOPS_ML_HOME": str(home), "GITOPS_ML_REPO_URL": str(home / "demo-repo"),
+                       "GITOPS_ML_SERVING_URL": f"http://127.0.0.1:{ours_port}"})
+    for key in ("MLFLOW_TRACKING_URI", "GITOPS_ML_ARTIFACT_ROOT"):
+        os.environ.pop(key, None)
+    from gitops_ml import demo, pipeline, registry
+    from gitops_ml.config import Settings
+
+    settings = Settings.from_env()
+    info = demo.init_demo(home / "demo-repo", str(home / "dvc-remote"))
+    result = pipeline.run_local(settings, info["commit_sha"], deploy_model=False)
+    registry.set_alias(settings, result["model_version"])
+    os.environ["MLFLOW_TRACKING_URI"] = settings.tracking_uri
+    os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"  # `mlflow models serve` execs `uvicorn`
+
+    images = sorted((settings.work_dir / info["commit_sha"] / "data" / "images").rglob("*.png"))[:32]
+    pngs = [p.read_bytes() for p in images]
+    import numpy as np
+    from PIL import Image
+
+    arrays = [(np.asarray(Image.open(p), dtype=np.float32) / 255.0)[..., None].tolist() for p in images]
+    bodies = {
+        ("ours", 1): (pngs[0], "image/png"),
+        ("ours", 32): (json.dumps({"images": [base64.b64encode(b).decode() for b in pngs]}).encode(),
+                       "application/json"),
+        ("mlflow", 1): (json.dumps({"inputs": arrays[:1]}).encode(), "application/json"),
+        ("mlflow", 32): (json.dumps({"inputs": arrays}).encode(), "application/json"),
+    }
+    script = out_dir / "post.lua"
+    script.write_text(LUA)
+    servers = {
+        "ours": (subprocess.Popen([str(BIN / "gitops-ml"), "serve", "--port", str(ours_port)],
+                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True),
+                 f"http://127.0.0.1:{ours_port}", "/predict", "/health"),
+        "mlflow": (subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m",
+                                     f"models:/{settings.model_name}/{result['model_version']}",
+                                     "--env-manager", "local", "-h", "127.0.0.1", "-p", str(mlflow_port)],
+                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True),
+                   f"http://127.0.0.1:{mlflow_port}", "/invocations", "/ping"),
+    }
+    rows = []
+    try:
+        for name, (proc, base, path, ready) in servers.items():
+            started = time.monotonic()
+            wait(base + ready)
+            print(f"{name} ready after {time.monotonic() - started:.1f} s", flush=True)
+        for name, (proc, base, path, _) in servers.items():
+            for batch in (1, 32):
+                body, ctype = bodies[(name, batch)]
+                body_file = out_dir / f"body-{name}-{batch}"
+                body_file.write_bytes(body)
+                check = httpx.post(base + path, content=body, headers={"content-type": ctype}, timeout=30)
+                assert check.status_code == 200, (name, batch, check.text[:300])
+                for connections in (1, 8):
+                    r = wrk(base + path, body_file, ctype, connections, args.seconds, script)
+                    rows.append({"server": name, "batch": batch, "clients": connections, **r})
+                    print(f"{name:6} batch {batch:2} clients {connections}: {r['rps']:8.1f} req/s "
+                          f"({r['rps'] * batch:8.1f} images/s)  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
+                          f"non-2xx {r['non_2xx']}", flush=True)
+            rows.append({"server": name, "peak_rss_mb": tree_peak_rss_mb(proc.pid)})
+    finally:
+        for proc, *_ in servers.values():
+            try:
+                os.killpg(proc.pid, signal.SIGTERM)
+            except ProcessLookupError:
+                pass
+    table = {(r["server"], r["batch"], r["clients"]): r for r in rows if "batch" in r}
+    rss = {r["server"]: r["peak_rss_mb"] for r in rows if "peak_rss_mb" in r}
+    print("\n| batch | clients | ours req/s | mlflow req/s | ratio | ours p50 / p99 ms | mlflow p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in (1, 32):
+        for clients in (1, 8):
+            o, m = table[("ours", batch, clients)], table[("mlflow", batch, clients)]
+            print(f"| {batch} | {clients} | {o['rps']:.0f} | {m['rps']:.1f} | {o['rps'] / m['rps']:.1f}x | "
+                  f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} | {m['p50_ms']:.1f} / {m['p99_ms']:.1f} |")
+    print(f"\npeak RSS: ours {rss['ours']:.0f} MB, mlflow models serve {rss['mlflow']:.0f} MB")
+    (out_dir / "serving.json").write_text(json.dumps(rows, indent=2))
+
+
+if __name__ == "__main__":
+    main()
