@@ -20,25 +20,19 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import socket
 import statistics
 import subprocess
 import sys
-import tempfile
 import time
 from datetime import datetime
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks._common import OUT_DIR, ROOT, free_port, fresh_home
+
 TASKS = ["resolve_commit", "prepare_workspace", "pull_data", "train", "evaluate", "register", "deploy", "record"]
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def ts(value: str) -> float:
@@ -59,14 +53,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--runs", type=int, default=3)
     args = parser.parse_args()
-    out_dir = ROOT / "benchmarks" / "out"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    home = Path(tempfile.mkdtemp(prefix="commit-to-serving-", dir=out_dir))
     serve_port = free_port()
-    os.environ.update({"GITOPS_ML_HOME": str(home), "GITOPS_ML_REPO_URL": str(home / "demo-repo"),
-                       "GITOPS_ML_SERVING_URL": f"http://127.0.0.1:{serve_port}"})
-    for key in ("MLFLOW_TRACKING_URI", "GITOPS_ML_ARTIFACT_ROOT"):
-        os.environ.pop(key, None)
+    home = fresh_home("commit-to-serving-", serve_port)
+    out_dir = OUT_DIR
 
     from gitops_ml import demo, registry, stack
     from gitops_ml.airflow.client import AirflowClient

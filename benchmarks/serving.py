@@ -19,16 +19,15 @@ import json
 import os
 import re
 import signal
-import socket
 import subprocess
 import sys
-import tempfile
 import time
 from pathlib import Path
 
 import httpx
 
-ROOT = Path(__file__).resolve().parents[1]
+from benchmarks._common import OUT_DIR, ROOT, free_port, fresh_home
+
 BIN = Path(sys.executable).parent
 LUA = """
 wrk.method = "POST"
@@ -38,11 +37,6 @@ f:close()
 wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE")
 """
 
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def wait(url: str, timeout: float = 180) -> None:
@@ -96,14 +90,9 @@ def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=10)
     args = parser.parse_args()
-    out_dir = ROOT / "benchmarks" / "out"
-    out_dir.mkdir(parents=True, exist_ok=True)
-    home = Path(tempfile.mkdtemp(prefix="serving-", dir=out_dir))
     ours_port, mlflow_port = free_port(), free_port()
-    os.environ.update({"GITOPS_ML_HOME": str(home), "GITOPS_ML_REPO_URL": str(home / "demo-repo"),
-                       "GITOPS_ML_SERVING_URL": f"http://127.0.0.1:{ours_port}"})
-    for key in ("MLFLOW_TRACKING_URI", "GITOPS_ML_ARTIFACT_ROOT"):
-        os.environ.pop(key, None)
+    home = fresh_home("serving-", ours_port)
+    out_dir = OUT_DIR
     from gitops_ml import demo, pipeline, registry
     from gitops_ml.config import Settings
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def deployed(settings, demo_repo, server):
     result = pipeline.run_local(settings, demo_repo["commit_sha"])
-    assert result["deploy"]["serving"]["commit_sha"] == demo_repo["commit_sha"]
+    assert result["deploy"]["serving"][settings.serving_url]["commit_sha"] == demo_repo["commit_sha"]
     return result
 
 
