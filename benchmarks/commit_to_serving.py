@@ -87,6 +87,22 @@ def main() -> None:
             rows.append(row)
             print(f"{'warm-up' if i == 0 else 'run ' + str(i)}: {commit_sha[:12]} served after {total:.1f} s",
                   flush=True)
+        # Revert of the last commit: same inputs as the one before, so its version is reused, not retrained.
+        import git
+
+        previous_sha = rows[-2]["commit_sha"]
+        git.Repo(repo).git.revert("--no-edit", "HEAD")
+        revert_sha = git.Repo(repo).head.commit.hexsha
+        t_revert = time.time()
+        run = client.wait_for_run(client.trigger_commit(revert_sha)["dag_run_id"], timeout=900)
+        served_version = httpx.get(urls["serving"] + "/version").json()
+        revert_s = time.time() - t_revert
+        reverted = {"revert_sha": revert_sha, "seconds": revert_s, "state": run["state"],
+                    "serving_commit": served_version["commit_sha"], "expected_commit": previous_sha,
+                    "skipped": sorted(t["task_id"] for t in client.task_instances(run["dag_run_id"])
+                                      if t["state"] == "skipped")}
+        print(f"revert {revert_sha[:12]}: serving the model of {served_version['commit_sha'][:12]} after "
+              f"{revert_s:.1f} s, skipped {reverted['skipped']}", flush=True)
         baseline = []
         for i in range(args.runs):
             commit_sha = demo.bump_param(repo, "train.learning_rate", round(0.002 + 0.0001 * (i + 1), 5))
@@ -110,8 +126,10 @@ def main() -> None:
     print(f"\nbaseline `gitops-ml run SHA` (no Airflow): {base:.2f} s; ratio airflow/baseline = "
           f"{med['total_s'] / base:.2f}")
     print(f"peak RSS of the train task: {med['train_peak_rss_mb']:.0f} MB")
+    print(f"revert of the last commit: previous model serving again after {reverted['seconds']:.1f} s "
+          f"(reused, skipped: {', '.join(reverted['skipped'])})")
     (out_dir / "commit_to_serving.json").write_text(json.dumps({"runs": rows, "baseline_s": baseline,
-                                                               "median": med}, indent=2))
+                                                               "median": med, "revert": reverted}, indent=2))
 
 
 if __name__ == "__main__":
