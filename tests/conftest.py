@@ -146,3 +146,34 @@ def airflow_db():
     """Migrate the session's Airflow metadata DB (SQLite) once."""
     subprocess.run([str(BIN / "airflow"), "db", "migrate"], check=True, capture_output=True, env=os.environ)
     return _AIRFLOW_HOME
+
+
+@pytest.fixture(scope="session")
+def elasticsearch_url():
+    """A real Elasticsearch: ``ES_URL`` when given, else a node from Maven Central started here.
+
+    Skipped only on an explicit opt-out (``GITOPS_ML_SKIP_ES=1``); a node that cannot start fails.
+    """
+    if os.environ.get("GITOPS_ML_SKIP_ES") == "1":
+        pytest.skip("Elasticsearch tests disabled explicitly with GITOPS_ML_SKIP_ES=1")
+    if os.environ.get("ES_URL"):
+        yield os.environ["ES_URL"], None
+        return
+    from tests.es_node import ElasticsearchNode
+
+    node = ElasticsearchNode().start()
+    yield node.url, node
+    node.remove()
+
+
+@pytest.fixture
+def es(elasticsearch_url, monkeypatch):
+    """An Elasticsearch client with the gitops-ml indices emptied; ``ES_URL`` exported for the code under test."""
+    from gitops_ml import logs
+
+    url, node = elasticsearch_url
+    monkeypatch.setenv("ES_URL", url)
+    client = logs.es_client(url)
+    client.options(ignore_status=404).indices.delete(index=f"{logs.LOGS_INDEX}*", expand_wildcards="all")
+    yield client, node
+    client.close()

@@ -23,7 +23,8 @@ from gitops_ml.errors import CommitNotFound, CommitNotOnBranch, GitopsMLError, I
 log = logging.getLogger(__name__)
 
 _SHA_RE = re.compile(r"^[0-9a-fA-F]{7,40}$")
-_URL_CREDENTIALS_RE = re.compile(r"(?P<scheme>[a-zA-Z][a-zA-Z0-9+.-]*://)[^/@\s]+@")
+# Bounded repetitions: linear time even on a multi-megabyte line without any URL in it.
+_URL_CREDENTIALS_RE = re.compile(r"(?P<scheme>\b[a-zA-Z][a-zA-Z0-9+.-]{0,30}://)[^/@\s]{1,512}@")
 _BAD_REF_CHARS = re.compile(r"[\x00-\x20\x7f~^:?*\[\\]")
 
 

@@ -1,0 +1,255 @@
+"""Run logs as ECS documents, spooled locally and shipped to Elasticsearch exactly once.
+
+Every log line of a task becomes one document (``@timestamp``, ``log.level``, ``message``,
+``log.logger``, ``service.name``, ``event.dataset`` and ``labels.*`` with the commit SHA,
+repository, branch, dag, run, task and try), plus the ``log_id``/``offset`` fields that
+Airflow's Elasticsearch provider reads.  A document's ``_id`` is derived from run, task,
+try and line offset, so shipping the same spool twice never duplicates anything.
+
+Documents are appended to a spool (JSON lines under ``<home>/logs/spool``) first; ``ship``
+bulk-loads the spool when Elasticsearch is configured (``ES_URL``) and reachable, and
+deletes a segment only once every document of it was accepted.  Without Elasticsearch the
+spool *is* the store (``gitops-ml logs`` reads it; ``gitops-ml logs --ship`` loads it later).
+The spool never grows past ``GITOPS_ML_SPOOL_MAX_BYTES``: the oldest segments are dropped
+and the number of dropped documents is logged.
+
+The only module that imports ``elasticsearch``.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import threading
+from contextlib import contextmanager
+from datetime import datetime, timezone
+from pathlib import Path
+from typing import Any, Iterator
+
+from gitops_ml.source import redact
+
+log = logging.getLogger(__name__)
+
+LOGS_INDEX = "gitops-ml-logs"
+TEMPLATE_NAME = "gitops-ml-logs"
+MAX_MESSAGE_BYTES = 64 * 1024
+LABEL_KEYS = ("commit_sha", "repo_url", "branch", "dag_id", "run_id", "task_id", "try_number")
+
+TEMPLATE = {
+    "index_patterns": [f"{LOGS_INDEX}*"],
+    "priority": 200,
+    "template": {
+        "settings": {"number_of_shards": 1, "number_of_replicas": 0},
+        "mappings": {
+            "dynamic_templates": [{"labels_as_keyword": {"path_match": "labels.*",
+                                                         "mapping": {"type": "keyword"}}}],
+            "properties": {
+                "@timestamp": {"type": "date"},
+                "message": {"type": "text"},
+                "log": {"properties": {"level": {"type": "keyword"}, "logger": {"type": "keyword"}}},
+                "service": {"properties": {"name": {"type": "keyword"}}},
+                "event": {"properties": {"dataset": {"type": "keyword"}, "action": {"type": "keyword"},
+                                         "outcome": {"type": "keyword"}}},
+                "labels": {"properties": {k: {"type": "keyword"} for k in LABEL_KEYS}},
+                "log_id": {"type": "keyword"},
+                "offset": {"type": "long"},
+                "gitops_ml": {"properties": {"truncated": {"type": "boolean"},
+                                             "original_bytes": {"type": "long"}}},
+            },
+        },
+    },
+}
+
+
+def spool_dir(home: Path) -> Path:
+    return Path(home) / "logs" / "spool"
+
+
+def _clean_text(value: Any) -> tuple[str, bool, int]:
+    """Text safe to ship: valid UTF-8, credentials masked, at most ``MAX_MESSAGE_BYTES``."""
+    if isinstance(value, bytes):
+        value = value.decode("utf-8", errors="replace")
+    raw = str(value).encode("utf-8", errors="replace")
+    truncated = len(raw) > MAX_MESSAGE_BYTES
+    text = raw[:MAX_MESSAGE_BYTES].decode("utf-8", errors="ignore") if truncated else raw.decode("utf-8")
+    text = redact(text) + (" [truncated]" if truncated else "")
+    return text, truncated, len(raw)
+
+
+def document(labels: dict[str, Any], offset: int, level: str, logger: str, message: Any,
+             created: float | None = None) -> dict[str, Any]:
+    """One ECS log document; ``_id`` is a function of run, task, try and offset only."""
+    labels = {k: str(v) for k, v in labels.items() if v is not None}
+    text, truncated, size = _clean_text(message)
+    log_id = f"{labels.get('dag_id', '-')}-{labels.get('task_id', '-')}-{labels.get('run_id', '-')}--1-" \
+             f"{labels.get('try_number', '1')}"
+    doc_id = hashlib.sha256(f"{log_id}|{offset}".encode()).hexdigest()[:40]
+    doc = {
+        "_id": doc_id,
+        "@timestamp": datetime.fromtimestamp(created, timezone.utc).isoformat() if created
+        else datetime.now(timezone.utc).isoformat(),
+        "log": {"level": level.lower(), "logger": logger},
+        "message": text,
+        "service": {"name": "gitops-ml"},
+        "event": {"dataset": "gitops_ml.task"},
+        "labels": {k: redact(v) for k, v in labels.items()},
+        "log_id": log_id,
+        "offset": offset,
+    }
+    if truncated:
+        doc["gitops_ml"] = {"truncated": True, "original_bytes": size}
+    return doc
+
+
+class SpoolHandler(logging.Handler):
+    """Appends every record as an ECS document to this task try's spool segment (fsync'd per line)."""
+
+    def __init__(self, home: Path, labels: dict[str, Any]):
+        super().__init__(level=logging.INFO)
+        self.labels = dict(labels)
+        self.offset = 0
+        self._lock_io = threading.Lock()
+        name = "__".join(str(labels.get(k, "-")) for k in ("run_id", "task_id", "try_number"))
+        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
+        self.path = spool_dir(home) / f"{safe}.jsonl"
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+
+    def emit(self, record: logging.LogRecord) -> None:
+        if record.name.startswith(("elastic_transport", "elasticsearch", "urllib3")):
+            return  # our own shipping must not log into what it ships
+        try:
+            message = record.getMessage()
+            if record.exc_info:
+                message += "\n" + logging.Formatter().formatException(record.exc_info)
+            with self._lock_io:
+                self.offset += 1
+                doc = document(self.labels, self.offset, record.levelname, record.name, message, record.created)
+                with open(self.path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(doc) + "\n")
+                    fh.flush()
+                    os.fsync(fh.fileno())
+        except Exception:  # noqa: BLE001 - logging must never break the task
+            self.handleError(record)
+
+
+@contextmanager
+def capture(home: Path, labels: dict[str, Any], ship_after: bool = True) -> Iterator[SpoolHandler]:
+    """Spool every log line of the block with ``labels``; ship the spool afterwards (best effort)."""
+    handler = SpoolHandler(home, labels)
+    root = logging.getLogger()
+    level = root.level
+    root.addHandler(handler)
+    if root.getEffectiveLevel() > logging.INFO:
+        root.setLevel(logging.INFO)  # every INFO line of the run is shipped, whatever the host configured
+    try:
+        yield handler
+    finally:
+        root.removeHandler(handler)
+        root.setLevel(level)
+        if ship_after:
+            try:
+                ship(home)
+            except Exception as exc:  # noqa: BLE001 - documents stay in the spool for the next ship
+                log.warning("log shipping deferred, documents kept in the spool: %s", exc)
+
+
+def es_client(url: str | None = None):
+    """Client for ``ES_URL`` (API key ``ES_API_KEY``, or ``ES_USERNAME``/``ES_PASSWORD``, CA ``ES_CA_CERTS``)."""
+    url = url or os.environ.get("ES_URL")
+    if not url:
+        return None
+    from elasticsearch import Elasticsearch  # noqa: PLC0415
+
+    options: dict[str, Any] = {"request_timeout": 10, "max_retries": 0, "retry_on_timeout": False}
+    if os.environ.get("ES_API_KEY"):
+        options["api_key"] = os.environ["ES_API_KEY"]
+    elif os.environ.get("ES_USERNAME"):
+        options["basic_auth"] = (os.environ["ES_USERNAME"], os.environ.get("ES_PASSWORD", ""))
+    if os.environ.get("ES_CA_CERTS"):
+        options["ca_certs"] = os.environ["ES_CA_CERTS"]
+    return Elasticsearch(url, **options)
+
+
+def install_template(client) -> None:
+    """Create or update the index template (idempotent: the same body every time)."""
+    client.indices.put_index_template(name=TEMPLATE_NAME, index_patterns=TEMPLATE["index_patterns"],
+                                      priority=TEMPLATE["priority"], template=TEMPLATE["template"])
+
+
+def _segments(home: Path) -> list[Path]:
+    folder = spool_dir(home)
+    return sorted(folder.glob("*.jsonl"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+
+
+def enforce_cap(home: Path, max_bytes: int | None = None) -> int:
+    """Drop the oldest spool segments past ``max_bytes``; return how many documents were dropped."""
+    max_bytes = max_bytes or int(os.environ.get("GITOPS_ML_SPOOL_MAX_BYTES", str(512 * 1024 * 1024)))
+    segments = _segments(home)
+    total = sum(p.stat().st_size for p in segments)
+    dropped = 0
+    while segments and total > max_bytes:
+        oldest = segments.pop(0)
+        total -= oldest.stat().st_size
+        dropped += sum(1 for _ in open(oldest, encoding="utf-8"))
+        oldest.unlink()
+    if dropped:
+        log.warning("log spool over %d bytes: dropped the %d oldest documents", max_bytes, dropped)
+    return dropped
+
+
+def read_segment(path: Path) -> list[dict[str, Any]]:
+    docs = []
+    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            docs.append(json.loads(line))
+        except ValueError:
+            continue  # a line cut by a crash mid-write: the rest of the segment still ships
+    return docs
+
+
+def ship(home: Path, client=None) -> dict[str, int]:
+    """Bulk-load the spool into Elasticsearch; delete each fully accepted segment. No ES: no-op."""
+    from elasticsearch import helpers  # noqa: PLC0415
+
+    client = client or es_client()
+    dropped = enforce_cap(home)
+    if client is None:
+        return {"shipped": 0, "kept": sum(len(read_segment(p)) for p in _segments(home)), "dropped": dropped}
+    install_template(client)
+    shipped = kept = 0
+    for segment in _segments(home):
+        docs = read_segment(segment)
+        actions = ({"_op_type": "index", "_index": LOGS_INDEX, "_id": d["_id"],
+                    "_source": {k: v for k, v in d.items() if k != "_id"}} for d in docs)
+        ok, errors = helpers.bulk(client, actions, raise_on_error=False, raise_on_exception=False, chunk_size=2000)
+        if errors:
+            kept += len(docs)
+            log.warning("%d documents of %s were refused; kept for the next ship", len(errors), segment.name)
+            continue
+        shipped += ok
+        segment.unlink()
+    client.indices.refresh(index=LOGS_INDEX, ignore_unavailable=True)
+    return {"shipped": shipped, "kept": kept, "dropped": dropped}
+
+
+def search(home: Path, commit_sha: str, task_id: str | None = None, level: str | None = None,
+           client=None, size: int = 10_000) -> list[dict[str, Any]]:
+    """A commit's log documents in order, from Elasticsearch or (without it) from the spool."""
+    client = client or es_client()
+    if client is None:
+        docs = [d for p in _segments(home) for d in read_segment(p)]
+        docs = [d for d in docs if d["labels"].get("commit_sha", "").startswith(commit_sha)
+                and (task_id is None or d["labels"].get("task_id") == task_id)
+                and (level is None or d["log"]["level"] == level.lower())]
+        return sorted(docs, key=lambda d: (d["@timestamp"], d["offset"]))
+    field = "labels.commit_sha"
+    filters: list[dict] = [{"prefix": {field: commit_sha}} if len(commit_sha) < 40 else {"term": {field: commit_sha}}]
+    if task_id:
+        filters.append({"term": {"labels.task_id": task_id}})
+    if level:
+        filters.append({"term": {"log.level": level.lower()}})
+    response = client.search(index=f"{LOGS_INDEX}*", query={"bool": {"filter": filters}}, size=size,
+                             sort=[{"@timestamp": "asc"}, {"offset": "asc"}], ignore_unavailable=True)
+    return [{"_id": hit["_id"], **hit["_source"]} for hit in response["hits"]["hits"]]
