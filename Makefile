@@ -8,7 +8,7 @@ VENV := .venv
 export GITOPS_ML_HOME ?= $(CURDIR)/.state
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install demo stop test test-fast bench compose-check clean
+.PHONY: install demo stop test test-fast bench compose-check es-up es-down clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -35,6 +35,13 @@ test-fast: install  ## unit and integration tests only
 bench: install  ## benchmarks: DAG parse time, commit-to-serving latency (writes benchmarks/out/)
 	$(VENV)/bin/python -m benchmarks.dag_parse
 	$(VENV)/bin/python -m benchmarks.commit_to_serving
+	$(VENV)/bin/python -m benchmarks.serving
+
+es-up: install  ## a local single-node Elasticsearch 8.19 from Maven Central on 127.0.0.1:9200 (Java 17)
+	$(VENV)/bin/python -m tests.es_node start
+
+es-down:
+	$(VENV)/bin/python -m tests.es_node stop
 
 compose-check:  ## validate docker-compose.yml against the compose schema (no engine needed)
 	docker-compose -f docker-compose.yml config -q

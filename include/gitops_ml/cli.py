@@ -6,6 +6,7 @@
     gitops-ml trigger [SHA] [--wait]    start the Airflow run ``commit__<sha>``
     gitops-ml stack up|down             start/stop Airflow, MLflow UI and the server (embedded)
     gitops-ml trace SHA|VERSION         commit -> run -> model version -> deploys -> serving now
+    gitops-ml logs SHA [--task T]       a commit's log lines (Elasticsearch or the local spool)
     gitops-ml demo                      init (once), start the stack, commit, follow the run, predict
 """
 
@@ -143,6 +144,26 @@ def cmd_trace(args) -> int:
     return 0
 
 
+def cmd_logs(args) -> int:
+    from gitops_ml import logs  # noqa: PLC0415
+
+    settings = _settings(args)
+    if args.ship:
+        result = logs.ship(settings.home)
+        print(f"shipped {result['shipped']}, kept {result['kept']} in the spool, dropped {result['dropped']}")
+        return 0
+    if not args.commit_sha:
+        print("gitops-ml: error: give a commit SHA (or --ship)", file=sys.stderr)
+        return 2
+    docs = logs.search(settings.home, args.commit_sha, task_id=args.task, level=args.level)
+    for d in docs:
+        print(f"{d['@timestamp']} {d['labels'].get('task_id', '-'):18} {d['log']['level'].upper():8} "
+              f"{d['message']}")
+    if not docs:
+        print(f"no log lines for commit {args.commit_sha}", file=sys.stderr)
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gitops-ml", description="GitOps for machine learning on Airflow")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -186,6 +207,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("ref", help="a commit SHA (full or abbreviated) or a model version number")
     p.add_argument("--json", action="store_true")
     p.set_defaults(func=cmd_trace)
+
+    p = sub.add_parser("logs", help="a commit's log lines (Elasticsearch, or the local spool)")
+    p.add_argument("commit_sha", nargs="?")
+    p.add_argument("--task", help="only this task id")
+    p.add_argument("--level", help="only this level (info, warning, error)")
+    p.add_argument("--ship", action="store_true", help="bulk-load the local spool into ES_URL now")
+    p.set_defaults(func=cmd_logs)
 
     p = with_repo(sub.add_parser("demo", help="the whole demo"))
     p.set_defaults(func=cmd_demo)

@@ -313,6 +313,8 @@ def finish(settings: Settings, commit: dict[str, Any], run_id: str, model_versio
            deployed: dict[str, Any] | None, reused: bool) -> dict[str, Any]:
     """Final record and Git note of a run that did not fail."""
     outcome = outcome_of(settings, commit, run_id, model_version, deployed, reused)
+    log.info("commit %s: run %s finished, %s %s", commit["commit_sha"], run_id, outcome["model"] or "no model",
+             "serving" if deployed else "not promoted")
     record(settings, commit, run_id, "pipeline", "success" if deployed else "not_promoted", **outcome)
     write_note(settings, commit, outcome)
     return outcome

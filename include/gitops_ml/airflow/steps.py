@@ -31,14 +31,34 @@ def settings_from_context(context) -> Settings:
     return Settings.from_env().with_overrides(repo_url=params.get("repo_url"), branch=params.get("branch"))
 
 
+def _log_labels(context, args: tuple) -> dict[str, Any]:
+    from gitops_ml.source import redact_url  # noqa: PLC0415
+
+    commit = args[0].get("commit", {}) if args and isinstance(args[0], dict) else {}
+    settings = settings_from_context(context)
+    ti = context["ti"]
+    return {"commit_sha": commit.get("commit_sha") or context["params"].get("commit_sha") or "unresolved",
+            "repo_url": commit.get("repo_url") or redact_url(settings.repo_url),
+            "branch": commit.get("branch") or settings.branch, "dag_id": ti.dag_id, "run_id": ti.run_id,
+            "task_id": ti.task_id, "try_number": ti.try_number}
+
+
 def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
+    """Ship the task's log lines (ECS, labelled with the SHA) and turn input errors into failures."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        try:
-            return fn(*args, **kwargs)
-        except InputError as exc:
-            log.error("%s", exc)
-            raise AirflowFailException(str(exc)) from None
+        from gitops_ml import logs  # noqa: PLC0415
+
+        context = get_current_context()
+        with logs.capture(settings_from_context(context).home, _log_labels(context, args)) as handler:
+            try:
+                result = fn(*args, **kwargs)
+            except InputError as exc:
+                log.error("%s", exc)
+                raise AirflowFailException(str(exc)) from None
+            if isinstance(result, dict) and isinstance(result.get("commit"), dict):
+                handler.labels["commit_sha"] = result["commit"]["commit_sha"]  # resolve_commit found it
+            return result
     return wrapper
 
 
