@@ -33,12 +33,13 @@ from gitops_ml.source import redact
 log = logging.getLogger(__name__)
 
 LOGS_INDEX = "gitops-ml-logs"
+RUNS_INDEX = "gitops-ml-runs"
 TEMPLATE_NAME = "gitops-ml-logs"
 MAX_MESSAGE_BYTES = 64 * 1024
 LABEL_KEYS = ("commit_sha", "repo_url", "branch", "dag_id", "run_id", "task_id", "try_number")
 
 TEMPLATE = {
-    "index_patterns": [f"{LOGS_INDEX}*"],
+    "index_patterns": [f"{LOGS_INDEX}*", f"{RUNS_INDEX}*"],
     "priority": 200,
     "template": {
         "settings": {"number_of_shards": 1, "number_of_replicas": 0},
@@ -57,6 +58,9 @@ TEMPLATE = {
                 "offset": {"type": "long"},
                 "gitops_ml": {"properties": {"truncated": {"type": "boolean"},
                                              "original_bytes": {"type": "long"}}},
+                "test_accuracy": {"type": "float"},
+                "model_version": {"type": "keyword"},
+                "deployed": {"type": "boolean"},
             },
         },
     },
@@ -155,6 +159,17 @@ def capture(home: Path, labels: dict[str, Any], ship_after: bool = True) -> Iter
                 log.warning("log shipping deferred, documents kept in the spool: %s", exc)
 
 
+def spool_record(home: Path, doc: dict[str, Any]) -> None:
+    """Queue one structured run record (see ``records``) for the ``gitops-ml-runs`` index."""
+    folder = spool_dir(home)
+    folder.mkdir(parents=True, exist_ok=True)
+    safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in doc["labels"]["run_id"])
+    with open(folder / f"runs__{safe}.jsonl", "a", encoding="utf-8") as fh:
+        fh.write(json.dumps({**doc, "_index": RUNS_INDEX}) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+
+
 def es_client(url: str | None = None):
     """Client for ``ES_URL`` (API key ``ES_API_KEY``, or ``ES_USERNAME``/``ES_PASSWORD``, CA ``ES_CA_CERTS``)."""
     url = url or os.environ.get("ES_URL")
@@ -221,8 +236,8 @@ def ship(home: Path, client=None) -> dict[str, int]:
     shipped = kept = 0
     for segment in _segments(home):
         docs = read_segment(segment)
-        actions = ({"_op_type": "index", "_index": LOGS_INDEX, "_id": d["_id"],
-                    "_source": {k: v for k, v in d.items() if k != "_id"}} for d in docs)
+        actions = ({"_op_type": "index", "_index": d.get("_index", LOGS_INDEX), "_id": d["_id"],
+                    "_source": {k: v for k, v in d.items() if k not in ("_id", "_index")}} for d in docs)
         ok, errors = helpers.bulk(client, actions, raise_on_error=False, raise_on_exception=False, chunk_size=2000)
         if errors:
             kept += len(docs)
@@ -230,7 +245,7 @@ def ship(home: Path, client=None) -> dict[str, int]:
             continue
         shipped += ok
         segment.unlink()
-    client.indices.refresh(index=LOGS_INDEX, ignore_unavailable=True)
+    client.indices.refresh(index=f"{LOGS_INDEX}*,{RUNS_INDEX}*", ignore_unavailable=True)
     return {"shipped": shipped, "kept": kept, "dropped": dropped}
 
 
@@ -239,7 +254,7 @@ def search(home: Path, commit_sha: str, task_id: str | None = None, level: str |
     """A commit's log documents in order, from Elasticsearch or (without it) from the spool."""
     client = client or es_client()
     if client is None:
-        docs = [d for p in _segments(home) for d in read_segment(p)]
+        docs = [d for p in _segments(home) for d in read_segment(p) if "_index" not in d]
         docs = [d for d in docs if d["labels"].get("commit_sha", "").startswith(commit_sha)
                 and (task_id is None or d["labels"].get("task_id") == task_id)
                 and (level is None or d["log"]["level"] == level.lower())]

@@ -274,8 +274,12 @@ def deploy(settings: Settings, commit: dict[str, Any], model_version: str, param
 
 def record(settings: Settings, commit: dict[str, Any], run_id: str, step: str, outcome: str,
            **fields: Any) -> None:
-    """Write the structured record of a step outcome (see ``records``)."""
-    records.write(settings.records_dir, records.document(commit["commit_sha"], run_id, step, outcome, **fields))
+    """Write the structured record of a step outcome (see ``records``) and queue it for Elasticsearch."""
+    from gitops_ml import logs  # noqa: PLC0415
+
+    doc = records.document(commit["commit_sha"], run_id, step, outcome, **fields)
+    records.write(settings.records_dir, doc)
+    logs.spool_record(settings.home, doc)
 
 
 def write_note(settings: Settings, commit: dict[str, Any], outcome: dict[str, Any]) -> None:

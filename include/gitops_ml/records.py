@@ -23,10 +23,8 @@ def document(commit_sha: str, run_id: str, step: str, outcome: str, **fields: An
     return {
         "_id": doc_id,
         "@timestamp": datetime.now(timezone.utc).isoformat(),
-        "event.dataset": "gitops_ml.run",
-        "event.action": step,
-        "event.outcome": outcome,
-        "service.name": "gitops-ml",
+        "event": {"dataset": "gitops_ml.run", "action": step, "outcome": outcome},
+        "service": {"name": "gitops-ml"},
         "labels": {"commit_sha": commit_sha, "run_id": run_id, "step": step},
         **{k: json.loads(redact(json.dumps(v))) for k, v in fields.items()},
     }

@@ -45,8 +45,8 @@ def trace(settings: Settings, ref: str) -> dict[str, Any]:
             "aliases": list(v.aliases),
         })
     airflow_runs = sorted({d["labels"]["run_id"] for d in docs})
-    events = [{"at": d["@timestamp"], "run_id": d["labels"]["run_id"], "step": d["event.action"],
-               "outcome": d["event.outcome"], "model_version": d.get("model_version"), "reason": d.get("reason")}
+    events = [{"at": d["@timestamp"], "run_id": d["labels"]["run_id"], "step": d["event"]["action"],
+               "outcome": d["event"]["outcome"], "model_version": d.get("model_version"), "reason": d.get("reason")}
               for d in docs]
     serving: dict[str, Any] | str
     try:

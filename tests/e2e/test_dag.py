@@ -61,7 +61,7 @@ def test_two_commits_then_same_sha_again(airflow_db, settings, demo_repo, server
     assert server.version()["commit_sha"] == second_sha
 
     docs = records.read(settings.records_dir / f"{second_sha}.jsonl")
-    outcomes = {(d["labels"]["run_id"], d["event.action"]): d["event.outcome"] for d in docs}
+    outcomes = {(d["labels"]["run_id"], d["event"]["action"]): d["event"]["outcome"] for d in docs}
     assert outcomes == {(run.run_id, "deploy"): "promoted", (run.run_id, "pipeline"): "success",
                         (again.run_id, "deploy"): "unchanged", (again.run_id, "pipeline"): "success"}
 
@@ -76,5 +76,5 @@ def test_unknown_sha_fails_at_resolve_and_records_why(airflow_db, settings, demo
     assert all_versions(settings) == [] and registry.get_alias(settings) is None
     assert server.version() is None
     docs = records.read(settings.records_dir / f"{missing}.jsonl")
-    assert docs and docs[0]["event.outcome"] == "failure" and docs[0]["event.action"] == "resolve_commit"
+    assert docs and docs[0]["event"]["outcome"] == "failure" and docs[0]["event"]["action"] == "resolve_commit"
     assert f"commit {missing} does not exist" in json.dumps(docs[0])

@@ -23,6 +23,12 @@ def test_pipeline_logs_are_queryable_by_sha(airflow_db, settings, demo_repo, ser
     assert any("epoch 12:" in d["message"] for d in docs if d["labels"]["task_id"] == "train")
     assert len({d["_id"] for d in docs}) == len(docs)
     assert logs._segments(settings.home) == []  # everything was delivered
+    runs = client.search(index=logs.RUNS_INDEX, query={"term": {"labels.commit_sha": demo_repo["commit_sha"]}},
+                         size=100)["hits"]["hits"]
+    outcomes = {(h["_source"]["event"]["action"], h["_source"]["event"]["outcome"]) for h in runs}
+    assert ("pipeline", "success") in outcomes and ("deploy", "promoted") in outcomes
+    final = next(h["_source"] for h in runs if h["_source"]["event"]["action"] == "pipeline")
+    assert final["deployed"] is True and final["test_accuracy"] > 0.8
     out = subprocess.run([str(BIN / "gitops-ml"), "logs", demo_repo["commit_sha"][:12], "--task", "deploy"],
                          capture_output=True, text=True, check=True).stdout
     assert "serving model version 1" in out and "train" not in out.split("\n")[0]
