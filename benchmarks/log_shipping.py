@@ -1,0 +1,88 @@
+"""Log shipping into a real Elasticsearch: our spool + bulk path against one request per document.
+
+    python -m benchmarks.log_shipping [--docs 100000]
+
+Starts a single-node Elasticsearch 8.19.21 (``tests.es_node``, Maven Central) on loopback,
+spools ``--docs`` ECS documents through ``logs.capture`` and ships them with ``logs.ship``
+(the path every task uses), then indexes a sample of the same documents one request each
+(``client.index``; the baseline, extrapolated per document) into another index. Also the
+end-to-end delay of one log line: ``log.info`` -> searchable, median of 20.
+"""
+
+from __future__ import annotations
+
+import argparse
+import logging
+import os
+import statistics
+import time
+
+from benchmarks._common import fresh_home, free_port
+from gitops_ml import logs
+from tests.es_node import ElasticsearchNode
+
+SHA = "b" * 40
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser()
+    parser.add_argument("--docs", type=int, default=100_000)
+    parser.add_argument("--baseline-docs", type=int, default=5_000)
+    args = parser.parse_args()
+    home = fresh_home("log-shipping-", free_port())
+    node = ElasticsearchNode().start()
+    os.environ["ES_URL"] = node.url  # what the tasks' own shipping reads
+    client = logs.es_client(node.url)
+    log = logging.getLogger("gitops_ml.bench")
+    try:
+        labels = {"commit_sha": SHA, "dag_id": "bench", "run_id": "bench", "task_id": "bulk", "try_number": 1}
+        started = time.perf_counter()
+        with logs.capture(home, labels, ship_after=False):
+            for i in range(args.docs):
+                log.info("training step %d loss=%.4f", i, 1.0 / (i + 1))
+        spooled = time.perf_counter() - started
+        print(f"spooled {args.docs} documents in {spooled:.1f} s", flush=True)
+        started = time.perf_counter()
+        result = logs.ship(home, client)
+        shipped = time.perf_counter() - started
+        assert result["shipped"] == args.docs, result
+        client.indices.refresh(index=logs.LOGS_INDEX)
+        assert client.count(index=logs.LOGS_INDEX)["count"] == args.docs
+
+        sample = [logs.document({**labels, "task_id": "single"}, i, "INFO", "bench", f"line {i}")
+                  for i in range(args.baseline_docs)]
+        started = time.perf_counter()
+        for doc in sample:
+            client.index(index="bench-single", id=doc["_id"], document={k: v for k, v in doc.items() if k != "_id"})
+        single = time.perf_counter() - started
+        print(f"shipped in {shipped:.1f} s; {args.baseline_docs} single requests in {single:.1f} s", flush=True)
+
+        delays = []
+        for i in range(20):
+            with logs.capture(home, {**labels, "task_id": f"delay-{i}"}):
+                t0 = time.perf_counter()
+                log.info("delay probe %d", i)
+            deadline = time.monotonic() + 30
+            while not client.count(index=logs.LOGS_INDEX, query={"term": {"labels.task_id": f"delay-{i}"}})["count"]:
+                if time.monotonic() > deadline:
+                    raise TimeoutError(f"delay probe {i} never became searchable")
+                time.sleep(0.01)
+            delays.append(time.perf_counter() - t0)
+    finally:
+        client.close()
+        node.remove()
+
+    ours = args.docs / (spooled + shipped)
+    baseline = args.baseline_docs / single
+    print(f"\n| path | documents | seconds | documents/s |\n|---|---|---|---|")
+    print(f"| spool (write + fsync per line) | {args.docs} | {spooled:.1f} | {args.docs / spooled:,.0f} |")
+    print(f"| ship (bulk, 2,000 per request) | {args.docs} | {shipped:.1f} | {args.docs / shipped:,.0f} |")
+    print(f"| ours end to end (spool + ship) | {args.docs} | {spooled + shipped:.1f} | {ours:,.0f} |")
+    print(f"| baseline: one request per document | {args.baseline_docs} | {single:.1f} | {baseline:,.0f} |")
+    print(f"\nratio ours / baseline: {ours / baseline:.1f}x")
+    print(f"log line -> searchable (ship at task end + refresh): median {statistics.median(delays) * 1000:.0f} ms, "
+          f"max {max(delays) * 1000:.0f} ms over 20")
+
+
+if __name__ == "__main__":
+    main()
