@@ -48,6 +48,14 @@ def git(cwd: Path, *args: str) -> str:
     return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
 
 
+def commit_file(repo: Path, relpath: str, text: str, message: str) -> str:
+    """Write ``relpath`` in ``repo``, commit it on the current branch, return the new SHA."""
+    (repo / relpath).write_text(text)
+    git(repo, "add", relpath)
+    git(repo, "commit", "-qm", message)
+    return git(repo, "rev-parse", "HEAD")
+
+
 @pytest.fixture(scope="session")
 def demo_template(tmp_path_factory) -> dict:
     """One demo repository (real digits, real DVC remote) built once; tests copy it."""

@@ -291,6 +291,14 @@ def write_note(settings: Settings, commit: dict[str, Any], outcome: dict[str, An
         log.warning("could not write the Git note on commit %s: %s", commit["commit_sha"], source.redact(str(exc)))
 
 
+def gate_of(settings: Settings, model_version: str) -> tuple[bool, str]:
+    """(passed, reasons) recorded on a registered version by ``register``."""
+    from gitops_ml import registry  # noqa: PLC0415
+
+    tags = registry.version_tags(registry.get_version(settings, model_version))
+    return tags.get("gate") != "failed", tags.get("gate_reasons", "")
+
+
 def outcome_of(settings: Settings, commit: dict[str, Any], run_id: str, model_version: str | None,
                deployed: dict[str, Any] | None, reused: bool) -> dict[str, Any]:
     """What the Git note and the final record say about one run of one commit."""
@@ -327,8 +335,6 @@ def finish(settings: Settings, commit: dict[str, Any], run_id: str, model_versio
 def run_local(settings: Settings, commit_sha: str | None, run_id: str = "local", dag_id: str = "local",
               deploy_model: bool = True) -> dict[str, Any]:
     """Run every step in this process, in order (no Airflow): for the CLI and tests."""
-    from gitops_ml import registry  # noqa: PLC0415
-
     resolved = resolve(settings, commit_sha)
     commit = resolved["commit"]
     prepared = prepare(settings, commit)
@@ -337,7 +343,7 @@ def run_local(settings: Settings, commit_sha: str | None, run_id: str = "local",
     result: dict[str, Any] = {"commit": commit, "data_hash": pulled["data_hash"]}
     existing = resolved["existing_version"] or prepared["reuse_version"]
     if existing:
-        gate_passed = registry.version_tags(registry.get_version(settings, existing)).get("gate") != "failed"
+        gate_passed, _ = gate_of(settings, existing)
         result.update(model_version=existing, gate_passed=gate_passed, reused=True)
     else:
         trained = train(settings, commit, prepared["workdir"], prepared["params"], pulled, run_lineage)

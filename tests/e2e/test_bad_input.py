@@ -12,7 +12,7 @@ import yaml
 
 from gitops_ml import data, pipeline, registry
 from gitops_ml.errors import CommitNotFound, CommitNotOnBranch, DataError, DeployError, ParamsError
-from tests.conftest import git
+from tests.conftest import commit_file, git
 
 pytestmark = pytest.mark.e2e
 
@@ -69,10 +69,7 @@ def test_bad_commits_change_nothing(settings, demo_repo, server, deployed):
 
     # 2. A SHA that is not on the tracked branch.
     git(repo, "checkout", "-qb", "experiment")
-    (repo / "EXPERIMENT.md").write_text("side branch\n")
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", "side")
-    side = git(repo, "rev-parse", "HEAD")
+    side = commit_file(repo, "EXPERIMENT.md", "side branch\n", "side")
     git(repo, "checkout", "-q", "main")
     cases.append((side, CommitNotOnBranch, f"commit {side} is not on branch 'main'"))
 

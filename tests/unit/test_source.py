@@ -2,7 +2,7 @@ import pytest
 
 from gitops_ml import source
 from gitops_ml.errors import CommitNotFound, CommitNotOnBranch, GitopsMLError, InvalidRef
-from tests.conftest import git
+from tests.conftest import commit_file, git
 
 
 @pytest.mark.parametrize("branch", ["--upload-pack=touch /tmp/x", "-b", "a..b", "a b", "x~1", "a:b", "ref.lock",
@@ -36,19 +36,12 @@ def repo(tmp_path):
     path = tmp_path / "repo"
     path.mkdir()
     git(path, "init", "-q", "-b", "main")
-    (path / "a.txt").write_text("one")
-    git(path, "add", "a.txt")
-    git(path, "commit", "-qm", "first")
-    first = git(path, "rev-parse", "HEAD")
+    first = commit_file(path, "a.txt", "one", "first")
     git(path, "checkout", "-qb", "side")
-    (path / "b.txt").write_text("side")
-    git(path, "add", "b.txt")
-    git(path, "commit", "-qm", "side")
-    side = git(path, "rev-parse", "HEAD")
+    side = commit_file(path, "b.txt", "side", "side")
     git(path, "checkout", "-q", "main")
-    (path / "a.txt").write_text("two")
-    git(path, "commit", "-qam", "second")
-    return {"path": path, "first": first, "side": side, "head": git(path, "rev-parse", "HEAD")}
+    head = commit_file(path, "a.txt", "two", "second")
+    return {"path": path, "first": first, "side": side, "head": head}
 
 
 def test_resolve_head_full_and_abbreviated_sha(repo, tmp_path):

@@ -140,7 +140,7 @@ def register(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[st
 
 @_adapter
 def deploy(resolved: dict[str, Any], prepared: dict[str, Any], registered: dict[str, Any] | None) -> dict[str, Any]:
-    from gitops_ml import pipeline, registry  # noqa: PLC0415
+    from gitops_ml import pipeline  # noqa: PLC0415
 
     context = get_current_context()
     settings = settings_from_context(context)
@@ -150,8 +150,7 @@ def deploy(resolved: dict[str, Any], prepared: dict[str, Any], registered: dict[
         reasons = "; ".join(registered.get("gate_reasons") or [])
     else:  # reused: registered by an earlier run of this commit or of one with the same inputs
         model_version = _existing_version(resolved, prepared)
-        tags = registry.version_tags(registry.get_version(settings, model_version))
-        gate_passed, reasons = tags.get("gate") != "failed", tags.get("gate_reasons", "")
+        gate_passed, reasons = pipeline.gate_of(settings, model_version)
     if not gate_passed:
         pipeline.finish(settings, commit, context["run_id"], model_version, None,
                         reused=not registered)

@@ -165,14 +165,13 @@ def create_app(settings: Settings,
     metrics = ServerMetrics()
     batcher = Batcher(metrics)
 
-    def headers() -> dict[str, str]:
-        model = state["model"]
+    def headers(model: ServedModel | None = None) -> dict[str, str]:
+        """``X-Model-Version`` / ``X-Commit-Sha`` of ``model`` (default: the one serving now)."""
+        model = model or state["model"]
         return {"X-Model-Version": model.model_version, "X-Commit-Sha": model.commit_sha} if model else {}
 
     def error(message: str, status: int, model: ServedModel | None = None) -> JSONResponse:
-        model = model or state["model"]
-        extra = {"X-Model-Version": model.model_version, "X-Commit-Sha": model.commit_sha} if model else {}
-        return JSONResponse({"error": message}, status_code=status, headers=extra)
+        return JSONResponse({"error": message}, status_code=status, headers=headers(model))
 
     def switch_to(model: ServedModel) -> None:
         if state["model"] is not model:
@@ -221,7 +220,7 @@ def create_app(settings: Settings,
                 "model_name": settings.model_name, "model_version": model.model_version,
                 "commit_sha": model.commit_sha, "data_hash": model.data_hash}
         metrics.observe_request(model.model_version, "ok", time.perf_counter() - started)
-        return JSONResponse(body, headers={"X-Model-Version": model.model_version, "X-Commit-Sha": model.commit_sha})
+        return JSONResponse(body, headers=headers(model))
 
     async def reload(request: Request) -> JSONResponse:
         if settings.serving_token:
