@@ -23,6 +23,7 @@ import json
 import logging
 import os
 import threading
+import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
@@ -36,7 +37,7 @@ LOGS_INDEX = "gitops-ml-logs"
 RUNS_INDEX = "gitops-ml-runs"
 TEMPLATE_NAME = "gitops-ml-logs"
 MAX_MESSAGE_BYTES = 64 * 1024
-LABEL_KEYS = ("commit_sha", "repo_url", "branch", "dag_id", "run_id", "task_id", "try_number")
+LABEL_KEYS = ("commit_sha", "repo_url", "branch", "dag_id", "run_id", "task_id", "map_index", "try_number")
 
 TEMPLATE = {
     "index_patterns": [f"{LOGS_INDEX}*", f"{RUNS_INDEX}*"],
@@ -61,6 +62,8 @@ TEMPLATE = {
                 "test_accuracy": {"type": "float"},
                 "model_version": {"type": "keyword"},
                 "deployed": {"type": "boolean"},
+                "previous_version": {"type": "keyword"},
+                "reason": {"type": "text"},
             },
         },
     },
@@ -87,8 +90,9 @@ def document(labels: dict[str, Any], offset: int, level: str, logger: str, messa
     """One ECS log document; ``_id`` is a function of run, task, try and offset only."""
     labels = {k: str(v) for k, v in labels.items() if v is not None}
     text, truncated, size = _clean_text(message)
-    log_id = f"{labels.get('dag_id', '-')}-{labels.get('task_id', '-')}-{labels.get('run_id', '-')}--1-" \
-             f"{labels.get('try_number', '1')}"
+    # The provider's default ``log_id_template``: {dag_id}-{task_id}-{run_id}-{map_index}-{try_number}
+    log_id = f"{labels.get('dag_id', '-')}-{labels.get('task_id', '-')}-{labels.get('run_id', '-')}-" \
+             f"{labels.get('map_index', '-1')}-{labels.get('try_number', '1')}"
     doc_id = hashlib.sha256(f"{log_id}|{offset}".encode()).hexdigest()[:40]
     doc = {
         "_id": doc_id,
@@ -139,8 +143,10 @@ class SpoolHandler(logging.Handler):
 
 
 @contextmanager
-def capture(home: Path, labels: dict[str, Any], ship_after: bool = True) -> Iterator[SpoolHandler]:
-    """Spool every log line of the block with ``labels``; ship the spool afterwards (best effort)."""
+def capture(home: Path, labels: dict[str, Any], ship_after: bool = True,
+            ship_wait_seconds: float = 0.0) -> Iterator[SpoolHandler]:
+    """Spool every log line of the block with ``labels``; ship the spool afterwards (best effort,
+    retrying for up to ``ship_wait_seconds`` while Elasticsearch is unreachable)."""
     handler = SpoolHandler(home, labels)
     root = logging.getLogger()
     level = root.level
@@ -153,10 +159,29 @@ def capture(home: Path, labels: dict[str, Any], ship_after: bool = True) -> Iter
         root.removeHandler(handler)
         root.setLevel(level)
         if ship_after:
-            try:
-                ship(home)
-            except Exception as exc:  # noqa: BLE001 - documents stay in the spool for the next ship
-                log.warning("log shipping deferred, documents kept in the spool: %s", exc)
+            ship_until_delivered(home, ship_wait_seconds)
+
+
+def ship_until_delivered(home: Path, wait_seconds: float = 0.0) -> bool:
+    """Ship the spool, retrying with backoff for up to ``wait_seconds``; never raises.
+
+    What is still undelivered at the end stays in the spool for the next shipment.
+    """
+    deadline = time.monotonic() + wait_seconds
+    delay = 0.5
+    while True:
+        try:
+            result = ship(home)
+            if not result["kept"]:
+                return True
+            problem = f"{result['kept']} documents refused"
+        except Exception as exc:  # noqa: BLE001 - documents stay in the spool for the next ship
+            problem = str(exc)
+        if time.monotonic() + delay > deadline:
+            log.warning("log shipping deferred, documents kept in the spool: %s", problem)
+            return False
+        time.sleep(delay)
+        delay = min(delay * 2, 5.0)
 
 
 def spool_record(home: Path, doc: dict[str, Any]) -> None:

@@ -7,6 +7,7 @@ and the model server, all on 127.0.0.1 with all state under ``GITOPS_ML_HOME``.
 
 from __future__ import annotations
 
+import base64
 import os
 import signal
 import subprocess
@@ -54,7 +55,37 @@ def airflow_env(settings: Settings, api_port: int = 8080, project_root: Path = P
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
+        **remote_logging_env(),
     }
+
+
+def remote_logging_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+    """Airflow settings that make the UI read finished task logs from Elasticsearch (``ES_URL``).
+
+    The provider's ``[elasticsearch]`` reader over our ECS documents (``gitops_ml.airflow.remote_log``);
+    credentials go to ``[elasticsearch_configs]``, never into the host URL.
+    """
+    environ = os.environ if environ is None else environ
+    if not environ.get("ES_URL"):
+        return {}
+    from gitops_ml.logs import LOGS_INDEX  # noqa: PLC0415
+
+    env = {
+        "AIRFLOW__LOGGING__REMOTE_LOGGING": "True",
+        "AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS": "gitops_ml.airflow.log_config.LOGGING_CONFIG",
+        "AIRFLOW__ELASTICSEARCH__HOST": environ["ES_URL"],
+        "AIRFLOW__ELASTICSEARCH__INDEX_PATTERNS": f"{LOGS_INDEX}*",
+        "AIRFLOW__ELASTICSEARCH__WRITE_TO_ES": "False",
+        "AIRFLOW__ELASTICSEARCH__LOG_ID_TEMPLATE": "{dag_id}-{task_id}-{run_id}-{map_index}-{try_number}",
+    }
+    if environ.get("ES_API_KEY"):
+        env["AIRFLOW__ELASTICSEARCH_CONFIGS__API_KEY"] = environ["ES_API_KEY"]
+    elif environ.get("ES_USERNAME"):
+        token = base64.b64encode(f"{environ['ES_USERNAME']}:{environ.get('ES_PASSWORD', '')}".encode()).decode()
+        env["AIRFLOW__ELASTICSEARCH_CONFIGS__BASIC_AUTH"] = token
+    if environ.get("ES_CA_CERTS"):
+        env["AIRFLOW__ELASTICSEARCH_CONFIGS__CA_CERTS"] = environ["ES_CA_CERTS"]
+    return env
 
 
 def _bin(name: str) -> str:

@@ -4,7 +4,7 @@ API server, LocalExecutor on SQLite), started by the test like ``make demo`` doe
 import httpx
 import pytest
 
-from gitops_ml import registry, stack
+from gitops_ml import logs, registry, stack
 from gitops_ml.airflow.client import AirflowClient
 from tests.conftest import free_port
 
@@ -12,7 +12,9 @@ pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def live_stack(settings):
+def live_stack(settings, es):
+    """``airflow standalone`` + MLflow + server; ``ES_URL`` is set, so task logs go to Elasticsearch
+    and the Airflow UI reads finished tries back from it (``[logging] remote_logging``)."""
     ports = {"airflow_port": free_port(), "mlflow_port": free_port(),
              "serve_port": int(settings.serving_url.rsplit(":", 1)[1])}
     try:
@@ -22,7 +24,7 @@ def live_stack(settings):
         stack.down(settings)
 
 
-def test_trigger_names_run_after_commit_and_serves_it(settings, demo_repo, live_stack):
+def test_trigger_names_run_after_commit_and_serves_it(settings, demo_repo, live_stack, es):
     client = AirflowClient(live_stack["airflow"])
     client.wait_for_dag()
     commit_sha = demo_repo["commit_sha"]
@@ -51,3 +53,22 @@ def test_trigger_names_run_after_commit_and_serves_it(settings, demo_repo, live_
     mlflow_run = registry.find_training_run(settings, f"commit__{commit_sha}")
     assert link.status_code == 307 and link.headers["location"].startswith(live_stack["mlflow"])
     assert link.headers["location"].endswith(f"/runs/{mlflow_run.info.run_id}")
+
+    # The UI's task log view: read back from Elasticsearch by the provider (local copies removed first).
+    airflow_logs = settings.home / "airflow" / "logs"
+    removed = [p for p in airflow_logs.rglob("*.log") if f"commit__{commit_sha}" in str(p)]
+    assert removed, "Airflow wrote no local task log files"
+    for path in removed:
+        path.unlink()
+    response = client._http.get(f"/api/v2/dags/gitops_ml_pipeline/dagRuns/commit__{commit_sha}"
+                                "/taskInstances/train/logs/1", params={"full_content": "true"},
+                                headers={"Accept": "application/json"})
+    assert response.status_code == 200, response.text
+    content = response.json()["content"]
+    events = [line.get("event", "") for line in content if isinstance(line, dict)]
+    assert any("Elasticsearch" in " ".join(line.get("sources", [])) for line in content if isinstance(line, dict)) \
+        or any("gitops-ml-logs" in e for e in events), content[:3]
+    shipped = logs.search(settings.home, commit_sha, task_id="train", client=es[0])
+    assert [d["message"] for d in shipped] == [e for e in events if e in {d["message"] for d in shipped}]
+    assert any(e.startswith("epoch 12:") for e in events)
+    assert all(isinstance(e, str) and not e.startswith("{'dataset'") for e in events)

@@ -1,6 +1,9 @@
 """A whole DAG run's log lines land in a real Elasticsearch, labelled with the commit SHA."""
 
+import contextlib
 import subprocess
+import threading
+import time
 
 import pytest
 
@@ -32,3 +35,53 @@ def test_pipeline_logs_are_queryable_by_sha(airflow_db, settings, demo_repo, ser
     out = subprocess.run([str(BIN / "gitops-ml"), "logs", demo_repo["commit_sha"][:12], "--task", "deploy"],
                          capture_output=True, text=True, check=True).stdout
     assert "serving model version 1" in out and "train" not in out.split("\n")[0]
+
+
+def test_elasticsearch_stopped_during_a_dag_run_loses_nothing(airflow_db, settings, demo_repo, server, es,
+                                                              monkeypatch):
+    """ES goes down while `train` runs and comes back during `evaluate`: the run succeeds, the last
+    task delivers what the outage held back, and the count of documents for the SHA equals the
+    count of lines the tasks logged (counted by the spool handlers themselves)."""
+    client, node = es
+    if node is None:
+        pytest.fail("this test stops and starts the node it started; unset ES_URL to run it")
+    logged: dict[str, int] = {}
+    real_capture = logs.capture
+
+    @contextlib.contextmanager
+    def counting_capture(home, labels, **options):
+        with real_capture(home, labels, **options) as handler:
+            try:
+                yield handler
+            finally:
+                logged[f"{labels['task_id']}-{labels['try_number']}"] = handler.offset
+
+    monkeypatch.setattr(logs, "capture", counting_capture)
+    spool = logs.spool_dir(settings.home)
+    events: list[str] = []
+
+    def outage():
+        def wait_for(task_id):
+            while not any(f"__{task_id}__" in p.name for p in spool.glob("*.jsonl")):
+                time.sleep(0.05)
+        wait_for("train")
+        node.stop()
+        events.append("stopped")
+        wait_for("evaluate")
+        node.start()
+        events.append("started")
+
+    thread = threading.Thread(target=outage, daemon=True)
+    thread.start()
+    run = load_dag().test(run_conf={"commit_sha": demo_repo["commit_sha"]})
+    thread.join(timeout=180)
+    assert events == ["stopped", "started"]
+    assert run.state == "success", task_states(run)
+    assert logs._segments(settings.home) == []  # the later tasks delivered what the outage held back
+    docs = logs.search(settings.home, demo_repo["commit_sha"], client=client)
+    assert len(docs) == sum(logged.values()) and len(logged) == 8
+    by_try: dict[str, list[int]] = {}
+    for doc in docs:
+        by_try.setdefault(doc["log_id"], []).append(doc["offset"])
+    assert all(sorted(offsets) == list(range(1, len(offsets) + 1)) for offsets in by_try.values())
+    assert any("epoch" in d["message"] for d in docs if d["labels"]["task_id"] == "train")

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import logging
+import os
 from typing import Any, Callable
 
 from airflow.sdk import get_current_context
@@ -40,7 +41,7 @@ def _log_labels(context, args: tuple) -> dict[str, Any]:
     return {"commit_sha": commit.get("commit_sha") or context["params"].get("commit_sha") or "unresolved",
             "repo_url": commit.get("repo_url") or redact_url(settings.repo_url),
             "branch": commit.get("branch") or settings.branch, "dag_id": ti.dag_id, "run_id": ti.run_id,
-            "task_id": ti.task_id, "try_number": ti.try_number}
+            "task_id": ti.task_id, "map_index": ti.map_index, "try_number": ti.try_number}
 
 
 def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
@@ -50,7 +51,11 @@ def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
         from gitops_ml import logs  # noqa: PLC0415
 
         context = get_current_context()
-        with logs.capture(settings_from_context(context).home, _log_labels(context, args)) as handler:
+        # The last task of a run waits a while for an unreachable Elasticsearch, so that an outage
+        # during the run is delivered before the run ends; earlier tasks leave it to the later ones.
+        wait = float(os.environ.get("GITOPS_ML_SHIP_WAIT_SECONDS", "60")) if fn.__name__ == "record" else 0.0
+        with logs.capture(settings_from_context(context).home, _log_labels(context, args),
+                          ship_wait_seconds=wait) as handler:
             try:
                 result = fn(*args, **kwargs)
             except InputError as exc:
