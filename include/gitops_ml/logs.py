@@ -153,13 +153,66 @@ def capture(home: Path, labels: dict[str, Any], ship_after: bool = True,
     root.addHandler(handler)
     if root.getEffectiveLevel() > logging.INFO:
         root.setLevel(logging.INFO)  # every INFO line of the run is shipped, whatever the host configured
+    flusher = LiveFlusher(handler.path) if ship_after else None
     try:
         yield handler
     finally:
         root.removeHandler(handler)
         root.setLevel(level)
+        if flusher:
+            flusher.stop()
         if ship_after:
             ship_until_delivered(home, ship_wait_seconds)
+
+
+class LiveFlusher(threading.Thread):
+    """While a task runs, index its new spool lines every ``GITOPS_ML_LOG_FLUSH_SECONDS`` (default 1).
+
+    Only a preview for people watching a running task: it never deletes anything, so the
+    shipment at the end of the task (same deterministic ids) stays the one that guarantees
+    delivery. Errors are ignored; the spool keeps every line.
+    """
+
+    def __init__(self, path: Path):
+        super().__init__(name="gitops-ml-log-flush", daemon=True)
+        self.path = path
+        self.interval = float(os.environ.get("GITOPS_ML_LOG_FLUSH_SECONDS", "1"))
+        self.position = 0
+        self._stopped = threading.Event()
+        self.client = es_client() if self.interval > 0 else None
+        if self.client is not None:
+            self.start()
+
+    def run(self) -> None:
+        from elasticsearch import helpers  # noqa: PLC0415
+
+        template_ready = False
+        while not self._stopped.wait(self.interval):
+            try:
+                with open(self.path, encoding="utf-8", errors="replace") as fh:
+                    fh.seek(self.position)
+                    chunk = fh.read()
+                complete = chunk[:chunk.rfind("\n") + 1]  # never a half-written line
+                docs = [json.loads(line) for line in complete.splitlines() if line.strip()]
+                if docs and not template_ready:
+                    install_template(self.client)  # before the first document creates the index
+                    template_ready = True
+                if docs:
+                    helpers.bulk(self.client, ({"_index": LOGS_INDEX, "_id": d["_id"],
+                                                "_source": {k: v for k, v in d.items() if k != "_id"}}
+                                               for d in docs), raise_on_error=False, raise_on_exception=False)
+                self.position += len(complete.encode("utf-8"))
+            except (OSError, ValueError):
+                continue  # nothing spooled yet, or a line being written: next round
+            except Exception:  # noqa: BLE001 - a preview only; the end-of-task shipment delivers
+                continue
+
+    def stop(self) -> None:
+        self._stopped.set()
+        if self.is_alive():
+            self.join(timeout=10)
+        if self.client is not None:
+            self.client.close()
 
 
 def ship_until_delivered(home: Path, wait_seconds: float = 0.0) -> bool:
