@@ -27,7 +27,7 @@ import time
 from contextlib import contextmanager
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any, Callable, Iterator
 
 from gitops_ml.source import redact
 
@@ -114,9 +114,10 @@ def document(labels: dict[str, Any], offset: int, level: str, logger: str, messa
 class SpoolHandler(logging.Handler):
     """Appends every record as an ECS document to this task try's spool segment (fsync'd per line)."""
 
-    def __init__(self, home: Path, labels: dict[str, Any]):
+    def __init__(self, home: Path, labels: dict[str, Any], redactor: Callable[[str], str] | None = None):
         super().__init__(level=logging.INFO)
         self.labels = dict(labels)
+        self.redactor = redactor  # e.g. Airflow's secrets masker: connection passwords, masked variables
         self.offset = 0
         self._lock_io = threading.Lock()
         name = "__".join(str(labels.get(k, "-")) for k in ("run_id", "task_id", "try_number"))
@@ -131,6 +132,8 @@ class SpoolHandler(logging.Handler):
             message = record.getMessage()
             if record.exc_info:
                 message += "\n" + logging.Formatter().formatException(record.exc_info)
+            if self.redactor is not None:
+                message = self.redactor(message)
             with self._lock_io:
                 self.offset += 1
                 doc = document(self.labels, self.offset, record.levelname, record.name, message, record.created)
@@ -144,10 +147,10 @@ class SpoolHandler(logging.Handler):
 
 @contextmanager
 def capture(home: Path, labels: dict[str, Any], ship_after: bool = True,
-            ship_wait_seconds: float = 0.0) -> Iterator[SpoolHandler]:
+            ship_wait_seconds: float = 0.0, redactor: Callable[[str], str] | None = None) -> Iterator[SpoolHandler]:
     """Spool every log line of the block with ``labels``; ship the spool afterwards (best effort,
     retrying for up to ``ship_wait_seconds`` while Elasticsearch is unreachable)."""
-    handler = SpoolHandler(home, labels)
+    handler = SpoolHandler(home, labels, redactor)
     root = logging.getLogger()
     level = root.level
     root.addHandler(handler)

@@ -1,6 +1,8 @@
 """A whole DAG run's log lines land in a real Elasticsearch, labelled with the commit SHA."""
 
 import contextlib
+import json
+import logging
 import subprocess
 import threading
 import time
@@ -85,3 +87,45 @@ def test_elasticsearch_stopped_during_a_dag_run_loses_nothing(airflow_db, settin
         by_try.setdefault(doc["log_id"], []).append(doc["offset"])
     assert all(sorted(offsets) == list(range(1, len(offsets) + 1)) for offsets in by_try.values())
     assert any("epoch" in d["message"] for d in docs if d["labels"]["task_id"] == "train")
+
+
+SECRETS_DAG = """
+import logging
+from airflow.sdk import DAG, BaseHook, task
+from gitops_ml.airflow.steps import _adapter
+
+@_adapter
+def leaky():
+    connection = BaseHook.get_connection("gitops_ml_test_repo")
+    logging.getLogger("gitops_ml.test").info("password is %s", connection.password)
+    logging.getLogger("gitops_ml.test").info("uri is %s", connection.get_uri())
+    logging.getLogger("gitops_ml.test").info("cloning https://deploy:ghp_URLTOKEN99@git.example.com/m.git")
+
+with DAG("gitops_ml_secrets_check", schedule=None, params={"commit_sha": "c" * 40}) as dag:
+    task(leaky, task_id="leaky")()
+"""
+
+
+def test_connection_password_and_url_token_never_shipped(airflow_db, settings, es, monkeypatch, tmp_path):
+    """A task (through our adapter) reads an Airflow connection and logs its password, its URI and a
+    repository URL with a token: no document in Elasticsearch contains either secret."""
+    from airflow.dag_processing.bundles.manager import DagBundlesManager
+    from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
+
+    client, _ = es
+    monkeypatch.setenv("AIRFLOW_CONN_GITOPS_ML_TEST_REPO", json.dumps(
+        {"conn_type": "http", "host": "git.example.com", "login": "deploy", "password": "conn-PASSWORD-7781"}))
+    folder = tmp_path / "dags"
+    folder.mkdir()
+    (folder / "secrets_check.py").write_text(SECRETS_DAG)
+    DagBundlesManager().sync_bundles_to_db()
+    bag = BundleDagBag(dag_folder=folder, bundle_path=folder, bundle_name="dags-folder")
+    sync_bag_to_db(bag, "dags-folder", None)
+    run = bag.get_dag("gitops_ml_secrets_check").test()
+    assert run.state == "success"
+    docs = logs.search(settings.home, "c" * 40, client=client)
+    messages = [d["message"] for d in docs if d["labels"]["task_id"] == "leaky"]
+    assert len(messages) == 3, messages
+    shipped = json.dumps(docs)
+    assert "conn-PASSWORD-7781" not in shipped and "ghp_URLTOKEN99" not in shipped
+    assert "password is ***" in messages[0]

@@ -44,6 +44,15 @@ def _log_labels(context, args: tuple) -> dict[str, Any]:
             "task_id": ti.task_id, "map_index": ti.map_index, "try_number": ti.try_number}
 
 
+def _airflow_masker() -> Callable[[str], str] | None:
+    """Airflow's secrets masker (connection passwords, sensitive variables) for our shipped lines."""
+    try:
+        from airflow.sdk._shared.secrets_masker import redact  # noqa: PLC0415
+    except ImportError:  # moved in another Airflow version: our own URL/token redaction still applies
+        return None
+    return lambda message: str(redact(message))
+
+
 def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Ship the task's log lines (ECS, labelled with the SHA) and turn input errors into failures."""
     @functools.wraps(fn)
@@ -55,7 +64,7 @@ def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
         # during the run is delivered before the run ends; earlier tasks leave it to the later ones.
         wait = float(os.environ.get("GITOPS_ML_SHIP_WAIT_SECONDS", "60")) if fn.__name__ == "record" else 0.0
         with logs.capture(settings_from_context(context).home, _log_labels(context, args),
-                          ship_wait_seconds=wait) as handler:
+                          ship_wait_seconds=wait, redactor=_airflow_masker()) as handler:
             try:
                 result = fn(*args, **kwargs)
             except InputError as exc:
