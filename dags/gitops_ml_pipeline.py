@@ -37,6 +37,12 @@ def _record_failure(context):
         "commit_sha": Param(None, type=["null", "string"], description="Commit to build (default: branch head)"),
         "repo_url": Param(None, type=["null", "string"], description="Model repository (default: GITOPS_ML_REPO_URL)"),
         "branch": Param(None, type=["null", "string"], description="Tracked branch (default: GITOPS_ML_BRANCH)"),
+        "watch": Param(None, type=["null", "string"], description="Watched repository name (watch configuration)"),
+        "trigger": Param(None, type=["null", "string"], description="push | webhook | schedule | manual"),
+        "decision": Param(None, type=["null", "string"], enum=[None, "train", "no_retrain", "rejected"],
+                          description="Set by the watcher: no_retrain / rejected record the reason and run nothing"),
+        "reason": Param(None, type=["null", "string"], description="Why the watcher decided so"),
+        "signature_warning": Param(None, type=["null", "string"], description="Signature policy warn: the reason"),
     },
     default_args={"retries": 1, "retry_delay": timedelta(seconds=15), "on_failure_callback": _record_failure},
 )
@@ -77,13 +83,13 @@ def gitops_ml_pipeline():
 
         return steps.register(resolved, prepared, pulled, trained, evaluated)
 
-    @task(trigger_rule="none_failed")
+    @task(trigger_rule="none_failed_min_one_success")
     def deploy(resolved, prepared, registered):
         from gitops_ml.airflow import steps
 
         return steps.deploy(resolved, prepared, registered)
 
-    @task(trigger_rule="none_failed")
+    @task(trigger_rule="none_failed_min_one_success")
     def record(resolved, prepared, deployed):
         from gitops_ml.airflow import steps
 

@@ -1,4 +1,5 @@
-"""Links from the Airflow UI to what a run produced: its MLflow run and the served model.
+"""Links from the Airflow UI to what a run produced (its MLflow run, the served model), and the
+push webhook endpoint (``gitops_ml.airflow.webhook``).
 
 A small FastAPI app mounted in the Airflow API server by ``plugins/gitops_ml_plugin.py``.
 It only reads (MLflow lookups, one redirect); MLflow is imported on the first request,
@@ -9,8 +10,8 @@ from __future__ import annotations
 
 import html
 
-from fastapi import FastAPI
-from fastapi.responses import HTMLResponse, RedirectResponse
+from fastapi import FastAPI, Request
+from fastapi.responses import HTMLResponse, JSONResponse, RedirectResponse
 
 from gitops_ml.config import Settings
 
@@ -32,6 +33,16 @@ def create_app() -> FastAPI:
                 status_code=404)
         return RedirectResponse(registry.run_url(settings.mlflow_ui_url, found.info.experiment_id,
                                                  found.info.run_id))
+
+    @app.post("/webhooks/{watch_name}")
+    async def push_webhook(watch_name: str, request: Request):
+        from starlette.concurrency import run_in_threadpool  # noqa: PLC0415
+
+        from gitops_ml.airflow.webhook import handle_push  # noqa: PLC0415
+
+        body = await request.body()
+        status, payload = await run_in_threadpool(handle_push, watch_name, dict(request.headers), body)
+        return JSONResponse(payload, status_code=status)
 
     @app.get("/serving")
     def serving():

@@ -28,8 +28,16 @@ def run_id_for(commit_sha: str, suffix: str | None = None) -> str:
 
 
 def settings_from_context(context) -> Settings:
+    """Settings of this run: the environment, then the watched repository named in the conf
+    (``watch``: URL with its credentials, branch, model name), then explicit ``repo_url``/``branch``."""
     params = context["params"]
-    return Settings.from_env().with_overrides(repo_url=params.get("repo_url"), branch=params.get("branch"))
+    settings = Settings.from_env()
+    if params.get("watch"):
+        from gitops_ml.watch import get_watch  # noqa: PLC0415
+
+        watched = get_watch(params["watch"])
+        settings = settings.with_overrides(repo_url=watched.url, branch=watched.branch, model_name=watched.model_name)
+    return settings.with_overrides(repo_url=params.get("repo_url"), branch=params.get("branch"))
 
 
 def _log_labels(context, args: tuple) -> dict[str, Any]:
@@ -82,9 +90,24 @@ def resolve_commit() -> dict[str, Any]:
 
     context = get_current_context()
     settings = settings_from_context(context)
-    resolved = pipeline.resolve(settings, context["params"].get("commit_sha") or None)
+    params = context["params"]
+    resolved = pipeline.resolve(settings, params.get("commit_sha") or None)
     commit = resolved["commit"]
-    log.info("run %s of dag %s builds commit %s", context["run_id"], context["dag"].dag_id, commit["commit_sha"])
+    decision = params.get("decision") or "train"
+    if decision in ("no_retrain", "rejected"):  # the watcher decided: record it against the SHA, run nothing
+        reason = params.get("reason") or decision
+        log.warning("commit %s: %s", commit["commit_sha"], reason) if decision == "rejected" \
+            else log.info("commit %s: %s", commit["commit_sha"], reason)
+        pipeline.record(settings, commit, context["run_id"], "watch", decision, reason=reason)
+        pipeline.write_note(settings, commit, {"gitops_ml_run": context["run_id"], "decision": decision,
+                                               "reason": reason, "deployed": False})
+        raise AirflowSkipException(f"commit {commit['commit_sha']}: {reason}")
+    if params.get("signature_warning"):
+        log.warning("commit %s: signature policy warn: %s", commit["commit_sha"], params["signature_warning"])
+        pipeline.record(settings, commit, context["run_id"], "signature", "warning",
+                        reason=params["signature_warning"])
+    log.info("run %s of dag %s builds commit %s (%s)", context["run_id"], context["dag"].dag_id, commit["commit_sha"],
+             params.get("trigger") or "manual")
     return {**resolved, "lineage": {"airflow_dag_id": context["dag"].dag_id, "airflow_run_id": context["run_id"]}}
 
 

@@ -1,0 +1,304 @@
+"""Which commits start a pipeline run: watched repositories, bursts, rewrites, paths, signatures.
+
+A watched repository is configured without code, in one YAML file (``GITOPS_ML_WATCH_CONFIG``,
+default ``<home>/watch.yaml``); without that file the repository of ``GITOPS_ML_REPO_URL`` is
+watched under the name ``default``.  Example::
+
+    repositories:
+      - name: digits                  # DAG ids gitops_ml_watch__digits / gitops_ml_retrain__digits
+        repo_url: https://oauth2:${GITLAB_TOKEN}@gitlab.example.com/ml/digits.git   # ${VAR} expanded at use
+        branch: main
+        policy: every                 # every: one run per commit, oldest first | latest: newest only
+        paths: ["params.yaml", "*.dvc", "dvc.lock", "dvc.yaml", ".dvc/config", "src/*"]
+        poll_interval: 30             # seconds between two `git ls-remote`
+        sensor_timeout: 3600          # a waiting sensor gives up (skipped) and the watcher starts again
+        retrain_schedule: "@weekly"   # scheduled retraining of the branch head; null: none
+        signatures: off               # off | warn | enforce
+        allowed_signers: /etc/gitops-ml/allowed_signers   # SSH, git's gpg.ssh.allowedSignersFile format
+        gpg_keyring: /etc/gitops-ml/allowed-keys.asc      # armored public GPG keys
+        webhook_secret_env: GITOPS_ML_WEBHOOK_SECRET      # env var holding the webhook secret
+
+``plan`` turns "the branch moved from A to B" into one decision per new commit: ``train``,
+``no_retrain`` (only paths the model does not depend on changed), ``superseded`` (``latest``
+policy: a newer commit of the same burst trains instead) or ``rejected`` (signature policy).
+A force-push that removed commits is reported in the plan, never silently ignored.
+"""
+
+from __future__ import annotations
+
+import fnmatch
+import logging
+import os
+import re
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import git
+
+from gitops_ml import source
+from gitops_ml.errors import InputError
+
+log = logging.getLogger(__name__)
+
+POLICIES = ("every", "latest")
+DEFAULT_PATHS = ("params.yaml", "*.dvc", "dvc.lock", "dvc.yaml", ".dvc/config", "src/*", "model/*")
+_NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+
+
+class WatchConfigError(InputError):
+    """The watch configuration file names a bad value (the message says which repository and field)."""
+
+
+@dataclass(frozen=True)
+class Watch:
+    """One watched branch of one repository (see the module docstring for each field)."""
+
+    name: str
+    repo_url: str = field(repr=False)
+    branch: str = "main"
+    policy: str = "every"
+    paths: tuple[str, ...] = DEFAULT_PATHS
+    poll_interval: float = 30.0
+    sensor_timeout: float = 3600.0
+    retrain_schedule: str | None = "@weekly"
+    signatures: str = "off"
+    allowed_signers: str | None = None
+    gpg_keyring: str | None = None
+    webhook_secret_env: str | None = None
+    model_name: str | None = None
+
+    @property
+    def url(self) -> str:
+        """The URL git uses: ``${VAR}`` expanded (credentials stay out of everything we log)."""
+        return os.path.expandvars(self.repo_url)
+
+    @property
+    def safe_url(self) -> str:
+        return source.redact_url(self.url)
+
+    @property
+    def cursor_key(self) -> str:
+        """Airflow Variable holding the last commit the watcher has planned."""
+        return f"gitops_ml_watch__{self.name}__last_sha"
+
+    def webhook_secret(self) -> str:
+        return os.environ.get(self.webhook_secret_env or "GITOPS_ML_WEBHOOK_SECRET", "")
+
+    def public(self) -> dict[str, Any]:
+        """The fields that may be shown (URL without credentials)."""
+        return {**asdict(self), "repo_url": self.safe_url, "paths": list(self.paths)}
+
+
+def _watch_from_dict(raw: dict[str, Any], where: str) -> Watch:
+    if not isinstance(raw, dict):
+        raise WatchConfigError(f"{where}: each repository must be a mapping, got {type(raw).__name__}")
+    unknown = set(raw) - set(Watch.__dataclass_fields__)
+    if unknown:
+        raise WatchConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
+    name = raw.get("name")
+    if not isinstance(name, str) or not _NAME_RE.match(name):
+        raise WatchConfigError(f"{where}: field 'name' must match {_NAME_RE.pattern}, got {name!r}")
+    where = f"{where} ({name})"
+    if not raw.get("repo_url"):
+        raise WatchConfigError(f"{where}: field 'repo_url' is missing")
+    values = dict(raw)
+    try:
+        source.validate_branch(str(values.get("branch", "main")))
+    except InputError as exc:
+        raise WatchConfigError(f"{where}: field 'branch': {exc}") from None
+    if values.get("policy", "every") not in POLICIES:
+        raise WatchConfigError(f"{where}: field 'policy' must be one of {POLICIES}, got {values['policy']!r}")
+    if str(values.get("signatures", "off")) not in ("off", "warn", "enforce"):
+        raise WatchConfigError(f"{where}: field 'signatures' must be off, warn or enforce, "
+                               f"got {values['signatures']!r}")
+    values["signatures"] = str(values.get("signatures", "off"))
+    if values["signatures"] != "off" and not (values.get("allowed_signers") or values.get("gpg_keyring")):
+        raise WatchConfigError(f"{where}: signatures: {values['signatures']} needs 'allowed_signers' (SSH) "
+                               "and/or 'gpg_keyring' (GPG)")
+    for key in ("poll_interval", "sensor_timeout"):
+        if key in values:
+            try:
+                values[key] = float(values[key])
+            except (TypeError, ValueError):
+                raise WatchConfigError(f"{where}: field {key!r} must be a number of seconds, "
+                                       f"got {values[key]!r}") from None
+            if values[key] <= 0:
+                raise WatchConfigError(f"{where}: field {key!r} must be positive, got {values[key]!r}")
+    if "paths" in values:
+        paths = values["paths"]
+        if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
+            raise WatchConfigError(f"{where}: field 'paths' must be a list of glob patterns")
+        values["paths"] = tuple(paths)
+    return Watch(**values)
+
+
+def config_path() -> Path:
+    configured = os.environ.get("GITOPS_ML_WATCH_CONFIG")
+    if configured:
+        return Path(configured)
+    return Path(os.environ.get("GITOPS_ML_HOME", str(Path.home() / ".gitops-ml"))).expanduser() / "watch.yaml"
+
+
+def load_watches(path: Path | None = None) -> list[Watch]:
+    """Every watched repository: the YAML file, else ``GITOPS_ML_REPO_URL`` as ``default``."""
+    import yaml  # noqa: PLC0415
+
+    path = Path(path) if path else config_path()
+    if not path.is_file():
+        if os.environ.get("GITOPS_ML_WATCH_CONFIG"):
+            raise WatchConfigError(f"watch configuration {path} does not exist (GITOPS_ML_WATCH_CONFIG)")
+        url = os.environ.get("GITOPS_ML_REPO_URL")
+        return [Watch(name="default", repo_url=url, branch=os.environ.get("GITOPS_ML_BRANCH") or "main")] if url else []
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise WatchConfigError(f"watch configuration {path} is not valid YAML: {exc}") from None
+    entries = data.get("repositories") if isinstance(data, dict) else None
+    if not isinstance(entries, list):
+        raise WatchConfigError(f"watch configuration {path}: expected a top-level 'repositories' list")
+    watches = [_watch_from_dict(entry, f"{path}: repositories[{i}]") for i, entry in enumerate(entries)]
+    names = [w.name for w in watches]
+    if len(set(names)) != len(names):
+        raise WatchConfigError(f"watch configuration {path}: repository names must be unique, got {names}")
+    return watches
+
+
+def get_watch(name: str, path: Path | None = None) -> Watch:
+    for watch in load_watches(path):
+        if watch.name == name:
+            return watch
+    raise WatchConfigError(f"no watched repository named {name!r} in {path or config_path()}")
+
+
+@dataclass(frozen=True)
+class Decision:
+    """What happens to one new commit."""
+
+    commit_sha: str
+    action: str                      # train | no_retrain | superseded | rejected
+    reason: str
+    changed_paths: tuple[str, ...] = ()
+    superseded_by: str | None = None
+    warning: str | None = None       # signature policy "warn"
+
+    def to_dict(self) -> dict[str, Any]:
+        return {**asdict(self), "changed_paths": list(self.changed_paths)}
+
+
+@dataclass(frozen=True)
+class Plan:
+    watch: str
+    branch: str
+    previous_sha: str | None
+    head_sha: str
+    decisions: tuple[Decision, ...]
+    force_push: dict[str, Any] | None = None  # {"removed": [...], "merge_base": sha | None}
+
+    def to_dict(self) -> dict[str, Any]:
+        return {"watch": self.watch, "branch": self.branch, "previous_sha": self.previous_sha,
+                "head_sha": self.head_sha, "decisions": [d.to_dict() for d in self.decisions],
+                "force_push": self.force_push}
+
+
+def _rev_list(repo: git.Repo, *args: str) -> list[str]:
+    out = repo.git.rev_list(*args)
+    return [line for line in out.splitlines() if line]
+
+
+def _exists(repo: git.Repo, commit_sha: str) -> bool:
+    try:
+        repo.git.cat_file("-e", f"{commit_sha}^{{commit}}")
+        return True
+    except git.GitCommandError:
+        return False
+
+
+def changed_paths(repo: git.Repo, commit_sha: str) -> tuple[str, ...]:
+    """Paths a commit changed against its first parent (every path for a root commit)."""
+    out = repo.git.diff_tree("--no-commit-id", "--name-only", "-r", "--root", "-m", "--first-parent", commit_sha)
+    return tuple(sorted({line for line in out.splitlines() if line}))
+
+
+def relevant(paths: tuple[str, ...], patterns: tuple[str, ...]) -> tuple[str, ...]:
+    """The paths matching a pattern (``fnmatch``; ``*`` also crosses ``/``; a bare name matches at any depth)."""
+    hits = []
+    for path in paths:
+        name = path.rsplit("/", 1)[-1]
+        if any(fnmatch.fnmatchcase(path, p) or ("/" not in p and fnmatch.fnmatchcase(name, p)) for p in patterns):
+            hits.append(path)
+    return tuple(hits)
+
+
+def new_commits(repo: git.Repo, previous_sha: str | None, head_sha: str) -> tuple[list[str], dict[str, Any] | None]:
+    """Commits that landed on the branch between ``previous_sha`` and ``head_sha``, oldest first.
+
+    The first time (no previous SHA) only the head counts. When ``previous_sha`` is no longer an
+    ancestor of the head, the branch was rewritten: the removed commits are returned too.
+    """
+    if not previous_sha:
+        return [head_sha], None
+    if previous_sha == head_sha:
+        return [], None
+    if not _exists(repo, previous_sha):
+        return [head_sha], {"removed": [previous_sha], "merge_base": None,
+                            "note": "the previous head is no longer known to the mirror"}
+    if repo.is_ancestor(previous_sha, head_sha):
+        return _rev_list(repo, "--reverse", "--first-parent", f"{previous_sha}..{head_sha}"), None
+    bases = repo.merge_base(previous_sha, head_sha)
+    base = bases[0].hexsha if bases else None
+    removed = _rev_list(repo, "--first-parent", f"{head_sha}..{previous_sha}")
+    added = _rev_list(repo, "--reverse", "--first-parent", f"{base}..{head_sha}") if base else [head_sha]
+    return added, {"removed": removed, "merge_base": base}
+
+
+def plan(watch: Watch, repo: git.Repo, previous_sha: str | None, head_sha: str,
+         signature_cache: Path | None = None) -> Plan:
+    """Decide, for every commit between ``previous_sha`` and ``head_sha``, what happens to it."""
+    commits, force_push = new_commits(repo, previous_sha, head_sha)
+    if force_push:
+        log.warning("force-push on branch %r of %s: %d commit(s) removed from the branch (%s); "
+                    "new head %s", watch.branch, watch.safe_url, len(force_push["removed"]),
+                    ", ".join(sha[:12] for sha in force_push["removed"][:10]), head_sha)
+    draft: list[Decision] = []
+    for commit_sha in commits:
+        paths = changed_paths(repo, commit_sha)
+        warning = None
+        if watch.signatures != "off":
+            from gitops_ml import signatures  # noqa: PLC0415
+
+            check = signatures.verify_commit(
+                Path(repo.git_dir), commit_sha,
+                allowed_signers=Path(watch.allowed_signers) if watch.allowed_signers else None,
+                gpg_keyring=Path(watch.gpg_keyring) if watch.gpg_keyring else None,
+                gnupg_home_cache=signature_cache)
+            verdict = signatures.decide(watch.signatures, check)
+            if verdict.action == "reject":
+                draft.append(Decision(commit_sha, "rejected", f"signature policy enforce: {verdict.message}", paths))
+                continue
+            warning = verdict.message if verdict.action == "warn" else None
+        hits = relevant(paths, watch.paths)
+        if previous_sha is None or hits:
+            why = (f"changed {', '.join(hits[:5])}" if hits else "first commit seen on the branch")
+            draft.append(Decision(commit_sha, "train", why, paths, warning=warning))
+        else:
+            draft.append(Decision(commit_sha, "no_retrain",
+                                  f"no retrain needed: changed only {', '.join(paths[:5]) or 'nothing'} "
+                                  f"(model inputs: {', '.join(watch.paths)})", paths, warning=warning))
+    if watch.policy == "latest":
+        trains = [d for d in draft if d.action == "train"]
+        if len(trains) > 1:
+            newest = trains[-1].commit_sha
+            draft = [Decision(d.commit_sha, "superseded", f"superseded by {newest} (policy latest)",
+                              d.changed_paths, superseded_by=newest, warning=d.warning)
+                     if d.action == "train" and d.commit_sha != newest else d for d in draft]
+    return Plan(watch.name, watch.branch, previous_sha, head_sha, tuple(draft), force_push)
+
+
+def plan_branch(watch: Watch, cache_dir: Path, previous_sha: str | None, head_sha: str | None = None) -> Plan:
+    """Fetch the mirror of the watched repository and plan from ``previous_sha`` to the head."""
+    repo = source.fetch_mirror(watch.url, watch.branch, cache_dir)
+    head = head_sha or repo.git.rev_parse(f"refs/heads/{watch.branch}")
+    if head_sha and not _exists(repo, head_sha):
+        raise InputError(f"commit {head_sha} is not in {watch.safe_url} (branch {watch.branch!r})")
+    return plan(watch, repo, previous_sha, head, signature_cache=Path(cache_dir) / "gnupg")
