@@ -21,7 +21,7 @@ Parsing this file reads that YAML file only (no TensorFlow, MLflow or DVC import
 
 from __future__ import annotations
 
-from datetime import timedelta
+from datetime import datetime, timedelta, timezone
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import dag, task
@@ -30,10 +30,15 @@ from gitops_ml.airflow.git_sensor import GitCommitSensor
 from gitops_ml.watch import load_watches
 
 PIPELINE_DAG_ID = "gitops_ml_pipeline"
+# A start date in the past: without one, Airflow 3.3.2's @continuous timetable gives the first run a
+# zero-length data interval and computes the next run with the same logical date, so the scheduler
+# logs "run already exists; skipping dagrun creation" forever and the watcher never runs again.
+START_DATE = datetime(2026, 1, 1, tzinfo=timezone.utc)
 
 
 def watcher_dag(watch):
     @dag(dag_id=f"gitops_ml_watch__{watch.name}", schedule="@continuous", max_active_runs=1, catchup=False,
+         start_date=START_DATE,
          tags=["gitops-ml", "watcher"], doc_md=__doc__,
          description=f"Start a pipeline run for each new commit on {watch.branch} of {watch.safe_url}",
          default_args={"retries": 2, "retry_delay": timedelta(seconds=10)})

@@ -68,6 +68,16 @@ class Watch:
     webhook_secret_env: str | None = None
     model_name: str | None = None
 
+    def __post_init__(self) -> None:
+        if self.policy not in POLICIES:
+            raise WatchConfigError(f"watch {self.name!r}: policy must be one of {POLICIES}, got {self.policy!r}")
+        if self.signatures not in ("off", "warn", "enforce"):
+            raise WatchConfigError(f"watch {self.name!r}: signatures must be off, warn or enforce, "
+                                   f"got {self.signatures!r}")
+        if self.signatures != "off" and not (self.allowed_signers or self.gpg_keyring):
+            raise WatchConfigError(f"watch {self.name!r}: signatures: {self.signatures} needs 'allowed_signers' "
+                                   "(SSH) and/or 'gpg_keyring' (GPG)")
+
     @property
     def url(self) -> str:
         """The URL git uses: ``${VAR}`` expanded (credentials stay out of everything we log)."""
@@ -103,6 +113,8 @@ def _watch_from_dict(raw: dict[str, Any], where: str) -> Watch:
     if not raw.get("repo_url"):
         raise WatchConfigError(f"{where}: field 'repo_url' is missing")
     values = dict(raw)
+    if values.get("signatures") is False:  # YAML 1.1 reads a bare `off` as false
+        values["signatures"] = "off"
     try:
         source.validate_branch(str(values.get("branch", "main")))
     except InputError as exc:

@@ -1,39 +1,55 @@
 """The whole path on a live Airflow (``airflow standalone``: scheduler, dag-processor, triggerer,
 API server, LocalExecutor on SQLite), started by the test like ``make demo`` does."""
 
+import hashlib
+import hmac
+import json
+import time
+
 import httpx
 import pytest
 
-from gitops_ml import logs, registry, stack
+from gitops_ml import demo, logs, registry, stack
 from gitops_ml.airflow.client import AirflowClient
-from tests.conftest import free_port
+from tests.conftest import commit_file, free_port
+
+
+def total_runs(client) -> int:
+    return client._check(client._http.get("/api/v2/dags/gitops_ml_pipeline/dagRuns"), "list runs")["total_entries"]
 
 pytestmark = pytest.mark.e2e
 
 
 @pytest.fixture
-def live_stack(settings, es):
+def live_stack(settings, es, demo_repo, tmp_path, monkeypatch):
     """``airflow standalone`` + MLflow + server; ``ES_URL`` is set, so task logs go to Elasticsearch
-    and the Airflow UI reads finished tries back from it (``[logging] remote_logging``)."""
+    and the Airflow UI reads finished tries back from it (``[logging] remote_logging``). The demo
+    repository is watched (poll every second) by the watcher DAG, in the scheduler and triggerer."""
+    config = tmp_path / "watch.yaml"
+    config.write_text(json.dumps({"repositories": [{"name": "demo", "repo_url": str(demo_repo["path"]),
+                                                    "branch": "main", "poll_interval": 1, "retrain_schedule": None}]}))
+    monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))
+    monkeypatch.setenv("GITOPS_ML_WEBHOOK_SECRET", "live-hook-secret")
     ports = {"airflow_port": free_port(), "mlflow_port": free_port(),
              "serve_port": int(settings.serving_url.rsplit(":", 1)[1])}
     try:
         urls = stack.up(settings, **ports)
-        yield urls
+        yield {**urls, "ports": ports}
     finally:
         stack.down(settings)
 
 
-def test_trigger_names_run_after_commit_and_serves_it(settings, demo_repo, live_stack, es):
+def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_stack, es):
     client = AirflowClient(live_stack["airflow"])
     client.wait_for_dag()
     commit_sha = demo_repo["commit_sha"]
-    run = client.trigger_commit(commit_sha)
-    assert run["dag_run_id"] == f"commit__{commit_sha}"
-    finished = client.wait_for_run(run["dag_run_id"], timeout=600)
+    # Nobody triggers anything: the watcher (deferrable sensor in the triggerer) finds the head.
+    finished = client.wait_for_run(f"commit__{commit_sha}", timeout=600)
+    run = finished
     states = {ti["task_id"]: ti["state"] for ti in client.task_instances(run["dag_run_id"])}
     assert finished["state"] == "success", states
     assert finished["conf"]["commit_sha"] == commit_sha and commit_sha in finished["note"]
+    assert finished["conf"]["trigger"] == "push"
 
     served = httpx.get(live_stack["serving"] + "/version").json()
     assert served["commit_sha"] == commit_sha and served["airflow_run_id"] == f"commit__{commit_sha}"
@@ -42,8 +58,7 @@ def test_trigger_names_run_after_commit_and_serves_it(settings, demo_repo, live_
 
     # Triggering the same commit again returns the existing run instead of starting a second one.
     assert client.trigger_commit(commit_sha)["dag_run_id"] == run["dag_run_id"]
-    runs = client._check(client._http.get("/api/v2/dags/gitops_ml_pipeline/dagRuns"), "list runs")
-    assert runs["total_entries"] == 1
+    assert total_runs(client) == 1
     assert httpx.get(live_stack["mlflow"] + "/health").status_code == 200
 
     # The UI plugin: listed by the API, and its DAG-run link lands on this commit's MLflow run.
@@ -72,3 +87,46 @@ def test_trigger_names_run_after_commit_and_serves_it(settings, demo_repo, live_
     assert [d["message"] for d in shipped] == [e for e in events if e in {d["message"] for d in shipped}]
     assert any(e.startswith("epoch 12:") for e in events)
     assert all(isinstance(e, str) and not e.startswith("{'dataset'") for e in events)
+
+    # A push: the watcher starts the run for the new SHA, which trains and deploys it.
+    new_sha = demo.bump_param(demo_repo["path"], "train.learning_rate", 0.004, "tune the learning rate")
+    second = client.wait_for_run(f"commit__{new_sha}", timeout=600)
+    assert second["state"] == "success" and second["conf"]["trigger"] == "push"
+    assert httpx.get(live_stack["serving"] + "/version").json()["commit_sha"] == new_sha
+
+    # Restart the scheduler, triggerer and the rest: no second run for a SHA already handled.
+    stack.down(settings)
+    restarted = stack.up(settings, **live_stack["ports"])
+    client = AirflowClient(restarted["airflow"])
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:  # the watcher waits again: its sensor deferred to the new triggerer
+        latest = client._check(client._http.get("/api/v2/dags/gitops_ml_watch__demo/dagRuns",
+                                                params={"order_by": "-run_after", "limit": 1}), "runs")["dag_runs"]
+        if latest and latest[0]["state"] == "running":
+            states = {ti["task_id"]: ti["state"] for ti in client.task_instances(latest[0]["dag_run_id"],
+                                                                                  "gitops_ml_watch__demo")}
+            if states.get("wait_for_commit") == "deferred":
+                break
+        time.sleep(1)
+    else:
+        pytest.fail("the watcher did not wait again after the restart")
+    time.sleep(5)
+    assert total_runs(client) == 2
+
+    # The push webhook, served by the live API server (plugin app): a bad signature starts nothing,
+    # a good one creates the run at once (a docs-only commit: recorded as "no retrain needed").
+    docs_sha = commit_file(demo_repo["path"], "README.md", "how to use the model\n", "docs")
+    body = json.dumps({"ref": "refs/heads/main", "before": new_sha, "after": docs_sha,
+                       "repository": {"clone_url": "https://git.example.com/m.git"}}).encode()
+    signature = hmac.new(b"live-hook-secret", body, hashlib.sha256).hexdigest()
+    url = restarted["airflow"] + "/gitops-ml/webhooks/demo"
+    bad = httpx.post(url, content=body, headers={"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + "0" * 64})
+    assert bad.status_code == 401 and "X-Hub-Signature-256" in bad.json()["error"]  # (no run: tests/e2e/test_watch_dags)
+    good = httpx.post(url, content=body, headers={"X-GitHub-Event": "push", "X-Hub-Signature-256": f"sha256={signature}"})
+    assert good.status_code == 202, good.text
+    created = good.json()["created"] + good.json()["existing"]  # the 1 s poller may have been first
+    assert created == [f"commit__{docs_sha}"]
+    docs_run = client.wait_for_run(f"commit__{docs_sha}", timeout=300)
+    assert docs_run["state"] == "success" and docs_run["note"].startswith("NO RETRAIN NEEDED")
+    assert httpx.get(live_stack["serving"] + "/version").json()["commit_sha"] == new_sha  # untouched
+    assert total_runs(client) == 3

@@ -174,3 +174,19 @@ def test_webhook_starts_the_run_at_once_and_the_poller_finds_it_done(airflow_db,
     assert watcher(name).test().state == "success"  # the poller sees the pushed SHA: already done
     assert len(pipeline_runs()) == count
     assert git(demo_repo["path"], "rev-parse", "HEAD") == new_sha
+
+
+@pytest.mark.parametrize("decision", ["no_retrain", "rejected"])
+def test_pipeline_run_of_a_commit_not_to_train_records_why_and_runs_nothing(airflow_db, settings, demo_repo,
+                                                                           server, decision):
+    from tests.e2e.test_dag import load_dag, task_states
+
+    reason = "only README.md changed" if decision == "no_retrain" else f"commit {demo_repo['commit_sha']} is not signed"
+    run = load_dag().test(run_conf={"commit_sha": demo_repo["commit_sha"], "decision": decision, "reason": reason})
+    assert run.state == "success"
+    states = task_states(run)
+    assert states.pop("resolve_commit") == "skipped" and set(states.values()) == {"skipped"}, states
+    recorded = records.read(settings.records_dir / f"{demo_repo['commit_sha']}.jsonl")
+    assert [(r["event"]["action"], r["event"]["outcome"], r["reason"]) for r in recorded] == \
+        [("watch", decision, reason)]
+    assert server.version() is None  # nothing was deployed: the server still has no model

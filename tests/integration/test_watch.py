@@ -153,3 +153,13 @@ def test_watch_config_errors_name_the_field(tmp_path):
     path.write_text("repositories:\n  - name: m\n    repo_url: https://u:${TOKEN_X}@h/r.git\n    poll_interval: 5\n")
     loaded = watch.load_watches(path)[0]
     assert loaded.poll_interval == 5.0 and "${TOKEN_X}" in loaded.repo_url and "TOKEN" not in loaded.safe_url
+
+
+def test_bare_yaml_off_and_direct_construction_are_checked(tmp_path):
+    path = tmp_path / "watch.yaml"
+    path.write_text("repositories:\n  - name: m\n    repo_url: file:///x\n    signatures: off\n")
+    assert watch.load_watches(path)[0].signatures == "off"
+    with pytest.raises(watch.WatchConfigError, match="policy"):
+        watch.Watch(name="m", repo_url="file:///x", policy="newest")
+    with pytest.raises(watch.WatchConfigError, match="allowed_signers"):
+        watch.Watch(name="m", repo_url="file:///x", signatures="enforce")

@@ -20,10 +20,10 @@ PIPELINE_DAG_ID = "gitops_ml_pipeline"
 
 
 def _note(decision: dict[str, Any], trigger: str) -> str:
-    short = decision["commit_sha"][:12]
-    head = {"train": f"{trigger}: build commit {short}",
-            "no_retrain": f"NO RETRAIN NEEDED for commit {short}",
-            "rejected": f"REJECTED commit {short}"}[decision["action"]]
+    sha = decision["commit_sha"]
+    head = {"train": f"{trigger}: build commit {sha}",
+            "no_retrain": f"NO RETRAIN NEEDED for commit {sha}",
+            "rejected": f"REJECTED commit {sha}"}[decision["action"]]
     note = f"{head}: {decision['reason']}"
     if decision.get("warning"):
         note += f"\n\nWARNING (signature policy warn): {decision['warning']}"
@@ -71,7 +71,7 @@ def record_plan(settings: Settings, plan: dict[str, Any], run_id: str) -> None:
                         removed_commits=removed, previous_sha=plan["previous_sha"])
 
 
-def _settings_for(watch) -> Settings:
+def settings_for(watch) -> Settings:
     return Settings.from_env().with_overrides(repo_url=watch.url, branch=watch.branch, model_name=watch.model_name)
 
 
@@ -82,7 +82,7 @@ def plan_commits(watch_name: str, found: dict[str, Any] | None, run_id: str) -> 
     if not found:
         return []
     watched = watch.get_watch(watch_name)
-    settings = _settings_for(watched)
+    settings = settings_for(watched)
     plan = watch.plan_branch(watched, settings.git_cache_dir, found.get("previous_sha"), found["head_sha"]).to_dict()
     for decision in plan["decisions"]:
         log.info("commit %s: %s (%s)", decision["commit_sha"], decision["action"], decision["reason"])
@@ -108,7 +108,7 @@ def plan_retrain(watch_name: str, when: datetime) -> list[dict[str, Any]]:
     from gitops_ml import watch  # noqa: PLC0415
 
     watched = watch.get_watch(watch_name)
-    settings = _settings_for(watched)
+    settings = settings_for(watched)
     plan = watch.plan_branch(watched, settings.git_cache_dir, None).to_dict()
     decision = plan["decisions"][0]
     if decision["action"] == "rejected":

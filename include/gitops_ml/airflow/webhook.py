@@ -42,7 +42,7 @@ def handle_push(watch_name: str, headers: dict[str, str], body: bytes) -> tuple[
     """(HTTP status, JSON body) for one webhook delivery."""
     from gitops_ml import watch, webhooks  # noqa: PLC0415
     from gitops_ml.airflow import watch_steps  # noqa: PLC0415
-    from gitops_ml.errors import InputError  # noqa: PLC0415
+    from gitops_ml.errors import GitopsMLError, InputError  # noqa: PLC0415
 
     try:
         watched = watch.get_watch(watch_name)
@@ -62,11 +62,13 @@ def handle_push(watch_name: str, headers: dict[str, str], body: bytes) -> tuple[
         return 202, {"ignored": f"push to branch {event.branch!r}; {watch_name!r} watches {watched.branch!r}"}
     if event.after_sha is None:
         return 202, {"ignored": f"branch {event.branch!r} was deleted"}
-    settings = watch_steps._settings_for(watched)
+    settings = watch_steps.settings_for(watched)
     try:
         plan = watch.plan_branch(watched, settings.git_cache_dir, event.before_sha, event.after_sha).to_dict()
     except InputError as exc:
         return 400, {"error": str(exc)}
+    except GitopsMLError as exc:  # e.g. the remote is unreachable right now: the sender retries
+        return 503, {"error": str(exc)}
     run_id = f"webhook__{event.after_sha}"
     watch_steps.record_plan(settings, plan, run_id)
     created, existing = [], []
