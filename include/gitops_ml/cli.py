@@ -164,6 +164,30 @@ def cmd_logs(args) -> int:
     return 0
 
 
+def cmd_watch(args) -> int:
+    """List the watched repositories, or show what the watcher would do (dry run, nothing started)."""
+    from gitops_ml import watch  # noqa: PLC0415
+
+    watches = watch.load_watches()
+    if args.action == "list":
+        for w in watches:
+            print(f"{w.name:16} {w.safe_url} [{w.branch}] policy={w.policy} signatures={w.signatures} "
+                  f"poll={w.poll_interval:g}s retrain={w.retrain_schedule}")
+        if not watches:
+            print(f"no watched repository (configure {watch.config_path()} or GITOPS_ML_REPO_URL)", file=sys.stderr)
+        return 0
+    if not args.name:
+        print("gitops-ml: error: give the name of a watched repository", file=sys.stderr)
+        return 2
+    watched = watch.get_watch(args.name)
+    plan = watch.plan_branch(watched, Settings.from_env().git_cache_dir, args.since)
+    if plan.force_push:
+        print(f"force-push: removed {', '.join(plan.force_push['removed'])}")
+    for d in plan.decisions:
+        print(f"{d.commit_sha}  {d.action:11} {d.reason}" + (f"  WARNING: {d.warning}" if d.warning else ""))
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gitops-ml", description="GitOps for machine learning on Airflow")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -214,6 +238,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--level", help="only this level (info, warning, error)")
     p.add_argument("--ship", action="store_true", help="bulk-load the local spool into ES_URL now")
     p.set_defaults(func=cmd_logs)
+
+    p = sub.add_parser("watch", help="watched repositories: list them, or plan (dry run) from a SHA")
+    p.add_argument("action", choices=["list", "plan"])
+    p.add_argument("name", nargs="?", help="watched repository (for plan)")
+    p.add_argument("--since", help="plan the commits after this SHA (default: only the head)")
+    p.set_defaults(func=cmd_watch)
 
     p = with_repo(sub.add_parser("demo", help="the whole demo"))
     p.set_defaults(func=cmd_demo)

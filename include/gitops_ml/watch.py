@@ -32,12 +32,13 @@ import os
 import re
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-import git
-
-from gitops_ml import source
+from gitops_ml import refs
 from gitops_ml.errors import InputError
+
+if TYPE_CHECKING:
+    import git
 
 log = logging.getLogger(__name__)
 
@@ -85,7 +86,7 @@ class Watch:
 
     @property
     def safe_url(self) -> str:
-        return source.redact_url(self.url)
+        return refs.redact_url(self.url)
 
     @property
     def cursor_key(self) -> str:
@@ -116,7 +117,7 @@ def _watch_from_dict(raw: dict[str, Any], where: str) -> Watch:
     if values.get("signatures") is False:  # YAML 1.1 reads a bare `off` as false
         values["signatures"] = "off"
     try:
-        source.validate_branch(str(values.get("branch", "main")))
+        refs.validate_branch(str(values.get("branch", "main")))
     except InputError as exc:
         raise WatchConfigError(f"{where}: field 'branch': {exc}") from None
     if values.get("policy", "every") not in POLICIES:
@@ -219,6 +220,8 @@ def _rev_list(repo: git.Repo, *args: str) -> list[str]:
 
 
 def _exists(repo: git.Repo, commit_sha: str) -> bool:
+    import git  # noqa: PLC0415
+
     try:
         repo.git.cat_file("-e", f"{commit_sha}^{{commit}}")
         return True
@@ -309,6 +312,8 @@ def plan(watch: Watch, repo: git.Repo, previous_sha: str | None, head_sha: str,
 
 def plan_branch(watch: Watch, cache_dir: Path, previous_sha: str | None, head_sha: str | None = None) -> Plan:
     """Fetch the mirror of the watched repository and plan from ``previous_sha`` to the head."""
+    from gitops_ml import source  # noqa: PLC0415
+
     repo = source.fetch_mirror(watch.url, watch.branch, cache_dir)
     head = head_sha or repo.git.rev_parse(f"refs/heads/{watch.branch}")
     if head_sha and not _exists(repo, head_sha):

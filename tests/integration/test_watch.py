@@ -163,3 +163,20 @@ def test_bare_yaml_off_and_direct_construction_are_checked(tmp_path):
         watch.Watch(name="m", repo_url="file:///x", policy="newest")
     with pytest.raises(watch.WatchConfigError, match="allowed_signers"):
         watch.Watch(name="m", repo_url="file:///x", signatures="enforce")
+
+
+def test_cli_lists_watches_and_plans_a_dry_run(remote, tmp_path):
+    from tests.conftest import BIN
+
+    config = tmp_path / "watch.yaml"
+    config.write_text(f"repositories:\n  - name: models\n    repo_url: file://{remote['bare']}\n    policy: latest\n")
+    shas = [push(remote, "params.yaml", f"train: {{epochs: {i}}}\n", f"epochs {i}") for i in (20, 21)]
+    docs = push(remote, "README.md", "more docs\n", "docs")
+    env = {**__import__("os").environ, "GITOPS_ML_WATCH_CONFIG": str(config), "GITOPS_ML_HOME": str(tmp_path / "h")}
+    listed = subprocess.run([str(BIN / "gitops-ml"), "watch", "list"], env=env, capture_output=True, text=True,
+                            check=True).stdout
+    assert listed.startswith("models") and "policy=latest" in listed
+    planned = subprocess.run([str(BIN / "gitops-ml"), "watch", "plan", "models", "--since", remote["head"]],
+                             env=env, capture_output=True, text=True, check=True).stdout.splitlines()
+    assert [line.split()[:2] for line in planned] == [[shas[0], "superseded"], [shas[1], "train"],
+                                                       [docs, "no_retrain"]]

@@ -1,25 +1,40 @@
 """DAG files stay cheap to parse: no TensorFlow, MLflow or DVC at module top level, no import errors."""
 
 import json
+import os
 import subprocess
 import sys
+
+import pytest
 
 from tests.conftest import ROOT
 
 HEAVY = ["tensorflow", "keras", "mlflow", "dvc", "git", "sklearn"]
 
 
-def test_dag_file_imports_nothing_heavy():
+@pytest.mark.parametrize("dag_file", ["gitops_ml_pipeline.py", "gitops_ml_watch.py"])
+def test_dag_file_imports_nothing_heavy(dag_file, watch_file):
     code = (
         "import json, sys, runpy\n"
-        f"runpy.run_path({str(ROOT / 'dags' / 'gitops_ml_pipeline.py')!r})\n"
+        f"ns = runpy.run_path({str(ROOT / 'dags' / dag_file)!r})\n"
         f"print(json.dumps(sorted(m for m in {HEAVY!r} if m in sys.modules)))\n"
     )
-    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    env = {**os.environ, "GITOPS_ML_WATCH_CONFIG": str(watch_file)}
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True, env=env).stdout
     assert json.loads(out.strip().splitlines()[-1]) == []
 
 
-def test_dagbag_has_no_import_errors_and_expected_wiring():
+@pytest.fixture
+def watch_file(tmp_path, monkeypatch):
+    path = tmp_path / "watch.yaml"
+    path.write_text("repositories:\n"
+                    "  - {name: a, repo_url: 'https://u:${TOK}@git.example.com/a.git', retrain_schedule: '@daily'}\n"
+                    "  - {name: b, repo_url: /srv/git/b.git, branch: dev, retrain_schedule: null}\n")
+    monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(path))
+    return path
+
+
+def test_dagbag_has_no_import_errors_and_expected_wiring(watch_file):
     from airflow.dag_processing.dagbag import DagBag
 
     bag = DagBag(dag_folder=str(ROOT / "dags"))
@@ -30,3 +45,12 @@ def test_dagbag_has_no_import_errors_and_expected_wiring():
     for upstream, downstream in zip(order, order[1:]):
         assert downstream in dag.task_dict[upstream].downstream_task_ids
     assert dag.max_active_runs == 1 and dag.schedule is None
+
+    assert {"gitops_ml_watch__a", "gitops_ml_retrain__a", "gitops_ml_watch__b"} <= set(bag.dags)
+    assert "gitops_ml_retrain__b" not in bag.dags
+    watcher = bag.dags["gitops_ml_watch__b"]
+    assert watcher.max_active_runs == 1 and type(watcher.timetable).__name__ == "ContinuousTimetable"
+    assert list(watcher.task_dict) == ["wait_for_commit", "plan_commits", "start_pipeline_runs", "advance_cursor"]
+    sensor = watcher.task_dict["wait_for_commit"]
+    assert sensor.deferrable and sensor.branch == "dev" and sensor.since_sha.startswith("{{ var.value.get(")
+    assert "TOK" not in bag.dags["gitops_ml_watch__a"].description

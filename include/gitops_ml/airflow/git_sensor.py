@@ -22,7 +22,7 @@ from typing import Any, AsyncIterator
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
-from gitops_ml.source import redact, redact_url, validate_branch, validate_repo_url
+from gitops_ml.refs import redact, redact_url, validate_branch, validate_repo_url
 
 
 class GitRemoteError(Exception):
