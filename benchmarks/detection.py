@@ -58,6 +58,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks._common import OUT_DIR, ROOT, free_port, fresh_home
+from gitops_ml.airflow.steps import run_id_for
 
 PIPELINE = "gitops_ml_pipeline"
 OURS, POKE = "gitops_ml_watch__", "bench_poke_watch__"
@@ -182,8 +183,8 @@ class Api:
         response.raise_for_status()
         return response.json()
 
-    def run_exists(self, sha: str) -> bool:
-        response = self.http.get(f"/api/v2/dags/{PIPELINE}/dagRuns/commit__{sha}")
+    def run_exists(self, sha: str, watch: str) -> bool:
+        response = self.http.get(f"/api/v2/dags/{PIPELINE}/dagRuns/{run_id_for(sha, watch=watch)}")
         if response.status_code not in (200, 404):
             response.raise_for_status()
         return response.status_code == 200
@@ -241,7 +242,8 @@ def measure_polling(base_url: str, dag_id: str, repo: Path, pushes: int, interva
         pause = rng.uniform(0, interval)
         time.sleep(pause)
         sha, t_push = push(repo, offset + i)
-        t_run = wait_until(lambda: api.run_exists(sha), interval + 240, f"{label}: no run for {sha}")
+        t_run = wait_until(lambda: api.run_exists(sha, dag_id.split("__", 1)[1]), interval + 240,
+                           f"{label}: no run for {sha}")
         done = api.sensors(dag_id, "success", order_by="-end_date", limit=1)
         t_sensor = ts(done[0]["end_date"]) if done else None
         row = {"sha": sha, "latency_s": t_run - t_push, "pause_s": pause,
@@ -270,10 +272,10 @@ def measure_webhook(base_url: str, watch_name: str, repo: Path, pushes: int, see
         t_response = time.time()
         if response.status_code != 202:
             raise RuntimeError(f"webhook answered {response.status_code}: {response.text[:300]}")
-        t_run = wait_until(lambda: api.run_exists(sha), 120, f"webhook: no run for {sha}")
+        t_run = wait_until(lambda: api.run_exists(sha, watch_name), 120, f"webhook: no run for {sha}")
         created = response.json().get("created", [])
         rows.append({"sha": sha, "latency_s": t_run - t_push, "response_s": t_response - t_push,
-                     "created_by_webhook": f"commit__{sha}" in created})
+                     "created_by_webhook": run_id_for(sha, watch=watch_name) in created})
         log(f"webhook push {i + 1}/{pushes}: {sha[:10]} run exists after {rows[-1]['latency_s']:.2f} s "
             f"(HTTP 202 after {rows[-1]['response_s']:.2f} s, created by webhook: {rows[-1]['created_by_webhook']})")
         time.sleep(rng.uniform(0, 2))
@@ -351,7 +353,7 @@ def start_watchers(api: Api, base_url: str, watches: dict[str, tuple[str, Path, 
         api.set_paused(dag_id, False)
     for name in names:
         dag_id, _, head = watches[name]
-        wait_until(lambda: api.run_exists(head), 300, f"{dag_id}: no run for the initial head", every=0.5)
+        wait_until(lambda: api.run_exists(head, name), 300, f"{dag_id}: no run for the initial head", every=0.5)
 
     def runs(dag_id: str) -> list[dict]:
         return api.get(f"/api/v2/dags/{dag_id}/dagRuns", order_by="run_after")["dag_runs"]

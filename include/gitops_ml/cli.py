@@ -61,9 +61,14 @@ def cmd_trigger(args) -> int:
     from gitops_ml.airflow.client import AirflowClient  # noqa: PLC0415
 
     settings = _settings(args)
+    if args.watch:
+        from gitops_ml.airflow.watch_steps import settings_for  # noqa: PLC0415
+        from gitops_ml.watch import get_watch  # noqa: PLC0415
+
+        settings = settings_for(get_watch(args.watch))
     commit = source.resolve_commit(settings.repo_url, settings.branch, args.commit_sha, settings.git_cache_dir)
     client = AirflowClient(args.airflow_url)
-    run = client.trigger_commit(commit.commit_sha, rerun=args.rerun)
+    run = client.trigger_commit(commit.commit_sha, rerun=args.rerun, watch=args.watch)
     print(f"run {run['dag_run_id']} for commit {commit.commit_sha}: {run['state']}")
     if args.wait:
         run = client.wait_for_run(run["dag_run_id"], timeout=args.timeout,
@@ -220,6 +225,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--airflow-url", help="default: AIRFLOW_API_URL or http://127.0.0.1:8080")
     p.add_argument("--wait", action="store_true")
     p.add_argument("--rerun", action="store_true", help="start another run even if this commit has one")
+    p.add_argument("--watch", help="a watched repository by name (its URL, branch, model and run ids)")
     p.add_argument("--timeout", type=float, default=1800)
     p.set_defaults(func=cmd_trigger)
 

@@ -26,7 +26,7 @@ def live_stack(settings, es, demo_repo, tmp_path, monkeypatch):
     and the Airflow UI reads finished tries back from it (``[logging] remote_logging``). The demo
     repository is watched (poll every second) by the watcher DAG, in the scheduler and triggerer."""
     config = tmp_path / "watch.yaml"
-    config.write_text(json.dumps({"repositories": [{"name": "demo", "repo_url": str(demo_repo["path"]),
+    config.write_text(json.dumps({"repositories": [{"name": "default", "repo_url": str(demo_repo["path"]),
                                                     "branch": "main", "poll_interval": 1, "retrain_schedule": None}]}))
     monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))
     monkeypatch.setenv("GITOPS_ML_WEBHOOK_SECRET", "live-hook-secret")
@@ -100,11 +100,11 @@ def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_
     client = AirflowClient(restarted["airflow"])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the watcher waits again: its sensor deferred to the new triggerer
-        latest = client._check(client._http.get("/api/v2/dags/gitops_ml_watch__demo/dagRuns",
+        latest = client._check(client._http.get("/api/v2/dags/gitops_ml_watch__default/dagRuns",
                                                 params={"order_by": "-run_after", "limit": 1}), "runs")["dag_runs"]
         if latest and latest[0]["state"] == "running":
             states = {ti["task_id"]: ti["state"] for ti in client.task_instances(latest[0]["dag_run_id"],
-                                                                                  "gitops_ml_watch__demo")}
+                                                                                  "gitops_ml_watch__default")}
             if states.get("wait_for_commit") == "deferred":
                 break
         time.sleep(1)
@@ -119,7 +119,7 @@ def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_
     body = json.dumps({"ref": "refs/heads/main", "before": new_sha, "after": docs_sha,
                        "repository": {"clone_url": "https://git.example.com/m.git"}}).encode()
     signature = hmac.new(b"live-hook-secret", body, hashlib.sha256).hexdigest()
-    url = restarted["airflow"] + "/gitops-ml/webhooks/demo"
+    url = restarted["airflow"] + "/gitops-ml/webhooks/default"
     bad = httpx.post(url, content=body, headers={"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + "0" * 64})
     assert bad.status_code == 401 and "X-Hub-Signature-256" in bad.json()["error"]  # (no run: tests/e2e/test_watch_dags)
     good = httpx.post(url, content=body, headers={"X-GitHub-Event": "push", "X-Hub-Signature-256": f"sha256={signature}"})

@@ -14,6 +14,7 @@ import uuid
 import pytest
 
 from gitops_ml import records
+from gitops_ml.airflow.steps import run_id_for
 from tests.conftest import ROOT, commit_file, git
 
 pytestmark = pytest.mark.e2e
@@ -26,11 +27,13 @@ def watch_config(tmp_path, monkeypatch, demo_repo):
     monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(path))
     monkeypatch.setenv("GITOPS_ML_WEBHOOK_SECRET", "hook-secret-1")
 
+    entries = []
+
     def make(**fields):
         name = "t" + uuid.uuid4().hex[:10]
-        entry = {"name": name, "repo_url": str(demo_repo["path"]), "branch": "main", "poll_interval": 0.5,
-                 "sensor_timeout": 60, **fields}
-        path.write_text(json.dumps({"repositories": [entry]}))  # JSON is YAML
+        entries.append({"name": name, "repo_url": str(demo_repo["path"]), "branch": "main", "poll_interval": 0.5,
+                        "sensor_timeout": 60, **fields})
+        path.write_text(json.dumps({"repositories": entries}))  # JSON is YAML
         return name
     return make
 
@@ -72,8 +75,8 @@ def test_one_run_per_commit_bursts_and_the_same_sha_again(airflow_db, settings, 
     run = watcher(name).test()
     assert run.state == "success"
     runs = pipeline_runs()
-    assert f"commit__{head}" in runs
-    first = runs[f"commit__{head}"]
+    assert run_id_for(head, watch=name) in runs
+    first = runs[run_id_for(head, watch=name)]
     assert first.conf["commit_sha"] == head and first.conf["trigger"] == "push" and head[:12] in first.note
     assert Variable.get(f"gitops_ml_watch__{name}__last_sha") == head
 
@@ -83,9 +86,10 @@ def test_one_run_per_commit_bursts_and_the_same_sha_again(airflow_db, settings, 
     assert watcher(name).test().state == "success"
     runs = pipeline_runs()
     for sha in burst:
-        assert runs[f"commit__{sha}"].conf["decision"] == "train"
-    assert runs[f"commit__{docs}"].conf["decision"] == "no_retrain"
-    assert runs[f"commit__{docs}"].note.startswith("NO RETRAIN NEEDED") and "README.md" in runs[f"commit__{docs}"].note
+        assert runs[run_id_for(sha, watch=name)].conf["decision"] == "train"
+    assert runs[run_id_for(docs, watch=name)].conf["decision"] == "no_retrain"
+    docs_run = runs[run_id_for(docs, watch=name)]
+    assert docs_run.note.startswith("NO RETRAIN NEEDED") and "README.md" in docs_run.note
     count = len(runs)
 
     # The watcher sees the same SHAs again (e.g. its cursor was lost): no second run for any of them.
@@ -102,7 +106,7 @@ def test_latest_policy_runs_only_the_newest_and_records_the_rest(airflow_db, set
     burst = [model_code_commit(demo_repo["path"], f"# v{i}\n", f"model code v{i}") for i in range(5)]
     assert watcher(name).test().state == "success"
     runs = pipeline_runs()
-    assert f"commit__{burst[-1]}" in runs and not any(f"commit__{sha}" in runs for sha in burst[:-1])
+    assert run_id_for(burst[-1], watch=name) in runs and not any(run_id_for(sha, watch=name) in runs for sha in burst[:-1])
     for sha in burst[:-1]:
         recorded = records.read(settings.records_dir / f"{sha}.jsonl")
         assert recorded and recorded[0]["event"]["outcome"] == "superseded"
@@ -126,7 +130,7 @@ def test_waiting_sensor_defers_and_fires_on_push(airflow_db, settings, demo_repo
     started = time.monotonic()
     assert watcher(name).test().state == "success"
     assert time.monotonic() - started >= 3 and pushed
-    assert f"commit__{pushed[0]}" in pipeline_runs()
+    assert run_id_for(pushed[0], watch=name) in pipeline_runs()
 
 
 def test_scheduled_retraining_run_is_named_by_sha_and_time(airflow_db, settings, demo_repo, watch_config):
@@ -159,16 +163,16 @@ def test_webhook_starts_the_run_at_once_and_the_poller_finds_it_done(airflow_db,
                        "commits": [{"id": new_sha}]}).encode()
     client = TestClient(create_app())
     bad = client.post(f"/webhooks/{name}", content=body, headers=_github(body, "wrong-secret"))
-    assert bad.status_code == 401 and f"commit__{new_sha}" not in pipeline_runs()
+    assert bad.status_code == 401 and run_id_for(new_sha, watch=name) not in pipeline_runs()
     assert "hook-secret-1" not in bad.text
     malformed = client.post(f"/webhooks/{name}", content=b"{not json", headers=_github(b"{not json", "hook-secret-1"))
     assert malformed.status_code == 400
     good = client.post(f"/webhooks/{name}", content=body, headers=_github(body, "hook-secret-1"))
     assert good.status_code == 202, good.text
-    assert good.json()["created"] == [f"commit__{new_sha}"]
-    assert pipeline_runs()[f"commit__{new_sha}"].conf["trigger"] == "webhook"
+    assert good.json()["created"] == [run_id_for(new_sha, watch=name)]
+    assert pipeline_runs()[run_id_for(new_sha, watch=name)].conf["trigger"] == "webhook"
     assert client.post(f"/webhooks/{name}", content=body, headers=_github(body, "hook-secret-1")).json()["existing"] \
-        == [f"commit__{new_sha}"]
+        == [run_id_for(new_sha, watch=name)]
     count = len(pipeline_runs())
     assert Variable.get(f"gitops_ml_watch__{name}__last_sha") == before
     assert watcher(name).test().state == "success"  # the poller sees the pushed SHA: already done
@@ -190,3 +194,15 @@ def test_pipeline_run_of_a_commit_not_to_train_records_why_and_runs_nothing(airf
     assert [(r["event"]["action"], r["event"]["outcome"], r["reason"]) for r in recorded] == \
         [("watch", decision, reason)]
     assert server.version() is None  # nothing was deployed: the server still has no model
+
+
+def test_two_watched_branches_with_the_same_sha_each_get_their_run(airflow_db, settings, demo_repo, watch_config):
+    """The same commit on two watched branches (e.g. main and production) is one run per watch."""
+    first, second = watch_config(), watch_config(model_name="second-model")
+    for name in (first, second):
+        assert watcher(name).test().state == "success"
+    runs = pipeline_runs()
+    head = demo_repo["commit_sha"]
+    assert runs[run_id_for(head, watch=first)].conf["watch"] == first
+    assert runs[run_id_for(head, watch=second)].conf["watch"] == second
+    assert run_id_for(head, watch="default") == f"commit__{head}"

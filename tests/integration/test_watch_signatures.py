@@ -107,7 +107,7 @@ def test_enforce_rejects_unsigned_and_unknown_signers_and_trains_allowed(remote,
     assert set(requests) == set(shas.values())  # every commit shows up under its SHA
     for kind, sha in shas.items():
         conf, note = requests[sha]["conf"], requests[sha]["note"]
-        assert requests[sha]["trigger_run_id"].endswith(sha)
+        assert requests[sha]["trigger_run_id"] == f"commit__{sha}__signed"
         assert (conf["commit_sha"], conf["watch"], conf["branch"], conf["trigger"]) == (sha, "signed", "main", "push")
         assert "signature_warning" not in conf and "WARNING" not in note
         if kind in ("unsigned", "ssh_mallory"):

@@ -58,17 +58,17 @@ class AirflowClient:
         return None if response.status_code == 404 else self._check(response, f"read run {run_id}")
 
     def trigger_commit(self, commit_sha: str, conf: dict[str, Any] | None = None, rerun: bool = False,
-                       dag_id: str = PIPELINE_DAG_ID) -> dict[str, Any]:
+                       dag_id: str = PIPELINE_DAG_ID, watch: str | None = None) -> dict[str, Any]:
         """Start the pipeline for ``commit_sha`` as run ``commit__<sha>``; an existing run is returned as is.
 
         ``rerun=True`` starts another run for the same commit (``commit__<sha>__rerun_<time>``).
         """
-        run_id = run_id_for(commit_sha, f"rerun_{time.strftime('%Y%m%dT%H%M%S')}" if rerun else None)
+        run_id = run_id_for(commit_sha, f"rerun_{time.strftime('%Y%m%dT%H%M%S')}" if rerun else None, watch=watch)
         existing = None if rerun else self.get_run(run_id, dag_id)
         if existing:
             return existing
         body = {"dag_run_id": run_id, "logical_date": None,
-                "conf": {**(conf or {}), "commit_sha": commit_sha},
+                "conf": {**(conf or {}), "commit_sha": commit_sha, **({"watch": watch} if watch else {})},
                 "note": f"commit {commit_sha}"}
         return self._check(self._http.post(f"/api/v2/dags/{dag_id}/dagRuns", json=body), f"trigger {run_id}")
 

@@ -22,9 +22,16 @@ log = logging.getLogger(__name__)
 RUN_ID_PREFIX = "commit__"
 
 
-def run_id_for(commit_sha: str, suffix: str | None = None) -> str:
-    """Run id of the pipeline run for a commit: ``commit__<full sha>`` (plus a suffix for re-runs)."""
-    return f"{RUN_ID_PREFIX}{commit_sha}" + (f"__{suffix}" if suffix else "")
+DEFAULT_WATCH = "default"
+
+
+def run_id_for(commit_sha: str, suffix: str | None = None, watch: str | None = None) -> str:
+    """Run id of the pipeline run for a commit: ``commit__<full sha>``, for a repository watched
+    under another name than ``default`` ``commit__<sha>__<watch>`` (one run per SHA and watched
+    branch: the same SHA on two watched branches or forks gets a run for each), plus a suffix
+    for re-runs."""
+    run_id = f"{RUN_ID_PREFIX}{commit_sha}" + (f"__{watch}" if watch and watch != DEFAULT_WATCH else "")
+    return run_id + (f"__{suffix}" if suffix else "")
 
 
 def settings_from_context(context) -> Settings:

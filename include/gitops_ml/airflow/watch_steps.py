@@ -1,6 +1,7 @@
 """Task bodies of the watcher and retraining DAGs, and the run requests the webhook creates.
 
-One pipeline run per commit is guaranteed by the run id, ``commit__<sha>``: Airflow refuses a
+One pipeline run per commit is guaranteed by the run id, ``commit__<sha>`` (``commit__<sha>__<watch>``
+for a watched repository not named ``default``, see ``steps.run_id_for``): Airflow refuses a
 second run with the same id, whoever asks (watcher, webhook, a restarted scheduler, the CLI),
 and ``TriggerDagRunOperator(skip_when_already_exists=True)`` turns that refusal into "skipped".
 """
@@ -45,7 +46,7 @@ def run_requests(watch_name: str, branch: str, plan: dict[str, Any], trigger: st
                 "trigger": trigger, "decision": decision["action"], "reason": decision["reason"]}
         if decision.get("warning"):
             conf["signature_warning"] = decision["warning"]
-        requests.append({"trigger_run_id": run_id_for(decision["commit_sha"]), "conf": conf,
+        requests.append({"trigger_run_id": run_id_for(decision["commit_sha"], watch=watch_name), "conf": conf,
                          "note": _note(decision, trigger)})
     return requests
 
@@ -122,4 +123,5 @@ def plan_retrain(watch_name: str, when: datetime) -> list[dict[str, Any]]:
     if decision.get("warning"):
         conf["signature_warning"] = decision["warning"]
     note = _note({**decision, "action": conf["decision"], "reason": conf["reason"]}, "schedule")
-    return [{"trigger_run_id": f"retrain__{decision['commit_sha']}__{stamp}", "conf": conf, "note": note}]
+    suffix = "" if watched.name == "default" else f"__{watched.name}"
+    return [{"trigger_run_id": f"retrain__{decision['commit_sha']}__{stamp}{suffix}", "conf": conf, "note": note}]
