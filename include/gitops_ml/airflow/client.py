@@ -70,7 +70,10 @@ class AirflowClient:
         body = {"dag_run_id": run_id, "logical_date": None,
                 "conf": {**(conf or {}), "commit_sha": commit_sha, **({"watch": watch} if watch else {})},
                 "note": f"commit {commit_sha}"}
-        return self._check(self._http.post(f"/api/v2/dags/{dag_id}/dagRuns", json=body), f"trigger {run_id}")
+        response = self._http.post(f"/api/v2/dags/{dag_id}/dagRuns", json=body)
+        if response.status_code == 409 and not rerun:  # the watcher or the webhook created it meanwhile
+            return self._check(self._http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"), f"read run {run_id}")
+        return self._check(response, f"trigger {run_id}")
 
     def task_instances(self, run_id: str, dag_id: str = PIPELINE_DAG_ID) -> list[dict[str, Any]]:
         data = self._check(self._http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"),
