@@ -58,6 +58,7 @@ from pathlib import Path
 import httpx
 
 from benchmarks._common import OUT_DIR, ROOT, free_port, fresh_home
+from gitops_ml.airflow.client import AirflowClient
 from gitops_ml.airflow.steps import run_id_for
 
 PIPELINE = "gitops_ml_pipeline"
@@ -67,51 +68,13 @@ WEBHOOK_SECRET = "bench-detection-secret"
 POKE_DAG = '''"""Benchmark only (written by benchmarks/detection.py): the watcher of dags/gitops_ml_watch.py
 with its sensor in poke mode, i.e. holding an executor slot while it waits: the baseline."""
 
-from datetime import datetime, timedelta, timezone
-
-from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
-from airflow.sdk import dag, task
-
-from gitops_ml.airflow.git_sensor import GitCommitSensor
+from gitops_ml.airflow.watch_dags import watcher_dag
 from gitops_ml.watch import load_watches
-
-
-def poke_watcher(watch):
-    @dag(dag_id=f"bench_poke_watch__{watch.name}", schedule="@continuous", max_active_runs=1, catchup=False,
-         start_date=datetime(2026, 1, 1, tzinfo=timezone.utc),  # as dags/gitops_ml_watch.py (@continuous fix)
-         tags=["benchmark"], default_args={"retries": 2, "retry_delay": timedelta(seconds=10)})
-    def watcher():
-        found = GitCommitSensor(
-            task_id="wait_for_commit", repo_url=watch.repo_url, branch=watch.branch,
-            since_sha="{{ var.value.get('%s', '') }}" % watch.cursor_key, poll_interval=watch.poll_interval,
-            timeout=watch.sensor_timeout, soft_fail=True, deferrable=False, mode="poke",
-            poke_interval=watch.poll_interval)
-
-        @task
-        def plan_commits(found, run_id=None):
-            from gitops_ml.airflow import watch_steps
-
-            return watch_steps.plan_commits(watch.name, found, run_id)
-
-        @task(trigger_rule="none_failed")
-        def advance_cursor(found):
-            from gitops_ml.airflow import watch_steps
-
-            return watch_steps.advance_cursor(watch.name, found)
-
-        requests = plan_commits(found.output)
-        started = TriggerDagRunOperator.partial(
-            task_id="start_pipeline_runs", trigger_dag_id="gitops_ml_pipeline", logical_date=None,
-            skip_when_already_exists=True, wait_for_completion=False, retries=2,
-        ).expand_kwargs(requests)
-        started >> advance_cursor(found.output)
-
-    return watcher()
-
 
 for _watch in load_watches():
     if _watch.name.startswith("poke"):
-        globals()[f"poke__{_watch.name}"] = poke_watcher(_watch)
+        globals()[f"poke__{_watch.name}"] = watcher_dag(_watch, dag_id=f"bench_poke_watch__{_watch.name}",
+                                                        deferrable=False, tags=("benchmark",))
 '''
 
 
@@ -168,42 +131,24 @@ def pctl(values: list[float], q: float) -> float:
     return data[lo] + (data[hi] - data[lo]) * (pos - lo)
 
 
-class Api:
-    """A thin REST client (one per thread); token from the simple auth manager (all admins)."""
-
-    def __init__(self, base_url: str):
-        self.base_url = base_url
-        self.http = httpx.Client(base_url=base_url, timeout=30)
-        token = self.http.get("/auth/token")
-        token.raise_for_status()
-        self.http.headers["Authorization"] = f"Bearer {token.json()['access_token']}"
+class Api(AirflowClient):
+    """``AirflowClient`` (one per thread) plus the few calls the benchmark needs."""
 
     def get(self, path: str, **params):
-        response = self.http.get(path, params=params)
+        response = self._http.get(path, params=params)
         response.raise_for_status()
         return response.json()
 
     def run_exists(self, sha: str, watch: str) -> bool:
-        response = self.http.get(f"/api/v2/dags/{PIPELINE}/dagRuns/{run_id_for(sha, watch=watch)}")
-        if response.status_code not in (200, 404):
-            response.raise_for_status()
-        return response.status_code == 200
+        return self.get_run(run_id_for(sha, watch=watch)) is not None
 
     def set_paused(self, dag_id: str, paused: bool) -> None:
-        self.http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": paused}).raise_for_status()
-
-    def wait_dag(self, dag_id: str, timeout: float = 300) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.http.get(f"/api/v2/dags/{dag_id}").status_code == 200:
-                return
-            time.sleep(1)
-        raise TimeoutError(f"DAG {dag_id} not parsed within {timeout:.0f} s")
+        self._http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": paused}).raise_for_status()
 
     def sensors(self, dag_id: str, *states: str, **params) -> list[dict]:
         query = [("task_id", "wait_for_commit"), *(("state", s) for s in states),
                  *((k, v) for k, v in params.items())]
-        response = self.http.get(f"/api/v2/dags/{dag_id}/dagRuns/~/taskInstances", params=query)
+        response = self._http.get(f"/api/v2/dags/{dag_id}/dagRuns/~/taskInstances", params=query)
         response.raise_for_status()
         return response.json()["task_instances"]
 
@@ -212,7 +157,7 @@ class Api:
         self.set_paused(dag_id, True)
         for state in ("running", "queued"):
             for run in self.get(f"/api/v2/dags/{dag_id}/dagRuns", state=state)["dag_runs"]:
-                self.http.patch(f"/api/v2/dags/{dag_id}/dagRuns/{run['dag_run_id']}", json={"state": "failed"})
+                self._http.patch(f"/api/v2/dags/{dag_id}/dagRuns/{run['dag_run_id']}", json={"state": "failed"})
 
 
 def wait_until(check, timeout: float, what: str, every: float = 0.1) -> float:
@@ -332,7 +277,7 @@ class Rearmer(threading.Thread):
         while not (self.halt.is_set() or STOP.is_set()):
             try:
                 if not self.active():
-                    self.api.http.post(f"/api/v2/dags/{self.dag_id}/dagRuns", json={
+                    self.api._http.post(f"/api/v2/dags/{self.dag_id}/dagRuns", json={
                         "logical_date": None, "note": "started by benchmarks/detection.py: the scheduler "
                         "did not create the next @continuous run"}).raise_for_status()
                     self.count += 1
@@ -349,7 +294,7 @@ def start_watchers(api: Api, base_url: str, watches: dict[str, tuple[str, Path, 
     a ``Rearmer`` does it from then on (recorded in the results)."""
     for name in names:
         dag_id, _, _ = watches[name]
-        api.wait_dag(dag_id)
+        api.wait_for_dag(dag_id, 300)
         api.set_paused(dag_id, False)
     for name in names:
         dag_id, _, head = watches[name]
@@ -467,7 +412,7 @@ def main() -> None:
         pid = stack.start(settings, "airflow", [str(Path(sys.executable).parent / "airflow"), "standalone"], env)
         stack.wait_http(base_url + "/api/v2/monitor/health", 300, "Airflow", home / "stack" / "airflow.log")
         api = Api(base_url)
-        api.wait_dag(PIPELINE)
+        api.wait_for_dag(PIPELINE, 300)
         api.set_paused(PIPELINE, True)  # runs are only created, never executed: we measure detection
         log(f"Airflow up after {time.monotonic() - t_start:.0f} s; {PIPELINE} paused")
 

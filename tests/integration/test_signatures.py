@@ -160,7 +160,7 @@ def test_gnupg_home_is_cached_by_keyring_content(signed, tmp_path, monkeypatch):
     keyring, cache, imports = tmp_path / "keys.asc", tmp_path / "cache", []
     real_run = subprocess.run
 
-    def counting_run(args, *a, **kw):
+    def counting_run(args, *a, **kw):  # a spy: every call still runs the real gpg/git, we only count imports
         imports.extend(["import"] if args[0] == "gpg" and "--import" in args else [])
         return real_run(args, *a, **kw)
 

@@ -13,11 +13,10 @@ from typing import Any
 
 import httpx
 
-from gitops_ml.airflow.steps import run_id_for
+from gitops_ml.airflow.steps import PIPELINE_DAG_ID, run_id_for
 from gitops_ml.errors import GitopsMLError
 
 TERMINAL = {"success", "failed"}
-PIPELINE_DAG_ID = "gitops_ml_pipeline"
 
 
 class AirflowClient:

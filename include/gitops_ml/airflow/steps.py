@@ -19,6 +19,7 @@ from gitops_ml.errors import InputError
 
 log = logging.getLogger(__name__)
 
+PIPELINE_DAG_ID = "gitops_ml_pipeline"
 RUN_ID_PREFIX = "commit__"
 
 
@@ -103,8 +104,7 @@ def resolve_commit() -> dict[str, Any]:
     decision = params.get("decision") or "train"
     if decision in ("no_retrain", "rejected"):  # the watcher decided: record it against the SHA, run nothing
         reason = params.get("reason") or decision
-        log.warning("commit %s: %s", commit["commit_sha"], reason) if decision == "rejected" \
-            else log.info("commit %s: %s", commit["commit_sha"], reason)
+        log.log(logging.WARNING if decision == "rejected" else logging.INFO, "commit %s: %s", commit["commit_sha"], reason)
         pipeline.record(settings, commit, context["run_id"], "watch", decision, reason=reason)
         pipeline.write_note(settings, commit, {"gitops_ml_run": context["run_id"], "decision": decision,
                                                "reason": reason, "deployed": False})

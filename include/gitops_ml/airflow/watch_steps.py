@@ -17,8 +17,6 @@ from gitops_ml.config import Settings
 
 log = logging.getLogger(__name__)
 
-PIPELINE_DAG_ID = "gitops_ml_pipeline"
-
 
 def _note(decision: dict[str, Any], trigger: str) -> str:
     sha = decision["commit_sha"]

@@ -19,12 +19,12 @@ from typing import Any
 
 log = logging.getLogger(__name__)
 
-PIPELINE_DAG_ID = "gitops_ml_pipeline"
-
 
 def create_pipeline_run(request: dict[str, Any]) -> bool:
     """Create one pipeline run from a run request (see ``watch_steps.run_requests``); False if it exists."""
     from airflow.api.common.trigger_dag import trigger_dag  # noqa: PLC0415
+
+    from gitops_ml.airflow.steps import PIPELINE_DAG_ID  # noqa: PLC0415
     from airflow.exceptions import DagRunAlreadyExists  # noqa: PLC0415
     from airflow.utils.types import DagRunTriggeredByType, DagRunType  # noqa: PLC0415
     from sqlalchemy.exc import IntegrityError  # noqa: PLC0415
