@@ -14,6 +14,8 @@ from gitops_ml.errors import InputError
 
 # Refuse decompression bombs well before Pillow's own (much larger) limit.
 MAX_PIXELS = 40_000_000
+# The formats the README promises; Pillow would otherwise try ~40 (TIFF, PSD, ...), each more parser surface.
+FORMATS = ("PNG", "JPEG", "GIF", "BMP")
 
 
 class ImageDecodeError(InputError):
@@ -27,7 +29,7 @@ def decode(data: bytes, height: int, width: int, channels: int, name: str = "ima
     if not data:
         raise ImageDecodeError(f"{name} is empty")
     try:
-        with Image.open(io.BytesIO(data)) as img:
+        with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageDecodeError(f"{name} is {img.width}x{img.height} pixels, over the limit of {MAX_PIXELS}")
             img = img.convert("L" if channels == 1 else "RGB")
