@@ -43,6 +43,21 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], Any, Any, str]] = {
 }
 
 _SECTIONS = {key.split(".")[0] for key in _SCHEMA}
+_KEYS = {key.split(".")[0]: {k.split(".")[1] for k in _SCHEMA if k.startswith(key.split(".")[0] + ".")}
+         for key in _SCHEMA}
+MAX_BYTES = 64 * 1024
+
+
+class _PlainLoader(yaml.SafeLoader):
+    """``yaml.SafeLoader`` without anchors and aliases: a few lines of ``*alias`` could expand to
+    gigabytes once the params are hashed, logged to MLflow or copied (a "billion laughs")."""
+
+    def compose_node(self, parent, index):  # noqa: D102 - see the class docstring
+        if self.check_event(yaml.AliasEvent):
+            event = self.peek_event()
+            raise ParamsError(f"{PARAMS_FILE}: YAML aliases (*{event.anchor}) are not allowed, "
+                              f"line {event.start_mark.line + 1}")
+        return super().compose_node(parent, index)
 
 
 def _type_name(value: Any) -> str:
@@ -70,19 +85,29 @@ def validate(raw: Any, source: str = PARAMS_FILE) -> dict:
         # bool is an int in Python; in params it is always a mistake.
         if isinstance(value, bool) or not isinstance(value, expected) or not check(value):
             raise ParamsError(f"{source}: {key} must be {description}, got {value!r} ({_type_name(value)})")
-    unknown = sorted(set(params) - _SECTIONS)
+    unknown = sorted(set(params) - _SECTIONS, key=str)
     if unknown:
-        raise ParamsError(f"{source}: unknown section(s) {', '.join(unknown)}; known: {', '.join(sorted(_SECTIONS))}")
+        raise ParamsError(f"{source}: unknown section(s) {', '.join(map(str, unknown))}; "
+                          f"known: {', '.join(sorted(_SECTIONS))}")
+    for section, known in _KEYS.items():
+        extra = sorted(set(params[section]) - known, key=str)
+        if extra:
+            raise ParamsError(f"{source}: unknown key(s) {', '.join(f'{section}.{k}' for k in extra)}; "
+                              f"known in {section}: {', '.join(sorted(known))}")
     return params
 
 
 def load(repo_root: Path) -> dict:
     """Read and validate ``params.yaml`` at the root of a checked-out commit."""
     path = Path(repo_root) / PARAMS_FILE
+    if path.is_symlink():
+        raise ParamsError(f"{PARAMS_FILE} is a symbolic link: commit the file itself")
     if not path.is_file():
         raise ParamsError(f"{PARAMS_FILE} not found at the root of the commit")
+    if path.stat().st_size > MAX_BYTES:
+        raise ParamsError(f"{PARAMS_FILE} is {path.stat().st_size} bytes, over the limit of {MAX_BYTES}")
     try:
-        raw = yaml.safe_load(path.read_text(encoding="utf-8"))
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_PlainLoader)  # noqa: S506 - safe, no aliases
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ParamsError(f"{PARAMS_FILE} is not valid YAML: {exc}") from None
     return validate(raw)

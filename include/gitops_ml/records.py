@@ -11,11 +11,15 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
-from gitops_ml.source import redact
+from gitops_ml.refs import redact
+
+_FULL_SHA_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
+UNRESOLVED = "unresolved"
 
 
 def document(commit_sha: str, run_id: str, step: str, outcome: str, **fields: Any) -> dict[str, Any]:
@@ -30,9 +34,16 @@ def document(commit_sha: str, run_id: str, step: str, outcome: str, **fields: An
     }
 
 
+def path_for(records_dir: Path, commit_sha: str) -> Path:
+    """The records file of a commit.  A value that is not a full lowercase SHA (run conf is
+    untrusted: ``../../x`` must not become a path) goes to ``unresolved.jsonl``."""
+    name = commit_sha if isinstance(commit_sha, str) and _FULL_SHA_RE.fullmatch(commit_sha) else UNRESOLVED
+    return Path(records_dir) / f"{name}.jsonl"
+
+
 def write(records_dir: Path, doc: dict[str, Any]) -> Path:
     """Append ``doc`` unless a document with the same ``_id`` is already there."""
-    path = Path(records_dir) / f"{doc['labels']['commit_sha']}.jsonl"
+    path = path_for(records_dir, doc["labels"]["commit_sha"])
     path.parent.mkdir(parents=True, exist_ok=True)
     if any(d["_id"] == doc["_id"] for d in read(path)):
         return path

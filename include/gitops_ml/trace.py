@@ -26,7 +26,7 @@ def trace(settings: Settings, ref: str) -> dict[str, Any]:
     else:
         commit_sha = source.validate_sha(ref)
     commit = source.resolve_commit(settings.repo_url, settings.branch, commit_sha, settings.git_cache_dir)
-    docs = sorted(records.read(settings.records_dir / f"{commit.commit_sha}.jsonl"), key=lambda d: d["@timestamp"])
+    docs = sorted(records.read(records.path_for(settings.records_dir, commit.commit_sha)), key=lambda d: d["@timestamp"])
     built = registry.find_version(settings, commit.commit_sha)
     used_versions = {str(d.get("model_version")) for d in docs if d.get("model_version")}
     versions = []

@@ -51,3 +51,32 @@ def test_load_reports_missing_and_invalid_yaml(tmp_path):
         params.load(tmp_path)
     (tmp_path / "params.yaml").write_text(yaml.safe_dump(DEMO_PARAMS))
     assert params.load(tmp_path)["image"]["width"] == 8
+
+
+def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
+    """A "billion laughs" under any key: refused at the first alias, nothing expanded."""
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+              f"*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    text = yaml.safe_dump(DEMO_PARAMS) + "train_notes:\n" + "\n".join("  " + line for line in lines) + "\n"
+    (tmp_path / "params.yaml").write_text(text)
+    with pytest.raises(ParamsError, match=r"YAML aliases \(\*a0\) are not allowed"):
+        params.load(tmp_path)
+
+
+def test_unknown_key_inside_a_section_is_named():
+    raw = {k: dict(v) for k, v in DEMO_PARAMS.items()}
+    raw["train"]["epochz"] = 3
+    with pytest.raises(ParamsError, match=r"unknown key\(s\) train.epochz"):
+        params.validate(raw)
+
+
+def test_oversized_or_linked_params_file_is_refused(tmp_path):
+    (tmp_path / "params.yaml").write_text(yaml.safe_dump(DEMO_PARAMS) + "#" * params.MAX_BYTES)
+    with pytest.raises(ParamsError, match="over the limit"):
+        params.load(tmp_path)
+    (tmp_path / "params.yaml").unlink()
+    (tmp_path / "elsewhere.yaml").write_text(yaml.safe_dump(DEMO_PARAMS))
+    (tmp_path / "params.yaml").symlink_to(tmp_path / "elsewhere.yaml")
+    with pytest.raises(ParamsError, match="params.yaml is a symbolic link"):
+        params.load(tmp_path)
