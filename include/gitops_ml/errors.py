@@ -29,6 +29,10 @@ class InvalidRef(InputError):
     """A branch name or SHA is malformed (or looks like a command-line option)."""
 
 
+class SignatureRejected(InputError):
+    """The commit is not signed by an allowed key and its watch enforces signatures."""
+
+
 class ParamsError(InputError):
     """``params.yaml`` is missing, unparsable, lacks a key or has a wrong type."""
 

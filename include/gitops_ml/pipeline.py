@@ -22,6 +22,7 @@ from typing import Any
 
 from gitops_ml import data, params as params_mod, records, source
 from gitops_ml.config import Settings
+from gitops_ml.errors import SignatureRejected
 
 log = logging.getLogger(__name__)
 
@@ -30,15 +31,31 @@ def data_cache_dir(settings: Settings):
     return settings.home / "dvc-cache"
 
 
-def resolve(settings: Settings, commit_sha: str | None) -> dict[str, Any]:
-    """Fetch the tracked branch, check the SHA is on it; report an existing model version for it."""
-    from gitops_ml import registry  # noqa: PLC0415
+def resolve(settings: Settings, commit_sha: str | None, watch_name: str | None = None) -> dict[str, Any]:
+    """Fetch the tracked branch, check the SHA is on it, apply the signature policy of its watch;
+    report an existing model version for it.
 
+    The signature is checked here, on every trigger path (watcher, webhook, UI, REST, CLI,
+    schedule), not only by the watcher: a run conf cannot bring an unsigned commit past an
+    ``enforce`` policy.  Raises ``SignatureRejected`` naming the SHA and the reason.
+    """
+    from gitops_ml import registry, watch  # noqa: PLC0415
+
+    policy = watch.policy_for(settings.repo_url, settings.branch, watch_name)
     commit = source.resolve_commit(settings.repo_url, settings.branch, commit_sha, settings.git_cache_dir)
+    signature_warning = None
+    if policy is not None and policy.signatures != "off":
+        verdict = watch.signature_verdict(policy, source.mirror_path(settings.repo_url, settings.git_cache_dir),
+                                          commit.commit_sha, settings.git_cache_dir / "gnupg")
+        if verdict.action == "reject":
+            raise SignatureRejected(f"REJECTED commit {commit.commit_sha}: signature policy enforce of watch "
+                                    f"{policy.name!r}: {verdict.message}; nothing was built")
+        signature_warning = verdict.message if verdict.action == "warn" else None
     existing = registry.find_version(settings, commit.commit_sha)
     log.info("commit %s on %s of %s: %s", commit.commit_sha, commit.branch, commit.repo_url,
              f"already registered as version {existing.version}" if existing else "not registered yet")
-    return {"commit": commit.to_dict(), "existing_version": str(existing.version) if existing else None}
+    return {"commit": commit.to_dict(), "existing_version": str(existing.version) if existing else None,
+            "signature_warning": signature_warning}
 
 
 def code_hash() -> str:

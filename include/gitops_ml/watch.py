@@ -184,6 +184,44 @@ def get_watch(name: str, path: Path | None = None) -> Watch:
     raise WatchConfigError(f"no watched repository named {name!r} in {path or config_path()}")
 
 
+def policy_for(repo_url: str, branch: str, watch_name: str | None = None,
+               path: Path | None = None) -> Watch | None:
+    """The watched repository whose rules (signature policy) apply to a run of ``repo_url``/``branch``.
+
+    The watch named in the run conf, else the one with the same URL (without credentials) and
+    branch.  A repository nobody watches has no policy, unless some watch enforces signatures:
+    then an unwatched repository is refused, so a run conf cannot point around the policy.
+    """
+    watches = load_watches(path)
+    if watch_name:
+        return get_watch(watch_name, path)
+    safe = refs.redact_url(repo_url)
+    for watch in watches:
+        if watch.safe_url == safe and watch.branch == branch:
+            return watch
+    enforcing = [w.name for w in watches if w.signatures == "enforce"]
+    if enforcing:
+        raise WatchConfigError(f"repository {safe} (branch {branch!r}) is not watched, and watch(es) "
+                               f"{', '.join(enforcing)} enforce commit signatures: only watched repositories "
+                               "can be built (add it to the watch configuration)")
+    return None
+
+
+def signature_verdict(watch: Watch, git_dir: Path, commit_sha: str, cache: Path | None = None):
+    """Apply ``watch``'s signature policy to one commit of the repository at ``git_dir``
+    (a :class:`gitops_ml.signatures.SignatureDecision`: accept, warn or reject, with the reason)."""
+    from gitops_ml import signatures  # noqa: PLC0415
+
+    check = None
+    if watch.signatures != "off":
+        check = signatures.verify_commit(
+            Path(git_dir), commit_sha,
+            allowed_signers=Path(watch.allowed_signers) if watch.allowed_signers else None,
+            gpg_keyring=Path(watch.gpg_keyring) if watch.gpg_keyring else None,
+            gnupg_home_cache=cache)
+    return signatures.decide(watch.signatures, check)
+
+
 @dataclass(frozen=True)
 class Decision:
     """What happens to one new commit."""
@@ -280,14 +318,7 @@ def plan(watch: Watch, repo: git.Repo, previous_sha: str | None, head_sha: str,
         paths = changed_paths(repo, commit_sha)
         warning = None
         if watch.signatures != "off":
-            from gitops_ml import signatures  # noqa: PLC0415
-
-            check = signatures.verify_commit(
-                Path(repo.git_dir), commit_sha,
-                allowed_signers=Path(watch.allowed_signers) if watch.allowed_signers else None,
-                gpg_keyring=Path(watch.gpg_keyring) if watch.gpg_keyring else None,
-                gnupg_home_cache=signature_cache)
-            verdict = signatures.decide(watch.signatures, check)
+            verdict = signature_verdict(watch, Path(repo.git_dir), commit_sha, signature_cache)
             if verdict.action == "reject":
                 draft.append(Decision(commit_sha, "rejected", f"signature policy enforce: {verdict.message}", paths))
                 continue

@@ -178,3 +178,49 @@ def test_off_trains_unsigned_commits_without_verifying(remote, keys, tmp_path, m
     [request] = run_requests("signed", "main", plan.to_dict(), trigger="push")
     assert request["conf"]["decision"] == "train" and "signature_warning" not in request["conf"]
     assert not (remote["cache"] / "gnupg").exists()  # no keyring was imported
+
+
+@pytest.fixture
+def enforced(remote, keys, tmp_path, monkeypatch):
+    """A watch configuration file enforcing signatures on ``remote``, and settings for a run of it."""
+    import yaml
+
+    from gitops_ml.config import Settings
+
+    config = tmp_path / "watch.yaml"
+    config.write_text(yaml.safe_dump({"repositories": [{
+        "name": "signed", "repo_url": remote["url"], "branch": "main", "signatures": "enforce",
+        "allowed_signers": str(keys["allowed"]), "gpg_keyring": str(keys["keyring"])}]}))
+    monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))
+    home = tmp_path / "home"
+    return Settings(home=home, repo_url=remote["url"], branch="main",
+                    tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=str(home / "artifacts"))
+
+
+def test_resolve_rechecks_enforced_signatures_on_every_trigger_path(remote, keys, enforced):
+    """A manual, REST, CLI or UI run (no watcher decision, any conf) of an unsigned commit is REJECTED
+    at resolve_commit, before anything is checked out; an allowed signature resolves."""
+    from gitops_ml import pipeline
+    from gitops_ml.errors import SignatureRejected
+
+    unsigned, mallory, alice = (push(remote, keys, k) for k in ("unsigned", "ssh_mallory", "ssh_alice"))
+    for sha, why in ((unsigned, "is not signed"), (mallory, "not in the allowed signers file")):
+        for watch_name in (None, "signed"):  # conf without a watch (manual/REST/CLI) and with it
+            with pytest.raises(SignatureRejected, match=f"REJECTED commit {sha}: signature policy enforce.*{why}"):
+                pipeline.resolve(enforced, sha, watch_name)
+    assert not (enforced.home / "work").exists(), "nothing of a rejected commit was checked out"
+    resolved = pipeline.resolve(enforced, alice)
+    assert resolved["commit"]["commit_sha"] == alice and resolved["signature_warning"] is None
+
+
+def test_run_conf_cannot_point_around_an_enforcing_watch(remote, keys, enforced, tmp_path):
+    """With a watch enforcing signatures, a run conf naming an unwatched repository is refused."""
+    from gitops_ml import pipeline
+    from gitops_ml.watch import WatchConfigError
+
+    other = tmp_path / "other.git"
+    run(tmp_path, "git", "clone", "-q", "--bare", str(remote["bare"]), str(other))
+    with pytest.raises(WatchConfigError, match="is not watched, and watch\\(es\\) signed enforce commit signatures"):
+        pipeline.resolve(enforced.with_overrides(repo_url=f"file://{other}"), None)
+    with pytest.raises(WatchConfigError, match="is not watched"):
+        pipeline.resolve(enforced.with_overrides(branch="other"), None)

@@ -99,7 +99,7 @@ def resolve_commit() -> dict[str, Any]:
     context = get_current_context()
     settings = settings_from_context(context)
     params = context["params"]
-    resolved = pipeline.resolve(settings, params.get("commit_sha") or None)
+    resolved = pipeline.resolve(settings, params.get("commit_sha") or None, params.get("watch") or None)
     commit = resolved["commit"]
     decision = params.get("decision") or "train"
     if decision in ("no_retrain", "rejected"):  # the watcher decided: record it against the SHA, run nothing
@@ -109,10 +109,10 @@ def resolve_commit() -> dict[str, Any]:
         pipeline.write_note(settings, commit, {"gitops_ml_run": context["run_id"], "decision": decision,
                                                "reason": reason, "deployed": False})
         raise AirflowSkipException(f"commit {commit['commit_sha']}: {reason}")
-    if params.get("signature_warning"):
-        log.warning("commit %s: signature policy warn: %s", commit["commit_sha"], params["signature_warning"])
+    if resolved.get("signature_warning"):  # checked again at resolve, whatever the run conf says
+        log.warning("commit %s: signature policy warn: %s", commit["commit_sha"], resolved["signature_warning"])
         pipeline.record(settings, commit, context["run_id"], "signature", "warning",
-                        reason=params["signature_warning"])
+                        reason=resolved["signature_warning"])
     log.info("run %s of dag %s builds commit %s (%s)", context["run_id"], context["dag"].dag_id, commit["commit_sha"],
              params.get("trigger") or "manual")
     return {**resolved, "lineage": {"airflow_dag_id": context["dag"].dag_id, "airflow_run_id": context["run_id"]}}
