@@ -16,6 +16,7 @@ from pathlib import Path
 
 import git
 
+from gitops_ml import git_auth
 from gitops_ml.errors import CommitNotFound, CommitNotOnBranch, GitopsMLError, InvalidRef
 from gitops_ml.refs import redact, redact_url, validate_branch, validate_repo_url, validate_sha  # noqa: F401
 
@@ -44,8 +45,13 @@ class Commit:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
-def _git_error(action: str, exc: git.GitCommandError) -> GitopsMLError:
+def _git_error(action: str, exc: git.GitCommandError, secrets: tuple[str | None, ...] = ()) -> GitopsMLError:
+    """A one-line error from git's stderr: URL credentials masked, and ``secrets`` (the password
+    handed to git through its environment) removed should git ever echo it."""
     stderr = redact(str(exc.stderr or "").strip())
+    for secret in secrets:
+        if secret:
+            stderr = stderr.replace(secret, "***")
     return GitopsMLError(f"git failed to {action}: {stderr or 'exit status ' + str(exc.status)}")
 
 
@@ -61,11 +67,14 @@ def fetch_mirror(repo_url: str, branch: str, cache_dir: Path) -> git.Repo:
     validate_branch(branch)
     path = mirror_path(repo_url, cache_dir)
     repo = git.Repo(path) if (path / "HEAD").exists() else git.Repo.init(path, bare=True, mkdir=True)
+    # Credentials reach git through its environment (a credential helper), never its argv.
+    url, env = git_auth.git_env_overrides(repo_url)
     try:
         # All branches, so that a SHA of another branch is told apart from one that does not exist.
-        repo.git.fetch("--quiet", "--no-tags", "--prune", "--", repo_url, "+refs/heads/*:refs/heads/*")
+        repo.git.fetch("--quiet", "--no-tags", "--prune", "--", url, "+refs/heads/*:refs/heads/*", env=env)
     except git.GitCommandError as exc:
-        raise _git_error(f"fetch branch {branch!r} from {redact_url(repo_url)}", exc) from None
+        raise _git_error(f"fetch branch {branch!r} from {redact_url(repo_url)}", exc,
+                         (env.get(git_auth.PASSWORD_ENV),)) from None
     try:
         repo.git.rev_parse("--verify", "--quiet", f"refs/heads/{branch}")
     except git.GitCommandError:
@@ -144,18 +153,20 @@ def write_note(repo_url: str, commit_sha: str, cache_dir: Path, outcome: dict, p
 
     repo = git.Repo(mirror_path(repo_url, cache_dir))
     text = yaml.safe_dump(outcome, sort_keys=False, default_flow_style=False)
+    url, env = git_auth.git_env_overrides(repo_url)  # credentials in git's environment, not its argv
     with repo.git.custom_environment(**_NOTE_IDENTITY):
         if push:
             try:
-                repo.git.fetch("--quiet", "--", repo_url, f"+{NOTES_REF}:{NOTES_REF}")
+                repo.git.fetch("--quiet", "--", url, f"+{NOTES_REF}:{NOTES_REF}", env=env)
             except git.GitCommandError:
                 pass  # the remote has no notes yet
         repo.git.notes("--ref", NOTES_REF, "add", "--force", "--message", text, commit_sha)
         if push:
             try:
-                repo.git.push("--quiet", "--", repo_url, f"{NOTES_REF}:{NOTES_REF}")
+                repo.git.push("--quiet", "--", url, f"{NOTES_REF}:{NOTES_REF}", env=env)
             except git.GitCommandError as exc:
-                raise _git_error(f"push the note of {commit_sha} to {redact_url(repo_url)}", exc) from None
+                raise _git_error(f"push the note of {commit_sha} to {redact_url(repo_url)}", exc,
+                                 (env.get(git_auth.PASSWORD_ENV),)) from None
     return text
 
 

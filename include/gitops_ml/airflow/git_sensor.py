@@ -7,8 +7,15 @@ worker slot.  With ``deferrable=False`` the same check runs in poke mode (the ba
 
 An unreachable remote is not an error: the trigger logs a warning each interval (URL
 without credentials) and keeps waiting until the sensor's ``timeout``.  The branch name
-is validated before any git call; the repository URL may hold ``${VAR}`` references,
-expanded only when git runs, so a token never lands in the serialized trigger.
+is validated before any git call.
+
+Credentials never reach the Airflow DB, the UI or a process list: the sensor and its
+trigger are given the *name* of a watched repository (``watch=``, see ``gitops_ml.watch``)
+and look its URL up only in the process that runs git (worker or triggerer); a literal
+``repo_url`` may hold ``${VAR}`` references (expanded only when git runs) but is refused
+before it would be stored with credentials in it.  ``repo_url`` is not a template field, so
+nothing of it is rendered.  git gets the credentials through its environment
+(``gitops_ml.git_auth``), never on its command line.
 """
 
 from __future__ import annotations
@@ -22,6 +29,7 @@ from typing import Any, AsyncIterator
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
+from gitops_ml import git_auth
 from gitops_ml.refs import redact, redact_url, validate_branch, validate_repo_url
 
 
@@ -29,13 +37,36 @@ class GitRemoteError(Exception):
     """``git ls-remote`` failed (unreachable remote, refused credentials, timeout)."""
 
 
-def _ls_remote_argv(repo_url: str, branch: str) -> list[str]:
-    return ["git", "ls-remote", "--", os.path.expandvars(repo_url), f"refs/heads/{branch}"]
+def literal_credentials(repo_url: str) -> bool:
+    """True when ``repo_url`` holds a secret written out rather than as a ``${VAR}`` reference: the
+    password, or a user name given alone (a token used as user name, ``https://<token>@host``)."""
+    _, user, password = git_auth.split_credentials(repo_url)
+    secret = password if password is not None else user
+    return bool(secret) and "$" not in secret
 
 
-def _git_env() -> dict[str, str]:
-    return {**os.environ, "GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "",
-            "GIT_SSH_COMMAND": os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")}
+def _refuse_stored_credentials(repo_url: str, where: str) -> None:
+    if literal_credentials(repo_url):
+        raise ValueError(f"{where}: the repository URL {redact_url(repo_url)} holds credentials, which would be "
+                         "stored in the Airflow DB; pass watch=<name> (a watched repository) or write them "
+                         "as ${VAR} references to environment variables")
+
+
+def _resolve_url(watch_name: str | None, repo_url: str) -> str:
+    """The URL git uses, credentials included: the watch's URL, else ``repo_url`` with ``${VAR}`` expanded."""
+    if watch_name:
+        from gitops_ml.watch import get_watch  # noqa: PLC0415
+
+        return get_watch(watch_name).url
+    return os.path.expandvars(repo_url)
+
+
+def _ls_remote(url: str, branch: str) -> tuple[list[str], dict[str, str]]:
+    """argv (URL without credentials) and environment (credential helper) of ``git ls-remote``."""
+    safe, env = git_auth.git_command(url)
+    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "",
+                "GIT_SSH_COMMAND": os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")})
+    return ["git", "ls-remote", "--", safe, f"refs/heads/{branch}"], env
 
 
 def _parse_head(output: str, branch: str) -> str | None:
@@ -46,70 +77,84 @@ def _parse_head(output: str, branch: str) -> str | None:
     return None
 
 
-def _failure(repo_url: str, returncode: int | None, stderr: str) -> GitRemoteError:
+def _failure(url: str, env: dict[str, str], returncode: int | None, stderr: str) -> GitRemoteError:
     detail = redact(stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {returncode}")
-    return GitRemoteError(f"git ls-remote {redact_url(os.path.expandvars(repo_url))} failed: {detail}")
+    password = env.get(git_auth.PASSWORD_ENV)
+    if password:
+        detail = detail.replace(password, "***")
+    return GitRemoteError(f"git ls-remote {redact_url(url)} failed: {detail}")
 
 
 def head_of(repo_url: str, branch: str, timeout: float = 30.0) -> str | None:
-    """The SHA at the head of ``branch`` on the remote (None: no such branch); blocking."""
+    """The SHA at the head of ``branch`` on the remote (None: no such branch); blocking.
+
+    ``repo_url`` may hold credentials or ``${VAR}``: git gets them through its environment.
+    """
+    url = os.path.expandvars(repo_url)
+    argv, env = _ls_remote(url, branch)
     try:
-        done = subprocess.run(_ls_remote_argv(repo_url, branch), capture_output=True, text=True,
-                              timeout=timeout, env=_git_env(), stdin=subprocess.DEVNULL)
+        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
+                              stdin=subprocess.DEVNULL)
     except subprocess.TimeoutExpired:
-        raise GitRemoteError(f"git ls-remote {redact_url(os.path.expandvars(repo_url))} timed out "
-                             f"after {timeout:.0f} s") from None
+        raise GitRemoteError(f"git ls-remote {redact_url(url)} timed out after {timeout:.0f} s") from None
     if done.returncode != 0:
-        raise _failure(repo_url, done.returncode, done.stderr)
+        raise _failure(url, env, done.returncode, done.stderr)
     return _parse_head(done.stdout, branch)
 
 
 async def ahead_of(repo_url: str, branch: str, timeout: float = 30.0) -> str | None:
     """``head_of`` for the triggerer's event loop (an asyncio subprocess, never blocking the loop)."""
-    proc = await asyncio.create_subprocess_exec(*_ls_remote_argv(repo_url, branch), env=_git_env(),
-                                                stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE,
-                                                stderr=asyncio.subprocess.PIPE)
+    url = os.path.expandvars(repo_url)
+    argv, env = _ls_remote(url, branch)
+    proc = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL,
+                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
     except asyncio.TimeoutError:
         proc.kill()
         await proc.wait()
-        raise GitRemoteError(f"git ls-remote {redact_url(os.path.expandvars(repo_url))} timed out "
-                             f"after {timeout:.0f} s") from None
+        raise GitRemoteError(f"git ls-remote {redact_url(url)} timed out after {timeout:.0f} s") from None
     if proc.returncode != 0:
-        raise _failure(repo_url, proc.returncode, stderr.decode(errors="replace"))
+        raise _failure(url, env, proc.returncode, stderr.decode(errors="replace"))
     return _parse_head(stdout.decode(errors="replace"), branch)
 
 
 class GitCommitTrigger(BaseTrigger):
     """Fires once the head of ``branch`` differs from ``since_sha``.
 
-    :param repo_url: remote URL (``${VAR}`` expanded at each check, so secrets stay in the environment).
+    :param repo_url: remote URL when no ``watch`` is given (``${VAR}`` expanded at each check;
+        refused when written out with credentials, since the trigger's arguments are stored in the DB).
     :param branch: branch to watch (validated: no option-like or malformed names).
     :param since_sha: the last head already handled; empty fires with the current head at once.
     :param poll_interval: seconds between two ``git ls-remote`` calls.
     :param ls_remote_timeout: seconds one ``git ls-remote`` may take.
+    :param watch: name of a watched repository (``gitops_ml.watch``): its URL, credentials included,
+        is looked up in the triggerer only; the stored arguments hold the name.
     """
 
-    def __init__(self, repo_url: str, branch: str, since_sha: str = "", poll_interval: float = 30.0,
-                 ls_remote_timeout: float = 30.0):
+    def __init__(self, repo_url: str = "", branch: str = "main", since_sha: str = "", poll_interval: float = 30.0,
+                 ls_remote_timeout: float = 30.0, watch: str | None = None):
         super().__init__()
-        self.repo_url = validate_repo_url(repo_url)
+        self.watch = watch or None
+        self.repo_url = repo_url if watch else validate_repo_url(repo_url)
         self.branch = validate_branch(branch)
         self.since_sha = since_sha or ""
         self.poll_interval = float(poll_interval)
         self.ls_remote_timeout = float(ls_remote_timeout)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
+        _refuse_stored_credentials(self.repo_url, "GitCommitTrigger")
         return (f"{type(self).__module__}.{type(self).__qualname__}",
                 {"repo_url": self.repo_url, "branch": self.branch, "since_sha": self.since_sha,
-                 "poll_interval": self.poll_interval, "ls_remote_timeout": self.ls_remote_timeout})
+                 "poll_interval": self.poll_interval, "ls_remote_timeout": self.ls_remote_timeout,
+                 "watch": self.watch})
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
-        safe_url = redact_url(os.path.expandvars(self.repo_url))
+        url = await asyncio.to_thread(_resolve_url, self.watch, self.repo_url)  # reads the watch file
+        safe_url = redact_url(url)
         while True:
             try:
-                head = await ahead_of(self.repo_url, self.branch, self.ls_remote_timeout)
+                head = await ahead_of(url, self.branch, self.ls_remote_timeout)
             except GitRemoteError as exc:
                 self.log.warning("%s; still waiting, next check in %g s", exc, self.poll_interval)
             else:
@@ -125,11 +170,16 @@ class GitCommitTrigger(BaseTrigger):
 
 
 class GitCommitSensor(BaseSensorOperator):
-    """Waits for a commit on ``branch`` of ``repo_url`` other than ``since_sha``; returns
-    ``{"repo_url", "branch", "previous_sha", "head_sha", "new_shas"}`` (``new_shas``: the commits
-    between the two heads, oldest first, when ``mirror_dir`` is given; else just the head).
+    """Waits for a commit on ``branch`` of a repository other than ``since_sha``; returns
+    ``{"repo_url", "branch", "previous_sha", "head_sha", "new_shas"}`` (``repo_url`` without
+    credentials; ``new_shas``: the commits between the two heads, oldest first, when
+    ``mirror_dir`` is given; else just the head).
 
-    :param repo_url: remote URL (may hold ``${VAR}``; never logged with credentials).
+    :param watch: name of a watched repository (``gitops_ml.watch``); its URL, credentials included,
+        is looked up only where git runs, so nothing secret is stored or rendered.  Preferred.
+    :param repo_url: remote URL when no ``watch`` is given (may hold ``${VAR}``; never logged with
+        credentials; not a template field).  Credentials written out in it work in poke mode, but
+        deferring refuses them (they would be stored with the trigger).
     :param branch: branch to watch.
     :param since_sha: last head already handled (templated; empty: the current head counts as new).
     :param poll_interval: seconds between checks (trigger interval, or poke interval in poke mode).
@@ -138,13 +188,16 @@ class GitCommitSensor(BaseSensorOperator):
     :param ls_remote_timeout: seconds one ``git ls-remote`` may take.
     """
 
-    template_fields = ("repo_url", "branch", "since_sha")
+    template_fields = ("branch", "since_sha")
 
-    def __init__(self, *, repo_url: str, branch: str = "main", since_sha: str = "", poll_interval: float = 30.0,
-                 deferrable: bool = True, mirror_dir: str | None = None, ls_remote_timeout: float = 30.0,
-                 **kwargs: Any):
+    def __init__(self, *, watch: str | None = None, repo_url: str = "", branch: str = "main", since_sha: str = "",
+                 poll_interval: float = 30.0, deferrable: bool = True, mirror_dir: str | None = None,
+                 ls_remote_timeout: float = 30.0, **kwargs: Any):
         kwargs.setdefault("poke_interval", poll_interval)
         super().__init__(**kwargs)
+        if not watch and not repo_url:
+            raise ValueError("GitCommitSensor needs watch=<name of a watched repository> or repo_url")
+        self.watch = watch or None
         self.repo_url = repo_url
         self.branch = branch
         self.since_sha = since_sha
@@ -153,24 +206,30 @@ class GitCommitSensor(BaseSensorOperator):
         self.mirror_dir = mirror_dir
         self.ls_remote_timeout = ls_remote_timeout
 
+    def _url(self) -> str:
+        """The URL with its credentials: only ever passed to git (through ``gitops_ml.git_auth``)."""
+        return _resolve_url(self.watch, self.repo_url)
+
     def _validate(self) -> None:
-        validate_repo_url(self.repo_url)
+        if not self.watch:
+            validate_repo_url(self.repo_url)
         validate_branch(self.branch)
 
     def _result(self, head_sha: str) -> dict[str, Any]:
         new_shas = [head_sha]
+        url = self._url()
         if self.mirror_dir:
             from gitops_ml import source, watch  # noqa: PLC0415
 
-            repo = source.fetch_mirror(os.path.expandvars(self.repo_url), self.branch, self.mirror_dir)
+            repo = source.fetch_mirror(url, self.branch, self.mirror_dir)
             new_shas, _ = watch.new_commits(repo, self.since_sha or None, head_sha)
-        return {"repo_url": redact_url(os.path.expandvars(self.repo_url)), "branch": self.branch,
+        return {"repo_url": redact_url(url), "branch": self.branch,
                 "previous_sha": self.since_sha or None, "head_sha": head_sha, "new_shas": new_shas}
 
     def poke(self, context) -> PokeReturnValue | bool:
         self._validate()
         try:
-            head = head_of(self.repo_url, self.branch, self.ls_remote_timeout)
+            head = head_of(self._url(), self.branch, self.ls_remote_timeout)
         except GitRemoteError as exc:
             self.log.warning("%s; still waiting", exc)
             return False
@@ -182,11 +241,13 @@ class GitCommitSensor(BaseSensorOperator):
         self._validate()
         if not self.deferrable:
             return super().execute(context)
+        if not self.watch:
+            _refuse_stored_credentials(self.repo_url, f"task {self.task_id}")
         found = self.poke(context)  # one check now: no deferral when the commit is already there
         if isinstance(found, PokeReturnValue):
             return found.xcom_value
-        self.defer(trigger=GitCommitTrigger(self.repo_url, self.branch, self.since_sha, self.poll_interval,
-                                            self.ls_remote_timeout),
+        self.defer(trigger=GitCommitTrigger("" if self.watch else self.repo_url, self.branch, self.since_sha,
+                                            self.poll_interval, self.ls_remote_timeout, watch=self.watch),
                    method_name="execute_complete", timeout=timedelta(seconds=self.timeout))
 
     def execute_complete(self, context, event: dict[str, Any] | None = None) -> dict[str, Any]:
