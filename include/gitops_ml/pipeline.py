@@ -261,31 +261,64 @@ def register(settings: Settings, trained: dict[str, Any], evaluated: dict[str, A
             "gate_reasons": evaluated["gate_reasons"]}
 
 
+def deploy_intent(settings: Settings, model_version: str, run_id: str) -> dict[str, str] | None:
+    """Write down, before anything moves, that ``run_id`` is about to promote ``model_version``
+    over the current champion; return the intent a crashed earlier run left unfinished, if any.
+
+    The alias move and the servers' switch happen before the outcome tags are written; a run
+    killed in between leaves the version serving without ``deploy_outcome``.  The intent tags
+    (``deploy_pending``, ``deploy_pending_run``, ``deploy_pending_replaces``) let the next run of the commit finish
+    that bookkeeping instead of recording "unchanged".
+    """
+    from gitops_ml import registry  # noqa: PLC0415
+
+    tags = registry.version_tags(registry.get_version(settings, model_version))
+    current = registry.get_alias(settings)
+    current_version = str(current.version) if current is not None else None
+    if current_version == str(model_version):
+        if tags.get("deploy_pending") == "true":
+            return {"run_id": tags.get("deploy_pending_run", ""), "replaces": tags.get("deploy_pending_replaces", "")}
+        return None
+    registry.set_version_tags(settings, model_version, {"deploy_pending": "true", "deploy_pending_run": run_id,
+                                                        "deploy_pending_replaces": current_version or ""})
+    return None
+
+
 def deploy(settings: Settings, commit: dict[str, Any], model_version: str, params: dict[str, Any],
            run_id: str = "local") -> dict[str, Any]:
     """Promote ``model_version`` to champion and converge the server on it (see ``gitops_ml.deploy``).
 
     Every promotion and rollback is recorded: MLflow version tags, a deploy record against
-    the commit, and the Git note on the commit.
+    the commit, and the Git note on the commit.  A promotion whose bookkeeping a crash cut
+    short (see ``deploy_intent``) is completed by the next run.
     """
     from gitops_ml import deploy as deploy_mod, registry  # noqa: PLC0415
 
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    unfinished = deploy_intent(settings, model_version, run_id)
     try:
         result = deploy_mod.deploy(settings, model_version, params.get("deploy"))
     except deploy_mod.DeployError as exc:
         registry.set_version_tags(settings, model_version, {"deploy_outcome": "rolled_back", "rolled_back_at": now,
-                                                            "rollback_reason": str(exc)[:4000]})
+                                                            "rollback_reason": str(exc)[:4000],
+                                                            "deploy_pending": "false"})
         record(settings, commit, run_id, "deploy", "rolled_back", model_version=str(model_version), reason=str(exc))
         raise
+    if unfinished is not None:  # the alias moved in a run that died before it could say so
+        log.warning("model version %s was promoted by run %s, which stopped before recording it: recording it now",
+                    model_version, unfinished["run_id"])
+        result = {**result, "changed": True, "previous_version": unfinished["replaces"] or None,
+                  "recovered_from_run": unfinished["run_id"]}
     if result["changed"]:
         registry.set_version_tags(settings, model_version, {"deploy_outcome": "promoted", "deployed_at": now,
-                                                            "replaced_version": result["previous_version"]})
+                                                            "replaced_version": result["previous_version"],
+                                                            "deploy_pending": "false"})
         if result["previous_version"]:
             registry.set_version_tags(settings, result["previous_version"], {"replaced_by": str(model_version),
                                                                              "replaced_at": now})
     record(settings, commit, run_id, "deploy", "promoted" if result["changed"] else "unchanged",
-           model_version=str(model_version), previous_version=result["previous_version"], watch=result["watch"])
+           model_version=str(model_version), previous_version=result["previous_version"], watch=result["watch"],
+           recovered_from_run=result.get("recovered_from_run"))
     return {"model_version": str(model_version), **result}
 
 

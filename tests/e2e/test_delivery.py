@@ -222,3 +222,28 @@ def test_every_server_converges_or_all_roll_back(settings, demo_repo, server, ch
     finally:
         second.stop()
         misconfigured.stop()
+
+
+def test_bookkeeping_cut_short_by_a_crash_is_completed_by_the_next_run(settings, demo_repo, server, champion):
+    """A run killed between the alias move and the outcome tags (the fault is reproduced by running the
+    real steps up to the switch and stopping there, as ``kill -9`` would): the re-run records the
+    promotion with the version it replaced instead of "unchanged"."""
+    commit_sha = demo.bump_param(demo_repo["path"], "train.seed", 7, "second model")
+    second = pipeline.run_local(settings, commit_sha, run_id="commit__crashed", deploy_model=False)
+    version = second["model_version"]
+    params = {"deploy": {}}
+    assert pipeline.deploy_intent(settings, version, "commit__crashed") is None
+    from gitops_ml import deploy as deploy_mod
+
+    deploy_mod.deploy(settings, version)  # alias moved and server switched; the process dies here
+    assert server.version()["model_version"] == version
+    assert "deploy_outcome" not in registry.version_tags(registry.get_version(settings, version))
+
+    result = pipeline.deploy(settings, second["commit"], version, params, run_id="commit__rerun")
+    assert result["changed"] and result["previous_version"] == "1"
+    assert result["recovered_from_run"] == "commit__crashed"
+    tags = registry.version_tags(registry.get_version(settings, version))
+    assert tags["deploy_outcome"] == "promoted" and tags["replaced_version"] == "1" and tags["deploy_pending"] == "false"
+    assert registry.version_tags(registry.get_version(settings, "1"))["replaced_by"] == version
+    again = pipeline.deploy(settings, second["commit"], version, params, run_id="commit__rerun2")
+    assert not again["changed"], "once recorded, a further run is unchanged"
