@@ -38,10 +38,14 @@ def loader(settings, version):
     return MODELS[version]()
 
 
+ALIAS = {"champion": "1"}  # what the registry alias names, as the server reads it at each reload
+
+
 @pytest.fixture(scope="module")
 def client(tmp_path_factory):
     settings = Settings(home=tmp_path_factory.mktemp("home"), serving_token="t0ken")
-    with TestClient(server.create_app(settings, loader=loader)) as test_client:
+    app = server.create_app(settings, loader=loader, alias_lookup=lambda s: ALIAS["champion"])
+    with TestClient(app) as test_client:
         yield test_client
 
 
@@ -93,14 +97,17 @@ def test_bad_input_gets_4xx_json_and_server_keeps_serving(client, kwargs, status
 def test_reload_requires_token_and_swaps_atomically(client):
     assert client.post("/admin/reload", json={"model_version": "2"}).status_code == 401
     auth = {"Authorization": "Bearer t0ken"}
+    ALIAS["champion"] = "9"
     bad = client.post("/admin/reload", json={"model_version": "9"}, headers=auth)
     assert bad.status_code == 409 and "still serving 1" in bad.json()["error"]
     assert client.get("/version").json()["model_version"] == "1"
     assert client.post("/admin/reload", json={"model_version": "x; rm"}, headers=auth).status_code == 400
+    ALIAS["champion"] = "2"
     ok = client.post("/admin/reload", json={"model_version": "2"}, headers=auth)
     assert ok.status_code == 200 and ok.json()["commit_sha"] == "b" * 40
     predicted = client.post("/predict", files={"file": ("x.png", png(), "image/png")})
     assert predicted.headers["X-Model-Version"] == "2"
+    ALIAS["champion"] = "1"
     assert client.post("/admin/reload", json={}, headers=auth).json()["model_version"] == "1"
 
 

@@ -8,7 +8,11 @@
 4. Watch window (``deploy.watch_seconds`` in ``params.yaml``): the server's own
    ``/metrics`` for the new version (error rate, mean latency, share of
    low-confidence predictions) are compared with the previous version's; past a
-   limit the deploy rolls back by itself and says why.
+   limit the deploy rolls back by itself and says why. Public traffic is untrusted:
+   the judged numbers count at most a few requests per client (see
+   ``metrics.WATCH_REQUESTS_PER_CLIENT``) and nothing is decided before
+   ``deploy.min_clients`` distinct clients were seen, so one client cannot roll a
+   healthy version back (nor keep a broken one by flooding it with good traffic).
 
 Any failure restores the alias, returns the server to the previous model (still
 loaded, so a swap) and raises ``DeployError`` naming the version, the commit and
@@ -29,8 +33,8 @@ from gitops_ml.errors import DeployError
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POLICY = {"watch_seconds": 0, "min_requests": 20, "max_error_rate": 0.05, "max_latency_ratio": 3.0,
-                  "max_low_confidence_increase": 0.2}
+DEFAULT_POLICY = {"watch_seconds": 0, "min_requests": 20, "min_clients": 3, "max_error_rate": 0.05,
+                  "max_latency_ratio": 3.0, "max_low_confidence_increase": 0.2}
 
 
 class ServingClient:
@@ -144,8 +148,12 @@ def _delta(now: dict[str, float], then: dict[str, float]) -> dict[str, float]:
 
 
 def judge(new: dict[str, float], old: dict[str, float] | None, policy: dict[str, Any]) -> str | None:
-    """Why the new version's live numbers are worse than allowed, or ``None``."""
-    if new["requests"] < policy["min_requests"]:
+    """Why the new version's live numbers are worse than allowed, or ``None``.
+
+    Nothing is decided before ``min_requests`` judged requests from ``min_clients``
+    distinct clients.
+    """
+    if new["requests"] < policy["min_requests"] or new.get("clients", 0) < policy.get("min_clients", 1):
         return None
     error_rate = new["errors"] / new["requests"]
     if error_rate > policy["max_error_rate"]:
@@ -167,12 +175,16 @@ def judge(new: dict[str, float], old: dict[str, float] | None, policy: dict[str,
 
 
 def _stats(servers: list[ServingClient], version: str | None, samples: dict | None = None) -> dict[str, float]:
-    """One version's numbers summed over every server (from ``samples`` or a fresh scrape)."""
+    """One version's numbers summed over every server (from ``samples`` or a fresh scrape).
+
+    Distinct clients are the largest count of any one server, not the sum: a client
+    that reaches several servers is still one client.
+    """
     total: dict[str, float] = {}
     for server in servers:
         scraped = samples[server.base_url] if samples is not None else server.metrics()
         for key, value in metrics_mod.version_stats(scraped, version).items():
-            total[key] = total.get(key, 0.0) + value
+            total[key] = max(total.get(key, 0.0), value) if key == "clients" else total.get(key, 0.0) + value
     return total
 
 

@@ -8,6 +8,46 @@ evaluation predicted): the new model must reproduce them before it gets traffic.
 The previous model stays loaded, so a rollback is a swap back, not a load.
 Requests are micro-batched into compiled ``tf.function`` calls, never ``model.predict``.
 Every response carries ``X-Model-Version`` and ``X-Commit-Sha``.
+
+Safe by default (threat model: anyone who can reach the port is untrusted):
+
+- **Admin.** ``/admin/reload`` needs ``Authorization: Bearer $GITOPS_ML_SERVING_TOKEN``.
+  Without a token the server refuses to *start* on any host that is not loopback
+  (``127.0.0.1``, ``::1``, ``localhost``), and when it does run on loopback without a
+  token (the embedded demo) admin answers only direct loopback peers that carry no
+  proxy headers (``X-Forwarded-For``, ``Forwarded``, ``X-Real-IP``) and only when no
+  trusted proxy is configured: a local reverse proxy cannot expose it.
+- **What a reload may serve.** Only the version the registry alias ``champion``
+  names at the time of the reload: the server reads the alias before loading and
+  again before switching, and refuses any other version (409 naming both). The
+  deploy step moves the alias first and then reloads; a rollback moves it back
+  first. Gate-failed versions never get the alias, so they can never be served, and
+  registry and server cannot silently disagree. Versions are 1-9 ASCII digits.
+- **Watch-window trust.** Public ``/predict`` traffic feeds the deploy's watch
+  window, so one client must not decide a rollback: the judged numbers
+  (``metrics.gitops_ml_watch_*``) count at most ``WATCH_REQUESTS_PER_CLIENT``
+  requests per client per serving period, plus the number of distinct clients; the
+  deploy decides nothing before ``deploy.min_clients`` distinct clients. A client is
+  the TCP peer address; ``X-Forwarded-For`` is honoured only from the proxies listed
+  in ``GITOPS_ML_TRUSTED_PROXIES`` (uvicorn's proxy-header handling, off otherwise).
+  Residual risk: an attacker with ``min_clients`` or more addresses and little
+  competing traffic can still push the numbers; leave ``deploy.watch_seconds`` at 0 or
+  keep the server on a private network where that matters.
+- **Resources.** Bodies are read chunk by chunk (chunked ones too) and refused with
+  413 as soon as they pass ``MAX_BODY_BYTES``; all bodies being received share
+  ``MAX_INFLIGHT_BODY_BYTES`` (503 past it); a body must arrive within
+  ``BODY_TIMEOUT_S``. A request's images may hold at most ``MAX_REQUEST_PIXELS``
+  pixels in total, read from the image headers before anything is decoded (413
+  naming the image). Tiny requests decode on the event loop (tens of microseconds);
+  larger ones in a pool of ``DECODE_WORKERS`` threads; inference runs in a thread, so
+  one huge request cannot stall the others. The HTTP layer (``serve``): the request
+  head must arrive within ``HEAD_TIMEOUT_S`` of connecting or of the previous
+  response and be at most ``MAX_HEAD_BYTES``; idle keep-alive connections close after
+  ``KEEP_ALIVE_S``; past ``LIMIT_CONCURRENCY`` connections uvicorn answers 503.
+- **Errors.** Every error the app answers is JSON ``{"error": ...}`` and counted in
+  ``gitops_ml_error_responses_total``; an unexpected exception is a JSON 500
+  (``server_error``), never a bare one. Protocol errors that never reach the app
+  (malformed HTTP, an over-long head, uvicorn's concurrency 503) are plain text.
 """
 
 from __future__ import annotations
@@ -15,9 +55,16 @@ from __future__ import annotations
 import asyncio
 import base64
 import binascii
+import concurrent.futures
 import contextlib
 import hmac
+import io
+import ipaddress
+import json
 import logging
+import os
+import re
+import struct
 import threading
 import time
 from dataclasses import dataclass, field
@@ -26,6 +73,8 @@ from typing import Any, Callable
 import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException
+from starlette.middleware import Middleware
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
@@ -33,11 +82,41 @@ from starlette.routing import Route
 from gitops_ml import images
 from gitops_ml.config import Settings
 from gitops_ml.deploy.metrics import ServerMetrics
+from gitops_ml.errors import GitopsMLError
 
 log = logging.getLogger(__name__)
 
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 MAX_BATCH = 256
+MAX_BODY_BYTES = 16 * 1024 * 1024            # one request body (/predict and /admin/reload)
+MAX_INFLIGHT_BODY_BYTES = 256 * 1024 * 1024  # every body being received or processed, together
+MAX_REQUEST_PIXELS = 64_000_000              # sum of width*height over a request's images
+INLINE_BYTES = 256 * 1024                    # requests this small with ...
+INLINE_PIXELS = 65_536                       # ... this few pixels decode on the event loop
+DECODE_WORKERS = 2
+BODY_TIMEOUT_S = 30.0
+HEAD_TIMEOUT_S = 5.0
+KEEP_ALIVE_S = 5
+MAX_HEAD_BYTES = 64 * 1024
+LIMIT_CONCURRENCY = 256
+VERSION = re.compile(r"[0-9]{1,9}", re.ASCII)
+_PROXY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
+_ROUTES = {"/predict": "predict", "/admin/reload": "reload", "/version": "version", "/health": "health",
+           "/metrics": "metrics"}
+
+
+class UnsafeServerConfig(GitopsMLError):
+    """The server would start in a configuration that exposes its admin endpoints."""
+
+
+def is_loopback(host: str) -> bool:
+    """``True`` for ``localhost`` and loopback addresses (``127.0.0.0/8``, ``::1``)."""
+    if host.strip().lower() == "localhost":
+        return True
+    try:
+        return ipaddress.ip_address(host.strip("[]")).is_loopback
+    except ValueError:
+        return False
 
 
 @dataclass(frozen=True)
@@ -76,10 +155,29 @@ def load_from_registry(settings: Settings, model_version: str | None) -> ServedM
     )
 
 
+def champion_version(settings: Settings) -> str | None:
+    """The version the registry alias ``champion`` names now (``None``: no champion)."""
+    from gitops_ml import registry  # noqa: PLC0415 - heavy, only in the server process
+
+    version = registry.get_alias(settings)
+    return None if version is None else str(version.version)
+
+
 class BadRequest(Exception):
     def __init__(self, message: str, status: int = 400):
         super().__init__(message)
         self.status = status
+
+
+class AliasMismatch(Exception):
+    """A reload asked for a version the registry alias ``champion`` does not name."""
+
+    def __init__(self, wanted: str, alias: str | None):
+        super().__init__(f"refusing to serve model version {wanted}: the registry alias champion names "
+                         f"{'no version' if alias is None else 'version ' + alias}; move the alias first "
+                         f"(deploy and rollback do)")
+        self.wanted = wanted
+        self.alias = alias
 
 
 class ModelOutputError(Exception):
@@ -158,27 +256,94 @@ def smoke_check(model: ServedModel, smoke: dict[str, Any]) -> str | None:
     return None
 
 
+class CountErrors:
+    """ASGI middleware: count every 4xx/5xx response the app sends, by route and status."""
+
+    def __init__(self, app, metrics: ServerMetrics):
+        self.app = app
+        self.metrics = metrics
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        route = _ROUTES.get(scope.get("path", ""), "other")
+
+        async def counting_send(message):
+            if message["type"] == "http.response.start" and message["status"] >= 400:
+                self.metrics.observe_error(route, message["status"])
+            await send(message)
+
+        await self.app(scope, receive, counting_send)
+
+
 def create_app(settings: Settings,
-               loader: Callable[[Settings, str | None], ServedModel | None] = load_from_registry) -> Starlette:
+               loader: Callable[[Settings, str | None], ServedModel | None] = load_from_registry,
+               alias_lookup: Callable[[Settings], str | None] = champion_version,
+               admin_without_token: bool = False) -> Starlette:
+    """The ASGI app.
+
+    :param settings: model name and ``serving_token``.
+    :param loader: loads a model version (``None``: the champion, at start only).
+    :param alias_lookup: the version the registry alias ``champion`` names now; a
+        reload serves only that version.
+    :param admin_without_token: allow ``/admin/reload`` without a token, to direct
+        loopback peers only (``serve`` sets it for a loopback-bound demo server).
+    """
     state: dict[str, ServedModel | None] = {"model": None, "previous": None}
     reload_lock = threading.Lock()
     metrics = ServerMetrics()
     batcher = Batcher(metrics)
+    inflight = {"bytes": 0}
+    pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
 
     def headers(model: ServedModel | None = None) -> dict[str, str]:
         """``X-Model-Version`` / ``X-Commit-Sha`` of ``model`` (default: the one serving now)."""
         model = model or state["model"]
         return {"X-Model-Version": model.model_version, "X-Commit-Sha": model.commit_sha} if model else {}
 
-    def error(message: str, status: int, model: ServedModel | None = None) -> JSONResponse:
-        return JSONResponse({"error": message}, status_code=status, headers=headers(model))
+    def error(message: str, status: int, model: ServedModel | None = None, **extra: Any) -> JSONResponse:
+        return JSONResponse({"error": message, **extra}, status_code=status, headers=headers(model))
 
     def switch_to(model: ServedModel) -> None:
         if state["model"] is not model:
             state["previous"] = state["model"]
             state["model"] = model  # one reference: requests in flight keep the model they started with
+            metrics.start_period(model.model_version)
         metrics.info = {"model_version": model.model_version, "commit_sha": model.commit_sha,
                         "data_hash": model.data_hash}
+
+    @contextlib.asynccontextmanager
+    async def body_of(request: Request, limit: int = MAX_BODY_BYTES):
+        """The request body, read chunk by chunk: 413 past ``limit``, 503 past the shared in-flight budget."""
+        declared = request.headers.get("content-length")
+        if declared is not None:
+            if not (declared.isascii() and declared.isdigit()):
+                raise BadRequest(f"Content-Length {declared[:40]!r} is not a number")
+            if int(declared) > limit:
+                raise BadRequest(f"request body of {declared} bytes is over the limit of {limit} bytes", 413)
+        chunks: list[bytes] = []
+        size = 0
+        try:
+            try:
+                async with asyncio.timeout(BODY_TIMEOUT_S):
+                    async for chunk in request.stream():
+                        if not chunk:
+                            continue
+                        size += len(chunk)
+                        if size > limit:
+                            raise BadRequest(f"request body is over the limit of {limit} bytes", 413)
+                        if inflight["bytes"] + len(chunk) > MAX_INFLIGHT_BODY_BYTES:
+                            raise BadRequest("the server is busy receiving other uploads; retry later", 503)
+                        inflight["bytes"] += len(chunk)
+                        chunks.append(chunk)
+            except TimeoutError:
+                raise BadRequest(f"request body not received within {BODY_TIMEOUT_S:.0f} s", 408) from None
+            yield b"".join(chunks)
+        finally:
+            inflight["bytes"] -= sum(len(c) for c in chunks)
+
+    def client_of(request: Request) -> str:
+        return request.client.host if request.client else "unknown"
 
     async def health(request: Request) -> JSONResponse:
         model = state["model"]
@@ -199,66 +364,109 @@ def create_app(settings: Settings,
         model = state["model"]  # one reference for the whole request: a switch cannot split it
         if model is None:
             return error("no model deployed yet: the registry has no champion", 503)
+        client = client_of(request)
         try:
-            blobs = await _read_images(request)
-            batch = np.stack([images.decode(b, model.height, model.width, model.channels, name=name)
-                              for name, b in blobs])
-            probabilities = await batcher.predict(model, batch)
+            async with body_of(request) as body:
+                content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+                if content_type == "multipart/form-data":
+                    parts = await _multipart_images(request, body)
+                    batch = await _to_batch(pools, model, lambda: parts, len(body))
+                else:
+                    batch = await _to_batch(pools, model, lambda: _body_images(content_type, body), len(body))
+                probabilities = await batcher.predict(model, batch)
         except (BadRequest, images.ImageDecodeError) as exc:
-            metrics.observe_request(model.model_version, "bad_request", time.perf_counter() - started)
+            metrics.observe_request(model.model_version, "bad_request", time.perf_counter() - started, client)
             return error(str(exc), getattr(exc, "status", 400), model)
         except ModelOutputError as exc:
-            metrics.observe_request(model.model_version, "error", time.perf_counter() - started)
+            metrics.observe_request(model.model_version, "error", time.perf_counter() - started, client)
             log.error("%s", exc)
             return error(str(exc), 500, model)
-        top = probabilities.max(axis=1)
-        metrics.observe_predictions(model.model_version, top.tolist())
+        except Exception as exc:  # noqa: BLE001 - a server bug: JSON 500, counted, not the model's error
+            metrics.observe_request(model.model_version, "server_error", time.perf_counter() - started, client)
+            log.exception("unexpected error in /predict")
+            return error(f"internal server error ({type(exc).__name__})", 500, model)
         names = model.class_names
         body = {"predictions": [{"class": names[int(row.argmax())],
                                  "probabilities": {c: round(float(p), 6) for c, p in zip(names, row)}}
                                 for row in probabilities],
                 "model_name": settings.model_name, "model_version": model.model_version,
                 "commit_sha": model.commit_sha, "data_hash": model.data_hash}
-        metrics.observe_request(model.model_version, "ok", time.perf_counter() - started)
+        metrics.observe_request(model.model_version, "ok", time.perf_counter() - started, client,
+                                probabilities.max(axis=1).tolist())
         return JSONResponse(body, headers=headers(model))
 
-    async def reload(request: Request) -> JSONResponse:
+    def admin_refusal(request: Request) -> str | None:
+        """Why this request may not use an admin endpoint, or ``None``."""
         if settings.serving_token:
-            given = request.headers.get("authorization", "").removeprefix("Bearer ")
-            if not hmac.compare_digest(given.encode(), settings.serving_token.encode()):
-                return error("missing or wrong bearer token for /admin/reload", 401)
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                     settings.serving_token.encode()):
+                return "missing or wrong bearer token for /admin/reload"
+            return None
+        if not admin_without_token:
+            return ("/admin/reload needs GITOPS_ML_SERVING_TOKEN (send Authorization: Bearer <token>); "
+                    "without a token it answers only on a server bound to loopback")
+        if not is_loopback(client_of(request)) or any(h in request.headers for h in _PROXY_HEADERS):
+            return ("without GITOPS_ML_SERVING_TOKEN /admin/reload answers only direct loopback clients "
+                    "(no proxy headers)")
+        return None
+
+    async def reload(request: Request) -> JSONResponse:
+        refusal = admin_refusal(request)
+        if refusal:
+            return error(refusal, 401)
         try:
-            body = await request.json() if await request.body() else {}
-        except ValueError:
-            return error("body must be JSON: {\"model_version\": \"<n>\", \"smoke\": {...}} or {}", 400)
+            async with body_of(request) as raw:
+                body = _json(raw) if raw.strip() else {}
+        except BadRequest as exc:
+            return error(str(exc).replace("body is not valid JSON",
+                                          'body must be JSON: {"model_version": "<n>", "smoke": {...}} or {}'),
+                         exc.status)
         if not isinstance(body, dict):
             return error("body must be a JSON object", 400)
         wanted = body.get("model_version")
-        if wanted is not None and not str(wanted).isdigit():
-            return error(f"model_version must be a version number, got {wanted!r}", 400)
+        if wanted is not None:
+            if isinstance(wanted, bool) or not isinstance(wanted, (str, int)) or not VERSION.fullmatch(str(wanted)):
+                return error(f"model_version must be 1 to 9 ASCII digits, got {str(wanted)[:40]!r}", 400)
+            wanted = str(int(wanted))
         smoke = body.get("smoke")
+        if smoke is not None and not isinstance(smoke, dict):
+            return error("smoke must be a JSON object {\"images\": [...], \"classes\": [...]}", 400)
 
         def _load() -> tuple[ServedModel | None, str | None]:
             with reload_lock:
+                alias = alias_lookup(settings)
+                target = wanted if wanted is not None else alias
+                if target is None:
+                    return None, None
+                if target != alias:
+                    raise AliasMismatch(target, alias)
                 previous = state["previous"]
-                if wanted is not None and previous is not None and previous.model_version == str(wanted):
+                if previous is not None and previous.model_version == target:
                     candidate = previous  # rollback: the old model is still loaded and warm
-                elif wanted is not None and state["model"] is not None and state["model"].model_version == str(wanted):
+                elif state["model"] is not None and state["model"].model_version == target:
                     candidate = state["model"]
                 else:
-                    candidate = loader(settings, None if wanted is None else str(wanted))
+                    candidate = loader(settings, target)
                 if candidate is None:
                     return None, None
                 failure = smoke_check(candidate, smoke) if smoke else None
                 if failure is None:
+                    now = alias_lookup(settings)
+                    if now != target:  # the alias moved while the version was loading
+                        raise AliasMismatch(target, now)
                     switch_to(candidate)
                 return candidate, failure
 
+        serving = state["model"].model_version if state["model"] else "nothing"
         try:
             loaded, failure = await run_in_threadpool(_load)
+        except AliasMismatch as exc:
+            return error(f"{exc}; still serving {serving}", 409, wanted_version=exc.wanted,
+                         alias_version=exc.alias)
         except Exception as exc:  # noqa: BLE001 - report any load failure, keep serving the old model
             log.exception("loading model version %s failed", wanted)
-            return error(f"could not load model version {wanted}: {exc}; still serving "
+            return error(f"could not load model version {wanted or 'champion'}: {exc}; still serving "
                          f"{state['model'].model_version if state['model'] else 'nothing'}", 409)
         if loaded is None:
             return error("the registry has no champion to load", 409)
@@ -284,55 +492,52 @@ def create_app(settings: Settings,
 
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette):
+        pools["decode"] = concurrent.futures.ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode")
         await run_in_threadpool(startup)
         task = asyncio.create_task(batcher.run())
         while batcher.queue is None:
             await asyncio.sleep(0)
         yield
         task.cancel()
+        pools.pop("decode").shutdown(wait=False, cancel_futures=True)
+
+    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
+        response = error(str(exc.detail), exc.status_code)
+        response.headers.update(exc.headers or {})
+        return response
+
+    async def server_error(request: Request, exc: Exception) -> JSONResponse:
+        log.error("unexpected error on %s: %r", request.url.path, exc)
+        metrics.observe_error(_ROUTES.get(request.url.path, "other"), 500)
+        return error(f"internal server error ({type(exc).__name__})", 500)
 
     app = Starlette(routes=[
         Route("/health", health), Route("/version", version), Route("/metrics", prometheus),
         Route("/predict", predict, methods=["POST"]), Route("/admin/reload", reload, methods=["POST"]),
-    ], lifespan=lifespan)
+    ], lifespan=lifespan, middleware=[Middleware(CountErrors, metrics=metrics)],
+        exception_handlers={HTTPException: http_error, Exception: server_error})
     app.state.served = state
+    app.state.metrics = metrics
     return app
 
 
-async def _read_images(request: Request) -> list[tuple[str, bytes]]:
-    """Images of a request: multipart ``file`` fields, JSON ``{"images": [base64, ...]}`` or a raw image body."""
-    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-    declared = request.headers.get("content-length")
-    if declared and declared.isdigit() and int(declared) > MAX_IMAGE_BYTES * MAX_BATCH:
-        raise BadRequest(f"request body of {declared} bytes is over the limit", 413)
-    if content_type == "multipart/form-data":
-        try:
-            form = await request.form(max_files=MAX_BATCH, max_part_size=MAX_IMAGE_BYTES)
-        except Exception as exc:  # noqa: BLE001 - starlette raises several types for bad multipart
-            raise BadRequest(f"malformed multipart body: {exc}") from None
-        uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
-        if not uploads:
-            raise BadRequest("multipart body has no file field (send the image as field 'file')")
-        blobs = [(u.filename or f"file[{i}]", await u.read()) for i, u in enumerate(uploads)]
-    elif content_type == "application/json":
-        try:
-            body = await request.json()
-        except ValueError:
-            raise BadRequest("body is not valid JSON") from None
-        items = body.get("images") if isinstance(body, dict) else None
-        if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
-            raise BadRequest('JSON body must be {"images": ["<base64 image>", ...]} with at least one image')
-        blobs = []
-        for i, item in enumerate(items):
-            try:
-                blobs.append((f"images[{i}]", base64.b64decode(item, validate=True)))
-            except (binascii.Error, ValueError):
-                raise BadRequest(f"images[{i}] is not valid base64") from None
-    else:
-        data = await request.body()
-        if not data:
-            raise BadRequest("empty body: send an image (multipart 'file', JSON {\"images\": [...]} or raw bytes)")
-        blobs = [("body", data)]
+class _NotInline(Exception):
+    """The request is too big to decode on the event loop."""
+
+
+_PNG_SIGNATURE = b"\x89PNG\r\n\x1a\n"
+
+
+def _json(raw: bytes) -> Any:
+    try:
+        return json.loads(raw)
+    except RecursionError:
+        raise BadRequest("body is not valid JSON: nested too deeply") from None
+    except (ValueError, UnicodeDecodeError):
+        raise BadRequest("body is not valid JSON") from None
+
+
+def _checked(blobs: list[tuple[str, bytes]]) -> list[tuple[str, bytes]]:
     if len(blobs) > MAX_BATCH:
         raise BadRequest(f"{len(blobs)} images in one request, the limit is {MAX_BATCH}", 413)
     for name, data in blobs:
@@ -341,7 +546,190 @@ async def _read_images(request: Request) -> list[tuple[str, bytes]]:
     return blobs
 
 
-def serve(settings: Settings, host: str, port: int) -> None:
+def _body_images(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
+    """Images of a JSON ``{"images": [base64, ...]}`` body or of a raw image body."""
+    if content_type == "application/json":
+        parsed = _json(body)
+        items = parsed.get("images") if isinstance(parsed, dict) else None
+        if not isinstance(items, list) or not items or not all(isinstance(i, str) for i in items):
+            raise BadRequest('JSON body must be {"images": ["<base64 image>", ...]} with at least one image')
+        if len(items) > MAX_BATCH:
+            raise BadRequest(f"{len(items)} images in one request, the limit is {MAX_BATCH}", 413)
+        blobs = []
+        for i, item in enumerate(items):
+            try:
+                blobs.append((f"images[{i}]", base64.b64decode(item, validate=True)))
+            except (binascii.Error, ValueError):
+                raise BadRequest(f"images[{i}] is not valid base64") from None
+        return _checked(blobs)
+    if not body:
+        raise BadRequest("empty body: send an image (multipart 'file', JSON {\"images\": [...]} or raw bytes)")
+    return _checked([("body", body)])
+
+
+async def _multipart_images(request: Request, body: bytes) -> list[tuple[str, bytes]]:
+    """Images of a multipart body already read (within the limit): every file part."""
+    delivered = False
+
+    async def replay() -> dict:
+        nonlocal delivered
+        if delivered:
+            return {"type": "http.disconnect"}
+        delivered = True
+        return {"type": "http.request", "body": body, "more_body": False}
+
+    try:
+        form = await Request(request.scope, replay).form(max_files=MAX_BATCH, max_part_size=MAX_IMAGE_BYTES)
+    except Exception as exc:  # noqa: BLE001 - starlette raises several types for bad multipart
+        raise BadRequest(f"malformed multipart body: {exc}") from None
+    try:
+        uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
+        if not uploads:
+            raise BadRequest("multipart body has no file field (send the image as field 'file')")
+        return _checked([(u.filename or f"file[{i}]", await u.read()) for i, u in enumerate(uploads)])
+    finally:
+        await form.close()
+
+
+def _pixels(name: str, data: bytes) -> int:
+    """Width x height from the image header, without decoding the pixels (PNG read directly, else Pillow)."""
+    if not data:
+        raise images.ImageDecodeError(f"{name} is empty")
+    if data[:8] == _PNG_SIGNATURE and data[12:16] == b"IHDR" and len(data) >= 24:
+        width, height = struct.unpack(">II", data[16:24])
+        return width * height
+    from PIL import Image  # noqa: PLC0415
+
+    try:
+        with Image.open(io.BytesIO(data)) as img:
+            return img.width * img.height
+    except Exception as exc:  # noqa: BLE001 - Pillow raises many types for bad headers
+        raise images.ImageDecodeError(f"{name} is not a decodable image: {exc}") from None
+
+
+def _decode_all(model: ServedModel, blobs: list[tuple[str, bytes]], inline: bool = False) -> np.ndarray:
+    """Check the request's pixel budget from the headers, then decode every image into one batch."""
+    total = 0
+    for name, data in blobs:
+        total += _pixels(name, data)
+        if total > MAX_REQUEST_PIXELS:
+            raise BadRequest(f"{name} brings the request to {total:,} pixels, over the per-request budget of "
+                             f"{MAX_REQUEST_PIXELS:,} pixels (send fewer or smaller images)", 413)
+    if inline and total > INLINE_PIXELS:
+        raise _NotInline
+    return np.stack([images.decode(b, model.height, model.width, model.channels, name=name) for name, b in blobs])
+
+
+async def _to_batch(pools: dict, model: ServedModel, blobs: Callable[[], list[tuple[str, bytes]]],
+                    body_bytes: int) -> np.ndarray:
+    """Decode on the event loop when the request is tiny, else in the decode pool."""
+    if body_bytes <= INLINE_BYTES:
+        found = blobs()
+        try:
+            return _decode_all(model, found, inline=True)
+        except _NotInline:
+            def work() -> np.ndarray:
+                return _decode_all(model, found)
+    else:
+        def work() -> np.ndarray:
+            return _decode_all(model, blobs())
+    return await asyncio.get_running_loop().run_in_executor(pools.get("decode"), work)
+
+
+def _bounded_protocol():
+    """uvicorn's httptools protocol plus a deadline and a size limit for every request head.
+
+    uvicorn times out idle keep-alive connections but not a connection that never
+    sends a complete head (nor one dribbling header bytes); this closes both.
+    """
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol  # noqa: PLC0415
+
+    class BoundedHttpToolsProtocol(HttpToolsProtocol):
+        _head_timer: asyncio.TimerHandle | None = None
+        _head_bytes = 0
+
+        def _arm_head_deadline(self) -> None:
+            self._disarm_head_deadline()
+            self._head_timer = self.loop.call_later(HEAD_TIMEOUT_S, self._head_deadline_passed)
+
+        def _disarm_head_deadline(self) -> None:
+            if self._head_timer is not None:
+                self._head_timer.cancel()
+                self._head_timer = None
+
+        def _head_deadline_passed(self) -> None:
+            self._head_timer = None
+            if not self.transport.is_closing():
+                self.transport.close()
+
+        def _count_head(self, size: int) -> None:
+            self._head_bytes += size
+            if self._head_bytes > MAX_HEAD_BYTES:
+                raise ValueError(f"request head over {MAX_HEAD_BYTES} bytes")
+
+        def connection_made(self, transport) -> None:  # type: ignore[override]
+            super().connection_made(transport)
+            self._arm_head_deadline()
+
+        def connection_lost(self, exc) -> None:
+            self._disarm_head_deadline()
+            super().connection_lost(exc)
+
+        def on_message_begin(self) -> None:
+            super().on_message_begin()
+            self._head_bytes = 0
+            if self._head_timer is None:
+                self._arm_head_deadline()
+
+        def on_url(self, url: bytes) -> None:
+            self._count_head(len(url))
+            super().on_url(url)
+
+        def on_header(self, name: bytes, value: bytes) -> None:
+            self._count_head(len(name) + len(value))
+            super().on_header(name, value)
+
+        def on_headers_complete(self) -> None:
+            self._disarm_head_deadline()
+            super().on_headers_complete()
+
+        def on_response_complete(self) -> None:
+            pipelined = bool(self.pipeline)
+            super().on_response_complete()
+            if not pipelined and not self.transport.is_closing():
+                self._arm_head_deadline()
+
+    return BoundedHttpToolsProtocol
+
+
+def check_exposure(settings: Settings, host: str) -> None:
+    """Refuse a server whose admin endpoint would be open beyond loopback."""
+    if not settings.serving_token and not is_loopback(host):
+        raise UnsafeServerConfig(
+            f"refusing to serve on {host}: without GITOPS_ML_SERVING_TOKEN anyone who reaches the port could "
+            f"use /admin/reload; set GITOPS_ML_SERVING_TOKEN or bind 127.0.0.1 (the embedded demo)")
+
+
+def server_config(app, host: str, port: int, trusted_proxies: str = ""):
+    """The uvicorn configuration with every limit of this module (``serve`` and the tests use it)."""
     import uvicorn  # noqa: PLC0415
 
-    uvicorn.run(create_app(settings), host=host, port=port, log_level="info", access_log=False)
+    return uvicorn.Config(
+        app, host=host, port=port, log_level="info", access_log=False, http=_bounded_protocol(),
+        timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=LIMIT_CONCURRENCY,
+        h11_max_incomplete_event_size=MAX_HEAD_BYTES,
+        proxy_headers=bool(trusted_proxies), forwarded_allow_ips=trusted_proxies or "127.0.0.1")
+
+
+def serve(settings: Settings, host: str, port: int) -> None:
+    """Run the server; refuses to start on a non-loopback host without ``GITOPS_ML_SERVING_TOKEN``.
+
+    ``GITOPS_ML_TRUSTED_PROXIES`` (comma-separated addresses): proxies whose
+    ``X-Forwarded-For`` names the client; unset, the TCP peer is the client.
+    """
+    import uvicorn  # noqa: PLC0415
+
+    check_exposure(settings, host)
+    trusted = os.environ.get("GITOPS_ML_TRUSTED_PROXIES", "").strip()
+    app = create_app(settings, admin_without_token=not settings.serving_token and is_loopback(host) and not trusted)
+    uvicorn.Server(server_config(app, host, port, trusted)).run()
