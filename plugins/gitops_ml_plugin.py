@@ -1,5 +1,9 @@
 """Airflow UI plugin of gitops-ml: MLflow and served-model links in the navigation, and on
-every DAG run a link to the MLflow run that the commit's training produced."""
+every DAG run a link to the MLflow run that the commit's training produced.
+
+The app it mounts under ``/gitops-ml`` (``gitops_ml.airflow.links``) sits behind the API
+server's auth manager (an Airflow login, DAG-run read access for the MLflow link); only its
+push webhook answers without a login, and it checks its own HMAC/token before anything else."""
 
 from __future__ import annotations
 

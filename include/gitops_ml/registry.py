@@ -229,7 +229,20 @@ def load_logged_model(settings: Settings, model_uri: str):
 
 
 def find_training_run(settings: Settings, airflow_run_id: str):
-    """The MLflow training run started by an Airflow run, or ``None``."""
+    """The MLflow training run started by an Airflow run, or ``None``.
+
+    The run id comes from a URL: it is checked against Airflow's run-id charset (the default
+    ``allowed_run_id_pattern``, at most 250 characters: no quote, backquote, backslash or space)
+    before it is compared, by exact equality, with one tag; anything else raises ``InputError``
+    without a query, so the lookup can never be an oracle over other tags or params.
+    """
+    import re  # noqa: PLC0415
+
+    from gitops_ml.errors import InputError  # noqa: PLC0415
+
+    if not isinstance(airflow_run_id, str) or not re.fullmatch(r"[A-Za-z0-9_.~:+-]{1,250}", airflow_run_id):
+        raise InputError(f"invalid Airflow run id {str(airflow_run_id)[:80]!r}: expected 1 to 250 letters, "
+                         "digits or any of _ . ~ : + -")
     mlc = client(settings)
     experiment = mlc.get_experiment_by_name(settings.experiment_name)
     if experiment is None:
@@ -237,7 +250,10 @@ def find_training_run(settings: Settings, airflow_run_id: str):
     runs = mlc.search_runs([experiment.experiment_id],
                            filter_string=f"tags.`{TAG_PREFIX}airflow_run_id` = '{airflow_run_id}'",
                            max_results=1, order_by=["attributes.start_time DESC"])
-    return runs[0] if runs else None
+    found = runs[0] if runs else None
+    if found is not None and found.data.tags.get(f"{TAG_PREFIX}airflow_run_id") != airflow_run_id:
+        return None  # belt and braces: only an exact match is ever returned
+    return found
 
 
 def load_run_json(settings: Settings, run_id: str, path: str) -> Any:
