@@ -1,9 +1,13 @@
 """Authenticate and parse push webhooks from GitHub, GitLab and Gitea (or Forgejo).
 
 Framework-free: every function takes the request headers and the raw body
-bytes, so any ASGI app can call it.  The signature (or token) is checked before
-the body is parsed; errors carry the HTTP status to answer with and a one-line
-message that never contains the configured secret or the received signature.
+bytes, so any ASGI app can call it.  ``check_headers`` refuses a request from its
+headers alone (no signature or token header, a wrong GitLab token, a declared
+``Content-Length`` over ``MAX_BODY_BYTES``) before a byte of the body is read; the
+HMAC signature is checked before the body is parsed; errors carry the HTTP status to
+answer with and a one-line message that never contains the configured secret or the
+received signature.  ``delivery_id`` names the delivery (the forge resends the same id
+on a redelivery), so a receiver can answer a repeat without acting twice.
 """
 
 from __future__ import annotations
@@ -41,6 +45,15 @@ class WebhookBadRequest(WebhookError):
     status_code = 400
 
 
+class WebhookTooLarge(WebhookError):
+    status_code = 413
+
+
+def too_large() -> WebhookTooLarge:
+    return WebhookTooLarge(f"request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB "
+                           f"({MAX_BODY_BYTES} bytes); nothing more was read")
+
+
 @dataclass(frozen=True)
 class PushEvent:
     """A push to a branch, as told by the forge."""
@@ -51,6 +64,7 @@ class PushEvent:
     after_sha: str | None
     repo_urls: tuple[str, ...]
     commit_shas: tuple[str, ...]
+    delivery_id: str | None = None
 
 
 def _lower(headers: Mapping[str, str]) -> dict[str, str]:
@@ -83,6 +97,59 @@ def _check_hmac(names: dict[str, str], header: str, prefix: str, body: bytes, se
     digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
     if not _same(received.lower(), prefix + digest):
         raise WebhookUnauthorized(f"{header} header does not match the body signed with the configured secret")
+
+
+# Delivery id headers, by provider (Forgejo also sends X-Gitea-Delivery; GitHub-style ones last).
+_DELIVERY_HEADERS = {"gitea": ("X-Gitea-Delivery", "X-Forgejo-Delivery", "X-GitHub-Delivery"),
+                     "gitlab": ("X-Gitlab-Event-UUID", "X-Gitlab-Webhook-UUID"),
+                     "github": ("X-GitHub-Delivery",)}
+_DELIVERY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
+
+
+def delivery_id(headers: Mapping[str, str]) -> str | None:
+    """The forge's id of this delivery (same id on a redelivery), or ``None`` when it sent none."""
+    names = _lower(headers)
+    provider = detect_provider(names)
+    for header in _DELIVERY_HEADERS.get(provider or "", ()):
+        value = names.get(header.lower())
+        if value is None:
+            continue
+        value = value.strip()
+        if not _DELIVERY_RE.match(value):
+            raise WebhookBadRequest(f"header {header} must be 1 to 100 letters, digits, '.', '_' or '-'")
+        return value
+    return None
+
+
+def check_headers(headers: Mapping[str, str], secret: str) -> str:
+    """Everything that can be refused before the body is read; return the provider name.
+
+    The forge, a configured secret, the signature (or token) header, the GitLab token itself,
+    and a declared ``Content-Length`` within ``MAX_BODY_BYTES``.  The HMAC of the body is
+    checked later, by ``authenticate``, on a body read up to the limit only.
+    """
+    names = _lower(headers)
+    length = names.get("content-length")
+    if length is not None:
+        if not length.strip().isascii() or not length.strip().isdigit():
+            raise WebhookBadRequest("header Content-Length must be a number of bytes")
+        if int(length) > MAX_BODY_BYTES:
+            raise too_large()
+    provider = detect_provider(names)
+    if provider is None:
+        raise WebhookUnauthorized("unrecognised webhook: no X-Hub-Signature-256 (GitHub), "
+                                  "X-Gitea-Signature (Gitea) or X-Gitlab-Token (GitLab) header")
+    if not secret:
+        raise WebhookUnauthorized("no webhook secret is configured on this server, so every webhook is refused")
+    if provider == "gitlab":
+        authenticate(names, b"", secret)  # the token needs no body
+    elif provider == "gitea":
+        if not names.keys() & {"x-gitea-signature", "x-forgejo-signature", "x-hub-signature-256"}:
+            raise WebhookUnauthorized("missing X-Gitea-Signature header")
+    elif "x-hub-signature-256" not in names:
+        detail = " (the SHA-1 X-Hub-Signature is not accepted)" if "x-hub-signature" in names else ""
+        raise WebhookUnauthorized(f"missing X-Hub-Signature-256 header{detail}")
+    return provider
 
 
 def authenticate(headers: Mapping[str, str], body: bytes, secret: str) -> str:
@@ -172,7 +239,7 @@ def _commit_shas(payload: dict) -> tuple[str, ...]:
 def parse_push(headers: Mapping[str, str], body: bytes, secret: str) -> PushEvent | None:
     """Authenticate, then parse a push; ``None`` for another event (ping...) or a tag push."""
     if len(body) > MAX_BODY_BYTES:
-        raise WebhookBadRequest(f"request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB")
+        raise too_large()
     provider = authenticate(headers, body, secret)
     if not _is_push(provider, _lower(headers)):
         return None
@@ -202,4 +269,5 @@ def parse_push(headers: Mapping[str, str], body: bytes, secret: str) -> PushEven
         after_sha=_sha(payload, "after", fallback="checkout_sha" if provider == "gitlab" else None),
         repo_urls=_repo_urls(payload),
         commit_shas=_commit_shas(payload),
+        delivery_id=delivery_id(headers),
     )

@@ -10,8 +10,11 @@ from gitops_ml.webhooks import (
     PushEvent,
     WebhookBadRequest,
     WebhookError,
+    WebhookTooLarge,
     WebhookUnauthorized,
     authenticate,
+    check_headers,
+    delivery_id,
     detect_provider,
     parse_push,
 )
@@ -153,7 +156,7 @@ def test_github_push():
         provider="github", branch="main", before_sha=BEFORE, after_sha=AFTER.lower(),
         repo_urls=("https://github.com/acme/digits.git", "git@github.com:acme/digits.git",
                    "https://github.com/acme/digits", "git://github.com/acme/digits.git"),
-        commit_shas=(SECOND, AFTER.lower()),
+        commit_shas=(SECOND, AFTER.lower()), delivery_id="72d3162e-cc78-11e3-81ab-4c9367dc0958",
     )
     assert not any("ghs_leaky" in url for url in event.repo_urls)
 
@@ -403,11 +406,49 @@ def test_missing_event_header_is_a_bad_request():
         parse_push(headers, body, SECRET)
 
 
-def test_oversized_body():
+def test_oversized_body_is_413():
     payload = github_payload()
     payload["padding"] = "x" * webhooks.MAX_BODY_BYTES
     body = body_of(payload)
-    with pytest.raises(WebhookBadRequest) as info:
+    with pytest.raises(WebhookTooLarge) as info:
         parse_push(github_headers(body), body, SECRET)
-    assert info.value.status_code == 400
+    assert info.value.status_code == 413
     assert "5 MB" in str(info.value)
+
+
+# --- before the body is read ---------------------------------------------------------------------
+
+def test_check_headers_refuses_before_any_body_byte():
+    body = body_of(github_payload())
+    assert check_headers(github_headers(body), SECRET) == "github"  # only the header's presence is checked
+    assert check_headers(gitea_headers(body), SECRET) == "gitea"
+    assert check_headers(gitlab_headers(), SECRET) == "gitlab"
+    refusals = [
+        ({"X-GitHub-Event": "push"}, WebhookUnauthorized, "missing X-Hub-Signature-256"),
+        ({"X-GitHub-Event": "push", "X-Hub-Signature": "sha1=00"}, WebhookUnauthorized, "SHA-1"),
+        ({"x-gitea-event": "push"}, WebhookUnauthorized, "missing X-Gitea-Signature"),
+        (gitlab_headers(token="wrong"), WebhookUnauthorized, "X-Gitlab-Token header does not match"),
+        ({"Content-Type": "application/json"}, WebhookUnauthorized, "unrecognised webhook"),
+        ({**github_headers(body), "Content-Length": str(webhooks.MAX_BODY_BYTES + 1)}, WebhookTooLarge, "5 MB"),
+        ({**github_headers(body), "Content-Length": "12abc"}, WebhookBadRequest, "Content-Length"),
+        ({**github_headers(body), "Content-Length": "٣"}, WebhookBadRequest, "Content-Length"),
+    ]
+    for headers, error, message in refusals:
+        with pytest.raises(error, match=message):
+            check_headers(headers, SECRET)
+    with pytest.raises(WebhookUnauthorized, match="no webhook secret"):
+        check_headers(github_headers(body), "")
+    assert check_headers({**github_headers(body), "Content-Length": str(webhooks.MAX_BODY_BYTES)}, SECRET)
+
+
+def test_delivery_ids():
+    body = body_of(github_payload())
+    assert delivery_id(github_headers(body)) == "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+    assert delivery_id(gitea_headers(body)) == "f6266f16-1bf3-46a5-9ea4-602e06ead473"
+    assert delivery_id({**gitlab_headers(), "X-Gitlab-Event-UUID": "13792a34-cac6-4fda-95a8-c58e00a3954e"}) \
+        == "13792a34-cac6-4fda-95a8-c58e00a3954e"
+    assert delivery_id(gitlab_headers()) is None
+    assert parse_push(github_headers(body), body, SECRET).delivery_id == "72d3162e-cc78-11e3-81ab-4c9367dc0958"
+    for bad in ("../../etc", "a b", "x" * 101, "", "٣"):
+        with pytest.raises(WebhookBadRequest, match="X-GitHub-Delivery"):
+            delivery_id({**github_headers(body), "X-GitHub-Delivery": bad})

@@ -1,10 +1,25 @@
 """Push webhooks (GitHub, GitLab, Gitea) served by the Airflow API server (plugin app).
 
-``POST /gitops-ml/webhooks/<watch name>``: the signature (HMAC) or token is checked against
-the watched repository's secret before the body is even parsed (401 otherwise, nothing
-started); a malformed payload gets 400.  A push to the watched branch is planned like the
-poller does (burst policy, path filter, signatures) and its runs are created at once, in
-this process, with the same ``commit__<sha>`` ids, so the poller later finds them done.
+``POST /gitops-ml/webhooks/<watch name>``, in this order, each step before any later work:
+
+1. the headers alone: an unknown watch (404), no secret configured, no signature or token
+   header, a wrong GitLab token (401), a declared ``Content-Length`` over the limit (413);
+2. the body, streamed and cut off at ``webhooks.MAX_BODY_BYTES`` (413: nothing more is read);
+3. the HMAC signature of the body (401), then the JSON payload (400);
+4. the delivery id (``X-GitHub-Delivery``, ``X-Gitea-Delivery``, ``X-Gitlab-Event-UUID``): a
+   delivery already handled gets 200 "duplicate delivery" and starts nothing;
+5. the pushed SHA, after fetching the branch: it must be the branch head as the remote tells it
+   now, or a commit on that branch (422 when the remote does not have it, 409 when it is not on
+   the branch: nothing started);
+6. the push is planned like the poller does (burst policy, path filter, signatures) and its runs
+   are created at once, in this process, with the same ``commit__<sha>`` ids, so the poller later
+   finds them done.
+
+Delivery ids are kept in the Airflow DB, one Variable per delivery
+(``gitops_ml_webhook_delivery__<provider>__<id>``), created with an INSERT that the unique key
+of the variable table makes atomic: two API servers, or a restarted one, agree on which
+delivery came first.  A delivery that was not handled (a 4xx/5xx answer) releases its id, so the
+forge's redelivery is handled; ids older than ``DELIVERY_RETENTION`` are pruned.
 
 Why in the API server: no extra service, port or credentials (the webhook creates runs
 through Airflow's own ``trigger_dag`` in-process, not through the REST API with a token),
@@ -14,10 +29,95 @@ unauthenticated requests, and it trusts nothing but the signature.
 
 from __future__ import annotations
 
+import json
 import logging
+import time
+from datetime import datetime, timedelta, timezone
 from typing import Any
 
 log = logging.getLogger(__name__)
+
+DELIVERY_PREFIX = "gitops_ml_webhook_delivery__"
+DELIVERY_RETENTION = timedelta(days=7)  # forges redeliver within days (GitHub keeps 3 days of deliveries)
+_PRUNE_EVERY = 600.0
+_last_prune = 0.0
+
+
+async def read_body(request: Any, limit: int) -> bytes:
+    """The request body, streamed; ``WebhookTooLarge`` as soon as it exceeds ``limit`` bytes."""
+    from gitops_ml import webhooks  # noqa: PLC0415
+
+    body = bytearray()
+    async for chunk in request.stream():
+        body += chunk
+        if len(body) > limit:
+            raise webhooks.too_large()
+    return bytes(body)
+
+
+def _delivery_key(provider: str, delivery_id: str) -> str:
+    return f"{DELIVERY_PREFIX}{provider}__{delivery_id}"
+
+
+def claim_delivery(provider: str, delivery_id: str, record: dict[str, Any]) -> dict[str, Any] | None:
+    """Record a delivery as handled; ``None`` when it is new, else what the first one recorded.
+
+    Atomic across processes: the INSERT of the Variable fails on its unique key when another
+    request (here, in another API server, or before a restart) has claimed the id already.
+    """
+    from airflow.models import Variable  # noqa: PLC0415
+    from airflow.utils.session import create_session  # noqa: PLC0415
+    from sqlalchemy import select  # noqa: PLC0415
+    from sqlalchemy.exc import IntegrityError  # noqa: PLC0415
+
+    key = _delivery_key(provider, delivery_id)
+    value = {**record, "received_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    try:
+        with create_session() as session:
+            session.add(Variable(key=key, val=json.dumps(value), description=(
+                "gitops-ml push webhook delivery already handled (redeliveries are answered 'duplicate "
+                f"delivery'); pruned after {DELIVERY_RETENTION.days} days")))
+            session.flush()
+    except IntegrityError:
+        with create_session() as session:
+            found = session.scalar(select(Variable).where(Variable.key == key))
+            try:
+                return json.loads(found.val) if found is not None else {"received_at": None}
+            except ValueError:
+                return {"received_at": None}
+    _prune_deliveries()
+    return None
+
+
+def release_delivery(provider: str, delivery_id: str) -> None:
+    """Forget a claimed delivery that was not handled, so its redelivery is."""
+    from airflow.models import Variable  # noqa: PLC0415
+    from airflow.utils.session import create_session  # noqa: PLC0415
+    from sqlalchemy import delete  # noqa: PLC0415
+
+    with create_session() as session:
+        session.execute(delete(Variable).where(Variable.key == _delivery_key(provider, delivery_id)))
+
+
+def _prune_deliveries() -> None:
+    """Delete delivery ids older than ``DELIVERY_RETENTION`` (at most every 10 minutes per process)."""
+    global _last_prune
+    if time.monotonic() - _last_prune < _PRUNE_EVERY:
+        return
+    _last_prune = time.monotonic()
+    from airflow.models import Variable  # noqa: PLC0415
+    from airflow.utils.session import create_session  # noqa: PLC0415
+    from sqlalchemy import select  # noqa: PLC0415
+
+    cutoff = datetime.now(timezone.utc) - DELIVERY_RETENTION
+    with create_session() as session:
+        for variable in session.scalars(select(Variable).where(Variable.key.startswith(DELIVERY_PREFIX))):
+            try:
+                received = datetime.fromisoformat(json.loads(variable.val)["received_at"])
+            except (ValueError, KeyError, TypeError):
+                continue
+            if received < cutoff:
+                session.delete(variable)
 
 
 def create_pipeline_run(request: dict[str, Any]) -> bool:
@@ -38,11 +138,10 @@ def create_pipeline_run(request: dict[str, Any]) -> bool:
     return True
 
 
-def handle_push(watch_name: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
-    """(HTTP status, JSON body) for one webhook delivery."""
+def check_headers(watch_name: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]] | None:
+    """(HTTP status, JSON body) when the request can be refused before reading its body, else None."""
     from gitops_ml import watch, webhooks  # noqa: PLC0415
-    from gitops_ml.airflow import watch_steps  # noqa: PLC0415
-    from gitops_ml.errors import GitopsMLError, InputError  # noqa: PLC0415
+    from gitops_ml.errors import InputError  # noqa: PLC0415
 
     try:
         watched = watch.get_watch(watch_name)
@@ -53,7 +152,44 @@ def handle_push(watch_name: str, headers: dict[str, str], body: bytes) -> tuple[
         return 401, {"error": f"no webhook secret configured for {watch_name!r} "
                               f"(set {watched.webhook_secret_env or 'GITOPS_ML_WEBHOOK_SECRET'})"}
     try:
-        event = webhooks.parse_push(headers, body, secret)
+        webhooks.check_headers(headers, secret)
+    except webhooks.WebhookError as exc:
+        return exc.status_code, {"error": str(exc)}
+    return None
+
+
+def verify_on_branch(watched, cache_dir, commit_sha: str) -> tuple[int, dict[str, Any]] | None:
+    """Fetch the watched branch; (status, error) unless ``commit_sha`` is its head or on it."""
+    import git  # noqa: PLC0415
+
+    from gitops_ml import source  # noqa: PLC0415
+
+    repo = source.fetch_mirror(watched.url, watched.branch, cache_dir)
+    head = repo.git.rev_parse(f"refs/heads/{watched.branch}")
+    where = {"commit_sha": commit_sha, "branch": watched.branch, "branch_head": head}
+    if commit_sha == head:
+        return None
+    try:
+        repo.git.cat_file("-e", f"{commit_sha}^{{commit}}")
+    except git.GitCommandError:
+        return 422, {"error": f"commit {commit_sha} does not exist in {watched.safe_url} (branch "
+                              f"{watched.branch!r} fetched just now, head {head}); no run started", **where}
+    if not repo.is_ancestor(commit_sha, head):
+        return 409, {"error": f"commit {commit_sha} is not on branch {watched.branch!r} of {watched.safe_url} "
+                              f"(head {head}); no run started", **where}
+    return None
+
+
+def handle_push(watch_name: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
+    """(HTTP status, JSON body) for one webhook delivery (the body already read within the limit)."""
+    from gitops_ml import watch, webhooks  # noqa: PLC0415
+
+    refused = check_headers(watch_name, headers)
+    if refused:
+        return refused
+    watched = watch.get_watch(watch_name)
+    try:
+        event = webhooks.parse_push(headers, body, watched.webhook_secret())
     except webhooks.WebhookError as exc:
         return exc.status_code, {"error": str(exc)}
     if event is None:
@@ -62,8 +198,31 @@ def handle_push(watch_name: str, headers: dict[str, str], body: bytes) -> tuple[
         return 202, {"ignored": f"push to branch {event.branch!r}; {watch_name!r} watches {watched.branch!r}"}
     if event.after_sha is None:
         return 202, {"ignored": f"branch {event.branch!r} was deleted"}
+    if event.delivery_id:
+        first = claim_delivery(event.provider, event.delivery_id,
+                               {"watch": watch_name, "head_sha": event.after_sha})
+        if first is not None:
+            log.info("webhook %s delivery %s for %s: duplicate of the delivery received at %s", event.provider,
+                     event.delivery_id, event.after_sha, first.get("received_at"))
+            return 200, {"ignored": "duplicate delivery", "delivery_id": event.delivery_id,
+                         "first_received_at": first.get("received_at"), "head_sha": first.get("head_sha")}
+    status, payload = _start_runs(watched, event)
+    if event.delivery_id and status >= 300:
+        release_delivery(event.provider, event.delivery_id)
+    return status, payload
+
+
+def _start_runs(watched, event) -> tuple[int, dict[str, Any]]:
+    from gitops_ml import watch  # noqa: PLC0415
+    from gitops_ml.airflow import watch_steps  # noqa: PLC0415
+    from gitops_ml.errors import GitopsMLError, InputError  # noqa: PLC0415
+
     settings = watch_steps.settings_for(watched)
     try:
+        refused = verify_on_branch(watched, settings.git_cache_dir, event.after_sha)
+        if refused:
+            log.warning("webhook %s: %s", event.provider, refused[1]["error"])
+            return refused
         plan = watch.plan_branch(watched, settings.git_cache_dir, event.before_sha, event.after_sha).to_dict()
     except InputError as exc:
         return 400, {"error": str(exc)}
@@ -76,5 +235,6 @@ def handle_push(watch_name: str, headers: dict[str, str], body: bytes) -> tuple[
         (created if create_pipeline_run(request) else existing).append(request["trigger_run_id"])
     log.info("webhook %s for %s: created %s, already there %s", event.provider, event.after_sha, created, existing)
     return 202, {"provider": event.provider, "head_sha": event.after_sha, "created": created, "existing": existing,
+                 "delivery_id": event.delivery_id,
                  "decisions": [{k: d[k] for k in ("commit_sha", "action", "reason")} for d in plan["decisions"]],
                  "force_push": plan["force_push"]}
