@@ -190,14 +190,20 @@ def _stats(servers: list[ServingClient], version: str | None, samples: dict | No
 
 def watch_window(servers: list[ServingClient], model_version: str, previous_version: str | None,
                  before: dict[str, list], policy: dict[str, Any]) -> dict[str, Any]:
-    """Poll every server's ``/metrics`` for ``watch_seconds``; stop at the first breached limit."""
+    """Poll every server's ``/metrics`` for ``watch_seconds``; stop at the first breached limit.
+
+    The new version's numbers count from ``before`` (scraped before the switch), so
+    every judged request since the switch counts; distinct clients are those of the
+    version's current serving period (a gauge the server resets at the switch).
+    """
     old = _stats(servers, previous_version, before) if previous_version else None
-    start_stats = _stats(servers, model_version)
+    start_stats = _stats(servers, model_version, before)
     started = time.monotonic()
     new = {k: 0.0 for k in start_stats}
     while time.monotonic() - started < policy["watch_seconds"]:
         time.sleep(0.5)
-        new = _delta(_stats(servers, model_version), start_stats)
+        now = _stats(servers, model_version)
+        new = {**_delta(now, start_stats), "clients": now.get("clients", 0.0)}
         reason = judge(new, old, policy)
         if reason:
             log.error("watch window: %s", reason)
