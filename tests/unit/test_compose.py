@@ -1,24 +1,29 @@
 """docker-compose.yml is for users (no Docker engine here): checked statically.
 
-With Debian's docker-compose installed (CI installs it) the file is validated
-against the Compose schema; the structural checks below always run.
+With Debian's docker-compose installed (CI installs it) the file is validated against the
+Compose schema, with a filled-in .env and without one (compose must refuse to start); the
+structural checks below always run.
 """
 
+import os
+import re
 import shutil
 import subprocess
 
+import pytest
 import yaml
 
 from tests.conftest import ROOT
 
+SECRETS = ("POSTGRES_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY", "GITOPS_ML_SERVING_TOKEN")
+
+
+def _compose_text() -> str:
+    return (ROOT / "docker-compose.yml").read_text()
+
 
 def test_compose_schema_when_docker_compose_is_installed():
-    tool = shutil.which("docker-compose")
-    if tool:
-        result = subprocess.run([tool, "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
-                                capture_output=True, text=True)
-        assert result.returncode == 0, result.stderr
-    compose = yaml.safe_load((ROOT / "docker-compose.yml").read_text())
+    compose = yaml.safe_load(_compose_text())
     services = compose["services"]
     for name in ("postgres", "redis", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
                  "airflow-triggerer", "airflow-worker", "mlflow", "serving", "elasticsearch", "kibana"):
@@ -29,3 +34,56 @@ def test_compose_schema_when_docker_compose_is_installed():
     for service in services.values():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{port} would listen on every interface"
+
+
+def test_no_usable_default_secret():
+    """The finding: change-me-* defaults for the JWT secret and the serving token, 'airflow' for PostgreSQL."""
+    text = _compose_text()
+    assert "change-me" not in text.lower()
+    for name in SECRETS:
+        uses = re.findall(r"\$\{" + name + r"([^}]*)\}", text)
+        assert uses, f"{name} is not used"
+        for rest in uses:
+            assert rest == f":?set {name} in .env, see .env.example", f"${{{name}{rest}}} has a default or no error"
+    # No literal secret either: every password/secret/token value comes from a required variable.
+    env = yaml.safe_load(text)["x-gitops-ml-env"]
+    for key, value in env.items():
+        if re.search(r"SECRET|TOKEN|PASSWORD", key) and key != "GITOPS_ML_WEBHOOK_SECRET":
+            assert str(value).startswith("${") and ":?" in str(value), key
+    assert env["GITOPS_ML_WEBHOOK_SECRET"] == "${GITOPS_ML_WEBHOOK_SECRET:-}"  # empty: webhooks refused
+
+
+def test_mlflow_allowed_hosts_are_narrowed():
+    command = yaml.safe_load(_compose_text())["services"]["mlflow"]["command"]
+    hosts = command[command.index("--allowed-hosts") + 1].split(",")
+    assert "*" not in "".join(hosts)
+    assert set(hosts) == {"mlflow", "mlflow:5000", "localhost", "localhost:5000", "127.0.0.1", "127.0.0.1:5000"}
+
+
+def test_env_example_explains_every_variable_compose_reads():
+    example = (ROOT / ".env.example").read_text()
+    lines = example.splitlines()
+    defined = {line.split("=", 1)[0]: i for i, line in enumerate(lines) if re.match(r"^[A-Z][A-Z0-9_]*=", line)}
+    used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)[:}]", re.sub(r"(?m)^\s*#.*$", "", _compose_text())))
+    assert used <= set(defined), f"not in .env.example: {sorted(used - set(defined))}"
+    for name, index in defined.items():
+        assert lines[index - 1].startswith("#"), f"{name} has no explanation above it"
+        if name in SECRETS:
+            assert lines[index] == f"{name}=", f"{name} must be empty in the example (no usable default)"
+
+
+@pytest.mark.skipif(not shutil.which("docker-compose"), reason="docker-compose not installed (CI installs it)")
+def test_compose_validates_with_a_filled_env_and_refuses_without_one(tmp_path):
+    tool = shutil.which("docker-compose")
+    clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
+    filled = tmp_path / "filled.env"
+    filled.write_text("".join(f"{name}=test-{name.lower()}-0123456789\n" for name in SECRETS))
+    result = subprocess.run([tool, "--env-file", str(filled), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+                            capture_output=True, text=True, env=clean)
+    assert result.returncode == 0, result.stderr
+    empty = tmp_path / "empty.env"
+    empty.write_text((ROOT / ".env.example").read_text())  # the example as is: secrets left empty
+    result = subprocess.run([tool, "--env-file", str(empty), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+                            capture_output=True, text=True, env=clean)
+    assert result.returncode != 0
+    assert "see .env.example" in result.stderr and any(name in result.stderr for name in SECRETS), result.stderr
