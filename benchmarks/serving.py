@@ -9,6 +9,11 @@ and batch 32, with 1 and 8 concurrent connections.  Each server gets its native
 request: ours a PNG body (batch 1) or JSON base64 PNGs (batch 32), so it also decodes
 and resizes; MLflow a JSON tensor (``{"inputs": ...}``).  Peak memory is the VmHWM
 of each server's process tree.
+
+Then, for our server only: how long a good request (one PNG) waits while a
+worst-case request is in flight (16 flat 2000x2000 PNGs in one JSON body: 64
+megapixels, the per-request pixel budget; a few hundred ms of decoding), against
+the same good request on an idle server. Median of several rounds.
 """
 
 from __future__ import annotations
@@ -86,6 +91,46 @@ def wrk(url: str, body: Path, content_type: str, connections: int, seconds: int,
             "socket_errors": errors.group(1) if errors else ""}
 
 
+def worst_case_body() -> bytes:
+    import io
+
+    import numpy as np
+    from PIL import Image
+
+    buf = io.BytesIO()
+    Image.fromarray(np.full((2000, 2000), 128, np.uint8), "L").save(buf, "PNG")
+    return json.dumps({"images": [base64.b64encode(buf.getvalue()).decode()] * 16}).encode()
+
+
+def good_request_beside_worst_case(url: str, good: bytes, rounds: int = 7) -> dict:
+    """Latency of a good request alone and while a worst-case request is being decoded (medians, ms)."""
+    import statistics
+    import threading
+
+    worst = worst_case_body()
+    alone, beside, worst_s = [], [], []
+    with httpx.Client(timeout=120) as http:
+        for _ in range(rounds):
+            started = time.perf_counter()
+            assert http.post(url, content=good, headers={"content-type": "image/png"}).status_code == 200
+            alone.append((time.perf_counter() - started) * 1000)
+
+            def send_worst() -> None:
+                began = time.perf_counter()
+                httpx.post(url, content=worst, headers={"content-type": "application/json"}, timeout=120)
+                worst_s.append(time.perf_counter() - began)
+
+            sender = threading.Thread(target=send_worst)
+            sender.start()
+            time.sleep(0.05)  # the worst-case request is being decoded now
+            started = time.perf_counter()
+            assert http.post(url, content=good, headers={"content-type": "image/png"}).status_code == 200
+            beside.append((time.perf_counter() - started) * 1000)
+            sender.join()
+    return {"alone_ms": statistics.median(alone), "beside_worst_ms": statistics.median(beside),
+            "beside_worst_max_ms": max(beside), "worst_s": statistics.median(worst_s)}
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=10)
@@ -147,6 +192,12 @@ def main() -> None:
                     print(f"{name:6} batch {batch:2} clients {connections}: {r['rps']:8.1f} req/s "
                           f"({r['rps'] * batch:8.1f} images/s)  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
                           f"non-2xx {r['non_2xx']}", flush=True)
+            if name == "ours":
+                fairness = good_request_beside_worst_case(base + path, bodies[("ours", 1)][0])
+                rows.append({"server": name, "fairness": fairness})
+                print(f"ours good request alone {fairness['alone_ms']:.1f} ms, beside a worst-case request "
+                      f"{fairness['beside_worst_ms']:.1f} ms (max {fairness['beside_worst_max_ms']:.1f} ms); "
+                      f"the worst-case request took {fairness['worst_s']:.2f} s", flush=True)
             rows.append({"server": name, "peak_rss_mb": tree_peak_rss_mb(proc.pid)})
     finally:
         for proc, *_ in servers.values():
@@ -163,6 +214,10 @@ def main() -> None:
             o, m = table[("ours", batch, clients)], table[("mlflow", batch, clients)]
             print(f"| {batch} | {clients} | {o['rps']:.0f} | {m['rps']:.1f} | {o['rps'] / m['rps']:.1f}x | "
                   f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} | {m['p50_ms']:.1f} / {m['p99_ms']:.1f} |")
+    fair = next(r["fairness"] for r in rows if "fairness" in r)
+    print(f"\ngood request (batch 1) alone {fair['alone_ms']:.1f} ms; while a worst-case request (64 MP) is in "
+          f"flight {fair['beside_worst_ms']:.1f} ms median, {fair['beside_worst_max_ms']:.1f} ms max; "
+          f"worst-case request {fair['worst_s']:.2f} s")
     print(f"\npeak RSS: ours {rss['ours']:.0f} MB, mlflow models serve {rss['mlflow']:.0f} MB")
     (out_dir / "serving.json").write_text(json.dumps(rows, indent=2))
 
