@@ -35,5 +35,5 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, rules: d
 def summary(decision: dict[str, Any], champion_version: str | None) -> str:
     if decision["passed"]:
         against = f"champion version {champion_version}" if champion_version else "no champion (first model)"
-        return f"promoted: passed the gate against {against}"
-    return "not promoted: " + "; ".join(decision["reasons"])
+        return f"gate passed against {against}"
+    return "NOT PROMOTED: " + "; ".join(decision["reasons"])

@@ -37,6 +37,7 @@ _SCHEMA: dict[str, tuple[type | tuple[type, ...], Any, Any, str]] = {
                               "a number from 0 to 1, or null"),
     "deploy.watch_seconds": ((int, float), 0, lambda v: 0 <= v <= 86_400, "a number of seconds from 0 to 86400"),
     "deploy.min_requests": (int, 20, lambda v: v >= 1, "an integer >= 1"),
+    "deploy.min_clients": (int, 3, lambda v: v >= 1, "an integer >= 1 (distinct clients the watch window needs)"),
     "deploy.max_error_rate": ((int, float), 0.05, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
     "deploy.max_latency_ratio": ((int, float), 3.0, lambda v: v >= 1, "a number >= 1"),
     "deploy.max_low_confidence_increase": ((int, float), 0.2, lambda v: 0 <= v <= 1, "a number from 0 to 1"),

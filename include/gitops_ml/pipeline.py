@@ -261,6 +261,22 @@ def register(settings: Settings, trained: dict[str, Any], evaluated: dict[str, A
             "gate_reasons": evaluated["gate_reasons"]}
 
 
+def superseded_by(settings: Settings, commit: dict[str, Any]) -> str | None:
+    """The newer commit of the same branch that is already serving, if any.
+
+    The convergence rule of a branch: runs may finish in any order (bursts, retries, a queue
+    that starts the newer run first), but an older commit never deploys over a newer one, so
+    once the runs settle the newest commit that passed the gate is the one serving.
+    """
+    from gitops_ml import registry  # noqa: PLC0415
+
+    serving = registry.serving_commit(settings)
+    if serving and source.newer_on_branch(settings.repo_url, commit["branch"], settings.git_cache_dir,
+                                          commit["commit_sha"], serving):
+        return serving
+    return None
+
+
 def deploy_intent(settings: Settings, model_version: str, run_id: str) -> dict[str, str] | None:
     """Write down, before anything moves, that ``run_id`` is about to promote ``model_version``
     over the current champion; return the intent a crashed earlier run left unfinished, if any.
@@ -295,6 +311,15 @@ def deploy(settings: Settings, commit: dict[str, Any], model_version: str, param
     from gitops_ml import deploy as deploy_mod, registry  # noqa: PLC0415
 
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
+    newer = superseded_by(settings, commit)
+    if newer:
+        current = registry.get_alias(settings)
+        log.warning("NOT DEPLOYED: commit %s is older than commit %s, which is already serving on branch %s; "
+                    "model version %s stays registered", commit["commit_sha"], newer, commit["branch"], model_version)
+        record(settings, commit, run_id, "deploy", "superseded", model_version=str(model_version),
+               superseded_by=newer)
+        return {"model_version": str(model_version), "changed": False, "superseded_by": newer,
+                "previous_version": str(current.version) if current is not None else None, "watch": None}
     unfinished = deploy_intent(settings, model_version, run_id)
     try:
         result = deploy_mod.deploy(settings, model_version, params.get("deploy"))
@@ -316,6 +341,7 @@ def deploy(settings: Settings, commit: dict[str, Any], model_version: str, param
         if result["previous_version"]:
             registry.set_version_tags(settings, result["previous_version"], {"replaced_by": str(model_version),
                                                                              "replaced_at": now})
+    registry.set_serving_commit(settings, commit["commit_sha"])
     record(settings, commit, run_id, "deploy", "promoted" if result["changed"] else "unchanged",
            model_version=str(model_version), previous_version=result["previous_version"], watch=result["watch"],
            recovered_from_run=result.get("recovered_from_run"))
@@ -351,33 +377,54 @@ def gate_of(settings: Settings, model_version: str) -> tuple[bool, str]:
 
 def outcome_of(settings: Settings, commit: dict[str, Any], run_id: str, model_version: str | None,
                deployed: dict[str, Any] | None, reused: bool) -> dict[str, Any]:
-    """What the Git note and the final record say about one run of one commit."""
+    """What the Git note and the final record say about one run of one commit, with ``summary``:
+    the one sentence a user reads first (also the end of the Airflow run note)."""
     from gitops_ml import registry  # noqa: PLC0415
 
     tags = registry.version_tags(registry.get_version(settings, model_version)) if model_version else {}
-    return {
+    superseded = deployed.get("superseded_by") if deployed else None
+    serving = bool(deployed) and not superseded
+    reused_from = tags.get("commit_sha") if reused and tags.get("commit_sha") != commit["commit_sha"] else None
+    outcome = {
         "gitops_ml_run": run_id,
         "model": f"{settings.model_name} version {model_version}" if model_version else None,
-        "reused_from_commit": tags.get("commit_sha") if reused and tags.get("commit_sha") != commit["commit_sha"]
-        else None,
+        "reused_from_commit": reused_from,
         "data_hash": tags.get("data_hash"),
         "gate": tags.get("gate"),
         "gate_reasons": tags.get("gate_reasons"),
         "test_accuracy": float(tags["test_accuracy"]) if tags.get("test_accuracy") else None,
         "compared_with_champion_version": tags.get("gate_compared_with"),
-        "deployed": bool(deployed),
-        "replaced_version": deployed["previous_version"] if deployed and deployed.get("changed") else None,
+        "deployed": serving,
+        "replaced_version": deployed["previous_version"] if serving and deployed.get("changed") else None,
+        "superseded_by": superseded,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
+    outcome["summary"] = summary(model_version, outcome)
+    return outcome
+
+
+def summary(model_version: str | None, outcome: dict[str, Any]) -> str:
+    """One sentence per outcome: PROMOTED / SERVING / NOT PROMOTED / NOT DEPLOYED, naming version and SHA."""
+    built = f" (reused, built from commit {outcome['reused_from_commit']})" if outcome.get("reused_from_commit") else ""
+    if outcome.get("superseded_by"):
+        return (f"NOT DEPLOYED: version {model_version}{built} is older than commit {outcome['superseded_by']}, "
+                "which is already serving")
+    if outcome.get("gate") == "failed" and not outcome.get("deployed"):
+        return f"NOT PROMOTED: version {model_version}{built} failed the gate: {outcome.get('gate_reasons') or '?'}"
+    if outcome.get("deployed") and outcome.get("replaced_version"):
+        return f"PROMOTED: version {model_version}{built} replaced version {outcome['replaced_version']}"
+    if outcome.get("deployed"):
+        return f"SERVING: version {model_version}{built} (already the champion)"
+    return f"NOT DEPLOYED: version {model_version}{built}"
 
 
 def finish(settings: Settings, commit: dict[str, Any], run_id: str, model_version: str | None,
            deployed: dict[str, Any] | None, reused: bool) -> dict[str, Any]:
     """Final record and Git note of a run that did not fail."""
     outcome = outcome_of(settings, commit, run_id, model_version, deployed, reused)
-    log.info("commit %s: run %s finished, %s %s", commit["commit_sha"], run_id, outcome["model"] or "no model",
-             "serving" if deployed else "not promoted")
-    record(settings, commit, run_id, "pipeline", "success" if deployed else "not_promoted", **outcome)
+    log.info("commit %s: run %s finished: %s", commit["commit_sha"], run_id, outcome["summary"])
+    final = "success" if outcome["deployed"] else ("superseded" if outcome["superseded_by"] else "not_promoted")
+    record(settings, commit, run_id, "pipeline", final, **outcome)
     write_note(settings, commit, outcome)
     return outcome
 

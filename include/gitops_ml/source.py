@@ -178,3 +178,17 @@ def read_note(repo_url: str, commit_sha: str, cache_dir: Path) -> str | None:
         return git.Repo(path).git.notes("--ref", NOTES_REF, "show", commit_sha)
     except git.GitCommandError:
         return None
+
+
+def newer_on_branch(repo_url: str, branch: str, cache_dir: Path, commit_sha: str, other_sha: str) -> bool:
+    """True when ``other_sha`` is on ``branch`` (after a fetch) and ``commit_sha`` is a strict ancestor
+    of it: ``other_sha`` is the newer revision of the branch.  A commit that a force-push removed
+    from the branch is never newer."""
+    commit_sha, other_sha = validate_sha(commit_sha), validate_sha(other_sha)
+    if commit_sha == other_sha:
+        return False
+    repo = fetch_mirror(repo_url, branch, cache_dir)
+    try:
+        return repo.is_ancestor(other_sha, f"refs/heads/{branch}") and repo.is_ancestor(commit_sha, other_sha)
+    except git.GitCommandError:  # other_sha unknown to this mirror
+        return False

@@ -170,7 +170,7 @@ def register_bright_image_bug(settings, demo_repo) -> tuple[dict, str]:
 
 def test_watch_window_rolls_back_a_model_that_fails_live(settings, demo_repo, server, champion):
     commit, bad_version = register_bright_image_bug(settings, demo_repo)
-    policy = {"deploy": {"watch_seconds": 20, "min_requests": 10, "max_error_rate": 0.05}}
+    policy = {"deploy": {"watch_seconds": 20, "min_requests": 10, "min_clients": 1, "max_error_rate": 0.05}}
     payloads = [digit_png(demo_repo["path"]), digit_png(demo_repo["path"], invert=True)]
     with Traffic(server.url, payloads) as traffic:
         started = time.monotonic()
@@ -215,8 +215,10 @@ def test_every_server_converges_or_all_roll_back(settings, demo_repo, server, ch
         assert server.version()["model_version"] == second.version()["model_version"] == "2"
 
         all_three = settings.with_overrides(serving_url=f"{server.url},{second.url},{misconfigured.url}")
+        # A newer commit going back to version 1's inputs (a revert): deploys version 1 again.
+        back = pipeline.resolve(settings, demo.bump_param(demo_repo["path"], "train.seed", 42, "back"))["commit"]
         with pytest.raises(DeployError, match=f"failed on {misconfigured.url} and was rolled back to version 2"):
-            pipeline.deploy(all_three, champion["commit"], "1", {})
+            pipeline.deploy(all_three, back, "1", {})
         assert str(registry.get_alias(settings).version) == "2"
         assert server.version()["model_version"] == second.version()["model_version"] == "2"
     finally:
@@ -247,3 +249,25 @@ def test_bookkeeping_cut_short_by_a_crash_is_completed_by_the_next_run(settings,
     assert registry.version_tags(registry.get_version(settings, "1"))["replaced_by"] == version
     again = pipeline.deploy(settings, second["commit"], version, params, run_id="commit__rerun2")
     assert not again["changed"], "once recorded, a further run is unchanged"
+
+
+def test_runs_finishing_out_of_order_converge_on_the_branch_head(settings, demo_repo, server, champion):
+    """A burst B (passes), C (fails the gate), D (passes, same inputs as B) run newest first, as a queue that
+    started the newer run first would: the older B never deploys over D, C is not promoted, and once the
+    runs settle the server serves D's revision (the convergence rule of a branch)."""
+    repo = demo_repo["path"]
+    b = demo.bump_param(repo, "gate.max_accuracy_drop", 1.0, "B: tolerate any drop")
+    c = demo.bump_param(repo, "gate.min_accuracy", 0.9999, "C: an impossible gate")
+    d = demo.bump_param(repo, "gate.min_accuracy", 0.8, "D: back to B's params")
+    results = {sha: pipeline.run_local(settings, sha, run_id=f"commit__{sha}") for sha in (d, b, c)}
+
+    d_version = results[d]["model_version"]
+    assert results[d]["deploy"]["changed"] and results[d]["outcome"]["summary"].startswith("PROMOTED")
+    assert results[b]["model_version"] == d_version and results[b]["reused"], "B has D's inputs: reused"
+    assert results[b]["deploy"]["superseded_by"] == d
+    assert results[b]["outcome"]["summary"].startswith(f"NOT DEPLOYED: version {d_version}")
+    assert not results[c]["gate_passed"] and results[c]["outcome"]["summary"].startswith("NOT PROMOTED")
+    assert registry.serving_commit(settings) == d
+    assert str(registry.get_alias(settings).version) == d_version
+    assert server.version()["model_version"] == d_version
+    assert git(repo, "rev-parse", "HEAD") == d

@@ -24,6 +24,6 @@ def test_per_class_recall_floor_names_the_class():
     rules = {**RULES, "min_class_recall": 0.7}
     failed = gate.decide(result(0.9, {"cat": 0.95, "dog": 0.6}), None, rules)
     assert not failed["passed"] and "dog (0.6)" in failed["reasons"][0]
-    assert gate.summary(failed, None).startswith("not promoted: recall below")
+    assert gate.summary(failed, None).startswith("NOT PROMOTED: recall below")
     assert gate.summary(gate.decide(result(0.9), None, RULES), None) == \
-        "promoted: passed the gate against no champion (first model)"
+        "gate passed against no champion (first model)"

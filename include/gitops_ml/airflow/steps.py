@@ -209,7 +209,7 @@ def record(resolved: dict[str, Any], prepared: dict[str, Any], deployed: dict[st
 
     context = get_current_context()
     if not deployed:
-        raise AirflowSkipException("not promoted: the outcome was recorded by the deploy step")
+        raise AirflowSkipException("nothing deployed: the deploy step recorded the outcome")
     return pipeline.finish(settings_from_context(context), resolved["commit"], context["run_id"],
                            deployed["model_version"], deployed, reused=bool(_existing_version(resolved, prepared)))
 
