@@ -35,7 +35,10 @@ def _record_failure(context):
     doc_md=__doc__,
     params={
         "commit_sha": Param(None, type=["null", "string"], description="Commit to build (default: branch head)"),
-        "repo_url": Param(None, type=["null", "string"], description="Model repository (default: GITOPS_ML_REPO_URL)"),
+        # No credentials in a run conf (it is stored in the Airflow DB and shown in the UI): use a watch name.
+        "repo_url": Param(None, type=["null", "string"], pattern=r"^(?![^/]*://[^/]*@)",
+                          description="Model repository without credentials (default: GITOPS_ML_REPO_URL); "
+                                      "a repository that needs credentials is named by its watch"),
         "branch": Param(None, type=["null", "string"], description="Tracked branch (default: GITOPS_ML_BRANCH)"),
         "watch": Param(None, type=["null", "string"], description="Watched repository name (watch configuration)"),
         "trigger": Param(None, type=["null", "string"], description="push | webhook | schedule | manual"),

@@ -54,3 +54,28 @@ def test_dagbag_has_no_import_errors_and_expected_wiring(watch_file):
     sensor = watcher.task_dict["wait_for_commit"]
     assert sensor.deferrable and sensor.branch == "dev" and sensor.since_sha.startswith("{{ var.value.get(")
     assert "TOK" not in bag.dags["gitops_ml_watch__a"].description
+
+
+def test_run_conf_with_credentials_in_repo_url_is_refused_at_trigger(watch_file):
+    """Airflow validates a run conf against the DAG's params when a run is triggered (UI, REST, CLI):
+    a repo_url with credentials never reaches the Airflow DB."""
+    from airflow.dag_processing.dagbag import DagBag
+    from airflow.sdk.definitions.param import ParamsDict
+
+    from gitops_ml.airflow import steps
+    from gitops_ml.errors import InputError
+
+    dag = DagBag(dag_folder=str(ROOT / "dags")).dags["gitops_ml_pipeline"]
+    for url in ("https://oauth2:s3cret@git.example.com/m.git", "https://tok@git.example.com/m.git"):
+        params = ParamsDict(dag.params)
+        with pytest.raises(Exception, match="repo_url|does not match"):
+            params.update({"repo_url": url})
+            params.validate()
+        with pytest.raises(InputError, match="carries credentials") as err:
+            steps._refuse_conf_credentials(url)
+        assert "s3cret" not in str(err.value) and "tok@" not in str(err.value)
+    for url in ("https://git.example.com/m.git", "/srv/git/m.git", "git@github.com:a/b.git", None):
+        params = ParamsDict(dag.params)
+        params.update({"repo_url": url})
+        params.validate()
+        steps._refuse_conf_credentials(url)

@@ -92,13 +92,24 @@ def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
     return wrapper
 
 
+def _refuse_conf_credentials(repo_url: str | None) -> None:
+    """A run conf is stored in the Airflow DB and shown in the UI: a URL in it must not hold credentials."""
+    from gitops_ml.refs import redact_url  # noqa: PLC0415
+
+    if repo_url and redact_url(repo_url) != repo_url:
+        raise InputError(f"run conf repo_url {redact_url(repo_url)} carries credentials: they would be stored in the "
+                         "Airflow DB and shown in the UI; configure the repository as a watch (its URL may read "
+                         "${TOKEN} from the environment) and pass the watch name instead")
+
+
 @_adapter
 def resolve_commit() -> dict[str, Any]:
     from gitops_ml import pipeline  # noqa: PLC0415
 
     context = get_current_context()
-    settings = settings_from_context(context)
     params = context["params"]
+    _refuse_conf_credentials(params.get("repo_url"))
+    settings = settings_from_context(context)
     resolved = pipeline.resolve(settings, params.get("commit_sha") or None, params.get("watch") or None)
     commit = resolved["commit"]
     decision = params.get("decision") or "train"
