@@ -3,34 +3,88 @@
 Authentication: ``AIRFLOW_API_USERNAME`` / ``AIRFLOW_API_PASSWORD`` get a JWT from
 ``/auth/token``; without them the client asks ``GET /auth/token``, which the simple
 auth manager answers when ``simple_auth_manager_all_admins`` is on (the embedded demo).
+
+Transient failures are retried with exponential backoff (``tenacity``), bounded by
+``retry_seconds``: a 5xx answer (the embedded Airflow's SQLite answers 500 "Database error"
+while another writer holds the lock) and a connection error or timeout.  A 4xx answer is
+never retried: it is the answer (404 "no such run", 409 "already exists", 401/403).
 """
 
 from __future__ import annotations
 
+import logging
 import os
 import time
 from typing import Any
 
 import httpx
+from tenacity import (RetryCallState, Retrying, retry_if_exception_type, retry_if_result, stop_before_delay,
+                      wait_exponential)
 
 from gitops_ml.airflow.steps import PIPELINE_DAG_ID, run_id_for
 from gitops_ml.errors import GitopsMLError
 
+log = logging.getLogger(__name__)
+
 TERMINAL = {"success", "failed"}
+DEFAULT_URL = "http://127.0.0.1:8080"
+
+
+def _transient(response: httpx.Response) -> bool:
+    return response.status_code >= 500
 
 
 class AirflowClient:
-    def __init__(self, base_url: str | None = None, timeout: float = 30.0):
-        self.base_url = (base_url or os.environ.get("AIRFLOW_API_URL") or "http://127.0.0.1:8080").rstrip("/")
+    """``retry_seconds`` bounds the retries of one request (the first attempt included);
+    ``backoff`` is the first wait, doubled after each attempt up to ``max_backoff``."""
+
+    def __init__(self, base_url: str | None = None, timeout: float = 30.0, retry_seconds: float = 60.0,
+                 backoff: float = 0.5, max_backoff: float = 8.0):
+        self.base_url = (base_url or os.environ.get("AIRFLOW_API_URL") or DEFAULT_URL).rstrip("/")
+        self.retry_seconds = retry_seconds
+        self.attempts = 0  # attempts of the last request
+        self.last_error = ""
+        self._wait = wait_exponential(multiplier=backoff, max=max_backoff)
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout)
         self._http.headers["Authorization"] = f"Bearer {self._token()}"
+
+    def _request(self, method: str, url: str, **kwargs: Any) -> httpx.Response:
+        """One API call, retried while the answer is a 5xx or the connection fails.
+
+        After the last attempt the last 5xx answer is returned (the caller's check names it);
+        a connection error that persists raises ``GitopsMLError`` naming the URL.
+        """
+        def before_sleep(state: RetryCallState) -> None:
+            outcome = state.outcome
+            why = (f"HTTP {outcome.result().status_code}" if not outcome.failed
+                   else f"{type(outcome.exception()).__name__}: {outcome.exception()}")
+            log.warning("Airflow %s %s: %s (attempt %d); retrying in %.1f s", method, url, why,
+                        state.attempt_number, state.next_action.sleep)
+
+        def give_up(state: RetryCallState) -> httpx.Response | None:
+            if state.outcome.failed:
+                self.last_error = f"{type(state.outcome.exception()).__name__}: {state.outcome.exception()}"
+                return None
+            return state.outcome.result()
+
+        retrying = Retrying(
+            retry=retry_if_result(_transient) | retry_if_exception_type(httpx.TransportError),
+            stop=stop_before_delay(self.retry_seconds), wait=self._wait, before_sleep=before_sleep,
+            retry_error_callback=give_up)
+        response = retrying(self._http.request, method, url, **kwargs)
+        if response is None:
+            raise GitopsMLError(f"Airflow at {self.base_url} did not answer {method} {url}: the connection "
+                                f"failed on every attempt for {self.retry_seconds:g} s "
+                                f"(last: {self.last_error})")
+        self.attempts = retrying.statistics.get("attempt_number", 1)
+        return response
 
     def _token(self) -> str:
         user, password = os.environ.get("AIRFLOW_API_USERNAME"), os.environ.get("AIRFLOW_API_PASSWORD")
         if user and password:
-            response = self._http.post("/auth/token", json={"username": user, "password": password})
+            response = self._request("POST", "/auth/token", json={"username": user, "password": password})
         else:
-            response = self._http.get("/auth/token")
+            response = self._request("GET", "/auth/token")
         if response.status_code >= 400:
             raise GitopsMLError(f"Airflow at {self.base_url} refused a token (HTTP {response.status_code}); "
                                 "set AIRFLOW_API_USERNAME and AIRFLOW_API_PASSWORD")
@@ -44,16 +98,17 @@ class AirflowClient:
     def wait_for_dag(self, dag_id: str = PIPELINE_DAG_ID, timeout: float = 120.0) -> None:
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
-            if self._http.get(f"/api/v2/dags/{dag_id}").status_code == 200:
+            if self._request("GET", f"/api/v2/dags/{dag_id}").status_code == 200:
                 return
             time.sleep(1)
         raise GitopsMLError(f"DAG {dag_id} did not appear in Airflow at {self.base_url} within {timeout:.0f} s")
 
     def unpause(self, dag_id: str = PIPELINE_DAG_ID) -> None:
-        self._check(self._http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": False}), f"unpause {dag_id}")
+        self._check(self._request("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False}),
+                    f"unpause {dag_id}")
 
     def get_run(self, run_id: str, dag_id: str = PIPELINE_DAG_ID) -> dict[str, Any] | None:
-        response = self._http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
+        response = self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
         return None if response.status_code == 404 else self._check(response, f"read run {run_id}")
 
     def trigger_commit(self, commit_sha: str, conf: dict[str, Any] | None = None, rerun: bool = False,
@@ -69,13 +124,15 @@ class AirflowClient:
         body = {"dag_run_id": run_id, "logical_date": None,
                 "conf": {**(conf or {}), "commit_sha": commit_sha, **({"watch": watch} if watch else {})},
                 "note": f"commit {commit_sha}"}
-        response = self._http.post(f"/api/v2/dags/{dag_id}/dagRuns", json=body)
-        if response.status_code == 409 and not rerun:  # the watcher or the webhook created it meanwhile
-            return self._check(self._http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"), f"read run {run_id}")
+        response = self._request("POST", f"/api/v2/dags/{dag_id}/dagRuns", json=body)
+        # 409: the watcher or the webhook created it meanwhile, or (after a retried 5xx) our own
+        # first attempt did; either way this run id is the one run.
+        if response.status_code == 409 and (not rerun or self.attempts > 1):
+            return self._check(self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}"), f"read run {run_id}")
         return self._check(response, f"trigger {run_id}")
 
     def task_instances(self, run_id: str, dag_id: str = PIPELINE_DAG_ID) -> list[dict[str, Any]]:
-        data = self._check(self._http.get(f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"),
+        data = self._check(self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"),
                            f"list tasks of {run_id}")
         return data["task_instances"]
 
