@@ -8,6 +8,7 @@
     gitops-ml trace SHA|VERSION         commit -> run -> model version -> deploys -> serving now
     gitops-ml logs SHA [--task T]       a commit's log lines (Elasticsearch or the local spool)
     gitops-ml demo                      init (once), start the stack, commit, follow the run, predict
+    gitops-ml gc [--dry-run]            remove old work trees and DVC cache objects no one needs
 """
 
 from __future__ import annotations
@@ -56,20 +57,25 @@ def cmd_run(args) -> int:
     return 0
 
 
+def _airflow_url(args, settings: Settings) -> str:
+    """``--airflow-url``, else ``AIRFLOW_API_URL``, else the stack ``stack up`` started, else port 8080."""
+    from gitops_ml import stack  # noqa: PLC0415
+    from gitops_ml.airflow.client import DEFAULT_URL  # noqa: PLC0415
+
+    return (getattr(args, "airflow_url", None) or os.environ.get("AIRFLOW_API_URL")
+            or stack.recorded_urls(settings).get("airflow") or DEFAULT_URL)
+
+
 def cmd_trigger(args) -> int:
-    from gitops_ml import source  # noqa: PLC0415
+    from gitops_ml import source, stack  # noqa: PLC0415
     from gitops_ml.airflow.client import AirflowClient  # noqa: PLC0415
 
-    settings = _settings(args)
-    if args.watch:
-        from gitops_ml.airflow.watch_steps import settings_for  # noqa: PLC0415
-        from gitops_ml.watch import get_watch  # noqa: PLC0415
-
-        settings = settings_for(get_watch(args.watch))
+    settings, conf = stack.trigger_target(_settings(args), args.watch)
     commit = source.resolve_commit(settings.repo_url, settings.branch, args.commit_sha, settings.git_cache_dir)
-    client = AirflowClient(args.airflow_url)
-    run = client.trigger_commit(commit.commit_sha, rerun=args.rerun, watch=args.watch)
-    print(f"run {run['dag_run_id']} for commit {commit.commit_sha}: {run['state']}")
+    client = AirflowClient(_airflow_url(args, settings))
+    watch = conf.pop("watch", None)
+    run = client.trigger_commit(commit.commit_sha, conf={**conf, "trigger": "manual"}, rerun=args.rerun, watch=watch)
+    print(f"run {run['dag_run_id']} for commit {commit.commit_sha} of {commit.repo_url}: {run['state']}")
     if args.wait:
         run = client.wait_for_run(run["dag_run_id"], timeout=args.timeout,
                                   on_change=lambda task, state: print(f"  {task}: {state}", flush=True))
@@ -83,8 +89,16 @@ def cmd_stack(args) -> int:
 
     settings = _settings(args)
     if args.action == "up":
-        for name, url in stack.up(settings).items():
+        ports = {"airflow_port": args.airflow_port, "mlflow_port": args.mlflow_port, "serve_port": args.serve_port}
+        _, where = stack.locate_repository(settings)
+        urls = stack.up(settings, **ports)
+        exported = stack.stack_settings(settings, **ports)
+        for name, url in urls.items():
             print(f"{name}: {url}")
+        print(f"repository: {where}")
+        print(f"the stack deploys to GITOPS_ML_SERVING_URL={exported.serving_url}, links to "
+              f"GITOPS_ML_MLFLOW_UI_URL={exported.mlflow_ui_url}; `gitops-ml trigger` finds Airflow at "
+              f"{urls['airflow']} (or set AIRFLOW_API_URL)")
     else:
         stopped = stack.down(settings)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -92,18 +106,19 @@ def cmd_stack(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from gitops_ml import demo  # noqa: PLC0415
+    from gitops_ml import demo, stack  # noqa: PLC0415
+    from gitops_ml.airflow.client import AirflowClient  # noqa: PLC0415
 
     settings = _settings(args)
-    repo_path = settings.home / "demo-repo"
-    if not settings.repo_url:
-        settings = settings.with_overrides(repo_url=str(repo_path))
-        os.environ["GITOPS_ML_REPO_URL"] = settings.repo_url
+    repo_path = stack.demo_repo_path(settings)
+    if settings.repo_url and Path(settings.repo_url).resolve() != repo_path.resolve():
+        print(f"gitops-ml: error: `gitops-ml demo` commits to the demo repository {repo_path}, but "
+              f"GITOPS_ML_REPO_URL (or --repo-url) names another one; unset it for the demo", file=sys.stderr)
+        return 2
     if not (repo_path / ".git").exists():
         info = demo.init_demo(repo_path, str(settings.home / "dvc-remote"))
         print(f"demo repository {repo_path}: {info['images']} images, data hash {info['data_hash']}")
-    from gitops_ml import stack  # noqa: PLC0415
-    from gitops_ml.airflow.client import AirflowClient  # noqa: PLC0415
+    settings = settings.with_overrides(repo_url=str(repo_path))
 
     print("starting Airflow, MLflow UI and the model server (first start takes a minute) ...", flush=True)
     urls = stack.up(settings)
@@ -117,7 +132,9 @@ def cmd_demo(args) -> int:
     client = AirflowClient(urls["airflow"])
     client.wait_for_dag()
     client.unpause()
-    run = client.trigger_commit(commit_sha)
+    _, conf = stack.trigger_target(settings)
+    watch = conf.pop("watch", None)
+    run = client.trigger_commit(commit_sha, conf={**conf, "trigger": "manual"}, watch=watch)
     print(f"Airflow run {run['dag_run_id']} ... following it", flush=True)
     run = client.wait_for_run(run["dag_run_id"], timeout=1800,
                               on_change=lambda task, state: print(f"  {task}: {state}", flush=True))
@@ -193,6 +210,14 @@ def cmd_watch(args) -> int:
     return 0
 
 
+def cmd_gc(args) -> int:
+    """Remove the work trees of finished runs beyond the retention limits and trim the DVC cache."""
+    from gitops_ml import retention  # noqa: PLC0415
+
+    print(retention.collect(_settings(args), dry_run=args.dry_run).render())
+    return 0
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gitops-ml", description="GitOps for machine learning on Airflow")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -222,15 +247,19 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_repo(sub.add_parser("trigger", help="start the Airflow run for a commit"))
     p.add_argument("commit_sha", nargs="?")
-    p.add_argument("--airflow-url", help="default: AIRFLOW_API_URL or http://127.0.0.1:8080")
+    p.add_argument("--airflow-url", help="default: AIRFLOW_API_URL, else the stack `stack up` started, "
+                                         "else http://127.0.0.1:8080")
     p.add_argument("--wait", action="store_true")
     p.add_argument("--rerun", action="store_true", help="start another run even if this commit has one")
     p.add_argument("--watch", help="a watched repository by name (its URL, branch, model and run ids)")
     p.add_argument("--timeout", type=float, default=1800)
     p.set_defaults(func=cmd_trigger)
 
-    p = sub.add_parser("stack", help="start or stop the embedded stack")
+    p = with_repo(sub.add_parser("stack", help="start or stop the embedded stack"))
     p.add_argument("action", choices=["up", "down"])
+    p.add_argument("--airflow-port", type=int, default=8080, help="Airflow UI and REST API (default 8080)")
+    p.add_argument("--mlflow-port", type=int, default=5000, help="MLflow UI (default 5000)")
+    p.add_argument("--serve-port", type=int, default=8765, help="model server (default 8765)")
     p.set_defaults(func=cmd_stack)
 
     p = with_repo(sub.add_parser("trace", help="commit -> Airflow run -> MLflow version -> deploys -> serving"))
@@ -250,6 +279,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("name", nargs="?", help="watched repository (for plan)")
     p.add_argument("--since", help="plan the commits after this SHA (default: only the head)")
     p.set_defaults(func=cmd_watch)
+
+    p = sub.add_parser("gc", help="remove old work trees (GITOPS_ML_KEEP_WORKTREES, GITOPS_ML_KEEP_FAILED_HOURS) "
+                                  "and the DVC cache objects they no longer need")
+    p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
+    p.set_defaults(func=cmd_gc)
 
     p = with_repo(sub.add_parser("demo", help="the whole demo"))
     p.set_defaults(func=cmd_demo)
