@@ -321,9 +321,13 @@ def deploy(settings: Settings, commit: dict[str, Any], model_version: str, param
         return {"model_version": str(model_version), "changed": False, "superseded_by": newer,
                 "previous_version": str(current.version) if current is not None else None, "watch": None}
     unfinished = deploy_intent(settings, model_version, run_id)
+    served_for_before = registry.version_tags(registry.get_version(settings, model_version)).get("served_for_commit")
+    # The revision this version is about to serve for: servers report it (a reused version serves a newer commit).
+    registry.set_version_tags(settings, model_version, {"served_for_commit": commit["commit_sha"]})
     try:
         result = deploy_mod.deploy(settings, model_version, params.get("deploy"))
     except deploy_mod.DeployError as exc:
+        registry.set_version_tags(settings, model_version, {"served_for_commit": served_for_before})
         registry.set_version_tags(settings, model_version, {"deploy_outcome": "rolled_back", "rolled_back_at": now,
                                                             "rollback_reason": str(exc)[:4000],
                                                             "deploy_pending": "false"})
@@ -341,7 +345,6 @@ def deploy(settings: Settings, commit: dict[str, Any], model_version: str, param
         if result["previous_version"]:
             registry.set_version_tags(settings, result["previous_version"], {"replaced_by": str(model_version),
                                                                              "replaced_at": now})
-    registry.set_serving_commit(settings, commit["commit_sha"])
     record(settings, commit, run_id, "deploy", "promoted" if result["changed"] else "unchanged",
            model_version=str(model_version), previous_version=result["previous_version"], watch=result["watch"],
            recovered_from_run=result.get("recovered_from_run"))
@@ -426,6 +429,8 @@ def finish(settings: Settings, commit: dict[str, Any], run_id: str, model_versio
     final = "success" if outcome["deployed"] else ("superseded" if outcome["superseded_by"] else "not_promoted")
     record(settings, commit, run_id, "pipeline", final, **outcome)
     write_note(settings, commit, outcome)
+    from gitops_ml import retention  # noqa: PLC0415
+    retention.after_run(settings, commit["commit_sha"], failed=False, run_id=run_id)  # never raises: logs a warning
     return outcome
 
 

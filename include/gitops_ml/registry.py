@@ -265,18 +265,13 @@ def load_run_json(settings: Settings, run_id: str, path: str) -> Any:
         return None
 
 
-SERVING_COMMIT_TAG = f"{TAG_PREFIX}serving_commit"
-
-
 def serving_commit(settings: Settings) -> str | None:
-    """The commit the champion is served for: the desired revision, which may be newer than the commit
-    the version was built from (a revert or a no-change commit reuses an older version)."""
-    try:
-        model = client(settings).get_registered_model(settings.model_name)
-    except MlflowException:
+    """The commit the champion is served for: the desired revision of the branch, which may be newer
+    than the commit the version was built from (a revert or a no-change commit reuses an older
+    version).  Kept on the version itself (``served_for_commit``), so a rollback to a version
+    brings back the revision it was serving for."""
+    current = get_alias(settings)
+    if current is None:
         return None
-    return model.tags.get(SERVING_COMMIT_TAG) or None
-
-
-def set_serving_commit(settings: Settings, commit_sha: str) -> None:
-    client(settings).set_registered_model_tag(settings.model_name, SERVING_COMMIT_TAG, commit_sha)
+    tags = version_tags(current)
+    return tags.get("served_for_commit") or tags.get("commit_sha") or None

@@ -102,6 +102,12 @@ def test_revert_reuses_the_previous_version_without_training(settings, demo_repo
     assert result["outcome"]["reused_from_commit"] == demo_repo["commit_sha"]
     assert len(all_versions(settings)) == 2
     assert server.version()["model_version"] == "1" and str(registry.get_alias(settings).version) == "1"
+    # The server answers for the revert (the desired revision) and says what the model was built from.
+    served = server.version()
+    assert served["commit_sha"] == revert_sha and served["built_from_commit"] == demo_repo["commit_sha"]
+    assert registry.serving_commit(settings) == revert_sha
+    assert result["outcome"]["summary"].startswith(f"PROMOTED: version 1 (reused, built from commit "
+                                                   f"{demo_repo['commit_sha']}) replaced version 2")
     print(f"revert brought version 1 back in {seconds:.1f} s")  # measured in the benchmark, not asserted
 
 

@@ -87,7 +87,9 @@ def deploy(settings: Settings, model_version: str, policy: dict[str, Any] | None
     policy = {**DEFAULT_POLICY, **(policy or {})}
     model_version = str(model_version)
     target = registry.get_version(settings, model_version)
-    commit_sha = registry.version_tags(target).get("commit_sha", "")
+    target_tags = registry.version_tags(target)
+    # Servers report the revision the version serves for (set by the pipeline), else the one it was built from.
+    commit_sha = target_tags.get("served_for_commit") or target_tags.get("commit_sha", "")
     smoke = registry.load_run_json(settings, target.run_id, "evaluation/smoke_sample.json")
     previous = registry.get_alias(settings)
     previous_version = str(previous.version) if previous is not None else None
@@ -102,7 +104,8 @@ def deploy(settings: Settings, model_version: str, policy: dict[str, Any] | None
                 raise DeployError(f"serving endpoint {server.base_url} is not reachable ({exc}); model version "
                                   f"{model_version} (commit {commit_sha}) was not deployed") from None
         if previous_version == model_version and all(
-                o and o.get("model_version") == model_version for o in observed.values()):
+                o and o.get("model_version") == model_version and o.get("commit_sha") == commit_sha
+                for o in observed.values()):
             log.info("model version %s (commit %s) is already champion on every server", model_version, commit_sha)
             return {"changed": False, "previous_version": previous_version, "serving": observed, "watch": None}
         registry.set_alias(settings, model_version)

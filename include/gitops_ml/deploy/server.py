@@ -67,7 +67,7 @@ import re
 import struct
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import Any, Callable
 
 import numpy as np
@@ -132,9 +132,11 @@ class ServedModel:
     width: int
     channels: int
     predict: Callable[[np.ndarray], np.ndarray] = field(repr=False)
+    built_from_commit: str = ""  # "" when ``commit_sha`` (the revision served for) is the one it was built from
 
     def info(self, model_name: str) -> dict[str, Any]:
         return {"model_name": model_name, "model_version": self.model_version, "commit_sha": self.commit_sha,
+                "built_from_commit": self.built_from_commit or self.commit_sha,
                 "data_hash": self.data_hash, "airflow_run_id": self.airflow_run_id, "class_names": self.class_names}
 
 
@@ -148,11 +150,20 @@ def load_from_registry(settings: Settings, model_version: str | None) -> ServedM
     model, meta = registry.load_model(settings, version)
     tags = registry.version_tags(version)
     return ServedModel(
-        model_version=str(version.version), commit_sha=tags.get("commit_sha", ""),
+        model_version=str(version.version), commit_sha=tags.get("served_for_commit") or tags.get("commit_sha", ""),
+        built_from_commit=tags.get("commit_sha", ""),
         data_hash=tags.get("data_hash", ""), airflow_run_id=tags.get("airflow_run_id", ""),
         class_names=list(meta["class_names"]), height=int(meta["height"]), width=int(meta["width"]),
         channels=int(meta["channels"]), predict=training.compile_predictor(model),
     )
+
+
+def served_for_commit(settings: Settings, model_version: str) -> str | None:
+    """The revision ``model_version`` serves for now (a reused version serves a newer commit)."""
+    from gitops_ml import registry  # noqa: PLC0415 - heavy, only in the server process
+
+    tags = registry.version_tags(registry.get_version(settings, model_version))
+    return tags.get("served_for_commit") or tags.get("commit_sha") or None
 
 
 def champion_version(settings: Settings) -> str | None:
@@ -279,7 +290,8 @@ class CountErrors:
 def create_app(settings: Settings,
                loader: Callable[[Settings, str | None], ServedModel | None] = load_from_registry,
                alias_lookup: Callable[[Settings], str | None] = champion_version,
-               admin_without_token: bool = False) -> Starlette:
+               admin_without_token: bool = False,
+               commit_lookup: Callable[[Settings, str], str | None] | None = None) -> Starlette:
     """The ASGI app.
 
     :param settings: model name and ``serving_token``.
@@ -288,7 +300,12 @@ def create_app(settings: Settings,
         reload serves only that version.
     :param admin_without_token: allow ``/admin/reload`` without a token, to direct
         loopback peers only (``serve`` sets it for a loopback-bound demo server).
+    :param commit_lookup: the revision a version serves for now, read again when a reload
+        keeps a version that is already loaded (default with the registry loader:
+        ``served_for_commit``); a reused version then reports the newer commit.
     """
+    if commit_lookup is None and loader is load_from_registry:
+        commit_lookup = served_for_commit
     state: dict[str, ServedModel | None] = {"model": None, "previous": None}
     reload_lock = threading.Lock()
     metrics = ServerMetrics()
@@ -304,8 +321,19 @@ def create_app(settings: Settings,
     def error(message: str, status: int, model: ServedModel | None = None, **extra: Any) -> JSONResponse:
         return JSONResponse({"error": message, **extra}, status_code=status, headers=headers(model))
 
+    def refreshed(model: ServedModel) -> ServedModel:
+        """``model`` reporting the revision it serves for now (the same object when that is unchanged)."""
+        served_for = commit_lookup(settings, model.model_version) if commit_lookup else None
+        if not served_for or served_for == model.commit_sha:
+            return model
+        return replace(model, commit_sha=served_for,
+                                   built_from_commit=model.built_from_commit or model.commit_sha)
+
     def switch_to(model: ServedModel) -> None:
-        if state["model"] is not model:
+        current = state["model"]
+        if current is not None and current is not model and current.model_version == model.model_version:
+            state["model"] = model  # same version, new revision: the previous model stays the rollback target
+        elif current is not model:
             state["previous"] = state["model"]
             state["model"] = model  # one reference: requests in flight keep the model they started with
             metrics.start_period(model.model_version)
@@ -390,7 +418,8 @@ def create_app(settings: Settings,
                                  "probabilities": {c: round(float(p), 6) for c, p in zip(names, row)}}
                                 for row in probabilities],
                 "model_name": settings.model_name, "model_version": model.model_version,
-                "commit_sha": model.commit_sha, "data_hash": model.data_hash}
+                "commit_sha": model.commit_sha, "built_from_commit": model.built_from_commit or model.commit_sha,
+                "data_hash": model.data_hash}
         metrics.observe_request(model.model_version, "ok", time.perf_counter() - started, client,
                                 probabilities.max(axis=1).tolist())
         return JSONResponse(body, headers=headers(model))
@@ -443,9 +472,9 @@ def create_app(settings: Settings,
                     raise AliasMismatch(target, alias)
                 previous = state["previous"]
                 if previous is not None and previous.model_version == target:
-                    candidate = previous  # rollback: the old model is still loaded and warm
+                    candidate = refreshed(previous)  # rollback: the old model is still loaded and warm
                 elif state["model"] is not None and state["model"].model_version == target:
-                    candidate = state["model"]
+                    candidate = refreshed(state["model"])  # same version, maybe for a newer revision
                 else:
                     candidate = loader(settings, target)
                 if candidate is None:
