@@ -27,6 +27,7 @@ pytestmark = pytest.mark.integration
 
 BIN = Path(sys.executable).parent
 SECRET = "tr1gger-s3cret"
+WEBHOOK_SECRET = "hook-s3cret-for-the-readme"
 
 
 def _base_env(home: Path) -> dict[str, str]:
@@ -38,9 +39,16 @@ def _base_env(home: Path) -> dict[str, str]:
 @pytest.fixture(scope="module")
 def api_server(tmp_path_factory):
     """A real Airflow 3.3 API server with the pipeline DAG in its DB."""
-    home = tmp_path_factory.mktemp("trigger") / "home"
+    base = tmp_path_factory.mktemp("trigger")
+    home = base / "home"
+    hooked = base / "hooked-repo"  # the `default` watch of this API server, for the webhook example
+    hooked.mkdir()
+    git(hooked, "init", "-q", "-b", "main")
+    commit_file(hooked, "params.yaml", "train: {epochs: 1}\n", "first")
+    commit_file(hooked, "params.yaml", "train: {epochs: 2}\n", "second")
     port = free_port()
-    env = {**_base_env(home), **stack.airflow_env(Settings(home=home), port)}
+    env = {**_base_env(home), **stack.airflow_env(Settings(home=home, repo_url=str(hooked)), port),
+           "GITOPS_ML_WEBHOOK_SECRET": WEBHOOK_SECRET}
     for argv in (["airflow", "db", "migrate"], ["airflow", "dags", "reserialize"]):
         done = subprocess.run([str(BIN / argv[0]), *argv[1:]], env=env, capture_output=True, text=True, timeout=300)
         assert done.returncode == 0, f"{' '.join(argv)} failed: {done.stderr[-2000:]}"
@@ -52,7 +60,7 @@ def api_server(tmp_path_factory):
         stack.wait_http(url + "/api/v2/monitor/health", 180, "Airflow API server", home / "api-server.log")
         client = AirflowClient(url)
         client.wait_for_dag()
-        yield {"url": url, "home": home, "client": client}
+        yield {"url": url, "home": home, "client": client, "hooked": hooked}
     finally:
         proc.terminate()
         try:
@@ -165,3 +173,32 @@ def test_stack_settings_carry_the_repository_and_ports(tmp_path, monkeypatch):
     assert exported.mlflow_ui_url == "http://127.0.0.1:15000"
     configured = Settings(home=home, repo_url="/srv/models/vision", branch="team/vision")
     assert stack.stack_settings(configured).repo_url == "/srv/models/vision"
+
+
+def readme_block(marker: str) -> str:
+    from tests.e2e.test_byo_repo import readme_block as block  # noqa: PLC0415
+
+    return block(marker)
+
+
+def test_readme_webhook_example_starts_the_run(api_server):
+    """The README's example request, sent as written (curl, openssl) from the watched repository
+    to this API server: the signature and headers it builds are accepted and the run is created."""
+    script = readme_block("webhook-example")
+    assert "http://127.0.0.1:8080/gitops-ml/webhooks/default" in script
+    script = script.replace("http://127.0.0.1:8080", api_server["url"])
+    hooked = api_server["hooked"]
+    head = git(hooked, "rev-parse", "HEAD")
+    env = {**_base_env(api_server["home"]), "GITOPS_ML_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    sent = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=hooked, env=env,
+                          capture_output=True, text=True, timeout=120)
+    assert sent.returncode == 0, sent.stderr
+    answer = json.loads(sent.stdout)
+    assert answer.get("created") == [f"commit__{head}"], answer
+    run = api_server["client"].get_run(f"commit__{head}")
+    assert run is not None and run["conf"]["commit_sha"] == head and run["conf"]["trigger"] == "webhook"
+    # The same script with another secret: refused, nothing more created.
+    wrong = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=hooked,
+                           env={**env, "GITOPS_ML_WEBHOOK_SECRET": "not-the-secret"},
+                           capture_output=True, text=True, timeout=120)
+    assert "X-Hub-Signature-256" in json.loads(wrong.stdout)["error"], wrong.stdout
