@@ -33,6 +33,8 @@ class Settings:
     :param deploy_timeout: seconds the deploy step waits for ``/version`` to report the new SHA.
     :param mlflow_ui_url: MLflow UI that links from the Airflow UI point to.
     :param push_notes: push the ``refs/notes/gitops-ml`` note of each run to the model repository.
+    :param keep_worktrees: work trees of finished runs kept under ``home/work`` (latest first); -1 keeps all.
+    :param keep_failed_hours: hours the work tree of a failed run is kept for inspection.
     """
 
     home: Path
@@ -47,6 +49,8 @@ class Settings:
     deploy_timeout: float = 120.0
     mlflow_ui_url: str = "http://127.0.0.1:5000"
     push_notes: bool = False
+    keep_worktrees: int = 5
+    keep_failed_hours: float = 24.0
 
     @classmethod
     def from_env(cls) -> "Settings":
@@ -64,6 +68,8 @@ class Settings:
             deploy_timeout=float(_env("GITOPS_ML_DEPLOY_TIMEOUT", "120")),
             mlflow_ui_url=_env("GITOPS_ML_MLFLOW_UI_URL", "http://127.0.0.1:5000").rstrip("/"),
             push_notes=_env("GITOPS_ML_PUSH_NOTES", "false").lower() in ("1", "true", "yes"),
+            keep_worktrees=int(_env("GITOPS_ML_KEEP_WORKTREES", "5")),
+            keep_failed_hours=float(_env("GITOPS_ML_KEEP_FAILED_HOURS", "24")),
         )
 
     def with_overrides(self, **overrides: object) -> "Settings":

@@ -74,13 +74,18 @@ def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from gitops_ml import logs  # noqa: PLC0415
+        from gitops_ml.airflow.remote_log import uploads_task_log_file  # noqa: PLC0415
 
         context = get_current_context()
         # The last task of a run waits a while for an unreachable Elasticsearch, so that an outage
         # during the run is delivered before the run ends; earlier tasks leave it to the later ones.
+        # Without ES_URL nothing ships, so nothing waits (``logs.capture``).
         wait = float(os.environ.get("GITOPS_ML_SHIP_WAIT_SECONDS", "60")) if fn.__name__ == "record" else 0.0
+        # On a worker with remote logging, Airflow's supervisor ships the task's whole log file
+        # (runner lines, stdout/stderr, warnings, tracebacks) once the task ends, with this wait.
         with logs.capture(settings_from_context(context).home, _log_labels(context, args),
-                          ship_wait_seconds=wait, redactor=_airflow_masker()) as handler:
+                          ship_wait_seconds=wait, redactor=_airflow_masker(),
+                          shipped_by_supervisor=uploads_task_log_file()) as handler:
             try:
                 result = fn(*args, **kwargs)
             except InputError as exc:
@@ -90,6 +95,16 @@ def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
                 handler.labels["commit_sha"] = result["commit"]["commit_sha"]  # resolve_commit found it
             return result
     return wrapper
+
+
+def _push_outcome(context, summary: str) -> None:
+    """The sentence that ends the run's note (see ``gitops_ml.airflow.run_note``)."""
+    from gitops_ml.airflow.run_note import OUTCOME_KEY  # noqa: PLC0415
+
+    try:
+        context["ti"].xcom_push(OUTCOME_KEY, summary)
+    except Exception as exc:  # noqa: BLE001 - the outcome is in the records and the Git note too
+        log.warning("could not hand the outcome to the run note: %s", exc)
 
 
 def _refuse_conf_credentials(repo_url: str | None) -> None:
@@ -119,6 +134,8 @@ def resolve_commit() -> dict[str, Any]:
         pipeline.record(settings, commit, context["run_id"], "watch", decision, reason=reason)
         pipeline.write_note(settings, commit, {"gitops_ml_run": context["run_id"], "decision": decision,
                                                "reason": reason, "deployed": False})
+        _push_outcome(context, f"REJECTED commit {commit['commit_sha']}: {reason}" if decision == "rejected"
+                      else f"NO RETRAIN NEEDED: {reason.removeprefix('no retrain needed: ')}")
         raise AirflowSkipException(f"commit {commit['commit_sha']}: {reason}")
     if resolved.get("signature_warning"):  # checked again at resolve, whatever the run conf says
         log.warning("commit %s: signature policy warn: %s", commit["commit_sha"], resolved["signature_warning"])
@@ -207,8 +224,8 @@ def deploy(resolved: dict[str, Any], prepared: dict[str, Any], registered: dict[
         model_version = _existing_version(resolved, prepared)
         gate_passed, reasons = pipeline.gate_of(settings, model_version)
     if not gate_passed:
-        pipeline.finish(settings, commit, context["run_id"], model_version, None,
-                        reused=not registered)
+        outcome = pipeline.finish(settings, commit, context["run_id"], model_version, None, reused=not registered)
+        _push_outcome(context, outcome["summary"])
         raise AirflowSkipException(f"NOT PROMOTED: model version {model_version} of commit {commit['commit_sha']} "
                                    f"failed the evaluation gate ({reasons}); the serving model is unchanged")
     return pipeline.deploy(settings, commit, model_version, prepared["params"], context["run_id"])
@@ -221,8 +238,10 @@ def record(resolved: dict[str, Any], prepared: dict[str, Any], deployed: dict[st
     context = get_current_context()
     if not deployed:
         raise AirflowSkipException("nothing deployed: the deploy step recorded the outcome")
-    return pipeline.finish(settings_from_context(context), resolved["commit"], context["run_id"],
-                           deployed["model_version"], deployed, reused=bool(_existing_version(resolved, prepared)))
+    outcome = pipeline.finish(settings_from_context(context), resolved["commit"], context["run_id"],
+                              deployed["model_version"], deployed, reused=bool(_existing_version(resolved, prepared)))
+    _push_outcome(context, outcome["summary"])
+    return outcome
 
 
 def record_failure(context) -> None:
@@ -236,8 +255,11 @@ def record_failure(context) -> None:
         commit = resolved.get("commit") or {"commit_sha": context["params"].get("commit_sha") or "unknown"}
         reason = str(context.get("exception") or "unknown")
         pipeline.record(settings, commit, context["run_id"], ti.task_id, "failure", reason=reason)
+        _push_outcome(context, f"FAILED in step {ti.task_id}: {reason}")
         if resolved.get("commit"):
             pipeline.write_note(settings, commit, {"gitops_ml_run": context["run_id"], "failed_step": ti.task_id,
                                                    "reason": reason, "deployed": False})
+        from gitops_ml import retention  # noqa: PLC0415
+        retention.after_run(settings, commit["commit_sha"], failed=True, run_id=context["run_id"])  # never raises
     except Exception:  # noqa: BLE001 - a failing callback must not hide the task's own error
         log.exception("could not record the failure of run %s", context.get("run_id"))
