@@ -9,7 +9,14 @@ try and line offset, so shipping the same spool twice never duplicates anything.
 Documents are appended to a spool (JSON lines under ``<home>/logs/spool``) first; ``ship``
 bulk-loads the spool when Elasticsearch is configured (``ES_URL``) and reachable, and
 deletes a segment only once every document of it was accepted.  Without Elasticsearch the
-spool *is* the store (``gitops-ml logs`` reads it; ``gitops-ml logs --ship`` loads it later).
+spool *is* the store (``gitops-ml logs`` reads it; ``gitops-ml logs --ship`` loads it later):
+nothing tries to ship and nothing waits.
+
+Under Airflow's task supervisor with our remote log IO (``gitops_ml.airflow.remote_log``),
+the task's whole local log file (the runner's lines, stdout/stderr, warnings, tracebacks) is
+turned into documents after the task ends (:func:`replace_segment`, offset = line number of
+the file); the task process then only keeps a live preview (``<segment>.live``) that the
+final documents overwrite id for id.
 The spool never grows past ``GITOPS_ML_SPOOL_MAX_BYTES``: the oldest segments are dropped
 and the number of dropped documents is logged.
 
@@ -58,7 +65,13 @@ TEMPLATE = {
                 "log_id": {"type": "keyword"},
                 "offset": {"type": "long"},
                 "gitops_ml": {"properties": {"truncated": {"type": "boolean"},
-                                             "original_bytes": {"type": "long"}}},
+                                             "original_bytes": {"type": "long"},
+                                             # Airflow's structured traceback and the line's other
+                                             # fields, kept for the UI's rendering, not indexed
+                                             "error_detail": {"type": "object", "enabled": False},
+                                             "fields": {"type": "object", "enabled": False}}},
+                "error": {"properties": {"type": {"type": "keyword"}, "message": {"type": "text"},
+                                         "stack_trace": {"type": "text"}}},
                 "test_accuracy": {"type": "float"},
                 "model_version": {"type": "keyword"},
                 "deployed": {"type": "boolean"},
@@ -85,9 +98,22 @@ def _clean_text(value: Any) -> tuple[str, bool, int]:
     return text, truncated, len(raw)
 
 
+def segment_name(labels: dict[str, Any]) -> str:
+    """File name stem of a task try's spool segment: run, task, map index (mapped tasks), try."""
+    parts = [labels.get("run_id", "-"), labels.get("task_id", "-")]
+    if str(labels.get("map_index", "-1")) not in ("-1", "None"):
+        parts.append(f"map{labels['map_index']}")
+    parts.append(labels.get("try_number", "-"))
+    return "".join(c if c.isalnum() or c in "-_." else "_" for c in "__".join(str(p) for p in parts))
+
+
 def document(labels: dict[str, Any], offset: int, level: str, logger: str, message: Any,
-             created: float | None = None) -> dict[str, Any]:
-    """One ECS log document; ``_id`` is a function of run, task, try and offset only."""
+             created: float | None = None, timestamp: str | None = None,
+             error: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+    """One ECS log document; ``_id`` is a function of run, task, try and offset only.
+
+    ``timestamp`` (ISO 8601, kept as written) wins over ``created`` (epoch seconds); ``error`` is
+    ECS ``error.*`` (``type``, ``message``, ``stack_trace``); ``extra`` goes under ``gitops_ml``."""
     labels = {k: str(v) for k, v in labels.items() if v is not None}
     text, truncated, size = _clean_text(message)
     # The provider's default ``log_id_template``: {dag_id}-{task_id}-{run_id}-{map_index}-{try_number}
@@ -96,8 +122,8 @@ def document(labels: dict[str, Any], offset: int, level: str, logger: str, messa
     doc_id = hashlib.sha256(f"{log_id}|{offset}".encode()).hexdigest()[:40]
     doc = {
         "_id": doc_id,
-        "@timestamp": datetime.fromtimestamp(created, timezone.utc).isoformat() if created
-        else datetime.now(timezone.utc).isoformat(),
+        "@timestamp": timestamp or (datetime.fromtimestamp(created, timezone.utc).isoformat() if created
+                                    else datetime.now(timezone.utc).isoformat()),
         "log": {"level": level.lower(), "logger": logger},
         "message": text,
         "service": {"name": "gitops-ml"},
@@ -108,21 +134,24 @@ def document(labels: dict[str, Any], offset: int, level: str, logger: str, messa
     }
     if truncated:
         doc["gitops_ml"] = {"truncated": True, "original_bytes": size}
+    if error:
+        doc["error"] = {k: _clean_text(v)[0] for k, v in error.items() if v}
+    if extra:
+        doc.setdefault("gitops_ml", {}).update(extra)
     return doc
 
 
 class SpoolHandler(logging.Handler):
     """Appends every record as an ECS document to this task try's spool segment (fsync'd per line)."""
 
-    def __init__(self, home: Path, labels: dict[str, Any], redactor: Callable[[str], str] | None = None):
+    def __init__(self, home: Path, labels: dict[str, Any], redactor: Callable[[str], str] | None = None,
+                 suffix: str = ".jsonl"):
         super().__init__(level=logging.INFO)
         self.labels = dict(labels)
         self.redactor = redactor  # e.g. Airflow's secrets masker: connection passwords, masked variables
         self.offset = 0
         self._lock_io = threading.Lock()
-        name = "__".join(str(labels.get(k, "-")) for k in ("run_id", "task_id", "try_number"))
-        safe = "".join(c if c.isalnum() or c in "-_." else "_" for c in name)
-        self.path = spool_dir(home) / f"{safe}.jsonl"
+        self.path = spool_dir(home) / f"{segment_name(labels)}{suffix}"
         self.path.parent.mkdir(parents=True, exist_ok=True)
 
     def emit(self, record: logging.LogRecord) -> None:
@@ -145,18 +174,35 @@ class SpoolHandler(logging.Handler):
             self.handleError(record)
 
 
+def shipping_configured() -> bool:
+    """Whether log shipping has anywhere to go: ``ES_URL`` is set."""
+    return bool(os.environ.get("ES_URL"))
+
+
 @contextmanager
 def capture(home: Path, labels: dict[str, Any], ship_after: bool = True,
-            ship_wait_seconds: float = 0.0, redactor: Callable[[str], str] | None = None) -> Iterator[SpoolHandler]:
+            ship_wait_seconds: float = 0.0, redactor: Callable[[str], str] | None = None,
+            shipped_by_supervisor: bool = False) -> Iterator[SpoolHandler]:
     """Spool every log line of the block with ``labels``; ship the spool afterwards (best effort,
-    retrying for up to ``ship_wait_seconds`` while Elasticsearch is unreachable)."""
-    handler = SpoolHandler(home, labels, redactor)
+    retrying for up to ``ship_wait_seconds`` while Elasticsearch is unreachable).
+
+    Without ``ES_URL`` nothing ships and nothing waits: the spool keeps the lines.
+    ``shipped_by_supervisor``: Airflow's task supervisor turns the task's whole log file into
+    this try's documents after the task (``replace_segment``); the block's own lines are then
+    only a live preview (``<segment>.live``, never shipped by :func:`ship`), and the labels and
+    the wait are saved for the supervisor (:func:`saved_labels`)."""
+    handler = SpoolHandler(home, labels, redactor, suffix=".live" if shipped_by_supervisor else ".jsonl")
     root = logging.getLogger()
     level = root.level
     root.addHandler(handler)
     if root.getEffectiveLevel() > logging.INFO:
         root.setLevel(logging.INFO)  # every INFO line of the run is shipped, whatever the host configured
-    flusher = LiveFlusher(handler.path) if ship_after else None
+    # The client's request lines (``PUT /_bulk [status:200 ...]``) are our plumbing, not the task's.
+    transport = logging.getLogger("elastic_transport")
+    transport_level = transport.level
+    transport.setLevel(logging.WARNING)
+    ship = ship_after and shipping_configured()
+    flusher = LiveFlusher(handler.path) if ship or (shipped_by_supervisor and shipping_configured()) else None
     try:
         yield handler
     finally:
@@ -164,8 +210,51 @@ def capture(home: Path, labels: dict[str, Any], ship_after: bool = True,
         root.setLevel(level)
         if flusher:
             flusher.stop()
-        if ship_after:
+        if shipped_by_supervisor:
+            _save_labels(home, handler.labels, ship_wait_seconds)
+        elif ship:
             ship_until_delivered(home, ship_wait_seconds)
+        transport.setLevel(transport_level)
+
+
+def _labels_path(home: Path, labels: dict[str, Any]) -> Path:
+    return spool_dir(home) / f"{segment_name(labels)}.labels.json"
+
+
+def _save_labels(home: Path, labels: dict[str, Any], ship_wait_seconds: float) -> None:
+    path = _labels_path(home, labels)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps({"labels": {k: v for k, v in labels.items() if v is not None},
+                               "ship_wait_seconds": ship_wait_seconds}), encoding="utf-8")
+    os.replace(tmp, path)
+
+
+def saved_labels(home: Path, labels: dict[str, Any]) -> tuple[dict[str, Any], float]:
+    """The labels (commit, repository, branch) and the shipping wait a task try's ``capture`` saved
+    for its supervisor, over ``labels``; ``(labels, 0.0)`` for a task that did not go through it."""
+    try:
+        saved = json.loads(_labels_path(home, labels).read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return dict(labels), 0.0
+    return {**labels, **saved.get("labels", {})}, float(saved.get("ship_wait_seconds", 0.0))
+
+
+def replace_segment(home: Path, labels: dict[str, Any], docs: list[dict[str, Any]]) -> Path:
+    """Make ``docs`` the whole spool segment of a task try (atomically), superseding its live
+    preview and the labels saved for it; ship with :func:`ship` afterwards."""
+    folder = spool_dir(home)
+    folder.mkdir(parents=True, exist_ok=True)
+    path = folder / f"{segment_name(labels)}.jsonl"
+    tmp = path.with_name(path.name + ".tmp")
+    with open(tmp, "w", encoding="utf-8") as fh:
+        for doc in docs:
+            fh.write(json.dumps(doc) + "\n")
+        fh.flush()
+        os.fsync(fh.fileno())
+    os.replace(tmp, path)
+    path.with_suffix(".live").unlink(missing_ok=True)
+    _labels_path(home, labels).unlink(missing_ok=True)
+    return path
 
 
 class LiveFlusher(threading.Thread):
@@ -223,6 +312,8 @@ def ship_until_delivered(home: Path, wait_seconds: float = 0.0) -> bool:
 
     What is still undelivered at the end stays in the spool for the next shipment.
     """
+    if not shipping_configured():
+        return False  # nowhere to ship: the spool is the store, and nobody waits for it
     deadline = time.monotonic() + wait_seconds
     delay = 0.5
     while True:
@@ -276,20 +367,35 @@ def install_template(client) -> None:
 
 def _segments(home: Path) -> list[Path]:
     folder = spool_dir(home)
-    return sorted(folder.glob("*.jsonl"), key=lambda p: p.stat().st_mtime) if folder.is_dir() else []
+    if not folder.is_dir():
+        return []
+    dated = []
+    for path in folder.glob("*.jsonl"):
+        try:
+            dated.append((path.stat().st_mtime, path))
+        except FileNotFoundError:
+            continue  # shipped and removed meanwhile by another task's shipment
+    return [path for _, path in sorted(dated)]
+
+
+def _size(path: Path) -> int:
+    try:
+        return path.stat().st_size
+    except FileNotFoundError:
+        return 0
 
 
 def enforce_cap(home: Path, max_bytes: int | None = None) -> int:
     """Drop the oldest spool segments past ``max_bytes``; return how many documents were dropped."""
     max_bytes = max_bytes or int(os.environ.get("GITOPS_ML_SPOOL_MAX_BYTES", str(512 * 1024 * 1024)))
     segments = _segments(home)
-    total = sum(p.stat().st_size for p in segments)
+    total = sum(_size(p) for p in segments)
     dropped = 0
     while segments and total > max_bytes:
         oldest = segments.pop(0)
-        total -= oldest.stat().st_size
-        dropped += sum(1 for _ in open(oldest, encoding="utf-8"))
-        oldest.unlink()
+        total -= _size(oldest)
+        dropped += len(read_segment(oldest))
+        oldest.unlink(missing_ok=True)
     if dropped:
         log.warning("log spool over %d bytes: dropped the %d oldest documents", max_bytes, dropped)
     return dropped
@@ -297,7 +403,11 @@ def enforce_cap(home: Path, max_bytes: int | None = None) -> int:
 
 def read_segment(path: Path) -> list[dict[str, Any]]:
     docs = []
-    for line in Path(path).read_text(encoding="utf-8", errors="replace").splitlines():
+    try:
+        text = Path(path).read_text(encoding="utf-8", errors="replace")
+    except FileNotFoundError:
+        return docs  # shipped and removed meanwhile by another task's shipment
+    for line in text.splitlines():
         try:
             docs.append(json.loads(line))
         except ValueError:
@@ -325,7 +435,7 @@ def ship(home: Path, client=None) -> dict[str, int]:
             log.warning("%d documents of %s were refused; kept for the next ship", len(errors), segment.name)
             continue
         shipped += ok
-        segment.unlink()
+        segment.unlink(missing_ok=True)  # a concurrent shipment of the same segment may have been first
     client.indices.refresh(index=f"{LOGS_INDEX}*,{RUNS_INDEX}*", ignore_unavailable=True)
     return {"shipped": shipped, "kept": kept, "dropped": dropped}
 
