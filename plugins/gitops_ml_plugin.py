@@ -11,6 +11,7 @@ import os
 
 from airflow.plugins_manager import AirflowPlugin
 
+from gitops_ml.airflow import run_note
 from gitops_ml.airflow.links import create_app
 
 _MLFLOW_UI = os.environ.get("GITOPS_ML_MLFLOW_UI_URL", "http://127.0.0.1:5000")
@@ -18,6 +19,7 @@ _MLFLOW_UI = os.environ.get("GITOPS_ML_MLFLOW_UI_URL", "http://127.0.0.1:5000")
 
 class GitopsMLPlugin(AirflowPlugin):
     name = "gitops_ml"
+    listeners = [run_note]  # a pipeline run's note ends with its outcome
     fastapi_apps = [{"app": create_app(), "url_prefix": "/gitops-ml", "name": "gitops-ml links"}]
     external_views = [
         {"name": "MLflow", "href": _MLFLOW_UI, "destination": "nav", "category": "gitops-ml"},

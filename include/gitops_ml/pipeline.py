@@ -398,6 +398,7 @@ def outcome_of(settings: Settings, commit: dict[str, Any], run_id: str, model_ve
         "test_accuracy": float(tags["test_accuracy"]) if tags.get("test_accuracy") else None,
         "compared_with_champion_version": tags.get("gate_compared_with"),
         "deployed": serving,
+        "promoted": serving and bool(deployed.get("changed")),
         "replaced_version": deployed["previous_version"] if serving and deployed.get("changed") else None,
         "superseded_by": superseded,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
@@ -414,8 +415,10 @@ def summary(model_version: str | None, outcome: dict[str, Any]) -> str:
                 "which is already serving")
     if outcome.get("gate") == "failed" and not outcome.get("deployed"):
         return f"NOT PROMOTED: version {model_version}{built} failed the gate: {outcome.get('gate_reasons') or '?'}"
-    if outcome.get("deployed") and outcome.get("replaced_version"):
-        return f"PROMOTED: version {model_version}{built} replaced version {outcome['replaced_version']}"
+    if outcome.get("promoted"):
+        replaced = (f"replaced version {outcome['replaced_version']}" if outcome.get("replaced_version")
+                    else "is the first model served")
+        return f"PROMOTED: version {model_version}{built} {replaced}"
     if outcome.get("deployed"):
         return f"SERVING: version {model_version}{built} (already the champion)"
     return f"NOT DEPLOYED: version {model_version}{built}"

@@ -22,6 +22,16 @@ def task_states(run):
     return {ti.task_id: str(ti.state) for ti in run.get_task_instances()}
 
 
+def run_note(run) -> str:
+    """The run's note as the Airflow UI shows it (read back from the Airflow DB)."""
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+
+    with create_session() as session:
+        return session.scalar(select(DagRun).where(DagRun.dag_id == run.dag_id, DagRun.run_id == run.run_id)).note or ""
+
+
 def all_versions(settings):
     return registry.client(settings).search_model_versions(f"name = '{settings.model_name}'")
 
@@ -59,6 +69,8 @@ def test_two_commits_then_same_sha_again(airflow_db, settings, demo_repo, server
     assert states["train"] == states["register"] == "skipped" and states["deploy"] == "success"
     assert len(all_versions(settings)) == count == 2
     assert server.version()["commit_sha"] == second_sha
+    assert run_note(run).endswith(f"PROMOTED: version {version.version} replaced version 1")
+    assert run_note(again).endswith(f"SERVING: version {version.version} (already the champion)")
 
     docs = records.read(settings.records_dir / f"{second_sha}.jsonl")
     outcomes = {(d["labels"]["run_id"], d["event"]["action"]): d["event"]["outcome"] for d in docs}
@@ -78,3 +90,4 @@ def test_unknown_sha_fails_at_resolve_and_records_why(airflow_db, settings, demo
     docs = records.read(settings.records_dir / f"{missing}.jsonl")
     assert docs and docs[0]["event"]["outcome"] == "failure" and docs[0]["event"]["action"] == "resolve_commit"
     assert f"commit {missing} does not exist" in json.dumps(docs[0])
+    assert run_note(run).startswith(f"FAILED in step resolve_commit: commit {missing} does not exist")

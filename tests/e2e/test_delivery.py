@@ -16,7 +16,7 @@ from PIL import Image
 from gitops_ml import demo, pipeline, registry, trace
 from gitops_ml.errors import DeployError
 from tests.conftest import git
-from tests.e2e.test_dag import all_versions, load_dag, task_states
+from tests.e2e.test_dag import all_versions, load_dag, run_note, task_states
 
 pytestmark = pytest.mark.e2e
 
@@ -87,6 +87,7 @@ def test_gate_failure_is_not_promoted_and_noted_on_the_commit(airflow_db, settin
     assert server.version()["model_version"] == "1"
     note = git(repo, "notes", "--ref", "gitops-ml", "show", bad_sha)
     assert "gate: failed" in note and "deployed: false" in note and f"version {version.version}" in note
+    assert f"NOT PROMOTED: version {version.version} failed the gate: accuracy " in run_note(run)
 
 
 def test_revert_reuses_the_previous_version_without_training(settings, demo_repo, server, champion):

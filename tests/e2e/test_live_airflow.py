@@ -49,6 +49,8 @@ def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_
     states = {ti["task_id"]: ti["state"] for ti in client.task_instances(run["dag_run_id"])}
     assert finished["state"] == "success", states
     assert finished["conf"]["commit_sha"] == commit_sha and commit_sha in finished["note"]
+    # The scheduler's listener ended the note with the outcome.
+    assert finished["note"].endswith("PROMOTED: version 1 is the first model served"), finished["note"]
     assert finished["conf"]["trigger"] == "push"
 
     served = httpx.get(live_stack["serving"] + "/version").json()
