@@ -278,3 +278,27 @@ def test_runs_finishing_out_of_order_converge_on_the_branch_head(settings, demo_
     assert str(registry.get_alias(settings).version) == d_version
     assert server.version()["model_version"] == d_version
     assert git(repo, "rev-parse", "HEAD") == d
+
+
+def test_first_model_that_fails_on_one_server_leaves_every_server_serving_nothing(settings, demo_repo, server,
+                                                                                  tmp_path, monkeypatch):
+    """No champion yet: server 1 switches to version 1, server 2 (wrong MLflow store) cannot load it. The
+    rollback removes the alias and server 1 follows the registry (serves nothing) instead of silently
+    serving a version the registry no longer names."""
+    from tests.conftest import ServerProcess, free_port
+
+    first = pipeline.run_local(settings, demo_repo["commit_sha"], deploy_model=False)
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
+    misconfigured = ServerProcess(settings.with_overrides(serving_url=f"http://127.0.0.1:{free_port()}"),
+                                  tmp_path / "serve2.log")
+    monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
+    try:
+        both = settings.with_overrides(serving_url=f"{server.url},{misconfigured.url}")
+        with pytest.raises(DeployError, match="rolled back to version None"):
+            pipeline.deploy(both, first["commit"], first["model_version"], {})
+        assert registry.get_alias(settings) is None
+        assert server.version() is None and misconfigured.version() is None
+        assert httpx.post(server.url + "/predict", content=digit_png(demo_repo["path"]),
+                          headers={"content-type": "image/png"}).status_code == 503
+    finally:
+        misconfigured.stop()

@@ -221,8 +221,7 @@ def _roll_back(settings: Settings, servers: list[ServingClient], previous_versio
     from gitops_ml import registry  # noqa: PLC0415
 
     registry.set_alias(settings, previous_version)
-    if previous_version is None:
-        return
+    # previous_version None: the first model ever failed; the servers follow the registry and serve nothing.
     for server in servers:
         try:
             server.reload(previous_version, timeout=settings.deploy_timeout)

@@ -466,7 +466,10 @@ def create_app(settings: Settings,
             with reload_lock:
                 alias = alias_lookup(settings)
                 target = wanted if wanted is not None else alias
-                if target is None:
+                if target is None:  # no champion (the first deploy was rolled back): serve nothing, as the registry
+                    if state["model"] is not None:
+                        state["previous"], state["model"] = state["model"], None
+                        metrics.info = {}
                     return None, None
                 if target != alias:
                     raise AliasMismatch(target, alias)
@@ -498,7 +501,7 @@ def create_app(settings: Settings,
             return error(f"could not load model version {wanted or 'champion'}: {exc}; still serving "
                          f"{state['model'].model_version if state['model'] else 'nothing'}", 409)
         if loaded is None:
-            return error("the registry has no champion to load", 409)
+            return JSONResponse({"model_version": None, "status": "the registry has no champion: serving nothing"})
         if failure:
             current = state["model"].model_version if state["model"] else "nothing"
             log.error("smoke check of model version %s failed: %s", loaded.model_version, failure)
