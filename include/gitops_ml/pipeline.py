@@ -429,8 +429,9 @@ def finish(settings: Settings, commit: dict[str, Any], run_id: str, model_versio
     """Final record and Git note of a run that did not fail."""
     outcome = outcome_of(settings, commit, run_id, model_version, deployed, reused)
     log.info("commit %s: run %s finished: %s", commit["commit_sha"], run_id, outcome["summary"])
-    final = "success" if outcome["deployed"] else ("superseded" if outcome["superseded_by"] else "not_promoted")
-    record(settings, commit, run_id, "pipeline", final, **outcome)
+    record(settings, commit, run_id, "pipeline",
+           "success" if outcome["deployed"] else ("superseded" if outcome["superseded_by"] else "not_promoted"),
+           **outcome)
     write_note(settings, commit, outcome)
     from gitops_ml import retention  # noqa: PLC0415
     retention.after_run(settings, commit["commit_sha"], failed=False, run_id=run_id)  # never raises: logs a warning

@@ -197,9 +197,12 @@ def record_calls() -> dict[str, set[str]]:
                 found["outcomes"] |= _strings(node.args[4])
                 found["fields"] |= {k.arg for k in node.keywords if k.arg}
             elif isinstance(node, ast.FunctionDef) and node.name == "outcome_of":
-                for ret in ast.walk(node):
-                    if isinstance(ret, ast.Return) and isinstance(ret.value, ast.Dict):
-                        found["fields"] |= {k.value for k in ret.value.keys if isinstance(k, ast.Constant)}
+                for item in ast.walk(node):  # the dict it builds and returns, and keys added to it
+                    if isinstance(item, ast.Dict):
+                        found["fields"] |= {k.value for k in item.keys if isinstance(k, ast.Constant)}
+                    elif isinstance(item, ast.Subscript) and isinstance(item.ctx, ast.Store) \
+                            and isinstance(item.slice, ast.Constant):
+                        found["fields"].add(item.slice.value)
     # a failure record's step is the Airflow task id that failed
     for node in ast.walk(ast.parse(DAG_FILE.read_text(encoding="utf-8"))):
         if isinstance(node, ast.FunctionDef) and any(
