@@ -135,12 +135,7 @@ def check_headers(headers: Mapping[str, str], secret: str) -> str:
             raise WebhookBadRequest("header Content-Length must be a number of bytes")
         if int(length) > MAX_BODY_BYTES:
             raise too_large()
-    provider = detect_provider(names)
-    if provider is None:
-        raise WebhookUnauthorized("unrecognised webhook: no X-Hub-Signature-256 (GitHub), "
-                                  "X-Gitea-Signature (Gitea) or X-Gitlab-Token (GitLab) header")
-    if not secret:
-        raise WebhookUnauthorized("no webhook secret is configured on this server, so every webhook is refused")
+    provider = _known_provider(names, secret)
     if provider == "gitlab":
         authenticate(names, b"", secret)  # the token needs no body
     elif provider == "gitea":
@@ -152,15 +147,21 @@ def check_headers(headers: Mapping[str, str], secret: str) -> str:
     return provider
 
 
-def authenticate(headers: Mapping[str, str], body: bytes, secret: str) -> str:
-    """Check the request's signature or token against ``secret``; return the provider name."""
-    names = _lower(headers)
+def _known_provider(names: dict[str, str], secret: str) -> str:
+    """The forge the headers name, refusing an unknown one and a server without a secret."""
     provider = detect_provider(names)
     if provider is None:
         raise WebhookUnauthorized("unrecognised webhook: no X-Hub-Signature-256 (GitHub), "
                                   "X-Gitea-Signature (Gitea) or X-Gitlab-Token (GitLab) header")
     if not secret:
         raise WebhookUnauthorized("no webhook secret is configured on this server, so every webhook is refused")
+    return provider
+
+
+def authenticate(headers: Mapping[str, str], body: bytes, secret: str) -> str:
+    """Check the request's signature or token against ``secret``; return the provider name."""
+    names = _lower(headers)
+    provider = _known_provider(names, secret)
     if provider == "gitlab":
         received = names.get("x-gitlab-token")
         if received is None:
