@@ -15,8 +15,9 @@ a fingerprint (inode, mtime, size) of the work tree's Git index.  Any later chec
 SHA (``git worktree add``, or the ``git reset --hard`` of a re-run) rewrites the index, so the
 fingerprint no longer matches.  A work tree is finished only when its mark matches: positive
 evidence, nothing is removed on a guess.  A tree without a matching mark is in progress; one
-untouched for ``ABANDONED_AFTER_HOURS`` (longer than any task may run: train's timeout is 6 h)
-belongs to a run whose worker died before its failure callback and is removed like a failed one.
+untouched for ``ABANDONED_AFTER_HOURS`` (longer than any task may run: train's timeout is 6 h),
+or for ``GITOPS_ML_KEEP_FAILED_HOURS`` if that is longer, belongs to a run whose worker died
+before its failure callback and is removed like a failed one.
 
 Removal goes through Git (``git worktree remove --force``, then ``git worktree prune`` on
 every mirror), so ``git worktree list`` stays right; a folder Git does not know is deleted
@@ -262,7 +263,7 @@ def _decide(settings: Settings, trees: dict[str, Path], state_dir: Path, now: fl
         mark = _read_mark(state_dir, sha)
         if mark is None or mark.get("worktree") != _fingerprint(tree):
             idle_hours = (now - _last_activity(tree)) / 3600
-            if idle_hours >= ABANDONED_AFTER_HOURS:
+            if idle_hours >= max(ABANDONED_AFTER_HOURS, settings.keep_failed_hours):
                 remove[sha] = f"no run finished it and untouched for {idle_hours:.0f} h (abandoned)"
             else:
                 keep[sha] = "run in progress" if mark is None else "checked out again since its run ended (in progress)"
@@ -587,9 +588,9 @@ def after_run(settings: Settings, commit_sha: str, failed: bool = False, run_id:
     """End of a run (``pipeline.finish``, the failure callback): mark its work tree finished or failed and
     collect.  Never raises: a cleanup problem is a warning, never the run's failure."""
     try:
+        mark_finished(settings, commit_sha, failed=failed, run_id=run_id)  # also when off: turning it on later works
         if settings.keep_worktrees < 0:
             return None
-        mark_finished(settings, commit_sha, failed=failed, run_id=run_id)
         report = collect(settings)
         log.info("disk cleanup after commit %s: %s", commit_sha, report.summary())
         return report
