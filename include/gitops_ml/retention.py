@@ -222,8 +222,12 @@ def _last_activity(tree: Path) -> float:
 
 def mark_finished(settings: Settings, commit_sha: str, failed: bool, run_id: str | None = None,
                   now: float | None = None) -> Path | None:
-    """Write the end mark of the run of ``commit_sha`` on this home; None for a SHA that is not a full one."""
+    """Write the end mark of the run of ``commit_sha`` on this home; None (nothing written) for a SHA
+    that is not a full one or a commit without a work tree here (failed before checkout, or checked out
+    on another worker)."""
     if not isinstance(commit_sha, str) or not _TREE_NAME_RE.fullmatch(commit_sha):
+        return None
+    if not (_work_dir(settings) / commit_sha).is_dir():
         return None
     now = time.time() if now is None else now
     state_dir = _state_dir(settings)
@@ -510,6 +514,9 @@ def collect(settings: Settings, dry_run: bool = False, now: float | None = None)
     _check_settings(settings)
     now = time.time() if now is None else now
     work_dir = _work_dir(settings)
+    if not work_dir.is_dir():  # nothing was ever checked out here, so nothing was pulled either
+        report.cache_skipped = report.site_skipped = f"no work folder {work_dir} yet"
+        return report
     state_dir = _state_dir(settings)
     state_dir.mkdir(parents=True, exist_ok=True)
     with open(state_dir / "gc.lock", "a") as lock:

@@ -195,6 +195,8 @@ def test_dvc_cache_keeps_exactly_what_retained_trees_and_model_versions_need(set
 
 def test_cleanup_failure_never_fails_the_run_and_paths_outside_home_are_refused(settings, demo_repo, tmp_path):
     sha = demo_repo["commit_sha"]
+    report = retention.after_run(settings, "0" * 40, failed=True)  # a run that failed before any checkout
+    assert "no work folder" in report.cache_skipped and not settings.work_dir.exists()
     bad = settings.with_overrides(keep_worktrees=0, keep_failed_hours=-1)
     commit = finished_run(bad, sha)  # the run ends normally; the cleanup only warns
     assert commit["commit_sha"] == sha and trees(settings) == {sha}
