@@ -22,7 +22,7 @@ from pathlib import Path
 
 from gitops_ml.config import Settings
 from gitops_ml.errors import GitopsMLError
-from gitops_ml.source import redact
+from gitops_ml.refs import redact
 
 
 def _settings(args) -> Settings:
@@ -122,13 +122,12 @@ def cmd_demo(args) -> int:
 
     print("starting Airflow, MLflow UI and the model server (first start takes a minute) ...", flush=True)
     urls = stack.up(settings)
-    import git  # noqa: PLC0415
     import yaml  # noqa: PLC0415
 
     epochs = yaml.safe_load((repo_path / "params.yaml").read_text())["train"]["epochs"]
-    commit_sha = demo.bump_param(repo_path, "train.epochs", epochs + 1 if epochs < 20 else 10,
-                                 "demo: retrain with a different number of epochs")
-    print(f"committed {commit_sha} to {repo_path} ({git.Repo(repo_path).head.commit.summary})")
+    message = "demo: retrain with a different number of epochs"
+    commit_sha = demo.bump_param(repo_path, "train.epochs", epochs + 1 if epochs < 20 else 10, message)
+    print(f"committed {commit_sha} to {repo_path} ({message})")
     client = AirflowClient(urls["airflow"])
     client.wait_for_dag()
     client.unpause()

@@ -36,7 +36,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Callable, Iterator
 
-from gitops_ml.source import redact
+from gitops_ml.refs import redact
 
 log = logging.getLogger(__name__)
 

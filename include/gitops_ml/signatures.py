@@ -17,7 +17,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from gitops_ml.errors import CommitNotFound, GitopsMLError, InputError
-from gitops_ml.source import redact, validate_sha
+from gitops_ml.refs import redact, validate_sha
 
 POLICIES = ("off", "warn", "enforce")
 _HEADERS = {"-----BEGIN PGP SIGNATURE-----": "gpg", "-----BEGIN SSH SIGNATURE-----": "ssh"}

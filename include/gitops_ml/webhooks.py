@@ -20,7 +20,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 from gitops_ml.errors import InputError, InvalidRef
-from gitops_ml.source import redact_url, validate_branch
+from gitops_ml.refs import redact_url, validate_branch
 
 MAX_BODY_BYTES = 5 * 1024 * 1024
 _SHA_RE = re.compile(r"^[0-9a-fA-F]{40}$")

@@ -15,6 +15,7 @@ import uuid
 import pytest
 from starlette.testclient import TestClient
 
+from gitops_ml.airflow.steps import run_id_for
 from tests.conftest import ROOT, commit_file, git
 
 pytestmark = pytest.mark.integration
@@ -93,7 +94,7 @@ def test_a_redelivery_is_answered_duplicate_even_by_another_process(hook):
     first = client.post(f"/webhooks/{hook['name']}", content=body, headers=github(body, delivery))
     assert first.status_code == 202, first.text
     [run_id] = first.json()["created"]
-    assert run_id.endswith(new_sha) and first.json()["delivery_id"] == delivery
+    assert run_id == run_id_for(new_sha, watch=hook["name"]) and first.json()["delivery_id"] == delivery
     again = client.post(f"/webhooks/{hook['name']}", content=body, headers=github(body, delivery))
     assert again.status_code == 200, again.text
     assert again.json()["ignored"] == "duplicate delivery" and again.json()["delivery_id"] == delivery

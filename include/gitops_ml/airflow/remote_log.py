@@ -68,7 +68,7 @@ def line_document(labels: dict[str, Any], offset: int, raw: str,
                   redactor: Callable[[str], str] | None = None) -> dict[str, Any]:
     """One line of Airflow's JSON task log file as our ECS document (a line that is not JSON is kept as text)."""
     from gitops_ml import logs  # noqa: PLC0415
-    from gitops_ml.source import redact  # noqa: PLC0415
+    from gitops_ml.refs import redact  # noqa: PLC0415
 
     def mask(text: str) -> str:
         return redact(redactor(text) if redactor else text)

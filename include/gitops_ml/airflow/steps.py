@@ -49,7 +49,7 @@ def settings_from_context(context) -> Settings:
 
 
 def _log_labels(context, args: tuple) -> dict[str, Any]:
-    from gitops_ml.source import redact_url  # noqa: PLC0415
+    from gitops_ml.refs import redact_url  # noqa: PLC0415
 
     commit = args[0].get("commit", {}) if args and isinstance(args[0], dict) else {}
     settings = settings_from_context(context)
