@@ -55,13 +55,12 @@ import os
 import re
 import shutil
 import stat
+import subprocess
 import time
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, Iterator
-
-import git
 
 from gitops_ml.config import Settings
 from gitops_ml.errors import GitopsMLError
@@ -85,6 +84,22 @@ class RetentionError(GitopsMLError):
 
 class _CannotTell(Exception):
     """What the cache must keep is unknown (a mirror, a commit or the registry is unreadable)."""
+
+
+class _GitFailed(Exception):
+    """A git command exited non-zero; the message is its stderr."""
+
+
+def _git(git_dir: Path, *args: str) -> str:
+    """Run ``git -C git_dir ...`` (the git CLI, as ``gitops_ml.signatures`` does: GitPython stays in ``source``)."""
+    try:
+        done = subprocess.run(["git", "-C", str(git_dir), *args], capture_output=True, timeout=300,
+                              env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+    except (OSError, subprocess.TimeoutExpired) as exc:
+        raise _GitFailed(f"git {args[0]} in {git_dir}: {exc}") from None
+    if done.returncode != 0:
+        raise _GitFailed(f"git {args[0]} in {git_dir}: {done.stderr.decode(errors='replace').strip()}")
+    return done.stdout.decode("utf-8", errors="replace")
 
 
 @dataclass
@@ -303,9 +318,9 @@ def _registered_trees(mirrors: list[Path]) -> dict[Path, Path]:
     owner: dict[Path, Path] = {}
     for mirror in mirrors:
         try:
-            listing = git.Repo(mirror).git.worktree("list", "--porcelain", "-z")
-        except git.GitCommandError as exc:
-            log.warning("could not list the work trees of %s: %s", mirror, str(exc.stderr).strip())
+            listing = _git(mirror, "worktree", "list", "--porcelain", "-z")
+        except _GitFailed as exc:
+            log.warning("could not list the work trees: %s", exc)
             continue
         for item in listing.split("\0"):
             if item.startswith("worktree "):
@@ -320,9 +335,9 @@ def _remove_tree(settings: Settings, tree: Path, mirror: Path | None) -> None:
         raise RetentionError(f"refusing to remove {tree}: not a work-tree folder of {work_dir}")
     if mirror is not None:
         try:
-            git.Repo(mirror).git.worktree("remove", "--force", "--force", str(tree))
-        except git.GitCommandError as exc:
-            log.warning("git worktree remove %s failed (%s): deleting the folder", tree, str(exc.stderr).strip())
+            _git(mirror, "worktree", "remove", "--force", "--force", "--", str(tree))
+        except _GitFailed as exc:
+            log.warning("%s: deleting the folder %s", exc, tree)
     if tree.exists() or tree.is_symlink():
         shutil.rmtree(tree)  # fd-based on Linux: never follows a link inside the tree
 
@@ -330,18 +345,18 @@ def _remove_tree(settings: Settings, tree: Path, mirror: Path | None) -> None:
 def _prune(mirrors: list[Path]) -> None:
     for mirror in mirrors:
         try:
-            git.Repo(mirror).git.worktree("prune")
-        except git.GitCommandError as exc:
-            log.warning("git worktree prune in %s failed: %s", mirror, str(exc.stderr).strip())
+            _git(mirror, "worktree", "prune")
+        except _GitFailed as exc:
+            log.warning("%s", exc)
 
 
-def _find_commit(mirrors: list[Path], commit_sha: str, preferred: Path | None = None) -> git.Repo:
+def _find_commit(mirrors: list[Path], commit_sha: str, preferred: Path | None = None) -> Path:
+    """The mirror that holds ``commit_sha`` (``preferred`` first)."""
     for mirror in ([preferred] if preferred else []) + [m for m in mirrors if m != preferred]:
-        repo = git.Repo(mirror)
         try:
-            repo.git.cat_file("-e", f"{commit_sha}^{{commit}}")
-            return repo
-        except git.GitCommandError:
+            _git(mirror, "cat-file", "-e", f"{commit_sha}^{{commit}}")
+            return mirror
+        except _GitFailed:
             continue
     raise _CannotTell(f"commit {commit_sha} is in no Git mirror under {mirrors[0].parent if mirrors else '?'}")
 
@@ -362,12 +377,12 @@ def _walk_md5(node: Any, found: set[str], seen: set[int]) -> None:
             _walk_md5(value, found, seen)
 
 
-def _commit_hashes(repo: git.Repo, commit_sha: str) -> set[str]:
+def _commit_hashes(mirror: Path, commit_sha: str) -> set[str]:
     """The DVC hashes named by the ``*.dvc`` and ``dvc.lock`` files of ``commit_sha`` (from Git, not the disk)."""
     import yaml  # noqa: PLC0415
 
     found: set[str] = set()
-    listing = repo.git.ls_tree("-r", "-z", "-l", "--full-tree", commit_sha)
+    listing = _git(mirror, "ls-tree", "-r", "-z", "-l", "--full-tree", commit_sha)
     for entry in listing.split("\0"):
         if "\t" not in entry:
             continue
@@ -380,7 +395,7 @@ def _commit_hashes(repo: git.Repo, commit_sha: str) -> set[str]:
             log.warning("commit %s: %s is over %d bytes, not read as a DVC pointer", commit_sha, path, MAX_POINTER_BYTES)
             continue
         try:
-            _walk_md5(yaml.safe_load(repo.git.cat_file("blob", oid)), found, set())
+            _walk_md5(yaml.safe_load(_git(mirror, "cat-file", "blob", oid)), found, set())
         except yaml.YAMLError:
             continue  # a malformed pointer: no run can pull it, so it needs nothing
     return found
@@ -448,10 +463,10 @@ def _needed_objects(settings: Settings, cache_dir: Path, tree_commits: dict[str,
         wanted.setdefault(commit_sha, preferred if preferred in mirrors else None)
     needed: set[str] = set()
     for commit_sha, preferred in sorted(wanted.items()):
-        repo = _find_commit(mirrors, commit_sha, preferred)
+        mirror = _find_commit(mirrors, commit_sha, preferred)
         try:
-            hashes = _commit_hashes(repo, commit_sha)
-        except (git.GitCommandError, ValueError) as exc:
+            hashes = _commit_hashes(mirror, commit_sha)
+        except (_GitFailed, ValueError) as exc:
             raise _CannotTell(f"could not read the DVC pointers of commit {commit_sha}: {exc}") from None
         needed |= hashes
         for md5 in hashes:
