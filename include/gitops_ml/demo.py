@@ -10,10 +10,9 @@ from __future__ import annotations
 import logging
 from pathlib import Path
 
-import git
 import yaml
 
-from gitops_ml import data
+from gitops_ml import data, source
 
 log = logging.getLogger(__name__)
 
@@ -46,18 +45,10 @@ def write_digits(images_dir: Path, limit_per_class: int | None = None) -> int:
     return sum(written.values())
 
 
-def commit_all(repo: git.Repo, message: str) -> str:
-    """Stage everything and commit with the demo identity unless the user configured one."""
-    repo.git.add("--all")
-    reader = repo.config_reader()
-    env = {}
-    if not reader.has_option("user", "name"):
-        env.update(GIT_AUTHOR_NAME=AUTHOR[0], GIT_COMMITTER_NAME=AUTHOR[0])
-    if not reader.has_option("user", "email"):
-        env.update(GIT_AUTHOR_EMAIL=AUTHOR[1], GIT_COMMITTER_EMAIL=AUTHOR[1])
-    with repo.git.custom_environment(**env):
-        repo.git.commit("--quiet", "-m", message)
-    return repo.head.commit.hexsha
+def commit_all(repo, message: str) -> str:
+    """Stage everything in the repository at ``repo`` (a path) and commit it with the demo identity
+    unless the user configured one; return the new SHA."""
+    return source.commit_all(Path(getattr(repo, "working_tree_dir", repo)), message, AUTHOR)
 
 
 def init_demo(path: Path, remote_url: str, branch: str = "main", limit_per_class: int | None = None) -> dict:
@@ -66,14 +57,14 @@ def init_demo(path: Path, remote_url: str, branch: str = "main", limit_per_class
     if path.exists() and any(path.iterdir()):
         raise FileExistsError(f"{path} exists and is not empty; choose a new folder for the demo repository")
     path.mkdir(parents=True, exist_ok=True)
-    repo = git.Repo.init(path, initial_branch=branch)
+    source.init_repository(path, branch)
     (path / "params.yaml").write_text(yaml.safe_dump(DEMO_PARAMS, sort_keys=False))
     (path / "README.md").write_text(
         "# gitops-ml demo model repository\n\nHandwritten digits (scikit-learn) tracked with DVC in "
         "`data/images.dvc`. Edit `params.yaml` and commit: gitops-ml retrains and deploys.\n")
     count = write_digits(path / "data" / "images", limit_per_class)
     data_hash = data.track_and_push(path, "data/images", "storage", remote_url)
-    commit_sha = commit_all(repo, f"Add {count} digit images tracked with DVC and params.yaml")
+    commit_sha = commit_all(path, f"Add {count} digit images tracked with DVC and params.yaml")
     log.info("demo repository %s: commit %s, %d images, data hash %s", path, commit_sha, count, data_hash)
     return {"path": str(path), "commit_sha": commit_sha, "images": count, "data_hash": data_hash,
             "dvc_remote": remote_url, "branch": branch}
@@ -86,4 +77,4 @@ def bump_param(path: Path, key: str, value, message: str | None = None) -> str:
     section, name = key.split(".")
     params[section][name] = value
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
-    return commit_all(git.Repo(path), message or f"Set {key} = {value}")
+    return commit_all(path, message or f"Set {key} = {value}")

@@ -192,3 +192,69 @@ def newer_on_branch(repo_url: str, branch: str, cache_dir: Path, commit_sha: str
         return repo.is_ancestor(other_sha, f"refs/heads/{branch}") and repo.is_ancestor(commit_sha, other_sha)
     except git.GitCommandError:  # other_sha unknown to this mirror
         return False
+
+
+class History:
+    """Read-only questions about the history of a fetched mirror (what the watcher plans from).
+
+    Returned by :func:`history`; callers never see GitPython objects.
+    """
+
+    def __init__(self, repo: git.Repo):
+        self._repo = repo
+        self.git_dir = Path(repo.git_dir)
+
+    def head(self, branch: str) -> str:
+        return self._repo.git.rev_parse(f"refs/heads/{validate_branch(branch)}")
+
+    def exists(self, commit_sha: str) -> bool:
+        try:
+            self._repo.git.cat_file("-e", f"{commit_sha}^{{commit}}")
+            return True
+        except git.GitCommandError:
+            return False
+
+    def is_ancestor(self, ancestor: str, descendant: str) -> bool:
+        return self._repo.is_ancestor(ancestor, descendant)
+
+    def merge_base(self, first: str, second: str) -> str | None:
+        bases = self._repo.merge_base(first, second)
+        return bases[0].hexsha if bases else None
+
+    def first_parent(self, revision_range: str, oldest_first: bool = False) -> list[str]:
+        """SHAs of ``revision_range`` (``a..b``) along first parents, newest first unless ``oldest_first``."""
+        args = ["--reverse"] if oldest_first else []
+        out = self._repo.git.rev_list(*args, "--first-parent", revision_range)
+        return [line for line in out.splitlines() if line]
+
+    def changed_paths(self, commit_sha: str) -> tuple[str, ...]:
+        """Paths a commit changed against its first parent (every path for a root commit)."""
+        out = self._repo.git.diff_tree("--no-commit-id", "--name-only", "-r", "--root", "-m", "--first-parent",
+                                       commit_sha)
+        return tuple(sorted({line for line in out.splitlines() if line}))
+
+
+def history(repo_url: str, branch: str, cache_dir: Path) -> History:
+    """Fetch the mirror of ``repo_url`` (``branch`` must exist) and return its :class:`History`."""
+    return History(fetch_mirror(repo_url, branch, cache_dir))
+
+
+def init_repository(path: Path, branch: str = "main") -> None:
+    """``git init`` a new work repository at ``path`` on ``branch``."""
+    git.Repo.init(Path(path), initial_branch=validate_branch(branch))
+
+
+def commit_all(path: Path, message: str, identity: tuple[str, str]) -> str:
+    """Stage everything in the work repository at ``path`` and commit it; ``identity`` (name, email)
+    is used only where the repository's configuration has no user; return the new SHA."""
+    repo = git.Repo(Path(path))
+    repo.git.add("--all")
+    reader = repo.config_reader()
+    env = {}
+    if not reader.has_option("user", "name"):
+        env.update(GIT_AUTHOR_NAME=identity[0], GIT_COMMITTER_NAME=identity[0])
+    if not reader.has_option("user", "email"):
+        env.update(GIT_AUTHOR_EMAIL=identity[1], GIT_COMMITTER_EMAIL=identity[1])
+    with repo.git.custom_environment(**env):
+        repo.git.commit("--quiet", "-m", message)
+    return repo.head.commit.hexsha

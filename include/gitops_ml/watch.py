@@ -38,7 +38,7 @@ from gitops_ml import refs
 from gitops_ml.errors import InputError
 
 if TYPE_CHECKING:
-    import git
+    from gitops_ml.source import History
 
 log = logging.getLogger(__name__)
 
@@ -252,25 +252,9 @@ class Plan:
                 "force_push": self.force_push}
 
 
-def _rev_list(repo: git.Repo, *args: str) -> list[str]:
-    out = repo.git.rev_list(*args)
-    return [line for line in out.splitlines() if line]
-
-
-def _exists(repo: git.Repo, commit_sha: str) -> bool:
-    import git  # noqa: PLC0415
-
-    try:
-        repo.git.cat_file("-e", f"{commit_sha}^{{commit}}")
-        return True
-    except git.GitCommandError:
-        return False
-
-
-def changed_paths(repo: git.Repo, commit_sha: str) -> tuple[str, ...]:
+def changed_paths(history: History, commit_sha: str) -> tuple[str, ...]:
     """Paths a commit changed against its first parent (every path for a root commit)."""
-    out = repo.git.diff_tree("--no-commit-id", "--name-only", "-r", "--root", "-m", "--first-parent", commit_sha)
-    return tuple(sorted({line for line in out.splitlines() if line}))
+    return history.changed_paths(commit_sha)
 
 
 def relevant(paths: tuple[str, ...], patterns: tuple[str, ...]) -> tuple[str, ...]:
@@ -283,7 +267,8 @@ def relevant(paths: tuple[str, ...], patterns: tuple[str, ...]) -> tuple[str, ..
     return tuple(hits)
 
 
-def new_commits(repo: git.Repo, previous_sha: str | None, head_sha: str) -> tuple[list[str], dict[str, Any] | None]:
+def new_commits(history: History, previous_sha: str | None,
+                head_sha: str) -> tuple[list[str], dict[str, Any] | None]:
     """Commits that landed on the branch between ``previous_sha`` and ``head_sha``, oldest first.
 
     The first time (no previous SHA) only the head counts. When ``previous_sha`` is no longer an
@@ -293,32 +278,31 @@ def new_commits(repo: git.Repo, previous_sha: str | None, head_sha: str) -> tupl
         return [head_sha], None
     if previous_sha == head_sha:
         return [], None
-    if not _exists(repo, previous_sha):
+    if not history.exists(previous_sha):
         return [head_sha], {"removed": [previous_sha], "merge_base": None,
                             "note": "the previous head is no longer known to the mirror"}
-    if repo.is_ancestor(previous_sha, head_sha):
-        return _rev_list(repo, "--reverse", "--first-parent", f"{previous_sha}..{head_sha}"), None
-    bases = repo.merge_base(previous_sha, head_sha)
-    base = bases[0].hexsha if bases else None
-    removed = _rev_list(repo, "--first-parent", f"{head_sha}..{previous_sha}")
-    added = _rev_list(repo, "--reverse", "--first-parent", f"{base}..{head_sha}") if base else [head_sha]
+    if history.is_ancestor(previous_sha, head_sha):
+        return history.first_parent(f"{previous_sha}..{head_sha}", oldest_first=True), None
+    base = history.merge_base(previous_sha, head_sha)
+    removed = history.first_parent(f"{head_sha}..{previous_sha}")
+    added = history.first_parent(f"{base}..{head_sha}", oldest_first=True) if base else [head_sha]
     return added, {"removed": removed, "merge_base": base}
 
 
-def plan(watch: Watch, repo: git.Repo, previous_sha: str | None, head_sha: str,
+def plan(watch: Watch, history: History, previous_sha: str | None, head_sha: str,
          signature_cache: Path | None = None) -> Plan:
     """Decide, for every commit between ``previous_sha`` and ``head_sha``, what happens to it."""
-    commits, force_push = new_commits(repo, previous_sha, head_sha)
+    commits, force_push = new_commits(history, previous_sha, head_sha)
     if force_push:
         log.warning("force-push on branch %r of %s: %d commit(s) removed from the branch (%s); "
                     "new head %s", watch.branch, watch.safe_url, len(force_push["removed"]),
                     ", ".join(sha[:12] for sha in force_push["removed"][:10]), head_sha)
     draft: list[Decision] = []
     for commit_sha in commits:
-        paths = changed_paths(repo, commit_sha)
+        paths = changed_paths(history, commit_sha)
         warning = None
         if watch.signatures != "off":
-            verdict = signature_verdict(watch, Path(repo.git_dir), commit_sha, signature_cache)
+            verdict = signature_verdict(watch, history.git_dir, commit_sha, signature_cache)
             if verdict.action == "reject":
                 draft.append(Decision(commit_sha, "rejected", f"signature policy enforce: {verdict.message}", paths))
                 continue
@@ -345,8 +329,8 @@ def plan_branch(watch: Watch, cache_dir: Path, previous_sha: str | None, head_sh
     """Fetch the mirror of the watched repository and plan from ``previous_sha`` to the head."""
     from gitops_ml import source  # noqa: PLC0415
 
-    repo = source.fetch_mirror(watch.url, watch.branch, cache_dir)
-    head = head_sha or repo.git.rev_parse(f"refs/heads/{watch.branch}")
-    if head_sha and not _exists(repo, head_sha):
+    history = source.history(watch.url, watch.branch, cache_dir)
+    head = head_sha or history.head(watch.branch)
+    if head_sha and not history.exists(head_sha):
         raise InputError(f"commit {head_sha} is not in {watch.safe_url} (branch {watch.branch!r})")
-    return plan(watch, repo, previous_sha, head, signature_cache=Path(cache_dir) / "gnupg")
+    return plan(watch, history, previous_sha, head, signature_cache=Path(cache_dir) / "gnupg")

@@ -221,8 +221,8 @@ class GitCommitSensor(BaseSensorOperator):
         if self.mirror_dir:
             from gitops_ml import source, watch  # noqa: PLC0415
 
-            repo = source.fetch_mirror(url, self.branch, self.mirror_dir)
-            new_shas, _ = watch.new_commits(repo, self.since_sha or None, head_sha)
+            new_shas, _ = watch.new_commits(source.history(url, self.branch, self.mirror_dir),
+                                            self.since_sha or None, head_sha)
         return {"repo_url": redact_url(url), "branch": self.branch,
                 "previous_sha": self.since_sha or None, "head_sha": head_sha, "new_shas": new_shas}
 

@@ -1,0 +1,44 @@
+"""A module owns its dependency: only ``source`` imports GitPython, only ``data`` DVC, only ``registry``
+MLflow, only ``training`` TensorFlow/Keras, only ``logs`` the Elasticsearch client.  Swapping a
+backend touches one file; importing a light module never loads a heavy one."""
+
+import ast
+import json
+import subprocess
+import sys
+
+import pytest
+
+from tests.conftest import ROOT
+
+OWNERS = {"git": "source.py", "dvc": "data.py", "mlflow": "registry.py", "tensorflow": "training.py",
+          "keras": "training.py", "elasticsearch": "logs.py"}
+PACKAGE = ROOT / "include" / "gitops_ml"
+SOURCES = sorted([*PACKAGE.rglob("*.py"), *(ROOT / "plugins").glob("*.py"), *(ROOT / "dags").glob("*.py")])
+
+
+def imported_packages(path) -> set[tuple[str, int]]:
+    found = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"))):
+        if isinstance(node, ast.Import):
+            found |= {(alias.name.split(".")[0], node.lineno) for alias in node.names}
+        elif isinstance(node, ast.ImportFrom) and node.module and node.level == 0:
+            found.add((node.module.split(".")[0], node.lineno))
+    return found
+
+
+def test_each_backend_is_imported_by_its_owner_only():
+    wrong = [f"{path.relative_to(ROOT)}:{line} imports {package} (owner: gitops_ml/{OWNERS[package]})"
+             for path in SOURCES for package, line in sorted(imported_packages(path))
+             if package in OWNERS and not (path.parent == PACKAGE and path.name == OWNERS[package])]
+    assert wrong == []
+
+
+@pytest.mark.parametrize("module", ["gitops_ml.refs", "gitops_ml.records", "gitops_ml.logs", "gitops_ml.webhooks",
+                                    "gitops_ml.signatures", "gitops_ml.params", "gitops_ml.config",
+                                    "gitops_ml.watch", "gitops_ml.gate", "gitops_ml.images"])
+def test_light_modules_load_no_backend(module):
+    code = (f"import sys, json, {module}\n"
+            f"print(json.dumps(sorted(m for m in {sorted(OWNERS)!r} if m in sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []
