@@ -141,7 +141,7 @@ def main() -> None:
     if seconds["off"]:
         print(f"run without training (resolve, prepare, pull_data, finish), median seconds: off "
               f"{statistics.median(seconds['off']):.2f}, on {statistics.median(seconds['on']):.2f} "
-              f"("on" includes the cleanup at the end of each run)")
+              f"('on' includes the cleanup at the end of each run)")
     print(f"\nhomes kept under {base}")
 
 
