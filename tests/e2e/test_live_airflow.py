@@ -5,6 +5,7 @@ import hashlib
 import hmac
 import json
 import time
+from collections import Counter
 
 import httpx
 import pytest
@@ -86,15 +87,26 @@ def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_
     assert any("Elasticsearch" in " ".join(line.get("sources", [])) for line in content if isinstance(line, dict)) \
         or any("gitops-ml-logs" in e for e in events), content[:3]
     shipped = logs.search(settings.home, commit_sha, task_id="train", client=es[0])
-    assert [d["message"] for d in shipped] == [e for e in events if e in {d["message"] for d in shipped}]
+    messages = [d["message"] for d in shipped]
+    # Every line of the task's log file was shipped (runner lines included) and the UI shows each of them;
+    # the reader adds only its own "log message source details" group around them.
+    assert not Counter(messages) - Counter(events), Counter(messages) - Counter(events)
+    assert 0 <= len(events) - len(messages) <= 3, (len(events), len(messages))
     assert any(e.startswith("epoch 12:") for e in events)
     assert all(isinstance(e, str) and not e.startswith("{'dataset'") for e in events)
 
-    # A push: the watcher starts the run for the new SHA, which trains and deploys it.
-    new_sha = demo.bump_param(demo_repo["path"], "train.learning_rate", 0.004, "tune the learning rate")
+    # A burst of two commits pushed back to back (policy every): a run each, in whatever order the
+    # scheduler starts them; once both settle, the branch head is what serves (convergence rule).
+    older_sha = demo.bump_param(demo_repo["path"], "train.learning_rate", 0.004, "tune the learning rate")
+    new_sha = demo.bump_param(demo_repo["path"], "train.seed", 7, "another seed")
+    older = client.wait_for_run(f"commit__{older_sha}", timeout=600)
     second = client.wait_for_run(f"commit__{new_sha}", timeout=600)
-    assert second["state"] == "success" and second["conf"]["trigger"] == "push"
+    assert older["state"] == "success" and second["state"] == "success"
+    assert second["conf"]["trigger"] == "push"
     assert httpx.get(live_stack["serving"] + "/version").json()["commit_sha"] == new_sha
+    assert registry.serving_commit(settings) == new_sha
+    if older["end_date"] > second["end_date"]:  # the older one ran last: it must not have deployed
+        assert "NOT DEPLOYED" in older["note"] and new_sha in older["note"], older["note"]
 
     # Restart the scheduler, triggerer and the rest: no second run for a SHA already handled.
     stack.down(settings)
@@ -113,7 +125,7 @@ def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_
     else:
         pytest.fail("the watcher did not wait again after the restart")
     time.sleep(5)
-    assert total_runs(client) == 2
+    assert total_runs(client) == 3
 
     # The push webhook, served by the live API server (plugin app): a bad signature starts nothing,
     # a good one creates the run at once (a docs-only commit: recorded as "no retrain needed").
@@ -131,4 +143,4 @@ def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_
     docs_run = client.wait_for_run(f"commit__{docs_sha}", timeout=300)
     assert docs_run["state"] == "success" and docs_run["note"].startswith("NO RETRAIN NEEDED")
     assert httpx.get(live_stack["serving"] + "/version").json()["commit_sha"] == new_sha  # untouched
-    assert total_runs(client) == 3
+    assert total_runs(client) == 4
