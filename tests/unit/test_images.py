@@ -33,3 +33,19 @@ def test_rgb_jpeg_resized_to_grey_and_grey_to_rgb():
 def test_bad_bytes_raise_named_error(payload, message):
     with pytest.raises(images.ImageDecodeError, match=f"upload.png {message}"):
         images.decode(payload, 8, 8, 1, name="upload.png")
+
+
+@pytest.mark.parametrize("fmt", ["TIFF", "PPM", "ICO", "WEBP"])
+def test_formats_outside_png_jpeg_gif_bmp_are_refused(fmt, tmp_path):
+    """Pillow would open about 40 formats; only the four the README lists get parsed (serving and data)."""
+    from gitops_ml import data
+    from gitops_ml.errors import DataError
+
+    blob = encode(np.full((8, 8, 3), 100, dtype=np.uint8), fmt, "RGB")
+    with pytest.raises(images.ImageDecodeError, match="not a decodable image"):
+        images.decode(blob, 8, 8, 1, name="upload")
+    for label in ("a", "b"):
+        (tmp_path / label).mkdir()
+        (tmp_path / label / "x.png").write_bytes(blob)  # the right suffix, the wrong format
+    with pytest.raises(DataError, match="data/images/a/x.png is not a readable image"):
+        data.scan_images(tmp_path)
