@@ -103,6 +103,21 @@ def main() -> None:
                                       if t["state"] == "skipped")}
         print(f"revert {revert_sha[:12]}: serving the model of {served_version['commit_sha'][:12]} after "
               f"{revert_s:.1f} s, skipped {reverted['skipped']}", flush=True)
+        # A burst: two commits back to back, the newer triggered first (the worst order for the
+        # convergence rule); measured until the head serves and until both runs have settled.
+        t_burst = time.time()
+        older = demo.bump_param(repo, "train.learning_rate", 0.0051, "burst: older")
+        newer = demo.bump_param(repo, "train.learning_rate", 0.0052, "burst: newer")
+        burst_runs = [client.trigger_commit(newer), client.trigger_commit(older)]
+        t_head_served = wait_served(urls["serving"], newer, timeout=900)
+        settled = [client.wait_for_run(r["dag_run_id"], timeout=900) for r in burst_runs]
+        t_settled = time.time()
+        final = httpx.get(urls["serving"] + "/version").json()["commit_sha"]
+        burst = {"older": older, "newer": newer, "head_served_s": t_head_served - t_burst,
+                 "settled_s": t_settled - t_burst, "states": [r["state"] for r in settled],
+                 "final_serving_is_head": final == newer, "older_note": settled[1].get("note")}
+        print(f"burst of 2: head served after {burst['head_served_s']:.1f} s, both runs settled after "
+              f"{burst['settled_s']:.1f} s, head still serving: {burst['final_serving_is_head']}", flush=True)
         baseline = []
         for i in range(args.runs):
             commit_sha = demo.bump_param(repo, "train.learning_rate", round(0.002 + 0.0001 * (i + 1), 5))
@@ -128,8 +143,11 @@ def main() -> None:
     print(f"peak RSS of the train task: {med['train_peak_rss_mb']:.0f} MB")
     print(f"revert of the last commit: previous model serving again after {reverted['seconds']:.1f} s "
           f"(reused, skipped: {', '.join(reverted['skipped'])})")
+    print(f"burst of 2 commits (newer run first): head served after {burst['head_served_s']:.1f} s, both settled "
+          f"after {burst['settled_s']:.1f} s, final serving = head: {burst['final_serving_is_head']}")
     (out_dir / "commit_to_serving.json").write_text(json.dumps({"runs": rows, "baseline_s": baseline,
-                                                               "median": med, "revert": reverted}, indent=2))
+                                                               "median": med, "revert": reverted,
+                                                               "burst": burst}, indent=2))
 
 
 if __name__ == "__main__":

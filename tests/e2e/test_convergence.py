@@ -43,3 +43,53 @@ def test_burst_run_newest_first_with_a_gate_failure_converges_on_the_head(airflo
     served = server.version()
     assert served["commit_sha"] == d and served["model_version"] == str(registry.find_version(settings, d).version)
     assert registry.serving_commit(settings) == d
+
+
+@pytest.mark.parametrize("policy", ["every", "latest"])
+def test_five_commits_pushed_at_once_through_the_webhook_converge_on_the_head(airflow_db, settings, demo_repo,
+                                                                              server, watch_config, policy):  # noqa: F811
+    """Five commits in one push, announced by a signed webhook (no poller): under ``every`` a run each, run
+    newest first (the third fails its gate, the fourth reuses the second's model); under ``latest`` only the
+    head's run. Either way the head serves once the runs settle."""
+    import hashlib
+    import hmac
+    import json
+    import uuid
+
+    from starlette.testclient import TestClient
+
+    from gitops_ml.airflow.links import create_app
+    from tests.integration.test_webhook_delivery import _sync_dags_to_db
+
+    name = watch_config(policy=policy)
+    base = demo_repo["commit_sha"]
+    assert watcher(name).test().state == "success"  # the cursor starts at the base commit
+    assert load_dag().test(run_conf=pipeline_runs()[run_id_for(base, watch=name)].conf).state == "success"
+
+    repo = demo_repo["path"]
+    shas = [demo.bump_param(repo, "gate.max_accuracy_drop", 1.0, "1: tolerate any drop"),
+            demo.bump_param(repo, "train.seed", 7, "2: another seed"),
+            demo.bump_param(repo, "gate.min_accuracy", 0.9999, "3: an impossible gate"),
+            demo.bump_param(repo, "gate.min_accuracy", 0.8, "4: back to 2's params"),
+            demo.bump_param(repo, "train.learning_rate", 0.004, "5: tune the learning rate")]
+    head = shas[-1]
+    _sync_dags_to_db()
+    body = json.dumps({"ref": "refs/heads/main", "before": base, "after": head,
+                       "repository": {"clone_url": "https://git.example.com/m.git"}}).encode()
+    signature = hmac.new(b"hook-secret-1", body, hashlib.sha256).hexdigest()
+    answer = TestClient(create_app()).post(f"/webhooks/{name}", content=body, headers={
+        "X-GitHub-Event": "push", "X-GitHub-Delivery": str(uuid.uuid4()), "Content-Type": "application/json",
+        "X-Hub-Signature-256": f"sha256={signature}"})
+    assert answer.status_code == 202, answer.text
+    expected = shas if policy == "every" else [head]
+    assert sorted(answer.json()["created"]) == sorted(run_id_for(sha, watch=name) for sha in expected)
+
+    queued = pipeline_runs()
+    for sha in reversed(expected):  # newest first
+        run = load_dag().test(run_conf=queued[run_id_for(sha, watch=name)].conf)
+        assert run.state == "success", task_states(run)
+        if sha != head and sha != shas[2]:
+            assert f"is older than commit {head}" in run_note(run), run_note(run)
+    served = server.version()
+    assert served["commit_sha"] == head and registry.serving_commit(settings) == head
+    assert served["model_version"] == str(registry.find_version(settings, head).version)
