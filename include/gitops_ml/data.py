@@ -200,7 +200,8 @@ def _stage_manifest(repo, data_path: str, dir_md5: str, cache_dir: Path) -> dict
     """
     cached = _cache_object(cache_dir, dir_md5)
     raw = cached.read_bytes() if cached.is_file() else None
-    if raw is None or hashlib.md5(raw).hexdigest() != dir_md5.removesuffix(".dir"):
+    from_cache = raw is not None and hashlib.md5(raw).hexdigest() == dir_md5.removesuffix(".dir")
+    if not from_cache:
         try:
             odb = repo.cloud.get_remote_odb(None, hash_name="md5")
             remote_path = odb.oid_to_path(dir_md5)
@@ -216,7 +217,7 @@ def _stage_manifest(repo, data_path: str, dir_md5: str, cache_dir: Path) -> dict
             raise DataError(f"could not read directory manifest {dir_md5} of {data_path} from the DVC remote: "
                             f"{redact(str(exc))}") from None
     expected = check_manifest(raw, data_path, dir_md5)
-    if not cached.is_file() or cached.read_bytes() != raw:
+    if not from_cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
         if cached.exists():
             os.chmod(cached, 0o644)

@@ -277,7 +277,8 @@ def superseded_by(settings: Settings, commit: dict[str, Any]) -> str | None:
     return None
 
 
-def deploy_intent(settings: Settings, model_version: str, run_id: str) -> dict[str, str] | None:
+def deploy_intent(settings: Settings, model_version: str, run_id: str,
+                  tags: dict[str, str] | None = None) -> dict[str, str] | None:
     """Write down, before anything moves, that ``run_id`` is about to promote ``model_version``
     over the current champion; return the intent a crashed earlier run left unfinished, if any.
 
@@ -288,7 +289,8 @@ def deploy_intent(settings: Settings, model_version: str, run_id: str) -> dict[s
     """
     from gitops_ml import registry  # noqa: PLC0415
 
-    tags = registry.version_tags(registry.get_version(settings, model_version))
+    if tags is None:
+        tags = registry.version_tags(registry.get_version(settings, model_version))
     current = registry.get_alias(settings)
     current_version = str(current.version) if current is not None else None
     if current_version == str(model_version):
@@ -320,15 +322,15 @@ def deploy(settings: Settings, commit: dict[str, Any], model_version: str, param
                superseded_by=newer)
         return {"model_version": str(model_version), "changed": False, "superseded_by": newer,
                 "previous_version": str(current.version) if current is not None else None, "watch": None}
-    unfinished = deploy_intent(settings, model_version, run_id)
-    served_for_before = registry.version_tags(registry.get_version(settings, model_version)).get("served_for_commit")
+    tags = registry.version_tags(registry.get_version(settings, model_version))
+    unfinished = deploy_intent(settings, model_version, run_id, tags)
     # The revision this version is about to serve for: servers report it (a reused version serves a newer commit).
     registry.set_version_tags(settings, model_version, {"served_for_commit": commit["commit_sha"]})
     try:
         result = deploy_mod.deploy(settings, model_version, params.get("deploy"))
     except deploy_mod.DeployError as exc:
-        registry.set_version_tags(settings, model_version, {"served_for_commit": served_for_before})
-        registry.set_version_tags(settings, model_version, {"deploy_outcome": "rolled_back", "rolled_back_at": now,
+        registry.set_version_tags(settings, model_version, {"served_for_commit": tags.get("served_for_commit"),
+                                                            "deploy_outcome": "rolled_back", "rolled_back_at": now,
                                                             "rollback_reason": str(exc)[:4000],
                                                             "deploy_pending": "false"})
         record(settings, commit, run_id, "deploy", "rolled_back", model_version=str(model_version), reason=str(exc))

@@ -271,7 +271,10 @@ def serving_commit(settings: Settings) -> str | None:
     version).  Kept on the version itself (``served_for_commit``), so a rollback to a version
     brings back the revision it was serving for."""
     current = get_alias(settings)
-    if current is None:
-        return None
-    tags = version_tags(current)
+    return served_for(current) if current is not None else None
+
+
+def served_for(version: ModelVersion) -> str | None:
+    """The revision ``version`` serves for: set by the deploy step, else the commit it was built from."""
+    tags = version_tags(version)
     return tags.get("served_for_commit") or tags.get("commit_sha") or None

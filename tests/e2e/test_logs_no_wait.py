@@ -12,6 +12,7 @@ import pytest
 
 from gitops_ml import logs
 from gitops_ml.config import Settings
+from tests.e2e.test_logs_pipeline import synced_dag
 
 pytestmark = pytest.mark.e2e
 
@@ -34,18 +35,10 @@ with DAG("gitops_ml_record_wait_check", schedule=None, params={"commit_sha": "''
 def run_record_task(tmp_path):
     """``dag.test()`` of a one-task DAG whose task is named ``record`` (the one that waits); its duration
     (of a second run, once the process is warm)."""
-    from airflow.dag_processing.bundles.manager import DagBundlesManager
-    from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
-
-    folder = tmp_path / "dags"
-    folder.mkdir()
-    (folder / "record_wait_check.py").write_text(RECORD_DAG)
-    DagBundlesManager().sync_bundles_to_db()
-    bag = BundleDagBag(dag_folder=folder, bundle_path=folder, bundle_name="dags-folder")
-    sync_bag_to_db(bag, "dags-folder", None)
+    dag = synced_dag(tmp_path, "record_wait_check.py", RECORD_DAG, "gitops_ml_record_wait_check")
     seconds = []
     for _ in range(2):  # the first task of a process also starts the in-process execution API: not ours
-        run = bag.get_dag("gitops_ml_record_wait_check").test()
+        run = dag.test()
         ti = next(ti for ti in run.get_task_instances() if ti.task_id == "record")
         assert run.state == "success", ti.state
         seconds.append((ti.end_date - ti.start_date).total_seconds())

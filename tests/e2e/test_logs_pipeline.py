@@ -107,22 +107,27 @@ with DAG("gitops_ml_secrets_check", schedule=None, params={"commit_sha": "c" * 4
 """
 
 
-def test_connection_password_and_url_token_never_shipped(airflow_db, settings, es, monkeypatch, tmp_path):
-    """A task (through our adapter) reads an Airflow connection and logs its password, its URI and a
-    repository URL with a token: no document in Elasticsearch contains either secret."""
+def synced_dag(tmp_path, filename: str, source: str, dag_id: str):
+    """A DAG folder holding one file, synced to the metadata DB as the dag processor does; its DAG."""
     from airflow.dag_processing.bundles.manager import DagBundlesManager
     from airflow.dag_processing.dagbag import BundleDagBag, sync_bag_to_db
 
-    client, _ = es
-    monkeypatch.setenv("AIRFLOW_CONN_GITOPS_ML_TEST_REPO", json.dumps(
-        {"conn_type": "http", "host": "git.example.com", "login": "deploy", "password": "conn-PASSWORD-7781"}))
     folder = tmp_path / "dags"
     folder.mkdir()
-    (folder / "secrets_check.py").write_text(SECRETS_DAG)
+    (folder / filename).write_text(source)
     DagBundlesManager().sync_bundles_to_db()
     bag = BundleDagBag(dag_folder=folder, bundle_path=folder, bundle_name="dags-folder")
     sync_bag_to_db(bag, "dags-folder", None)
-    run = bag.get_dag("gitops_ml_secrets_check").test()
+    return bag.get_dag(dag_id)
+
+
+def test_connection_password_and_url_token_never_shipped(airflow_db, settings, es, monkeypatch, tmp_path):
+    """A task (through our adapter) reads an Airflow connection and logs its password, its URI and a
+    repository URL with a token: no document in Elasticsearch contains either secret."""
+    client, _ = es
+    monkeypatch.setenv("AIRFLOW_CONN_GITOPS_ML_TEST_REPO", json.dumps(
+        {"conn_type": "http", "host": "git.example.com", "login": "deploy", "password": "conn-PASSWORD-7781"}))
+    run = synced_dag(tmp_path, "secrets_check.py", SECRETS_DAG, "gitops_ml_secrets_check").test()
     assert run.state == "success"
     docs = logs.search(settings.home, "c" * 40, client=client)
     messages = [d["message"] for d in docs if d["labels"]["task_id"] == "leaky"]

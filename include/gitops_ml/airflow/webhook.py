@@ -161,18 +161,16 @@ def check_headers(watch_name: str, headers: dict[str, str]) -> tuple[int, dict[s
 def verify_on_branch(watched, cache_dir, commit_sha: str) -> tuple[int, dict[str, Any]] | None:
     """Fetch the watched branch; (status, error) unless ``commit_sha`` is its head or on it."""
     from gitops_ml import source  # noqa: PLC0415
-    from gitops_ml.errors import CommitNotFound, CommitNotOnBranch  # noqa: PLC0415
 
-    head = source.resolve_commit(watched.url, watched.branch, None, cache_dir).commit_sha
+    history = source.history(watched.url, watched.branch, cache_dir)
+    head = history.head(watched.branch)
     where = {"commit_sha": commit_sha, "branch": watched.branch, "branch_head": head}
     if commit_sha == head:
         return None
-    try:
-        source.resolve_commit(watched.url, watched.branch, commit_sha, cache_dir)
-    except CommitNotFound:
+    if not history.exists(commit_sha):
         return 422, {"error": f"commit {commit_sha} does not exist in {watched.safe_url} (branch "
                               f"{watched.branch!r} fetched just now, head {head}); no run started", **where}
-    except CommitNotOnBranch:
+    if not history.is_ancestor(commit_sha, head):
         return 409, {"error": f"commit {commit_sha} is not on branch {watched.branch!r} of {watched.safe_url} "
                               f"(head {head}); no run started", **where}
     return None

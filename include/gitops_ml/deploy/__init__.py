@@ -87,9 +87,7 @@ def deploy(settings: Settings, model_version: str, policy: dict[str, Any] | None
     policy = {**DEFAULT_POLICY, **(policy or {})}
     model_version = str(model_version)
     target = registry.get_version(settings, model_version)
-    target_tags = registry.version_tags(target)
-    # Servers report the revision the version serves for (set by the pipeline), else the one it was built from.
-    commit_sha = target_tags.get("served_for_commit") or target_tags.get("commit_sha", "")
+    commit_sha = registry.served_for(target) or ""  # what the servers report once they serve it
     smoke = registry.load_run_json(settings, target.run_id, "evaluation/smoke_sample.json")
     previous = registry.get_alias(settings)
     previous_version = str(previous.version) if previous is not None else None

@@ -150,7 +150,7 @@ def load_from_registry(settings: Settings, model_version: str | None) -> ServedM
     model, meta = registry.load_model(settings, version)
     tags = registry.version_tags(version)
     return ServedModel(
-        model_version=str(version.version), commit_sha=tags.get("served_for_commit") or tags.get("commit_sha", ""),
+        model_version=str(version.version), commit_sha=registry.served_for(version) or "",
         built_from_commit=tags.get("commit_sha", ""),
         data_hash=tags.get("data_hash", ""), airflow_run_id=tags.get("airflow_run_id", ""),
         class_names=list(meta["class_names"]), height=int(meta["height"]), width=int(meta["width"]),
@@ -162,8 +162,7 @@ def served_for_commit(settings: Settings, model_version: str) -> str | None:
     """The revision ``model_version`` serves for now (a reused version serves a newer commit)."""
     from gitops_ml import registry  # noqa: PLC0415 - heavy, only in the server process
 
-    tags = registry.version_tags(registry.get_version(settings, model_version))
-    return tags.get("served_for_commit") or tags.get("commit_sha") or None
+    return registry.served_for(registry.get_version(settings, model_version))
 
 
 def champion_version(settings: Settings) -> str | None:
