@@ -1,52 +1,95 @@
 """``params.yaml`` of a model repository: parsed, type-checked, defaults filled in.
 
-The file is the single place a user tunes a run.  Every error names the file,
-the dotted key and what was expected, e.g. ``params.yaml: train.epochs must be
-an integer >= 1, got 'ten' (str)``.
+The file is the single place a user tunes a run.  Its schema is :class:`Params` (pydantic): one
+field per key, declaring its type, its default (absent: required) and, as ``description``, what a
+valid value is.  Every error names the file, the dotted key and what was expected, e.g.
+``params.yaml: train.epochs must be an integer >= 1, got 'ten' (str)``.
+
+The rest of the code reads the validated params as a plain nested dict (``params["train"]["epochs"]``),
+which is also what goes to XCom as JSON: :func:`validate` and :func:`load` return ``model_dump()``.
+A section is a model (closed: unknown keys are refused) or, for free-form content handed as is to
+user code, a ``dict[str, Any]`` field (``Field(default_factory=dict, description="a mapping")``).
 """
 
 from __future__ import annotations
 
-import copy
 from pathlib import Path
 from typing import Any
 
 import yaml
+from pydantic import BaseModel, ConfigDict, Field, StrictFloat, StrictInt, StrictStr, ValidationError, field_validator
 
 from gitops_ml.errors import ParamsError
 
 PARAMS_FILE = "params.yaml"
-
-_REQUIRED = object()
-
-# dotted key -> (type, default or _REQUIRED, check, description of a valid value)
-_SCHEMA: dict[str, tuple[type | tuple[type, ...], Any, Any, str]] = {
-    "data.path": (str, "data/images", lambda v: bool(v) and not Path(v).is_absolute() and ".." not in Path(v).parts,
-                  "a relative path inside the repository"),
-    "image.height": (int, _REQUIRED, lambda v: 4 <= v <= 1024, "an integer from 4 to 1024"),
-    "image.width": (int, _REQUIRED, lambda v: 4 <= v <= 1024, "an integer from 4 to 1024"),
-    "image.channels": (int, 1, lambda v: v in (1, 3), "1 (grey) or 3 (RGB)"),
-    "train.epochs": (int, _REQUIRED, lambda v: 1 <= v <= 10_000, "an integer >= 1"),
-    "train.batch_size": (int, _REQUIRED, lambda v: 1 <= v <= 65_536, "an integer >= 1"),
-    "train.learning_rate": ((int, float), _REQUIRED, lambda v: 0 < v < 10, "a number > 0"),
-    "train.seed": (int, _REQUIRED, lambda v: v >= 0, "an integer >= 0"),
-    "train.test_fraction": ((int, float), 0.2, lambda v: 0 < v < 1, "a number between 0 and 1"),
-    "gate.min_accuracy": ((int, float), 0.0, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
-    "gate.max_accuracy_drop": ((int, float), 1.0, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
-    "gate.min_class_recall": ((int, float, type(None)), None, lambda v: v is None or 0 <= v <= 1,
-                              "a number from 0 to 1, or null"),
-    "deploy.watch_seconds": ((int, float), 0, lambda v: 0 <= v <= 86_400, "a number of seconds from 0 to 86400"),
-    "deploy.min_requests": (int, 20, lambda v: v >= 1, "an integer >= 1"),
-    "deploy.min_clients": (int, 3, lambda v: v >= 1, "an integer >= 1 (distinct clients the watch window needs)"),
-    "deploy.max_error_rate": ((int, float), 0.05, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
-    "deploy.max_latency_ratio": ((int, float), 3.0, lambda v: v >= 1, "a number >= 1"),
-    "deploy.max_low_confidence_increase": ((int, float), 0.2, lambda v: 0 <= v <= 1, "a number from 0 to 1"),
-}
-
-_SECTIONS = {key.split(".")[0] for key in _SCHEMA}
-_KEYS = {key.split(".")[0]: {k.split(".")[1] for k in _SCHEMA if k.startswith(key.split(".")[0] + ".")}
-         for key in _SCHEMA}
 MAX_BYTES = 64 * 1024
+
+# Strict: a string is no number, and a bool (an int in Python) is always a mistake in params.
+# An int stays an int (the params are hashed and logged as written).
+Number = StrictInt | StrictFloat
+
+
+class _Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class DataParams(_Section):
+    path: StrictStr = Field("data/images", description="a relative path inside the repository")
+
+    @field_validator("path")
+    @classmethod
+    def _inside_the_repository(cls, value: str) -> str:
+        if not value or Path(value).is_absolute() or ".." in Path(value).parts:
+            raise ValueError("not a relative path inside the repository")
+        return value
+
+
+class ImageParams(_Section):
+    height: StrictInt = Field(ge=4, le=1024, description="an integer from 4 to 1024")
+    width: StrictInt = Field(ge=4, le=1024, description="an integer from 4 to 1024")
+    channels: StrictInt = Field(1, description="1 (grey) or 3 (RGB)")
+
+    @field_validator("channels")
+    @classmethod
+    def _grey_or_rgb(cls, value: int) -> int:
+        if value not in (1, 3):
+            raise ValueError("neither 1 nor 3")
+        return value
+
+
+class TrainParams(_Section):
+    epochs: StrictInt = Field(ge=1, le=10_000, description="an integer >= 1")
+    batch_size: StrictInt = Field(ge=1, le=65_536, description="an integer >= 1")
+    learning_rate: Number = Field(gt=0, lt=10, description="a number > 0")
+    seed: StrictInt = Field(ge=0, description="an integer >= 0")
+    test_fraction: Number = Field(0.2, gt=0, lt=1, description="a number between 0 and 1")
+
+
+class GateParams(_Section):
+    min_accuracy: Number = Field(0.0, ge=0, le=1, description="a number from 0 to 1")
+    max_accuracy_drop: Number = Field(1.0, ge=0, le=1, description="a number from 0 to 1")
+    min_class_recall: Number | None = Field(None, ge=0, le=1, description="a number from 0 to 1, or null")
+
+
+class DeployParams(_Section):
+    watch_seconds: Number = Field(0, ge=0, le=86_400, description="a number of seconds from 0 to 86400")
+    min_requests: StrictInt = Field(20, ge=1, description="an integer >= 1")
+    min_clients: StrictInt = Field(3, ge=1, description="an integer >= 1 (distinct clients the watch window needs)")
+    max_error_rate: Number = Field(0.05, ge=0, le=1, description="a number from 0 to 1")
+    max_latency_ratio: Number = Field(3.0, ge=1, description="a number >= 1")
+    max_low_confidence_increase: Number = Field(0.2, ge=0, le=1, description="a number from 0 to 1")
+
+
+class Params(BaseModel):
+    """The whole file: one field per section.  A section left out (or written empty) gets its defaults."""
+
+    model_config = ConfigDict(extra="forbid")
+
+    data: DataParams
+    image: ImageParams
+    train: TrainParams
+    gate: GateParams
+    deploy: DeployParams
 
 
 class _PlainLoader(yaml.SafeLoader):
@@ -65,37 +108,67 @@ def _type_name(value: Any) -> str:
     return type(value).__name__
 
 
+def _is_section(annotation: Any) -> bool:
+    return isinstance(annotation, type) and issubclass(annotation, BaseModel)
+
+
+def _field(loc: tuple) -> tuple[tuple, Any]:
+    """The declared key an error at ``loc`` is about, and its field.
+
+    ``loc`` goes on past a key's field for a union (``("train", "learning_rate", "int")``) or
+    inside a free-form mapping: the key is where the declared schema ends.
+    """
+    model: Any = Params
+    info = None
+    for depth, part in enumerate(loc):
+        if not _is_section(model) or part not in model.model_fields:
+            return loc, None
+        info = model.model_fields[part]
+        if not _is_section(info.annotation):
+            return loc[:depth + 1], info
+        model = info.annotation
+    return loc, info
+
+
+def _message(errors: list[dict[str, Any]], source: str) -> str:
+    """One message for the first problem, in the order a reader fixes them: a value, then names."""
+    extra = [e for e in errors if e["type"] == "extra_forbidden"]
+    for error in errors:
+        if error["type"] == "extra_forbidden":
+            continue
+        loc, info = _field(error["loc"])
+        key = ".".join(map(str, loc))
+        if len(error["loc"]) > len(loc) and len(loc) == 1:  # inside a free-form section
+            inner = ".".join(str(part) for part in error["loc"] if part != "[key]")
+            return f"{source}: {inner}: {error['msg']}, got {error['input']!r} ({_type_name(error['input'])})"
+        if len(loc) == 1 and error["type"] != "missing":
+            return f"{source}: {key} must be a mapping, got {_type_name(error['input'])}"
+        expected = info.description if info is not None and info.description else error["msg"]
+        if error["type"] == "missing":
+            return f"{source}: missing required key {key} ({expected})"
+        return f"{source}: {key} must be {expected}, got {error['input']!r} ({_type_name(error['input'])})"
+    top = sorted((str(e["loc"][0]) for e in extra if len(e["loc"]) == 1))
+    if top:
+        return f"{source}: unknown section(s) {', '.join(top)}; known: {', '.join(sorted(Params.model_fields))}"
+    section = extra[0]["loc"][:-1]
+    names = sorted(".".join(map(str, e["loc"])) for e in extra if e["loc"][:-1] == section)
+    known = _field(section)[1].annotation.model_fields
+    dotted = ".".join(map(str, section))
+    return f"{source}: unknown key(s) {', '.join(names)}; known in {dotted}: {', '.join(sorted(known))}"
+
+
 def validate(raw: Any, source: str = PARAMS_FILE) -> dict:
     """Return a complete, validated params dict (nested, defaults filled in)."""
     if not isinstance(raw, dict):
         raise ParamsError(f"{source}: expected a mapping at the top level, got {_type_name(raw)}")
-    params: dict[str, dict[str, Any]] = copy.deepcopy({k: v for k, v in raw.items()})
-    for key, (expected, default, check, description) in _SCHEMA.items():
-        section, name = key.split(".")
-        block = params.setdefault(section, {})
-        if block is None:
-            block = params[section] = {}
-        if not isinstance(block, dict):
-            raise ParamsError(f"{source}: {section} must be a mapping, got {_type_name(block)}")
-        if name not in block:
-            if default is _REQUIRED:
-                raise ParamsError(f"{source}: missing required key {key} ({description})")
-            block[name] = default
-            continue
-        value = block[name]
-        # bool is an int in Python; in params it is always a mistake.
-        if isinstance(value, bool) or not isinstance(value, expected) or not check(value):
-            raise ParamsError(f"{source}: {key} must be {description}, got {value!r} ({_type_name(value)})")
-    unknown = sorted(set(params) - _SECTIONS, key=str)
-    if unknown:
-        raise ParamsError(f"{source}: unknown section(s) {', '.join(map(str, unknown))}; "
-                          f"known: {', '.join(sorted(_SECTIONS))}")
-    for section, known in _KEYS.items():
-        extra = sorted(set(params[section]) - known, key=str)
-        if extra:
-            raise ParamsError(f"{source}: unknown key(s) {', '.join(f'{section}.{k}' for k in extra)}; "
-                              f"known in {section}: {', '.join(sorted(known))}")
-    return params
+    # A section left out or written empty (``gate:``) gets its defaults, and a required key in it
+    # is reported by its dotted name.
+    sections = {name: {} for name, info in Params.model_fields.items() if _is_section(info.annotation)}
+    filled = {**sections, **{k: v for k, v in raw.items() if not (v is None and k in Params.model_fields)}}
+    try:
+        return Params.model_validate(filled).model_dump()
+    except ValidationError as exc:
+        raise ParamsError(_message(exc.errors(include_url=False), source)) from None
 
 
 def load(repo_root: Path) -> dict:
@@ -115,5 +188,12 @@ def load(repo_root: Path) -> dict:
 
 
 def flatten(params: dict) -> dict[str, Any]:
-    """``{"train": {"epochs": 3}}`` -> ``{"train.epochs": 3}`` (for MLflow params)."""
-    return {f"{s}.{k}": v for s, block in params.items() for k, v in block.items()}
+    """``{"train": {"epochs": 3}}`` -> ``{"train.epochs": 3}`` (for MLflow params); nested mappings of a
+    free-form section are flattened the same way."""
+    flat: dict[str, Any] = {}
+    for key, value in params.items():
+        if isinstance(value, dict):
+            flat.update({f"{key}.{k}": v for k, v in flatten(value).items()})
+        else:
+            flat[str(key)] = value
+    return flat

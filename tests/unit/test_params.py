@@ -80,3 +80,33 @@ def test_oversized_or_linked_params_file_is_refused(tmp_path):
     (tmp_path / "params.yaml").symlink_to(tmp_path / "elsewhere.yaml")
     with pytest.raises(ParamsError, match="params.yaml is a symbolic link"):
         params.load(tmp_path)
+
+
+@pytest.mark.parametrize("section,key,value,expected", [
+    ("train", "learning_rate", "fast", "train.learning_rate must be a number > 0, got 'fast' (str)"),
+    ("train", "test_fraction", False, "train.test_fraction must be a number between 0 and 1, got False (bool)"),
+    ("gate", "min_class_recall", "all", "gate.min_class_recall must be a number from 0 to 1, or null, got 'all' (str)"),
+    ("image", "height", 4.5, "image.height must be an integer from 4 to 1024, got 4.5 (float)"),
+])
+def test_a_key_that_takes_an_int_or_a_float_names_the_key_not_the_type_tried(section, key, value, expected):
+    raw = {k: dict(v) for k, v in DEMO_PARAMS.items()}
+    raw[section][key] = value
+    with pytest.raises(ParamsError) as info:
+        params.validate(raw)
+    assert str(info.value) == f"params.yaml: {expected}"
+
+
+def test_numbers_stay_as_written_and_an_empty_section_gets_its_defaults():
+    """The validated params are hashed (reuse) and logged: an int is not turned into a float."""
+    raw = {k: dict(v) for k, v in DEMO_PARAMS.items()}
+    raw["train"]["learning_rate"] = 1
+    raw["gate"] = None
+    result = params.validate(raw)
+    assert result["train"]["learning_rate"] == 1 and type(result["train"]["learning_rate"]) is int
+    assert result["gate"] == {"min_accuracy": 0.0, "max_accuracy_drop": 1.0, "min_class_recall": None}
+    assert result["deploy"]["min_requests"] == params.DeployParams().min_requests == 20
+
+
+def test_a_section_that_is_not_a_mapping_is_named():
+    with pytest.raises(ParamsError, match=r"^params.yaml: train must be a mapping, got list$"):
+        params.validate({**DEMO_PARAMS, "train": [1, 2]})
