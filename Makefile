@@ -32,6 +32,16 @@ test: install  ## the whole suite (unit, integration, e2e with live Airflow)
 test-fast: install  ## unit and integration tests only
 	$(VENV)/bin/python -m pytest tests/unit tests/integration -p no:cacheprovider
 
+.PHONY: lint format
+lint: install  ## ruff (lint + format check) and mypy, configured in pyproject.toml
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
+
+format: install  ## apply ruff's safe fixes and its formatting
+	$(VENV)/bin/ruff check --fix .
+	$(VENV)/bin/ruff format .
+
 bench: install  ## benchmarks: DAG parse time, commit-to-serving latency (writes benchmarks/out/)
 	$(VENV)/bin/python -m benchmarks.dag_parse
 	$(VENV)/bin/python -m benchmarks.commit_to_serving

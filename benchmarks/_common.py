@@ -3,18 +3,15 @@
 from __future__ import annotations
 
 import os
-import socket
 import tempfile
 from pathlib import Path
 
+from tests.helpers import free_port
+
+__all__ = ["OUT_DIR", "ROOT", "free_port", "fresh_home"]
+
 ROOT = Path(__file__).resolve().parents[1]
 OUT_DIR = ROOT / "benchmarks" / "out"
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def fresh_home(prefix: str, serve_port: int) -> Path:

@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import os
 import shutil
-import socket
 import subprocess
 import sys
 import tempfile
@@ -17,7 +16,8 @@ from pathlib import Path
 
 import pytest
 
-ROOT = Path(__file__).resolve().parents[1]
+from tests.helpers import ROOT, commit_file, free_port, git  # noqa: F401 (commit_file: still imported from here)
+
 BIN = Path(sys.executable).parent
 
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="gitops-ml-airflow-"))
@@ -34,26 +34,6 @@ os.environ.update({
 })
 for _key in [k for k in os.environ if k.startswith("GITOPS_ML_") or k == "MLFLOW_TRACKING_URI"]:
     del os.environ[_key]
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
-
-
-def git(cwd: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "Test", "GIT_AUTHOR_EMAIL": "test@example.invalid",
-           "GIT_COMMITTER_NAME": "Test", "GIT_COMMITTER_EMAIL": "test@example.invalid"}
-    return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True, text=True).stdout.strip()
-
-
-def commit_file(repo: Path, relpath: str, text: str, message: str) -> str:
-    """Write ``relpath`` in ``repo``, commit it on the current branch, return the new SHA."""
-    (repo / relpath).write_text(text)
-    git(repo, "add", relpath)
-    git(repo, "commit", "-qm", message)
-    return git(repo, "rev-parse", "HEAD")
 
 
 @pytest.fixture(scope="session")

@@ -14,7 +14,6 @@ import os
 import pwd
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -23,11 +22,14 @@ from pathlib import Path
 
 import httpx
 
+from tests.helpers import free_port
+
 VERSION = "8.19.21"
 ARTIFACT = f"org.elasticsearch.distribution.integ-test-zip:elasticsearch:{VERSION}:zip"
 # As root, Elasticsearch runs as another user, who must be able to read the cache: keep it out of /root.
-CACHE = Path(os.environ.get("GITOPS_ML_ES_CACHE") or (
-    "/var/cache/gitops-ml/elasticsearch" if os.geteuid() == 0 else Path.home() / ".cache" / "gitops-ml" / "elasticsearch"))
+_DEFAULT_CACHE = (Path("/var/cache/gitops-ml/elasticsearch") if os.geteuid() == 0
+                  else Path.home() / ".cache" / "gitops-ml" / "elasticsearch")
+CACHE = Path(os.environ.get("GITOPS_ML_ES_CACHE") or _DEFAULT_CACHE)
 USER = "gitops-es"
 
 
@@ -56,12 +58,6 @@ def distribution() -> Path:
     for path in (home / "jdk" / "bin").glob("*") if (home / "jdk").exists() else []:
         path.chmod(0o755)
     return home
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 class ElasticsearchNode:
@@ -94,7 +90,7 @@ class ElasticsearchNode:
                                check=True)
             subprocess.run(["chown", "-R", f"{USER}:", str(self.workdir)], check=True)
 
-    def start(self, timeout: float = 120) -> "ElasticsearchNode":
+    def start(self, timeout: float = 120) -> ElasticsearchNode:
         env = {**os.environ, "ES_JAVA_HOME": java_home(), "ES_PATH_CONF": str(self.config),
                "ES_JAVA_OPTS": "-Xms512m -Xmx512m"}
         argv = [str(self.home / "bin" / "elasticsearch")]

@@ -6,13 +6,12 @@ Without ``ES_URL`` nothing tries to ship and nothing waits: the spool keeps the 
 when it can be, and the lines stay in the spool when it cannot.
 """
 
-import socket
-
 import pytest
 
 from gitops_ml import logs
 from gitops_ml.config import Settings
 from tests.e2e.test_logs_pipeline import synced_dag
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
 
@@ -67,10 +66,8 @@ def test_without_elasticsearch_record_does_not_wait(airflow_db, home, tmp_path, 
 
 
 def test_with_elasticsearch_configured_and_down_the_bounded_wait_stays(airflow_db, home, tmp_path, monkeypatch):
-    with socket.socket() as sock:  # a port where nothing listens: Elasticsearch is down
-        sock.bind(("127.0.0.1", 0))
-        port = sock.getsockname()[1]
-    monkeypatch.setenv("ES_URL", f"http://127.0.0.1:{port}")
+    # A port where nothing listens: Elasticsearch is down.
+    monkeypatch.setenv("ES_URL", f"http://127.0.0.1:{free_port()}")
     monkeypatch.setenv("GITOPS_ML_SHIP_WAIT_SECONDS", "6")  # retries after 0.5, 1 and 2 s: about 3.5 s
     seconds = run_record_task(tmp_path)
     print(f"\nrecord with ES configured and down (GITOPS_ML_SHIP_WAIT_SECONDS=6): {seconds:.2f} s", flush=True)
