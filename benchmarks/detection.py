@@ -368,7 +368,7 @@ def main() -> None:
     from gitops_ml.config import Settings
     from gitops_ml.watch import Watch
 
-    default_interval = Watch.__dataclass_fields__["poll_interval"].default
+    default_interval = Watch.model_fields["poll_interval"].default
     settings = Settings.from_env()
     # A project root of our own: the repository's DAG files and plugins, plus the poke baseline.
     project = home / "project"

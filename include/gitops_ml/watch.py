@@ -30,9 +30,12 @@ import fnmatch
 import logging
 import os
 import re
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Annotated, Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic_core import PydanticCustomError
 
 from gitops_ml import refs
 from gitops_ml.errors import InputError
@@ -51,33 +54,63 @@ class WatchConfigError(InputError):
     """The watch configuration file names a bad value (the message says which repository and field)."""
 
 
-@dataclass(frozen=True)
-class Watch:
-    """One watched branch of one repository (see the module docstring for each field)."""
+class _InvalidWatch(WatchConfigError):
+    """A watch built with a wrong field; ``problem`` names the field, for the file's loader to place."""
 
-    name: str
-    repo_url: str = field(repr=False)
-    branch: str = "main"
-    policy: str = "every"
-    paths: tuple[str, ...] = DEFAULT_PATHS
-    poll_interval: float = 30.0
-    sensor_timeout: float = 3600.0
-    retrain_schedule: str | None = "@weekly"
-    signatures: str = "off"
-    allowed_signers: str | None = None
-    gpg_keyring: str | None = None
-    webhook_secret_env: str | None = None
-    model_name: str | None = None
+    def __init__(self, where: str, problem: str) -> None:
+        super().__init__(f"{where}: {problem}")
+        self.problem = problem
 
-    def __post_init__(self) -> None:
-        if self.policy not in POLICIES:
-            raise WatchConfigError(f"watch {self.name!r}: policy must be one of {POLICIES}, got {self.policy!r}")
-        if self.signatures not in ("off", "warn", "enforce"):
-            raise WatchConfigError(f"watch {self.name!r}: signatures must be off, warn or enforce, "
-                                   f"got {self.signatures!r}")
+
+class Watch(BaseModel):
+    """One watched branch of one repository (see the module docstring for each field).
+
+    Built from the watch file or directly: a wrong value raises :class:`WatchConfigError`
+    naming the field and what it must be.
+    """
+
+    model_config = ConfigDict(frozen=True, extra="forbid")
+
+    name: str = Field(pattern=_NAME_RE.pattern, description=f"a name matching {_NAME_RE.pattern}")
+    repo_url: str = Field(min_length=1, repr=False, description="a URL git understands")
+    branch: str = Field("main", description="a branch name")
+    policy: Literal["every", "latest"] = Field("every", description=f"one of {POLICIES}")
+    paths: tuple[Annotated[str, Field(min_length=1)], ...] = Field(DEFAULT_PATHS,
+                                                                 description="a list of glob patterns")
+    poll_interval: float = Field(30.0, gt=0, description="a positive number of seconds")
+    sensor_timeout: float = Field(3600.0, gt=0, description="a positive number of seconds")
+    retrain_schedule: str | None = Field("@weekly", description="a cron expression or preset, or null")
+    signatures: Literal["off", "warn", "enforce"] = Field("off", description="off, warn or enforce")
+    allowed_signers: str | None = Field(None, description="a path, or null")
+    gpg_keyring: str | None = Field(None, description="a path, or null")
+    webhook_secret_env: str | None = Field(None, description="an environment variable name, or null")
+    model_name: str | None = Field(None, description="a registered model name, or null")
+
+    def __init__(self, **fields: Any) -> None:
+        try:
+            super().__init__(**fields)
+        except ValidationError as exc:
+            raise _InvalidWatch(f"watch {fields.get('name')!r}", _problem(exc)) from None
+
+    @field_validator("signatures", mode="before")
+    @classmethod
+    def _bare_off(cls, value: Any) -> Any:
+        return "off" if value is False else value  # YAML 1.1 reads a bare `off` as false
+
+    @field_validator("branch")
+    @classmethod
+    def _valid_branch(cls, value: str) -> str:
+        try:
+            return refs.validate_branch(value)
+        except InputError as exc:
+            raise PydanticCustomError("branch", "{reason}", {"reason": str(exc)}) from None
+
+    @model_validator(mode="after")
+    def _signers_for_a_policy(self) -> Watch:
         if self.signatures != "off" and not (self.allowed_signers or self.gpg_keyring):
-            raise WatchConfigError(f"watch {self.name!r}: signatures: {self.signatures} needs 'allowed_signers' "
-                                   "(SSH) and/or 'gpg_keyring' (GPG)")
+            raise PydanticCustomError("signers", "signatures: {policy} needs 'allowed_signers' (SSH) and/or "
+                                      "'gpg_keyring' (GPG)", {"policy": self.signatures})
+        return self
 
     @property
     def url(self) -> str:
@@ -98,52 +131,39 @@ class Watch:
 
     def public(self) -> dict[str, Any]:
         """The fields that may be shown (URL without credentials)."""
-        return {**asdict(self), "repo_url": self.safe_url, "paths": list(self.paths)}
+        return {**self.model_dump(), "repo_url": self.safe_url, "paths": list(self.paths)}
 
 
-def _watch_from_dict(raw: dict[str, Any], where: str) -> Watch:
+def _problem(exc: ValidationError) -> str:
+    """The first problem of a watch, named by its field: unknown fields first, then the name."""
+    errors = exc.errors(include_url=False)
+    unknown = sorted(str(e["loc"][0]) for e in errors if e["type"] == "extra_forbidden")
+    if unknown:
+        return f"unknown field(s) {', '.join(unknown)}"
+    error = min(errors, key=lambda e: e["loc"][:1] != ("name",))
+    if not error["loc"]:
+        return error["msg"]
+    key = str(error["loc"][0])
+    if error["type"] == "missing":
+        return f"field {key!r} is missing"
+    if error["type"] == "branch":
+        return f"field {key!r}: {error['msg']}"
+    return f"field {key!r} must be {Watch.model_fields[key].description}, got {error['input']!r}"
+
+
+def _watch_from_dict(raw: Any, where: str) -> Watch:
+    """One entry of the watch file; errors say where it is (``<file>: repositories[i] (name)``)."""
     if not isinstance(raw, dict):
         raise WatchConfigError(f"{where}: each repository must be a mapping, got {type(raw).__name__}")
-    unknown = set(raw) - set(Watch.__dataclass_fields__)
-    if unknown:
-        raise WatchConfigError(f"{where}: unknown field(s) {', '.join(sorted(unknown))}")
-    name = raw.get("name")
-    if not isinstance(name, str) or not _NAME_RE.match(name):
-        raise WatchConfigError(f"{where}: field 'name' must match {_NAME_RE.pattern}, got {name!r}")
-    where = f"{where} ({name})"
-    if not raw.get("repo_url"):
-        raise WatchConfigError(f"{where}: field 'repo_url' is missing")
-    values = dict(raw)
-    if values.get("signatures") is False:  # YAML 1.1 reads a bare `off` as false
-        values["signatures"] = "off"
+    if isinstance(raw.get("name"), str) and _NAME_RE.match(raw["name"]):
+        where = f"{where} ({raw['name']})"
+    odd = sorted(repr(key) for key in raw if not isinstance(key, str))
+    if odd:
+        raise WatchConfigError(f"{where}: unknown field(s) {', '.join(odd)}")
     try:
-        refs.validate_branch(str(values.get("branch", "main")))
-    except InputError as exc:
-        raise WatchConfigError(f"{where}: field 'branch': {exc}") from None
-    if values.get("policy", "every") not in POLICIES:
-        raise WatchConfigError(f"{where}: field 'policy' must be one of {POLICIES}, got {values['policy']!r}")
-    if str(values.get("signatures", "off")) not in ("off", "warn", "enforce"):
-        raise WatchConfigError(f"{where}: field 'signatures' must be off, warn or enforce, "
-                               f"got {values['signatures']!r}")
-    values["signatures"] = str(values.get("signatures", "off"))
-    if values["signatures"] != "off" and not (values.get("allowed_signers") or values.get("gpg_keyring")):
-        raise WatchConfigError(f"{where}: signatures: {values['signatures']} needs 'allowed_signers' (SSH) "
-                               "and/or 'gpg_keyring' (GPG)")
-    for key in ("poll_interval", "sensor_timeout"):
-        if key in values:
-            try:
-                values[key] = float(values[key])
-            except (TypeError, ValueError):
-                raise WatchConfigError(f"{where}: field {key!r} must be a number of seconds, "
-                                       f"got {values[key]!r}") from None
-            if values[key] <= 0:
-                raise WatchConfigError(f"{where}: field {key!r} must be positive, got {values[key]!r}")
-    if "paths" in values:
-        paths = values["paths"]
-        if not isinstance(paths, list) or not all(isinstance(p, str) and p for p in paths):
-            raise WatchConfigError(f"{where}: field 'paths' must be a list of glob patterns")
-        values["paths"] = tuple(paths)
-    return Watch(**values)
+        return Watch(**raw)
+    except _InvalidWatch as exc:
+        raise WatchConfigError(f"{where}: {exc.problem}") from None
 
 
 def config_path() -> Path:
