@@ -59,7 +59,7 @@ class GitHttpServer:
         server = self
 
         class Handler(BaseHTTPRequestHandler):
-            def log_message(self, format, *args):  # noqa: A002 - quiet test output
+            def log_message(self, format, *args):  # quiet test output
                 pass
 
             def do_GET(self):

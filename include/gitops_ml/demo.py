@@ -34,8 +34,8 @@ def write_digits(images_dir: Path, limit_per_class: int | None = None) -> int:
 
     digits = load_digits()
     written: dict[int, int] = {}
-    for i, (pixels, label) in enumerate(zip(digits.images, digits.target)):
-        label = int(label)
+    for i, (pixels, digit) in enumerate(zip(digits.images, digits.target, strict=True)):
+        label = int(digit)
         if limit_per_class is not None and written.get(label, 0) >= limit_per_class:
             continue
         target = Path(images_dir) / str(label) / f"{i:04d}.png"

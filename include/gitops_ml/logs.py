@@ -31,10 +31,11 @@ import logging
 import os
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Callable, Iterator
+from typing import Any
 
 from gitops_ml.refs import redact
 
@@ -120,10 +121,10 @@ def document(labels: dict[str, Any], offset: int, level: str, logger: str, messa
     log_id = f"{labels.get('dag_id', '-')}-{labels.get('task_id', '-')}-{labels.get('run_id', '-')}-" \
              f"{labels.get('map_index', '-1')}-{labels.get('try_number', '1')}"
     doc_id = hashlib.sha256(f"{log_id}|{offset}".encode()).hexdigest()[:40]
-    doc = {
+    doc: dict[str, Any] = {
         "_id": doc_id,
-        "@timestamp": timestamp or (datetime.fromtimestamp(created, timezone.utc).isoformat() if created
-                                    else datetime.now(timezone.utc).isoformat()),
+        "@timestamp": timestamp or (datetime.fromtimestamp(created, UTC).isoformat() if created
+                                    else datetime.now(UTC).isoformat()),
         "log": {"level": level.lower(), "logger": logger},
         "message": text,
         "service": {"name": "gitops-ml"},
@@ -278,6 +279,9 @@ class LiveFlusher(threading.Thread):
     def run(self) -> None:
         from elasticsearch import helpers  # noqa: PLC0415
 
+        client = self.client
+        if client is None:  # started only with a client
+            return
         template_ready = False
         while not self._stopped.wait(self.interval):
             try:
@@ -287,12 +291,12 @@ class LiveFlusher(threading.Thread):
                 complete = chunk[:chunk.rfind("\n") + 1]  # never a half-written line
                 docs = [json.loads(line) for line in complete.splitlines() if line.strip()]
                 if docs and not template_ready:
-                    install_template(self.client)  # before the first document creates the index
+                    install_template(client)  # before the first document creates the index
                     template_ready = True
                 if docs:
-                    helpers.bulk(self.client, ({"_index": LOGS_INDEX, "_id": d["_id"],
-                                                "_source": {k: v for k, v in d.items() if k != "_id"}}
-                                               for d in docs), raise_on_error=False, raise_on_exception=False)
+                    helpers.bulk(client, ({"_index": LOGS_INDEX, "_id": d["_id"],
+                                           "_source": {k: v for k, v in d.items() if k != "_id"}}
+                                          for d in docs), raise_on_error=False, raise_on_exception=False)
                 self.position += len(complete.encode("utf-8"))
             except (OSError, ValueError):
                 continue  # nothing spooled yet, or a line being written: next round
@@ -402,7 +406,7 @@ def enforce_cap(home: Path, max_bytes: int | None = None) -> int:
 
 
 def read_segment(path: Path) -> list[dict[str, Any]]:
-    docs = []
+    docs: list[dict[str, Any]] = []
     try:
         text = Path(path).read_text(encoding="utf-8", errors="replace")
     except FileNotFoundError:
@@ -430,7 +434,8 @@ def ship(home: Path, client=None) -> dict[str, int]:
         actions = ({"_op_type": "index", "_index": d.get("_index", LOGS_INDEX), "_id": d["_id"],
                     "_source": {k: v for k, v in d.items() if k not in ("_id", "_index")}} for d in docs)
         ok, errors = helpers.bulk(client, actions, raise_on_error=False, raise_on_exception=False, chunk_size=2000)
-        if errors:
+        if errors:  # a list of the refused actions (a count only with stats_only=True)
+            assert isinstance(errors, list)
             kept += len(docs)
             log.warning("%d documents of %s were refused; kept for the next ship", len(errors), segment.name)
             continue

@@ -12,7 +12,7 @@ import hashlib
 import json
 import os
 import re
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
@@ -26,7 +26,7 @@ def document(commit_sha: str, run_id: str, step: str, outcome: str, **fields: An
     doc_id = hashlib.sha256(f"{run_id}|{step}|{outcome}".encode()).hexdigest()[:32]
     return {
         "_id": doc_id,
-        "@timestamp": datetime.now(timezone.utc).isoformat(),
+        "@timestamp": datetime.now(UTC).isoformat(),
         "event": {"dataset": "gitops_ml.run", "action": step, "outcome": outcome},
         "service": {"name": "gitops-ml"},
         "labels": {"commit_sha": commit_sha, "run_id": run_id, "step": step},

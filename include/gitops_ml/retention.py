@@ -57,10 +57,11 @@ import shutil
 import stat
 import subprocess
 import time
+from collections.abc import Iterator
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from gitops_ml.config import Settings
 from gitops_ml.errors import GitopsMLError
@@ -94,7 +95,7 @@ def _git(git_dir: Path, *args: str) -> str:
     """Run ``git -C git_dir ...`` (the git CLI, as ``gitops_ml.signatures`` does: GitPython stays in ``source``)."""
     try:
         done = subprocess.run(["git", "-C", str(git_dir), *args], capture_output=True, timeout=300,
-                              env={**os.environ, "GIT_TERMINAL_PROMPT": "0"})
+                              env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise _GitFailed(f"git {args[0]} in {git_dir}: {exc}") from None
     if done.returncode != 0:
@@ -248,7 +249,7 @@ def mark_finished(settings: Settings, commit_sha: str, failed: bool, run_id: str
     state_dir = _state_dir(settings)
     state_dir.mkdir(parents=True, exist_ok=True)
     mark = {"commit_sha": commit_sha, "outcome": "failed" if failed else "finished", "run_id": run_id,
-            "finished_at": datetime.fromtimestamp(now, timezone.utc).isoformat(), "finished_at_epoch": now,
+            "finished_at": datetime.fromtimestamp(now, UTC).isoformat(), "finished_at_epoch": now,
             "worktree": _fingerprint(_work_dir(settings) / commit_sha)}
     path = state_dir / f"{commit_sha}.json"
     tmp = state_dir / f".{commit_sha}.{os.getpid()}.tmp"
@@ -392,7 +393,8 @@ def _commit_hashes(mirror: Path, commit_sha: str) -> set[str]:
         if kind != "blob" or mode == "120000" or not (name.endswith(".dvc") or name == "dvc.lock"):
             continue
         if int(size) > MAX_POINTER_BYTES:
-            log.warning("commit %s: %s is over %d bytes, not read as a DVC pointer", commit_sha, path, MAX_POINTER_BYTES)
+            log.warning("commit %s: %s is over %d bytes, not read as a DVC pointer", commit_sha, path,
+                        MAX_POINTER_BYTES)
             continue
         try:
             _walk_md5(yaml.safe_load(_git(mirror, "cat-file", "blob", oid)), found, set())
@@ -506,7 +508,7 @@ def _site_entry_of(tree: Path, cache_dir: Path) -> str | None:
         return None
     from gitops_ml import data  # noqa: PLC0415
 
-    repo = data._open_repo(tree, cache_dir)  # noqa: SLF001 - the one place that opens a work tree with DVC
+    repo = data._open_repo(tree, cache_dir)  # the one place that opens a work tree with DVC
     try:
         return Path(repo.site_cache_dir).name
     finally:

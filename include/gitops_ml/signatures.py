@@ -68,7 +68,7 @@ def _git(git_dir: Path, args: list[str], sha: str, env: dict[str, str] | None = 
     base.pop("GNUPGHOME", None)
     try:
         return subprocess.run(["git", "-C", str(git_dir), *args], env={**base, **(env or {})},
-                              capture_output=True, text=True, timeout=120)
+                              capture_output=True, text=True, timeout=120, check=False)
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise GitopsMLError(f"could not run git to check the signature of commit {sha}: {redact(str(exc))}") from exc
 
@@ -87,7 +87,8 @@ def _gnupg_home(keyring: Path, cache: Path) -> Path:
         (staging / "gpg.conf").write_text("no-autostart\n")  # public keys only: no gpg-agent, for git's gpg too
         try:
             done = subprocess.run(["gpg", "--batch", "--no-tty", "--import", str(keyring)], capture_output=True,
-                                  text=True, timeout=120, env={**os.environ, "GNUPGHOME": str(staging), "LC_ALL": "C"})
+                                  text=True, timeout=120, env={**os.environ, "GNUPGHOME": str(staging), "LC_ALL": "C"},
+                                  check=False)
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise GitopsMLError(f"could not run gpg to import the GPG keyring {keyring}: {exc}") from exc
         if done.returncode != 0:
@@ -141,6 +142,7 @@ def verify_commit(git_dir: Path, commit_sha: str, *, allowed_signers: Path | Non
     if kind == "ssh":
         shown = _git(git_dir, args, sha)
     else:  # without a cache, a GNUPGHOME for this call only
+        assert gpg_keyring is not None  # a GPG signature without a keyring was answered above
         with tempfile.TemporaryDirectory(prefix="gitops-ml-gnupg-") as scratch:
             home = _gnupg_home(Path(gpg_keyring), Path(gnupg_home_cache or scratch))
             shown = _git(git_dir, args, sha, {"GNUPGHOME": str(home)})

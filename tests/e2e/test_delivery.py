@@ -130,7 +130,7 @@ def test_smoke_check_failure_rolls_back(settings, demo_repo, server, champion):
     kernel, bias = model.layers[-1].get_weights()
     model.layers[-1].set_weights([np.roll(kernel, 1, axis=1), np.roll(bias, 1)])
     model.save(path)
-    with pytest.raises(DeployError, match="smoke check of model version 2 failed: .* differ from the evaluation"):
+    with pytest.raises(DeployError, match=r"smoke check of model version 2 failed: .* differ from the evaluation"):
         pipeline.deploy(settings, challenger["commit"], "2", {})
     assert str(registry.get_alias(settings).version) == "1" and server.version()["model_version"] == "1"
     assert registry.version_tags(registry.get_version(settings, "2"))["deploy_outcome"] == "rolled_back"

@@ -2,7 +2,6 @@
 
 import contextlib
 import json
-import logging
 import subprocess
 import threading
 import time

@@ -76,7 +76,6 @@ def test_outage_keeps_documents_and_delivers_them_once_when_back(es, tmp_path):
 
 
 def test_secrets_invalid_utf8_and_huge_lines(es, tmp_path):
-    client, _ = es
     labels = {**LABELS, "repo_url": "https://deploy:ghp_SECRET42@git.example.com/org/models.git"}
     with logs.capture(tmp_path, labels):
         log.info("fetching https://deploy:ghp_SECRET42@git.example.com/org/models.git")

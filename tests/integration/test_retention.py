@@ -232,13 +232,13 @@ def test_gc_command_dry_run_then_for_real(settings, demo_repo):
         finished_run(settings, sha)
     env = {**os.environ, "GITOPS_ML_KEEP_WORKTREES": "1"}
     before = cache_objects(settings)
-    dry = subprocess.run([str(BIN / "gitops-ml"), "gc", "--dry-run"], env=env, capture_output=True, text=True)
+    dry = subprocess.run([str(BIN / "gitops-ml"), "gc", "--dry-run"], env=env, capture_output=True, text=True, check=False)
     assert dry.returncode == 0, dry.stderr
     assert f"would remove  {demo_repo['commit_sha']}  finished, older than the latest 1" in dry.stdout
     assert trees(settings) == {demo_repo["commit_sha"], second} and cache_objects(settings) == before
-    real = subprocess.run([str(BIN / "gitops-ml"), "gc"], env=env, capture_output=True, text=True)
+    real = subprocess.run([str(BIN / "gitops-ml"), "gc"], env=env, capture_output=True, text=True, check=False)
     assert real.returncode == 0, real.stderr
     assert real.stdout.startswith("removed 1 work tree(s)") and trees(settings) == git_worktrees(settings) == {second}
     off = subprocess.run([str(BIN / "gitops-ml"), "gc"], env={**env, "GITOPS_ML_KEEP_WORKTREES": "-1"},
-                         capture_output=True, text=True)
+                         capture_output=True, text=True, check=False)
     assert off.stdout.startswith("retention is off") and trees(settings) == {second}

@@ -117,7 +117,7 @@ def test_wrong_or_missing_credentials_fail_clearly_without_echoing_them(remote, 
     with pytest.raises(GitRemoteError) as failure:
         head_of(wrong, "main")
     assert "WR0NG" not in str(failure.value)
-    with pytest.raises(GitopsMLError, match="terminal prompts disabled|could not read Username"):
+    with pytest.raises(GitopsMLError, match=r"terminal prompts disabled|could not read Username"):
         source.fetch_mirror(remote["server"].url("models.git", with_credentials=False), "main", tmp_path / "c2")
     assert "WR0NG" not in spied_git()
 

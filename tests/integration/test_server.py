@@ -130,7 +130,7 @@ def test_metrics_count_requests_by_version_and_outcome(client):
     version = client.get("/version").json()["model_version"]
     stats = metrics.version_stats(samples, version)
     assert stats["requests"] >= 2 and stats["latency_count"] == stats["requests"] and stats["predictions"] >= 1
-    assert any(n == "gitops_ml_requests_total" and l.get("outcome") == "bad_request" for n, l, _ in samples)
+    assert any(n == "gitops_ml_requests_total" and labels.get("outcome") == "bad_request" for n, labels, _ in samples)
     assert f'gitops_ml_model_info{{commit_sha="{"a" * 40 if version == "1" else "b" * 40}"' in text
 
 

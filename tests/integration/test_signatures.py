@@ -9,8 +9,15 @@ import pytest
 
 from gitops_ml import signatures
 from gitops_ml.errors import CommitNotFound, InputError, InvalidRef
-from gitops_ml.signatures import (POLICIES, SignatureCheck, SignatureConfigError, SignatureDecision, decide,
-                                  validate_policy, verify_commit)
+from gitops_ml.signatures import (
+    POLICIES,
+    SignatureCheck,
+    SignatureConfigError,
+    SignatureDecision,
+    decide,
+    validate_policy,
+    verify_commit,
+)
 
 
 def run(cwd: Path, *args: str, **env: str) -> str:

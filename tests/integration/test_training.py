@@ -3,10 +3,8 @@
 import numpy as np
 import pytest
 
-from gitops_ml import data, params
+from gitops_ml import data, params, training
 from tests.integration.test_data import make_images
-
-from gitops_ml import training  # noqa: E402
 
 
 @pytest.fixture(scope="module")
@@ -29,7 +27,7 @@ def test_split_is_hash_based_stable_and_keeps_every_class(folder):
     assert sorted({folder.labels[i] for i in one.test}) == [0, 1, 2]
     assert sorted({folder.labels[i] for i in one.train}) == [0, 1, 2]
     # Adding an image never moves another image across the split.
-    extra = data.ImageIndex(folder.class_names, folder.files + [folder.root + "/a/new.png"], folder.labels + [0],
+    extra = data.ImageIndex(folder.class_names, [*folder.files, folder.root + "/a/new.png"], [*folder.labels, 0],
                             folder.root)
     two = training.split(extra, 0.25)
     assert set(one.test) <= set(two.test) | {i for i in one.test if folder.labels[i] == 0}
@@ -57,5 +55,5 @@ def test_same_seed_same_weights(folder):
     p = small_params(1)
     first, _, _ = training.train(folder, p)
     second, _, _ = training.train(folder, p)
-    for a, b in zip(first.get_weights(), second.get_weights()):
+    for a, b in zip(first.get_weights(), second.get_weights(), strict=True):
         assert np.array_equal(a, b)

@@ -13,6 +13,7 @@ import json
 import threading
 import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+from itertools import pairwise
 
 import pytest
 
@@ -95,7 +96,7 @@ def test_500_three_times_then_created_is_retried_with_growing_waits(scripted):
     assert run["dag_run_id"] == RUN_ID
     posts = server.calls("POST", RUNS)
     assert len(posts) == 4, f"expected 3 failed attempts and 1 success, the server saw {len(posts)} POSTs"
-    gaps = [b - a for a, b in zip(posts, posts[1:])]
+    gaps = [b - a for a, b in pairwise(posts)]
     assert gaps[0] >= 0.15 and gaps[2] > gaps[0] * 1.5, f"waits between attempts did not grow: {gaps}"
     bodies = [body for _, m, p, body in server.requests if (m, p) == ("POST", RUNS)]
     assert all(b == bodies[0] for b in bodies), "a retry sent another body than the first attempt"

@@ -25,7 +25,7 @@ def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith(("GITOPS_ML_", "AIRFLOW_API_", "AIRFLOW__", "AIRFLOW_HOME")) or k == "MLFLOW_TRACKING_URI")}
     return subprocess.run([str(BIN / "gitops-ml"), *args], env={**env, "GITOPS_ML_HOME": str(home)},
-                          capture_output=True, text=True, timeout=600)
+                          capture_output=True, text=True, timeout=600, check=False)
 
 
 def process_env(pid_file: Path) -> dict[str, str]:

@@ -5,9 +5,7 @@ the triggerer's trigger in an asyncio loop, the poke check, and the per-commit p
 import asyncio
 import logging
 import subprocess
-import time
 
-import git as gitpython
 import pytest
 
 from gitops_ml import watch

@@ -4,7 +4,6 @@ commit and ``run_requests`` turning the plan into pipeline runs (rejected / warn
 
 import os
 import subprocess
-from pathlib import Path
 
 import pytest
 
@@ -93,7 +92,7 @@ def test_enforce_rejects_unsigned_and_unknown_signers_and_trains_allowed(remote,
     assert plan.head_sha == shas["ssh_mallory"] and plan.force_push is None
     assert [d.commit_sha for d in plan.decisions] == [shas[k] for k in BURST]
     assert [d.action for d in plan.decisions] == ["rejected", "train", "train", "rejected"]
-    by_kind = dict(zip(BURST, plan.decisions))
+    by_kind = dict(zip(BURST, plan.decisions, strict=True))
     unsigned, mallory = shas["unsigned"], shas["ssh_mallory"]
     assert by_kind["unsigned"].reason == f"signature policy enforce: commit {unsigned} is not signed"
     assert by_kind["ssh_mallory"].reason == (
@@ -125,7 +124,7 @@ def test_warn_trains_everything_and_flags_unverified_commits(remote, keys):
 
     assert [d.commit_sha for d in plan.decisions] == [shas[k] for k in BURST]
     assert [d.action for d in plan.decisions] == ["train"] * 4
-    by_kind = dict(zip(BURST, plan.decisions))
+    by_kind = dict(zip(BURST, plan.decisions, strict=True))
     assert by_kind["unsigned"].warning == f"commit {shas['unsigned']} is not signed"
     assert by_kind["ssh_mallory"].warning == (
         f"commit {shas['ssh_mallory']} is signed by SSH key {keys['ssh_fpr']['mallory']} "

@@ -4,6 +4,7 @@ import json
 import os
 import subprocess
 import sys
+from itertools import pairwise
 
 import pytest
 
@@ -42,7 +43,7 @@ def test_dagbag_has_no_import_errors_and_expected_wiring(watch_file):
     dag = bag.dags["gitops_ml_pipeline"]
     order = ["resolve_commit", "prepare_workspace", "pull_data", "train", "evaluate", "register", "deploy", "record"]
     assert set(order) == set(dag.task_dict)
-    for upstream, downstream in zip(order, order[1:]):
+    for upstream, downstream in pairwise(order):
         assert downstream in dag.task_dict[upstream].downstream_task_ids
     assert dag.max_active_runs == 1 and dag.schedule is None
 
@@ -68,7 +69,7 @@ def test_run_conf_with_credentials_in_repo_url_is_refused_at_trigger(watch_file)
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["gitops_ml_pipeline"]
     for url in ("https://oauth2:s3cret@git.example.com/m.git", "https://tok@git.example.com/m.git"):
         params = ParamsDict(dag.params)
-        with pytest.raises(Exception, match="repo_url|does not match"):
+        with pytest.raises(Exception, match=r"repo_url|does not match"):
             params.update({"repo_url": url})
             params.validate()
         with pytest.raises(InputError, match="carries credentials") as err:

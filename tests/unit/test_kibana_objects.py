@@ -18,8 +18,9 @@ import fnmatch
 import json
 import logging
 import re
+from collections.abc import Iterator
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 import pytest
 import yaml
@@ -84,8 +85,8 @@ def kql_clauses(query: str) -> list[tuple[str, list[str]]]:
         if tokens[i][0] in ("word", "str") and i + 1 < len(tokens) and tokens[i + 1][0] == "op":
             field, values, j = tokens[i][1], [], i + 2
             if j < len(tokens) and tokens[j] == ("paren", "("):
-                depth = 0
-                for j in range(j, len(tokens)):
+                depth, start = 0, j
+                for j in range(start, len(tokens)):
                     kind, value = tokens[j]
                     depth += (value == "(") - (value == ")") if kind == "paren" else 0
                     if kind == "paren" and depth == 0:
@@ -213,7 +214,7 @@ def record_calls() -> dict[str, set[str]]:
 
 def written() -> dict[str, Any]:
     """Field names really carried by documents of each data view, and the values we compare against."""
-    log_doc = logs.document({k: "x" for k in logs.LABEL_KEYS}, 1, "INFO", "gitops_ml.test",
+    log_doc = logs.document(dict.fromkeys(logs.LABEL_KEYS, "x"), 1, "INFO", "gitops_ml.test",
                             "x" * (logs.MAX_MESSAGE_BYTES + 1))  # oversize: the truncation fields too
     run_doc = records.document("0" * 40, "commit__" + "0" * 40, "train", "success")
     calls = record_calls()
@@ -376,7 +377,7 @@ def test_dashboard_runs_by_commit(objects):
 
     def shows(query: dict[str, str], metric: tuple[str, str | None], bucket: str | None = None) -> bool:
         for obj in lenses:
-            clauses = dict((f, tuple(v)) for f, v in kql_clauses(obj["attributes"]["state"]["query"]["query"]))
+            clauses = {f: tuple(v) for f, v in kql_clauses(obj["attributes"]["state"]["query"]["query"])}
             cols = list(lens_columns(obj))
             if (all(clauses.get(f) == (v,) for f, v in query.items())
                     and any((c["operationType"], c.get("sourceField")) == metric for c in cols if not c["isBucketed"])

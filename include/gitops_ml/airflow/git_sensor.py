@@ -23,8 +23,10 @@ from __future__ import annotations
 import asyncio
 import os
 import subprocess
+from collections.abc import AsyncIterator
 from datetime import timedelta
-from typing import Any, AsyncIterator
+from pathlib import Path
+from typing import Any
 
 from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.triggers.base import BaseTrigger, TriggerEvent
@@ -42,7 +44,7 @@ def literal_credentials(repo_url: str) -> bool:
     password, or a user name given alone (a token used as user name, ``https://<token>@host``)."""
     _, user, password = git_auth.split_credentials(repo_url)
     secret = password if password is not None else user
-    return bool(secret) and "$" not in secret
+    return secret is not None and secret != "" and "$" not in secret
 
 
 def _refuse_stored_credentials(repo_url: str, where: str) -> None:
@@ -94,7 +96,7 @@ def head_of(repo_url: str, branch: str, timeout: float = 30.0) -> str | None:
     argv, env = _ls_remote(url, branch)
     try:
         done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                              stdin=subprocess.DEVNULL)
+                              stdin=subprocess.DEVNULL, check=False)
     except subprocess.TimeoutExpired:
         raise GitRemoteError(f"git ls-remote {redact_url(url)} timed out after {timeout:.0f} s") from None
     if done.returncode != 0:
@@ -110,7 +112,7 @@ async def ahead_of(repo_url: str, branch: str, timeout: float = 30.0) -> str | N
                                                 stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
-    except asyncio.TimeoutError:
+    except TimeoutError:
         proc.kill()
         await proc.wait()
         raise GitRemoteError(f"git ls-remote {redact_url(url)} timed out after {timeout:.0f} s") from None
@@ -221,7 +223,7 @@ class GitCommitSensor(BaseSensorOperator):
         if self.mirror_dir:
             from gitops_ml import source, watch  # noqa: PLC0415
 
-            new_shas, _ = watch.new_commits(source.history(url, self.branch, self.mirror_dir),
+            new_shas, _ = watch.new_commits(source.history(url, self.branch, Path(self.mirror_dir)),
                                             self.since_sha or None, head_sha)
         return {"repo_url": redact_url(url), "branch": self.branch,
                 "previous_sha": self.since_sha or None, "head_sha": head_sha, "new_shas": new_shas}

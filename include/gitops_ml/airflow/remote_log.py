@@ -21,8 +21,9 @@ repository, branch) and masked again with Airflow's masker and our URL/token red
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 from airflow.providers.elasticsearch.log.es_task_handler import ElasticsearchRemoteLogIO, _render_log_id
 
@@ -127,7 +128,9 @@ def uploads_task_log_file() -> bool:
 
 def structured_line(source: dict[str, Any]) -> dict[str, Any]:
     """One ECS document as the fields of Airflow's ``StructuredLogMessage``."""
-    ecs_log = source.get("log") if isinstance(source.get("log"), dict) else {}
+    ecs_log = source.get("log")
+    if not isinstance(ecs_log, dict):
+        ecs_log = {}
     ours = source.get("gitops_ml") or {}
     message = source.get("message", "")
     if ours.get("error_detail"):  # the UI renders the structured traceback itself, as from the local file

@@ -73,8 +73,7 @@ def _annotate(dag_run) -> None:
 
         with create_session() as own:  # a detached run (``dag.test()``): our own short transaction
             attached = own.scalar(select(DagRun).where(DagRun.id == dag_run.id))
-            outcome = _outcome_of(attached, own) if attached is not None else None
-            if outcome:
+            if attached is not None and (outcome := _outcome_of(attached, own)):
                 attached.note = with_outcome(attached.note, outcome)
-    except Exception:  # noqa: BLE001 - a listener must never break the scheduler
+    except Exception:  # a listener must never break the scheduler: log and go on
         log.exception("could not write the outcome into the note of run %s", dag_run.run_id)

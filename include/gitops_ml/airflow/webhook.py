@@ -32,7 +32,7 @@ from __future__ import annotations
 import json
 import logging
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 log = logging.getLogger(__name__)
@@ -71,7 +71,7 @@ def claim_delivery(provider: str, delivery_id: str, record: dict[str, Any]) -> d
     from sqlalchemy.exc import IntegrityError  # noqa: PLC0415
 
     key = _delivery_key(provider, delivery_id)
-    value = {**record, "received_at": datetime.now(timezone.utc).isoformat(timespec="seconds")}
+    value = {**record, "received_at": datetime.now(UTC).isoformat(timespec="seconds")}
     try:
         with create_session() as session:
             session.add(Variable(key=key, val=json.dumps(value), description=(
@@ -101,7 +101,7 @@ def release_delivery(provider: str, delivery_id: str) -> None:
 
 def _prune_deliveries() -> None:
     """Delete delivery ids older than ``DELIVERY_RETENTION`` (at most every 10 minutes per process)."""
-    global _last_prune
+    global _last_prune  # noqa: PLW0603 - a per-process throttle
     if time.monotonic() - _last_prune < _PRUNE_EVERY:
         return
     _last_prune = time.monotonic()
@@ -109,7 +109,7 @@ def _prune_deliveries() -> None:
     from airflow.utils.session import create_session  # noqa: PLC0415
     from sqlalchemy import select  # noqa: PLC0415
 
-    cutoff = datetime.now(timezone.utc) - DELIVERY_RETENTION
+    cutoff = datetime.now(UTC) - DELIVERY_RETENTION
     with create_session() as session:
         for variable in session.scalars(select(Variable).where(Variable.key.startswith(DELIVERY_PREFIX))):
             try:
@@ -123,11 +123,11 @@ def _prune_deliveries() -> None:
 def create_pipeline_run(request: dict[str, Any]) -> bool:
     """Create one pipeline run from a run request (see ``watch_steps.run_requests``); False if it exists."""
     from airflow.api.common.trigger_dag import trigger_dag  # noqa: PLC0415
-
-    from gitops_ml.airflow.steps import PIPELINE_DAG_ID  # noqa: PLC0415
     from airflow.exceptions import DagRunAlreadyExists  # noqa: PLC0415
     from airflow.utils.types import DagRunTriggeredByType, DagRunType  # noqa: PLC0415
     from sqlalchemy.exc import IntegrityError  # noqa: PLC0415
+
+    from gitops_ml.airflow.steps import PIPELINE_DAG_ID  # noqa: PLC0415
 
     try:
         trigger_dag(PIPELINE_DAG_ID, triggered_by=DagRunTriggeredByType.REST_API, run_type=DagRunType.MANUAL,
@@ -226,7 +226,8 @@ def _start_runs(watched, event) -> tuple[int, dict[str, Any]]:
         return 503, {"error": str(exc)}
     run_id = f"webhook__{event.after_sha}"
     watch_steps.record_plan(settings, plan, run_id)
-    created, existing = [], []
+    created: list[str] = []
+    existing: list[str] = []
     for request in watch_steps.run_requests(watched.name, watched.branch, plan, trigger="webhook"):
         (created if create_pipeline_run(request) else existing).append(request["trigger_run_id"])
     log.info("webhook %s for %s: created %s, already there %s", event.provider, event.after_sha, created, existing)
