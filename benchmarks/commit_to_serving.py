@@ -29,7 +29,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks._common import OUT_DIR, ROOT, free_port, fresh_home
+from benchmarks._common import OUT_DIR, free_port, fresh_home
 
 TASKS = ["resolve_commit", "prepare_workspace", "pull_data", "train", "evaluate", "register", "deploy", "record"]
 

@@ -19,15 +19,15 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["tensorflow", "keras", "mlflow", "dvc", "git", "sklearn"]
 
-PROBE = """
+PROBE = f"HEAVY = {HEAVY!r}\n" + """
 import json, runpy, sys, time
 t0 = time.perf_counter()
 import airflow.sdk
 t1 = time.perf_counter()
 runpy.run_path(sys.argv[1])
 t2 = time.perf_counter()
-print(json.dumps({"sdk": t1 - t0, "dag": t2 - t1, "heavy": [m for m in %r if m in sys.modules]}))
-""" % (HEAVY,)
+print(json.dumps({"sdk": t1 - t0, "dag": t2 - t1, "heavy": [m for m in HEAVY if m in sys.modules]}))
+"""
 
 
 def measure(dag_file: Path, runs: int) -> dict:

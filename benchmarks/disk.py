@@ -10,8 +10,8 @@ version is then made champion with ``registry.set_alias``, as the deploy step wo
 run the steps that touch the disk (resolve, prepare, pull_data) and the real end of a run
 (``pipeline.finish``) without training, so the champion stays on the first commit and its data
 must stay in the cache (``--train all`` trains and promotes every commit: slower, same disk
-picture apart from MLflow's artifacts).  Each commit runs in two homes side by side: the baseline with retention off (``GITOPS_ML_KEEP_WORKTREES=-1``: nothing is ever
-removed, the behaviour before issue 15) and one with the defaults (5 work trees, failed ones 24 h;
+picture apart from MLflow's artifacts).  Each commit runs in two homes side by side: the baseline
+with retention off (``GITOPS_ML_KEEP_WORKTREES=-1``: nothing is ever removed, the behaviour before issue 15) and one with the defaults (5 work trees, failed ones 24 h;
 the cleanup runs at the end of each run, in ``pipeline.finish``).  After every run ``du -sk`` of
 ``work``, ``dvc-cache``, ``dvc-cache-site``, ``mlflow`` and the whole home.
 """
@@ -39,10 +39,10 @@ def du_kib(path: Path) -> int:
 
 
 def change_data(repo: Path, remote: str, seed: int) -> str:
-    import numpy as np  # noqa: PLC0415
-    from PIL import Image  # noqa: PLC0415
+    import numpy as np
+    from PIL import Image
 
-    from gitops_ml import data, demo  # noqa: PLC0415
+    from gitops_ml import data, demo
 
     images = repo / "data" / "images"
     rng = np.random.default_rng(seed)
@@ -50,7 +50,7 @@ def change_data(repo: Path, remote: str, seed: int) -> str:
                    images / "7" / "extra.png"):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(target)
     data.track_and_push(repo, "data/images", "storage", remote)
-    import git  # noqa: PLC0415
+    import git
 
     return demo.commit_all(git.Repo(repo), f"data change {seed}")
 
@@ -70,8 +70,8 @@ def main() -> None:
     for key in ("MLFLOW_TRACKING_URI", "GITOPS_ML_ARTIFACT_ROOT", "GITOPS_ML_KEEP_FAILED_HOURS"):
         os.environ.pop(key, None)
 
-    from gitops_ml import demo, pipeline, registry  # noqa: PLC0415
-    from gitops_ml.config import Settings  # noqa: PLC0415
+    from gitops_ml import demo, pipeline, registry
+    from gitops_ml.config import Settings
 
     demo.init_demo(repo, remote)
     demo.bump_param(repo, "train.epochs", args.epochs, f"train {args.epochs} epochs")

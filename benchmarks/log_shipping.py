@@ -25,7 +25,7 @@ import statistics
 import time
 from pathlib import Path
 
-from benchmarks._common import fresh_home, free_port
+from benchmarks._common import free_port, fresh_home
 from gitops_ml import logs
 from tests.es_node import ElasticsearchNode
 
@@ -93,7 +93,7 @@ def main() -> None:
 
         # Imported only now: importing Airflow adds its console handler to the root logger, which
         # would also print every line of the spool step above.
-        from gitops_ml.airflow.remote_log import file_documents  # noqa: PLC0415
+        from gitops_ml.airflow.remote_log import file_documents
 
         file_labels = {**labels, "task_id": "file"}
         task_log = home / "attempt=1.log"
@@ -146,7 +146,7 @@ def main() -> None:
 
     ours = args.docs / (spooled + shipped)
     baseline = args.baseline_docs / single
-    print(f"\n| path | documents | seconds | documents/s |\n|---|---|---|---|")
+    print("\n| path | documents | seconds | documents/s |\n|---|---|---|---|")
     print(f"| spool (write + fsync per line) | {args.docs} | {spooled:.1f} | {args.docs / spooled:,.0f} |")
     print(f"| ship (bulk, 2,000 per request) | {args.docs} | {shipped:.1f} | {args.docs / shipped:,.0f} |")
     print(f"| ours end to end (spool + ship) | {args.docs} | {spooled + shipped:.1f} | {ours:,.0f} |")

@@ -31,7 +31,7 @@ from pathlib import Path
 
 import httpx
 
-from benchmarks._common import OUT_DIR, ROOT, free_port, fresh_home
+from benchmarks._common import OUT_DIR, free_port, fresh_home
 
 BIN = Path(sys.executable).parent
 LUA = """
@@ -175,7 +175,7 @@ def main() -> None:
     }
     rows = []
     try:
-        for name, (proc, base, path, ready) in servers.items():
+        for name, (_proc, base, _path, ready) in servers.items():
             started = time.monotonic()
             wait(base + ready)
             print(f"{name} ready after {time.monotonic() - started:.1f} s", flush=True)
