@@ -11,9 +11,10 @@ run the steps that touch the disk (resolve, prepare, pull_data) and the real end
 (``pipeline.finish``) without training, so the champion stays on the first commit and its data
 must stay in the cache (``--train all`` trains and promotes every commit: slower, same disk
 picture apart from MLflow's artifacts).  Each commit runs in two homes side by side: the baseline
-with retention off (``GITOPS_ML_KEEP_WORKTREES=-1``: nothing is ever removed, the behaviour before issue 15) and one with the defaults (5 work trees, failed ones 24 h;
-the cleanup runs at the end of each run, in ``pipeline.finish``).  After every run ``du -sk`` of
-``work``, ``dvc-cache``, ``dvc-cache-site``, ``mlflow`` and the whole home.
+with retention off (``GITOPS_ML_KEEP_WORKTREES=-1``: nothing is ever removed, the behaviour before
+issue 15) and one with the defaults (5 work trees, failed ones 24 h; the cleanup runs at the end of
+each run, in ``pipeline.finish``).  After every run ``du -sk`` of ``work``, ``dvc-cache``,
+``dvc-cache-site``, ``mlflow`` and the whole home.
 """
 
 from __future__ import annotations
