@@ -25,6 +25,38 @@ DEMO_PARAMS = {
 
 AUTHOR = ("gitops-ml demo", "demo@gitops-ml.invalid")
 
+# The model code of the demo: gitops-ml's built-in CNN written as user code (the contract is in the README).
+DEMO_MODEL = '''"""The Keras model of this repository: gitops-ml imports it in the training task of each commit.
+
+build_model(input_shape, class_names, params) returns a keras.Model whose output is one
+probability per class (end with a softmax); params is the `model:` section of params.yaml.
+gitops-ml compiles it (Adam at train.learning_rate) when it is returned uncompiled.
+"""
+
+import keras
+
+
+def build_model(input_shape, class_names, params):
+    height, width, _ = input_shape
+    filters = int(params.get("filters", 32))
+    layers = [
+        keras.Input(input_shape, name="image"),
+        keras.layers.Conv2D(filters, 3, padding="same", activation="relu"),
+        keras.layers.MaxPooling2D(),
+        keras.layers.Conv2D(2 * filters, 3, padding="same", activation="relu"),
+    ]
+    if min(height, width) >= 16:
+        layers += [keras.layers.MaxPooling2D(),
+                   keras.layers.Conv2D(2 * filters, 3, padding="same", activation="relu"),
+                   keras.layers.GlobalAveragePooling2D()]
+    else:
+        layers += [keras.layers.Flatten()]
+    layers += [keras.layers.Dense(128, activation="relu"),
+               keras.layers.Dropout(float(params.get("dropout", 0.2))),
+               keras.layers.Dense(len(class_names), activation="softmax", name="probabilities")]
+    return keras.Sequential(layers, name="demo_cnn")
+'''
+
 
 def write_digits(images_dir: Path, limit_per_class: int | None = None) -> int:
     """Write the scikit-learn digits as 8x8 grey PNGs under ``images_dir/<digit>/``; return the count."""
@@ -61,10 +93,13 @@ def init_demo(path: Path, remote_url: str, branch: str = "main", limit_per_class
     (path / "params.yaml").write_text(yaml.safe_dump(DEMO_PARAMS, sort_keys=False))
     (path / "README.md").write_text(
         "# gitops-ml demo model repository\n\nHandwritten digits (scikit-learn) tracked with DVC in "
-        "`data/images.dvc`. Edit `params.yaml` and commit: gitops-ml retrains and deploys.\n")
+        "`data/images.dvc`, the Keras model in `model/model.py`. Edit `params.yaml` or the model and commit: "
+        "gitops-ml retrains and deploys.\n")
+    (path / "model").mkdir()
+    (path / "model" / "model.py").write_text(DEMO_MODEL)
     count = write_digits(path / "data" / "images", limit_per_class)
     data_hash = data.track_and_push(path, "data/images", "storage", remote_url)
-    commit_sha = commit_all(path, f"Add {count} digit images tracked with DVC and params.yaml")
+    commit_sha = commit_all(path, f"Add {count} digit images tracked with DVC, params.yaml and model/model.py")
     log.info("demo repository %s: commit %s, %d images, data hash %s", path, commit_sha, count, data_hash)
     return {"path": str(path), "commit_sha": commit_sha, "images": count, "data_hash": data_hash,
             "dvc_remote": remote_url, "branch": branch}
@@ -75,6 +110,6 @@ def bump_param(path: Path, key: str, value, message: str | None = None) -> str:
     path = Path(path)
     params = yaml.safe_load((path / "params.yaml").read_text())
     section, name = key.split(".")
-    params[section][name] = value
+    params.setdefault(section, {})[name] = value
     (path / "params.yaml").write_text(yaml.safe_dump(params, sort_keys=False))
     return commit_all(path, message or f"Set {key} = {value}")

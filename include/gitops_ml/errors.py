@@ -41,6 +41,19 @@ class DataError(InputError):
     """DVC data is missing, does not match its hash, or is not a valid image folder."""
 
 
+class ModelCodeError(InputError):
+    """The commit's model code (``model/model.py`` or ``model.module``) cannot be imported, built or
+    trained: the message names the file and line, or the ``params.yaml`` key."""
+
+
+class ModelCodeTimeout(ModelCodeError):
+    """The model code ran longer than ``train.timeout_minutes``."""
+
+
+class DownloadRefused(ModelCodeError):
+    """Model code tried to download something at training time (weights, data): not reproducible."""
+
+
 class RegistryError(GitopsMLError):
     """The model registry refused an operation."""
 

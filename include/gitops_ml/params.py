@@ -63,6 +63,8 @@ class TrainParams(_Section):
     learning_rate: Number = Field(gt=0, lt=10, description="a number > 0")
     seed: StrictInt = Field(ge=0, description="an integer >= 0")
     test_fraction: Number = Field(0.2, gt=0, lt=1, description="a number between 0 and 1")
+    timeout_minutes: Number = Field(360, gt=0, le=10_080, description="a number of minutes from 0 to 10080 "
+                                    "(training, with the model code, stops after it)")
 
 
 class GateParams(_Section):
@@ -90,6 +92,9 @@ class Params(BaseModel):
     train: TrainParams
     gate: GateParams
     deploy: DeployParams
+    # Free-form, handed as is to the model code's build_model(input_shape, class_names, params); two keys
+    # are ours too: ``module`` (the dotted module of the model code) and ``weights`` (a DVC-tracked folder).
+    model: dict[str, Any] = Field(default_factory=dict, description="a mapping")
 
 
 class _PlainLoader(yaml.SafeLoader):
@@ -166,9 +171,25 @@ def validate(raw: Any, source: str = PARAMS_FILE) -> dict:
     sections = {name: {} for name, info in Params.model_fields.items() if _is_section(info.annotation)}
     filled = {**sections, **{k: v for k, v in raw.items() if not (v is None and k in Params.model_fields)}}
     try:
-        return Params.model_validate(filled).model_dump()
+        params = Params.model_validate(filled).model_dump()
     except ValidationError as exc:
         raise ParamsError(_message(exc.errors(include_url=False), source)) from None
+    _check_model_keys(params["model"], source)
+    return params
+
+
+def _check_model_keys(model: dict[str, Any], source: str) -> None:
+    """``model.module`` and ``model.weights``, the keys of the free-form ``model:`` section gitops-ml reads."""
+    module = model.get("module")
+    if module is not None and not (isinstance(module, str) and module and all(
+            part.isidentifier() and part.isascii() for part in module.split("."))):
+        raise ParamsError(f"{source}: model.module must be a dotted Python module name relative to the repository "
+                          f"root (e.g. model.model), got {module!r} ({_type_name(module)})")
+    weights = model.get("weights")
+    if weights is not None and not (isinstance(weights, str) and weights and not Path(weights).is_absolute()
+                                    and ".." not in Path(weights).parts):
+        raise ParamsError(f"{source}: model.weights must be a relative path inside the repository (a folder "
+                          f"tracked with DVC), got {weights!r} ({_type_name(weights)})")
 
 
 def load(repo_root: Path) -> dict:

@@ -22,7 +22,7 @@ from typing import Any
 
 from gitops_ml import data, params as params_mod, records, source
 from gitops_ml.config import Settings
-from gitops_ml.errors import SignatureRejected
+from gitops_ml.errors import ModelCodeError, SignatureRejected
 
 log = logging.getLogger(__name__)
 
@@ -73,10 +73,32 @@ def code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def inputs_hash(params: dict[str, Any], data_hash: str) -> str:
-    """Everything a model version depends on: data, params and model code (not the commit itself)."""
-    canonical = json.dumps({"data_hash": data_hash, "params": params, "code": code_hash()}, sort_keys=True)
+def inputs_hash(params: dict[str, Any], data_hash: str, model_code_hash: str | None = None,
+                weights_hash: str | None = None) -> str:
+    """Everything a model version depends on: data, params, the commit's model code files and the
+    DVC-pinned weights they load, our training code and the TF/Keras versions (not the commit itself)."""
+    inputs: dict[str, Any] = {"data_hash": data_hash, "params": params, "code": code_hash()}
+    if model_code_hash:
+        inputs["model_code_hash"] = model_code_hash
+    if weights_hash:
+        inputs["weights_hash"] = weights_hash
+    canonical = json.dumps(inputs, sort_keys=True)
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
+
+
+def locate_model_code(commit: dict[str, Any], workdir: str | Path, params: dict[str, Any]):
+    """The commit's model code (``model_code.ModelCode``) or ``None``; errors name the SHA."""
+    from gitops_ml import model_code  # noqa: PLC0415
+
+    try:
+        return model_code.locate(workdir, params.get("model"))
+    except ModelCodeError as exc:
+        raise ModelCodeError(f"commit {commit['commit_sha']}: {exc}") from None
+
+
+def weights_path(params: dict[str, Any]) -> str | None:
+    """``model.weights``: a DVC-tracked folder of pretrained weights the model code loads (or ``None``)."""
+    return (params.get("model") or {}).get("weights") or None
 
 
 def prepare(settings: Settings, commit: dict[str, Any]) -> dict[str, Any]:
@@ -95,14 +117,19 @@ def prepare(settings: Settings, commit: dict[str, Any]) -> dict[str, Any]:
         raise params_mod.ParamsError(f"commit {commit_sha}: {exc}") from None
     try:
         _, pointer = data.read_pointer(workdir, params["data"]["path"])
+        weights = weights_path(params)
+        weights_pointer = data.read_pointer(workdir, weights)[1] if weights else None
     except data.DataError as exc:
         raise data.DataError(f"commit {commit_sha}: {exc}") from None
-    digest = inputs_hash(params, pointer["md5"].removesuffix(".dir"))
+    code = locate_model_code(commit, workdir, params)
+    digest = inputs_hash(params, pointer["md5"].removesuffix(".dir"), code.code_hash if code else None,
+                         weights_pointer["md5"].removesuffix(".dir") if weights_pointer else None)
     reusable = registry.find_version_by_tag(settings, "inputs_hash", digest)
     if reusable is not None:
         log.info("commit %s has the same data, params and model code as model version %s (commit %s): reusing it",
                  commit_sha, reusable.version, registry.version_tags(reusable).get("commit_sha"))
     return {"workdir": str(workdir), "params": params, "inputs_hash": digest,
+            "model_code_hash": code.code_hash if code else None,
             "reuse_version": str(reusable.version) if reusable is not None else None}
 
 
@@ -113,12 +140,14 @@ def pull_data(settings: Settings, commit: dict[str, Any], workdir: str, params: 
     try:
         snapshot = data.pull(workdir, data_path, data_cache_dir(settings))
         index = data.scan_images(snapshot.path, data_path)
+        weights = data.pull(workdir, weights_path(params), data_cache_dir(settings)) if weights_path(params) else None
     except data.DataError as exc:
         raise data.DataError(f"commit {commit_sha}: {exc}") from None
     counts = {name: index.labels.count(i) for i, name in enumerate(index.class_names)}
     log.info("commit %s: %d images in %d classes %s, data hash %s", commit_sha, len(index.files),
              len(index.class_names), counts, snapshot.data_hash)
-    return {**snapshot.to_dict(), "class_names": index.class_names, "class_counts": counts}
+    return {**snapshot.to_dict(), "class_names": index.class_names, "class_counts": counts,
+            "weights_hash": weights.data_hash if weights else None}
 
 
 def ensure_workspace(settings: Settings, commit: dict[str, Any], params: dict[str, Any]) -> str:
@@ -134,23 +163,33 @@ def ensure_workspace(settings: Settings, commit: dict[str, Any], params: dict[st
         source.fetch_mirror(settings.repo_url, commit["branch"], settings.git_cache_dir)
         workdir = source.checkout(settings.repo_url, commit["commit_sha"], settings.git_cache_dir, settings.work_dir)
         data.pull(workdir, params["data"]["path"], data_cache_dir(settings))
+        if weights_path(params):
+            data.pull(workdir, weights_path(params), data_cache_dir(settings))
     return str(data_dir)
 
 
 def lineage(commit: dict[str, Any], data_hash: str, dag_id: str | None, run_id: str | None,
-            inputs_digest: str | None = None) -> dict[str, Any]:
+            inputs_digest: str | None = None, model_code_hash: str | None = None) -> dict[str, Any]:
     return {"commit_sha": commit["commit_sha"], "branch": commit["branch"], "repo_url": commit["repo_url"],
-            "data_hash": data_hash, "airflow_dag_id": dag_id, "airflow_run_id": run_id, "inputs_hash": inputs_digest}
+            "data_hash": data_hash, "airflow_dag_id": dag_id, "airflow_run_id": run_id, "inputs_hash": inputs_digest,
+            "model_code_hash": model_code_hash}
 
 
 def train(settings: Settings, commit: dict[str, Any], workdir: str, params: dict[str, Any],
           pulled: dict[str, Any], run_lineage: dict[str, Any]) -> dict[str, Any]:
-    """Train on the pulled data and log the run (params, curves, model) to MLflow."""
+    """Train on the pulled data (with the commit's model code, if any, imported here only) and log the
+    run to MLflow: params, curves, the Keras model, the code-free serving artifact, the model code."""
+    import tempfile  # noqa: PLC0415
+
     from gitops_ml import registry, training  # noqa: PLC0415
 
     index = data.scan_images(ensure_workspace(settings, commit, params), params["data"]["path"])
+    code = locate_model_code(commit, settings.work_dir / commit["commit_sha"], params)
     started = time.monotonic()
-    model, history, parts = training.train(index, params)
+    try:
+        model, history, parts = training.train(index, params, code)
+    except ModelCodeError as exc:
+        raise ModelCodeError(f"commit {commit['commit_sha']}: {exc}") from None
     seconds = time.monotonic() - started
     h, w, c = training.input_shape(params)
     example = training.load_arrays([index.files[parts.test[0]]], params)
@@ -163,8 +202,17 @@ def train(settings: Settings, commit: dict[str, Any], workdir: str, params: dict
     }
     meta = {"class_names": index.class_names, "height": h, "width": w, "channels": c,
             "n_train": len(parts.train), "n_test": len(parts.test)}
-    logged = registry.log_training(settings, f"train-{commit['commit_sha'][:12]}", run_tags,
-                                   params_mod.flatten(params), model, history, meta, example)
+    with tempfile.TemporaryDirectory(prefix="gitops-ml-serving-") as serving_dir:
+        try:
+            training.export_serving(model, Path(serving_dir) / "model",
+                                    training.load_arrays([index.files[i] for i in parts.test[:8]], params))
+        except ModelCodeError as exc:
+            raise ModelCodeError(f"commit {commit['commit_sha']}: {exc}") from None
+        logged = registry.log_training(
+            settings, f"train-{commit['commit_sha'][:12]}", run_tags, params_mod.flatten(params), model, history,
+            {**meta, "model_code_hash": code.code_hash if code else None}, example,
+            serving_dir=str(Path(serving_dir) / "model"),
+            code_files={f: str(Path(code.root) / f) for f in code.files} if code else None)
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
     registry.log_evaluation(settings, logged["run_id"], {"train_seconds": seconds, "train_peak_rss_mb": peak_rss_mb},
                             {}, {"history.json": history})
@@ -187,21 +235,22 @@ def evaluate(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
     parts = training.split(index, params["train"]["test_fraction"])
     test_files = [index.files[i] for i in parts.test]
     y = [index.labels[i] for i in parts.test]
-    challenger = training.evaluate(training.compile_predictor(registry.load_logged_model(settings, trained["model_uri"])),
+    challenger = training.evaluate(registry.load_predictor(settings, trained["run_id"], trained["model_uri"]),
                                    training.load_arrays(test_files, params), y, index.class_names)
     champion_version, champion, champion_history, note = None, None, None, None
     current = registry.get_alias(settings)
     if current is not None:
         champion_version = str(current.version)
-        model, meta = registry.load_model(settings, current)
+        meta = registry.load_run_json(settings, current.run_id, registry.META_ARTIFACT)
         if list(meta["class_names"]) != index.class_names:
             note = (f"champion version {champion_version} predicts classes {meta['class_names']}, this commit has "
                     f"{index.class_names}: compared on absolute thresholds only")
             champion = None
         else:
             shape = {"image": {"height": meta["height"], "width": meta["width"], "channels": meta["channels"]}}
-            champion = training.evaluate(training.compile_predictor(model), training.load_arrays(test_files, shape),
-                                         y, index.class_names)
+            predict = registry.load_predictor(settings, current.run_id,
+                                              f"models:/{settings.model_name}/{current.version}")
+            champion = training.evaluate(predict, training.load_arrays(test_files, shape), y, index.class_names)
             champion_history = registry.load_run_json(settings, current.run_id, "evaluation/history.json")
     decision = gate.decide(challenger, champion, params["gate"])
     if note:
@@ -395,6 +444,7 @@ def outcome_of(settings: Settings, commit: dict[str, Any], run_id: str, model_ve
         "model": f"{settings.model_name} version {model_version}" if model_version else None,
         "reused_from_commit": reused_from,
         "data_hash": tags.get("data_hash"),
+        "model_code_hash": tags.get("model_code_hash"),
         "gate": tags.get("gate"),
         "gate_reasons": tags.get("gate_reasons"),
         "test_accuracy": float(tags["test_accuracy"]) if tags.get("test_accuracy") else None,
@@ -447,7 +497,8 @@ def run_local(settings: Settings, commit_sha: str | None, run_id: str = "local",
     commit = resolved["commit"]
     prepared = prepare(settings, commit)
     pulled = pull_data(settings, commit, prepared["workdir"], prepared["params"])
-    run_lineage = lineage(commit, pulled["data_hash"], dag_id, run_id, prepared["inputs_hash"])
+    run_lineage = lineage(commit, pulled["data_hash"], dag_id, run_id, prepared["inputs_hash"],
+                          prepared["model_code_hash"])
     result: dict[str, Any] = {"commit": commit, "data_hash": pulled["data_hash"]}
     existing = resolved["existing_version"] or prepared["reuse_version"]
     if existing:

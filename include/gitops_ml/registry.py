@@ -33,6 +33,8 @@ CHAMPION = "champion"
 CHALLENGER = "challenger"
 META_ARTIFACT = "gitops_ml_meta.json"
 MODEL_ARTIFACT = "model"
+SERVING_ARTIFACT = "serving_model"  # the code-free TF SavedModel the server and the evaluation load
+MODEL_CODE_ARTIFACT = "model_code"  # the commit's model code files, as they were trained
 
 
 def client(settings: Settings) -> MlflowClient:
@@ -90,8 +92,11 @@ def find_version_by_tag(settings: Settings, key: str, value: str) -> ModelVersio
 
 def log_training(settings: Settings, run_name: str, run_tags: dict[str, str], params: dict[str, Any],
                  model, history: dict[str, list[float]], meta: dict[str, Any],
-                 input_example) -> dict[str, str]:
-    """Create the MLflow run of one training: params, per-epoch metrics, the Keras model, metadata.
+                 input_example, serving_dir: str | None = None,
+                 code_files: dict[str, str] | None = None) -> dict[str, str]:
+    """Create the MLflow run of one training: params, per-epoch metrics, the Keras model, metadata,
+    the code-free serving artifact (``serving_dir``, under ``serving_model/``) and the model code
+    (``code_files``: repository path -> local file, under ``model_code/``).
 
     The model is logged with an explicit signature.  mlflow 3.17's ``log_model(input_example=...)``
     writes the example before the model folder exists (mlflow issue #16183), so the example is
@@ -118,6 +123,11 @@ def log_training(settings: Settings, run_name: str, run_tags: dict[str, str], pa
         )
         mlflow.log_dict(meta, META_ARTIFACT)
         mlflow.log_dict({"inputs": input_example.tolist()}, "input_example.json")
+        if serving_dir:
+            mlflow.log_artifacts(serving_dir, SERVING_ARTIFACT)
+        for relpath, local in sorted((code_files or {}).items()):
+            folder = os.path.dirname(relpath)
+            mlflow.log_artifact(local, f"{MODEL_CODE_ARTIFACT}/{folder}" if folder else MODEL_CODE_ARTIFACT)
     return {"run_id": run.info.run_id, "model_uri": info.model_uri, "experiment_id": exp_id}
 
 
@@ -216,6 +226,19 @@ def load_model(settings: Settings, version: ModelVersion):
     model = mlflow.keras.load_model(f"models:/{settings.model_name}/{version.version}")
     meta = mlflow.artifacts.load_dict(f"runs:/{version.run_id}/{META_ARTIFACT}")
     return model, meta
+
+
+def load_predictor(settings: Settings, run_id: str, model_uri: str):
+    """The traced predict function of a logged model: its code-free serving artifact (no model code is
+    imported), or, for a version logged before artifacts existed, the Keras model compiled in place."""
+    from gitops_ml import training  # noqa: PLC0415 - TensorFlow only where a model is loaded
+
+    mlc = client(settings)
+    if any(a.path == SERVING_ARTIFACT for a in mlc.list_artifacts(run_id)):
+        with tempfile.TemporaryDirectory() as tmp:
+            local = mlflow.artifacts.download_artifacts(run_id=run_id, artifact_path=SERVING_ARTIFACT, dst_path=tmp)
+            return training.load_serving(local)
+    return training.compile_predictor(mlflow.keras.load_model(model_uri))
 
 
 def run_url(ui_url: str, experiment: str, run_id: str) -> str:

@@ -38,6 +38,7 @@ def trace(settings: Settings, ref: str) -> dict[str, Any]:
         versions.append({
             "model_version": number, "built_from_commit": tags.get("commit_sha"), "mlflow_run_id": v.run_id,
             "data_hash": tags.get("data_hash"), "inputs_hash": tags.get("inputs_hash"),
+            "model_code_hash": tags.get("model_code_hash"),
             "test_accuracy": run.data.metrics.get("test_accuracy") if run else None,
             "gate": tags.get("gate"), "gate_reasons": tags.get("gate_reasons"),
             "deploy_outcome": tags.get("deploy_outcome"), "deployed_at": tags.get("deployed_at"),
@@ -73,7 +74,8 @@ def render(chain: dict[str, Any]) -> str:
     for v in chain["model_versions"] or []:
         lines.append(f"mlflow     version {v['model_version']} (run {v['mlflow_run_id']}) built from "
                      f"{v['built_from_commit']}  aliases: {', '.join(v['aliases']) or '-'}")
-        lines.append(f"           data hash {v['data_hash']}, test accuracy {v['test_accuracy']}, gate {v['gate']}"
+        lines.append(f"           data hash {v['data_hash']}, model code "
+                     f"{v.get('model_code_hash') or 'built-in'}, test accuracy {v['test_accuracy']}, gate {v['gate']}"
                      + (f" ({v['gate_reasons']})" if v["gate_reasons"] else ""))
         if v["deploy_outcome"]:
             lines.append(f"           deploy: {v['deploy_outcome']}"

@@ -6,12 +6,14 @@ TensorFlow and the split) so the same commit gives the same model.
 
 from __future__ import annotations
 
+import contextlib
+import copy
 import hashlib
 import io
 import logging
 import os
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any, Callable, Iterator
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -19,8 +21,9 @@ import numpy as np  # noqa: E402
 import tensorflow as tf  # noqa: E402
 import keras  # noqa: E402
 
-from gitops_ml import images  # noqa: E402
+from gitops_ml import images, model_code  # noqa: E402
 from gitops_ml.data import ImageIndex  # noqa: E402
+from gitops_ml.errors import DownloadRefused, ModelCodeError, ModelCodeTimeout  # noqa: E402
 
 log = logging.getLogger(__name__)
 
@@ -82,7 +85,7 @@ def make_dataset(files: list[str], labels: list[int], params: dict, shuffle: boo
 
 
 def build_model(num_classes: int, params: dict) -> keras.Model:
-    """A small CNN that fits digits-sized images and scales to larger ones with pooling."""
+    """The built-in CNN (a repository without model code): small enough for digits, pooled for larger images."""
     h, w, c = input_shape(params)
     layers = [
         keras.Input((h, w, c), name="image"),
@@ -97,14 +100,126 @@ def build_model(num_classes: int, params: dict) -> keras.Model:
         layers += [keras.layers.Flatten()]
     layers += [keras.layers.Dense(128, activation="relu"), keras.layers.Dropout(0.2),
                keras.layers.Dense(num_classes, activation="softmax", name="probabilities")]
-    model = keras.Sequential(layers, name="gitops_ml_cnn")
-    model.compile(optimizer=keras.optimizers.Adam(params["train"]["learning_rate"]),
-                  loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+    return keras.Sequential(layers, name="gitops_ml_cnn")
+
+
+def compile_if_needed(model: keras.Model, params: dict) -> keras.Model:
+    """Compile an uncompiled model: Adam at ``train.learning_rate``, sparse categorical cross-entropy, accuracy."""
+    if not getattr(model, "compiled", False):
+        model.compile(optimizer=keras.optimizers.Adam(params["train"]["learning_rate"]),
+                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
     return model
 
 
-def train(index: ImageIndex, params: dict) -> tuple[keras.Model, dict[str, list[float]], Split]:
-    """Seed everything, split, fit; return the model, the per-epoch history and the split used."""
+def timeout_minutes(params: dict) -> float:
+    return float(params["train"].get("timeout_minutes") or model_code.DEFAULT_TIMEOUT_MINUTES)
+
+
+@contextlib.contextmanager
+def _no_get_file() -> Iterator[None]:
+    """Keras ``get_file`` (``weights="imagenet"`` and friends) refused: it downloads, or reads an unpinned cache."""
+    from keras.src.utils import file_utils  # noqa: PLC0415
+
+    def refused(fname=None, origin=None, *args, **kwargs):
+        raise DownloadRefused(f"keras get_file({origin or fname!r}) refused: {model_code.TRACK_WITH_DVC}")
+
+    originals = (keras.utils.get_file, file_utils.get_file)
+    keras.utils.get_file = file_utils.get_file = refused
+    try:
+        yield
+    finally:
+        keras.utils.get_file, file_utils.get_file = originals
+
+
+@contextlib.contextmanager
+def running_model_code(code: model_code.ModelCode | None, params: dict) -> Iterator[Any]:
+    """The guards around everything a commit's model code does (see ``gitops_ml.model_code``):
+    a time limit, no network, no Keras downloads, its own modules; yields its module (or ``None``)."""
+    what = f"training with {code.origin}" if code else "training"
+    with model_code.time_limit(timeout_minutes(params), what), model_code.no_network(), _no_get_file():
+        if code is None:
+            yield None
+        else:
+            with model_code.imported(code) as module:
+                yield module
+
+
+def _user_model(module: Any, code: model_code.ModelCode, class_names: list[str], params: dict) -> keras.Model:
+    build = getattr(module, "build_model", None)
+    if not callable(build):
+        raise ModelCodeError(f"{code.origin}: defines no build_model(input_shape, class_names, params) function "
+                             "(the model code contract, see the README)")
+    try:
+        model = build(input_shape(params), list(class_names), copy.deepcopy(params.get("model") or {}))
+    except ModelCodeTimeout:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - user code
+        raise model_code.describe(exc, code, "calling build_model") from None
+    if not isinstance(model, keras.Model):
+        raise ModelCodeError(f"{code.origin}: build_model returned {type(model).__module__}.{type(model).__qualname__}"
+                             ", not a keras.Model")
+    return model
+
+
+def _user_augment(module: Any, code: model_code.ModelCode, params: dict) -> keras.Sequential | None:
+    augment = getattr(module, "augment", None)
+    if augment is None:
+        return None
+    if not callable(augment):
+        raise ModelCodeError(f"{code.origin}: augment must be a function augment(params) -> list of keras layers")
+    try:
+        layers = augment(copy.deepcopy(params.get("model") or {}))
+    except ModelCodeTimeout:
+        raise
+    except BaseException as exc:  # noqa: BLE001 - user code
+        raise model_code.describe(exc, code, "calling augment") from None
+    if not isinstance(layers, (list, tuple)) or not all(isinstance(layer, keras.layers.Layer) for layer in layers):
+        raise ModelCodeError(f"{code.origin}: augment returned {type(layers).__name__}, not a list of "
+                             "keras.layers.Layer")
+    return keras.Sequential(list(layers), name="augment") if layers else None
+
+
+def check_output(model: keras.Model, sample: np.ndarray, class_names: list[str],
+                 code: model_code.ModelCode | None = None) -> None:
+    """The model must map a batch of images to one probability distribution over the classes.
+
+    Served predictions, the gate and the smoke check read the output as probabilities, so a
+    model that ends with logits (no softmax) is refused here, before training, rather than
+    silently given a softmax: the README says so.
+    """
+    origin = code.origin if code else "the built-in model"
+    try:
+        out = model(tf.convert_to_tensor(sample, tf.float32), training=False)
+    except ModelCodeTimeout:
+        raise
+    except Exception as exc:  # noqa: BLE001 - user code (call of a custom layer or model)
+        place = model_code.where(exc, code.root) if code else ""
+        raise ModelCodeError(f"{place or origin}: the model fails on a batch of {len(sample)} images of shape "
+                             f"{tuple(sample.shape[1:])}: {type(exc).__name__}: {exc}") from None
+    if isinstance(out, (dict, list, tuple)):
+        raise ModelCodeError(f"{origin}: the model has {len(out)} outputs; it must have one, the class probabilities")
+    out = np.asarray(out)
+    expected = (len(sample), len(class_names))
+    if out.shape != expected:
+        raise ModelCodeError(f"{origin}: the model's output has shape (batch, {', '.join(map(str, out.shape[1:]))}), "
+                             f"expected (batch, {len(class_names)}): one probability per class of the data "
+                             f"({', '.join(class_names[:20])})")
+    sums = out.sum(axis=1)
+    if not np.all(np.isfinite(out)) or out.min() < -1e-6 or np.max(np.abs(sums - 1.0)) > 1e-3:
+        raise ModelCodeError(f"{origin}: the model's output is not a probability distribution (values from "
+                             f"{out.min():.3g} to {out.max():.3g}, rows summing to {sums.min():.3g}..{sums.max():.3g}): "
+                             "end the model with a softmax (e.g. Dense(len(class_names), activation=\"softmax\")); "
+                             "gitops-ml does not add one")
+
+
+def train(index: ImageIndex, params: dict,
+          code: model_code.ModelCode | None = None) -> tuple[keras.Model, dict[str, list[float]], Split]:
+    """Seed everything, split, build (the commit's ``build_model`` or the built-in CNN), check, fit.
+
+    With model code, every call into it runs under ``running_model_code`` and every failure is a
+    ``ModelCodeError`` naming the file and line.  Returns the model, the per-epoch history and
+    the split used.
+    """
     seed = params["train"]["seed"]
     keras.utils.set_random_seed(seed)
     tf.config.experimental.enable_op_determinism()
@@ -113,14 +228,32 @@ def train(index: ImageIndex, params: dict) -> tuple[keras.Model, dict[str, list[
     labels = [index.labels[i] for i in parts.train]
     test_files = [index.files[i] for i in parts.test]
     test_labels = [index.labels[i] for i in parts.test]
-    model = build_model(len(index.class_names), params)
-    fit = model.fit(
-        make_dataset(files, labels, params, shuffle=True),
-        validation_data=make_dataset(test_files, test_labels, params, shuffle=False) if test_files else None,
-        epochs=params["train"]["epochs"],
-        verbose=0,
-        callbacks=[_LogEpoch()],
-    )
+    with running_model_code(code, params) as module:
+        if module is None:
+            model = build_model(len(index.class_names), params)
+            augment = None
+        else:
+            model = _user_model(module, code, index.class_names, params)
+            augment = _user_augment(module, code, params)
+        check_output(model, load_arrays(files[:8], params), index.class_names, code)
+        model = compile_if_needed(model, params)
+        train_ds = make_dataset(files, labels, params, shuffle=True)
+        if augment is not None:
+            train_ds = train_ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
+        try:
+            fit = model.fit(
+                train_ds,
+                validation_data=make_dataset(test_files, test_labels, params, shuffle=False) if test_files else None,
+                epochs=params["train"]["epochs"],
+                verbose=0,
+                callbacks=[_LogEpoch()],
+            )
+        except ModelCodeTimeout:
+            raise
+        except Exception as exc:  # noqa: BLE001 - with model code, a failing fit is the code's
+            if code is None:
+                raise
+            raise model_code.describe(exc, code, "training (model.fit)") from None
     history = {k: [float(v) for v in values] for k, values in fit.history.items()}
     return model, history, parts
 
@@ -143,6 +276,42 @@ def compile_predictor(model: keras.Model) -> Callable[[np.ndarray], np.ndarray]:
         return _call(tf.convert_to_tensor(batch, tf.float32)).numpy()
 
     predict(np.zeros((1, *shape[1:]), np.float32))  # trace and warm up once
+    return predict
+
+
+def export_serving(model: keras.Model, path: str | os.PathLike, sample: np.ndarray) -> None:
+    """Write the code-free serving artifact: a TF SavedModel whose ``serve`` signature maps a float32
+    batch ``(None, h, w, c)`` to the probabilities (Keras ``model.export``).
+
+    Custom layers and models defined in the commit's code are traced into the graph, so the
+    model server and the evaluation load it with ``load_serving`` and never import repository
+    code.  The artifact is checked against the Keras model on ``sample`` before it is kept.
+    """
+    h, w, c = model.input_shape[1:] if getattr(model, "inputs", None) else sample.shape[1:]
+    model.export(str(path), format="tf_saved_model", verbose=False,
+                 input_signature=[tf.TensorSpec((None, h, w, c), tf.float32, name="image")])
+    expected = np.asarray(model(tf.convert_to_tensor(sample, tf.float32), training=False))
+    got = load_serving(path)(sample)
+    if got.shape != expected.shape or not np.allclose(got, expected, atol=1e-4):
+        raise ModelCodeError(f"the exported serving model disagrees with the trained Keras model on {len(sample)} "
+                             f"images (max difference {np.max(np.abs(got - expected)):.3g}): the model's call must "
+                             "be deterministic at inference (training=False)")
+
+
+def load_serving(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
+    """The traced ``serve`` function of an exported artifact (``export_serving``): no Python model code."""
+    loaded = tf.saved_model.load(str(path))
+    serve = loaded.serve
+
+    def predict(batch: np.ndarray) -> np.ndarray:
+        out = serve(tf.convert_to_tensor(batch, tf.float32))
+        if isinstance(out, dict):
+            (out,) = out.values()
+        return out.numpy()
+
+    predict.artifact = loaded  # keep the restored object (and its variables) alive with the function
+    spec = serve.concrete_functions[0].structured_input_signature[0][0]
+    predict(np.zeros((1, *spec.shape[1:]), np.float32))  # warm up once
     return predict
 
 

@@ -133,28 +133,32 @@ class ServedModel:
     channels: int
     predict: Callable[[np.ndarray], np.ndarray] = field(repr=False)
     built_from_commit: str = ""  # "" when ``commit_sha`` (the revision served for) is the one it was built from
+    model_code_hash: str = ""  # "" for the built-in model
 
     def info(self, model_name: str) -> dict[str, Any]:
         return {"model_name": model_name, "model_version": self.model_version, "commit_sha": self.commit_sha,
                 "built_from_commit": self.built_from_commit or self.commit_sha,
-                "data_hash": self.data_hash, "airflow_run_id": self.airflow_run_id, "class_names": self.class_names}
+                "data_hash": self.data_hash, "model_code_hash": self.model_code_hash or None,
+                "airflow_run_id": self.airflow_run_id, "class_names": self.class_names}
 
 
 def load_from_registry(settings: Settings, model_version: str | None) -> ServedModel | None:
     """Load ``model_version`` (default: the champion) from MLflow; ``None`` if there is no champion."""
-    from gitops_ml import registry, training  # noqa: PLC0415 - heavy, only in the server process
+    from gitops_ml import registry  # noqa: PLC0415 - heavy, only in the server process
 
     version = registry.get_alias(settings) if model_version is None else registry.get_version(settings, model_version)
     if version is None:
         return None
-    model, meta = registry.load_model(settings, version)
+    # The code-free serving artifact through its traced function: no repository code is imported here.
+    predict = registry.load_predictor(settings, version.run_id, f"models:/{settings.model_name}/{version.version}")
+    meta = registry.load_run_json(settings, version.run_id, registry.META_ARTIFACT)
     tags = registry.version_tags(version)
     return ServedModel(
         model_version=str(version.version), commit_sha=registry.served_for(version) or "",
         built_from_commit=tags.get("commit_sha", ""),
         data_hash=tags.get("data_hash", ""), airflow_run_id=tags.get("airflow_run_id", ""),
         class_names=list(meta["class_names"]), height=int(meta["height"]), width=int(meta["width"]),
-        channels=int(meta["channels"]), predict=training.compile_predictor(model),
+        channels=int(meta["channels"]), predict=predict, model_code_hash=tags.get("model_code_hash", ""),
     )
 
 
