@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gitops_ml import demo, pipeline, registry, trace
+from gitops_ml import demo, pipeline, registry, trace, training
 from gitops_ml.errors import DeployError
 from tests.conftest import git
 from tests.e2e.test_dag import all_versions, load_dag, run_note, task_states
@@ -121,15 +121,18 @@ def test_smoke_check_failure_rolls_back(settings, demo_repo, server, champion):
         model_id = v.source.rsplit("/", 1)[-1]
         return next(p for p in store.rglob("model.keras") if model_id in str(p))
 
-    # A real fault: the challenger's artifact in the store is altered after its evaluation
+    # A real fault: the challenger's serving artifact in the store is altered after its evaluation
     # (its output layer now names the neighbouring class), so it loads fine but predicts wrong.
+    import shutil
+
     import keras
 
-    path = model_file(version)
-    model = keras.models.load_model(path)
+    model = keras.models.load_model(model_file(version))
     kernel, bias = model.layers[-1].get_weights()
     model.layers[-1].set_weights([np.roll(kernel, 1, axis=1), np.roll(bias, 1)])
-    model.save(path)
+    serving = next(p for p in store.rglob(registry.SERVING_ARTIFACT) if version.run_id in str(p))
+    shutil.rmtree(serving)
+    training.export_serving(model, serving, np.zeros((1, 8, 8, 1), np.float32))
     with pytest.raises(DeployError, match=r"smoke check of model version 2 failed: .* differ from the evaluation"):
         pipeline.deploy(settings, challenger["commit"], "2", {})
     assert str(registry.get_alias(settings).version) == "1" and server.version()["model_version"] == "1"

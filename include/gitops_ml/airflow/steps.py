@@ -165,7 +165,8 @@ def _lineage(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[st
     from gitops_ml import pipeline  # noqa: PLC0415
 
     return pipeline.lineage(resolved["commit"], pulled["data_hash"], resolved["lineage"]["airflow_dag_id"],
-                            resolved["lineage"]["airflow_run_id"], prepared["inputs_hash"])
+                            resolved["lineage"]["airflow_run_id"], prepared["inputs_hash"],
+                            prepared.get("model_code_hash"))
 
 
 def _existing_version(resolved: dict[str, Any], prepared: dict[str, Any]) -> str | None:
