@@ -8,7 +8,7 @@ VENV := .venv
 export GITOPS_ML_HOME ?= $(CURDIR)/.state
 export UV_PYTHON_DOWNLOADS := never
 
-.PHONY: install demo stop test test-fast bench compose-check es-up es-down clean
+.PHONY: install demo stop test test-fast test-cluster bench compose-check es-up es-down clean
 
 $(UV):
 	$(PYTHON) -m venv $(TOOLS)
@@ -26,8 +26,12 @@ demo: install  ## init the demo repo, start Airflow + MLflow UI + server, commit
 stop:  ## stop everything `make demo` started
 	@if [ -x $(VENV)/bin/gitops-ml ]; then $(VENV)/bin/gitops-ml stack down; else echo "nothing installed"; fi
 
-test: install  ## the whole suite (unit, integration, e2e with live Airflow)
-	$(VENV)/bin/python -m pytest tests -p no:cacheprovider
+test: install  ## the whole suite (unit, integration, e2e with live Airflow); the cluster is `make test-cluster`
+	$(VENV)/bin/python -m pytest tests --ignore=tests/cluster -p no:cacheprovider
+
+# PostgreSQL 15 and Redis 7 come from Debian packages (`.ci/run` installs them on a fresh machine).
+test-cluster: install  ## CeleryExecutor cluster on loopback: PostgreSQL, Redis, S3, MLflow server, ES, 2 workers, 2 replicas
+	$(VENV)/bin/python -m pytest tests/cluster -p no:cacheprovider
 
 test-fast: install  ## unit and integration tests only
 	$(VENV)/bin/python -m pytest tests/unit tests/integration -p no:cacheprovider

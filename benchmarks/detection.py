@@ -26,10 +26,6 @@ for a commit.  DAGs are created paused; each phase unpauses only its two watcher
    Our 30 s poller keeps running, as in a real deployment.
 4. short poll interval (``--fast-interval``): ours vs poke again, ``--fast-pushes`` each.
 
-Should the scheduler not start the next ``@continuous`` run of a watcher (Airflow 3.3.2 with
-no ``start_date``: the first logical date repeats), the benchmark says so and starts the runs
-itself; that only re-arms the watcher and is outside the measured interval.
-
 Latency = the commit is made in the watched repository -> ``GET
 /api/v2/dags/gitops_ml_pipeline/dagRuns/commit__<sha>`` answers 200 (polled every 0.1 s).
 Also per push: when the watcher's sensor task ended (Airflow's task instance end date), to
@@ -261,37 +257,9 @@ def run_pair(base_url: str, phase: str, ours: tuple[str, Path], poke: tuple[str,
             raise
 
 
-class Rearmer(threading.Thread):
-    """Stand-in for the scheduler when it does not start the next ``@continuous`` run: whenever the
-    watcher has no queued/running run, start one over the REST API (same DAG, same tasks)."""
-
-    def __init__(self, base_url: str, dag_id: str):
-        super().__init__(daemon=True, name=f"rearm-{dag_id}")
-        self.api, self.dag_id, self.halt, self.count = Api(base_url), dag_id, threading.Event(), 0
-
-    def active(self) -> int:
-        return self.api.get(f"/api/v2/dags/{self.dag_id}/dagRuns", state=["queued", "running"],
-                            limit=1)["total_entries"]
-
-    def run(self) -> None:
-        while not (self.halt.is_set() or STOP.is_set()):
-            try:
-                if not self.active():
-                    self.api._http.post(f"/api/v2/dags/{self.dag_id}/dagRuns", json={
-                        "logical_date": None, "note": "started by benchmarks/detection.py: the scheduler "
-                        "did not create the next @continuous run"}).raise_for_status()
-                    self.count += 1
-            except httpx.HTTPError as exc:
-                log(f"re-arm {self.dag_id}: {exc}")
-            self.halt.wait(0.5)
-
-
-def start_watchers(api: Api, base_url: str, watches: dict[str, tuple[str, Path, str]], names: list[str],
-                   rearmers: dict[str, Rearmer], grace: float = 20) -> None:
-    """Unpause the watchers of ``names``; wait for their first run (the current head) and re-arming.
-
-    If the scheduler does not start a second run within ``grace`` seconds of the first one's end,
-    a ``Rearmer`` does it from then on (recorded in the results)."""
+def start_watchers(api: Api, watches: dict[str, tuple[str, Path, str]], names: list[str]) -> None:
+    """Unpause the watchers of ``names``; wait for their first run (the current head) and re-arming
+    (the scheduler starts the next ``@continuous`` run: ``watch_dags.START_DATE``)."""
     for name in names:
         dag_id, _, _ = watches[name]
         api.wait_for_dag(dag_id, 300)
@@ -299,37 +267,9 @@ def start_watchers(api: Api, base_url: str, watches: dict[str, tuple[str, Path, 
     for name in names:
         dag_id, _, head = watches[name]
         wait_until(lambda: api.run_exists(head, name), 300, f"{dag_id}: no run for the initial head", every=0.5)
-
-    def runs(dag_id: str) -> list[dict]:
-        return api.get(f"/api/v2/dags/{dag_id}/dagRuns", order_by="run_after")["dag_runs"]
-
-    for name in names:
-        dag_id = watches[name][0]
-        wait_until(lambda: runs(dag_id) and runs(dag_id)[0]["state"] in ("success", "failed"), 120,
-                   f"{dag_id}: first run did not end", every=0.5)
-    deadline = time.monotonic() + grace
-    pending = [watches[n][0] for n in names]
-    while pending and time.monotonic() < deadline:
-        pending = [d for d in pending if len(runs(d)) < 2]
-        time.sleep(0.5)
-    for dag_id in pending:
-        first = runs(dag_id)[0]
-        log(f"WARNING {dag_id}: the scheduler did not start a second @continuous run within {grace:g} s of the "
-            f"first one's end (first run: logical_date {first['logical_date']}, data interval "
-            f"{first['data_interval_start']} .. {first['data_interval_end']}); the benchmark starts the next "
-            "run itself whenever none is active")
-        rearmers[dag_id] = Rearmer(base_url, dag_id)
-        rearmers[dag_id].start()
     for name in names:
         wait_armed(api, watches[name][0])
         log(f"{watches[name][0]}: first run done (initial head {watches[name][2][:10]}), waiting for commits")
-
-
-def stop_watcher(api: Api, dag_id: str, rearmers: dict[str, Rearmer]) -> None:
-    if dag_id in rearmers:
-        rearmers[dag_id].halt.set()
-        rearmers[dag_id].join(10)
-    api.stop_watcher(dag_id)
 
 
 def summary(values: list[float]) -> dict:
@@ -407,7 +347,6 @@ def main() -> None:
     results: dict = {"environment": env_info, "args": vars(args), "default_interval_s": default_interval}
     t_start = time.monotonic()
     pid = None
-    rearmers: dict[str, Rearmer] = {}
     try:
         pid = stack.start(settings, "airflow", [str(Path(sys.executable).parent / "airflow"), "standalone"], env)
         stack.wait_http(base_url + "/api/v2/monitor/health", 300, "Airflow", home / "stack" / "airflow.log")
@@ -416,7 +355,7 @@ def main() -> None:
         api.set_paused(PIPELINE, True)  # runs are only created, never executed: we measure detection
         log(f"Airflow up after {time.monotonic() - t_start:.0f} s; {PIPELINE} paused")
 
-        start_watchers(api, base_url, watches, ["defer", "poke"], rearmers)
+        start_watchers(api, watches, ["defer", "poke"])
         results["default"] = run_pair(base_url, f"{default_interval:g}s", ("defer", watches["defer"][1]),
                                       ("poke", watches["poke"][1]), args.pushes, default_interval, args.seed)
         wait_armed(api, watches["defer"][0])
@@ -424,22 +363,21 @@ def main() -> None:
         log(f"idle: sampling task instances and default_pool for {args.idle} s")
         results["idle"] = sample_slots(api, [watches["defer"][0], watches["poke"][0]], args.idle)
         log(f"idle: {json.dumps(results['idle'])}")
-        stop_watcher(api, watches["poke"][0], rearmers)
+        api.stop_watcher(watches["poke"][0])
         if args.webhook_pushes:
             results["webhook"] = measure_webhook(base_url, "defer", watches["defer"][1], args.webhook_pushes,
                                                  args.seed + 2, 2000)
-        stop_watcher(api, watches["defer"][0], rearmers)
+        api.stop_watcher(watches["defer"][0])
         if args.fast_pushes:
-            start_watchers(api, base_url, watches, [f"defer{fast}", f"poke{fast}"], rearmers)
+            start_watchers(api, watches, [f"defer{fast}", f"poke{fast}"])
             results["fast"] = run_pair(base_url, f"{args.fast_interval:g}s",
                                        (f"defer{fast}", watches[f"defer{fast}"][1]),
                                        (f"poke{fast}", watches[f"poke{fast}"][1]), args.fast_pushes,
                                        args.fast_interval, args.seed + 3)
-            stop_watcher(api, watches[f"defer{fast}"][0], rearmers)
-            stop_watcher(api, watches[f"poke{fast}"][0], rearmers)
+            api.stop_watcher(watches[f"defer{fast}"][0])
+            api.stop_watcher(watches[f"poke{fast}"][0])
     finally:
         STOP.set()
-        results["manual_rearms"] = {dag_id: r.count for dag_id, r in rearmers.items()}
         if pid:
             stack.stop(settings, "airflow")
             # Anything of the process group still alive (children that outlived the leader): SIGKILL.
@@ -490,9 +428,6 @@ def report(results: dict, args, default_interval: float) -> None:
     pool = idle["default_pool"]
     print(f"\ndefault_pool (both watchers together): occupied {pool['occupied_slots']:.2f}, "
           f"running {pool['running_slots']:.2f}, deferred {pool['deferred_slots']:.2f}")
-    if results.get("manual_rearms"):
-        print(f"watcher runs started by the benchmark (the scheduler did not start the next @continuous run): "
-              f"{results['manual_rearms']}")
     if results.get("webhook"):
         created = sum(r["created_by_webhook"] for r in results["webhook"])
         response = statistics.median(r["response_s"] for r in results["webhook"])

@@ -30,7 +30,9 @@ def _record_failure(context):
     dag_id="gitops_ml_pipeline",
     schedule=None,
     catchup=False,
-    max_active_runs=1,
+    # Runs of different repositories (and commits) go on in parallel on the workers; deploys go one at a
+    # time (``deploy`` below), so two commits of one branch never deploy at once.
+    max_active_runs=8,
     tags=["gitops-ml"],
     doc_md=__doc__,
     params={
@@ -86,7 +88,10 @@ def gitops_ml_pipeline():
 
         return steps.register(resolved, prepared, pulled, trained, evaluated)
 
-    @task(trigger_rule="none_failed_min_one_success")
+    # One deploy at a time across the pipeline's runs (Airflow's own per-task limit, counted by the
+    # scheduler in the metadata DB, so it holds across workers): the convergence check of a deploy
+    # (is a newer commit already serving?) and its alias move never interleave with another deploy.
+    @task(trigger_rule="none_failed_min_one_success", max_active_tis_per_dag=1)
     def deploy(resolved, prepared, registered):
         from gitops_ml.airflow import steps
 

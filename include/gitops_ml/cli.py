@@ -217,6 +217,15 @@ def cmd_gc(args) -> int:
     return 0
 
 
+def cmd_doctor(args) -> int:
+    """Check every configured endpoint and secret; one line per check, non-zero when one fails."""
+    from gitops_ml import doctor  # noqa: PLC0415
+
+    text, status = doctor.report(doctor.run(_settings(args)))
+    print(text)
+    return status
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="gitops-ml", description="GitOps for machine learning on Airflow")
     parser.add_argument("-v", "--verbose", action="store_true", help="debug logging")
@@ -283,6 +292,9 @@ def build_parser() -> argparse.ArgumentParser:
                                   "and the DVC cache objects they no longer need")
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p.set_defaults(func=cmd_gc)
+
+    p = sub.add_parser("doctor", help="check every configured endpoint and secret (exit 1 on a failure)")
+    p.set_defaults(func=cmd_doctor)
 
     p = with_repo(sub.add_parser("demo", help="the whole demo"))
     p.set_defaults(func=cmd_demo)

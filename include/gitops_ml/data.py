@@ -291,6 +291,32 @@ def pull(repo_root: Path, data_path: str, cache_dir: Path) -> DataSnapshot:
                         nfiles=nfiles, pointer=pointer)
 
 
+def check_remote(repo_root: Path, cache_dir: Path) -> str:
+    """Reach the default DVC remote of the work tree ``repo_root`` (``gitops-ml doctor``); say what was found.
+
+    Raises ``DataError`` naming the remote when none is configured, it cannot be reached (credentials,
+    host) or it holds nothing at its path (a missing bucket, or data never pushed).
+    """
+    repo = _open_repo(repo_root, cache_dir)
+    try:
+        remotes = dict(repo.config.get("remote", {}))
+        default_remote = repo.config.get("core", {}).get("remote")
+        if not default_remote or default_remote not in remotes:
+            raise DataError("no default DVC remote in .dvc/config (`dvc remote add -d NAME URL`, then commit)")
+        where = f"DVC remote {default_remote!r} ({redact(str(remotes[default_remote].get('url', '')))})"
+        try:
+            odb = repo.cloud.get_remote_odb(None, hash_name="md5")
+            found = odb.fs.exists(odb.path)
+        except Exception as exc:  # noqa: BLE001 - any remote type; the message names the remote
+            raise DataError(f"{where} is not reachable: {redact(str(exc))}") from None
+        if not found:
+            raise DataError(f"{where} holds nothing at {odb.path}: the bucket or folder is missing, "
+                            "or nothing was pushed (`dvc push`)")
+        return f"{where}: reachable, holds data"
+    finally:
+        repo.close()
+
+
 def _missing_in_remote(repo, data_path: str, dir_md5: str) -> list[str]:
     """Which objects of ``dir_md5`` the default remote lacks (any DVC remote type)."""
     try:

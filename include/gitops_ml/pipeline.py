@@ -110,7 +110,7 @@ def prepare(settings: Settings, commit: dict[str, Any]) -> dict[str, Any]:
     from gitops_ml import registry  # noqa: PLC0415
 
     commit_sha = commit["commit_sha"]
-    workdir = source.checkout(settings.repo_url, commit_sha, settings.git_cache_dir, settings.work_dir)
+    workdir = work_tree(settings, commit, fresh=True)
     try:
         params = params_mod.load(workdir)
     except params_mod.ParamsError as exc:
@@ -137,6 +137,7 @@ def pull_data(settings: Settings, commit: dict[str, Any], workdir: str, params: 
     """``dvc pull`` at the commit, verify against the DVC hashes, check the image folder."""
     commit_sha = commit["commit_sha"]
     data_path = params["data"]["path"]
+    workdir = str(work_tree(settings, commit))  # ``workdir`` may name another worker's disk
     try:
         snapshot = data.pull(workdir, data_path, data_cache_dir(settings))
         index = data.scan_images(snapshot.path, data_path)
@@ -150,18 +151,31 @@ def pull_data(settings: Settings, commit: dict[str, Any], workdir: str, params: 
             "weights_hash": weights.data_hash if weights else None}
 
 
-def ensure_workspace(settings: Settings, commit: dict[str, Any], params: dict[str, Any]) -> str:
-    """The pulled data folder of ``commit``, recreated if this worker does not have it.
+def work_tree(settings: Settings, commit: dict[str, Any], fresh: bool = False) -> Path:
+    """The work tree of ``commit`` on this worker, checked out again if this worker does not have it
+    (``fresh``: checked out again in any case, as ``prepare`` does).
 
-    With several workers (CeleryExecutor) a task may run on another machine than
-    ``prepare_workspace`` and ``pull_data``; both steps are idempotent, so they are
-    simply repeated here (the Git mirror and the DVC cache make that cheap).
+    With several workers (CeleryExecutor) a task may run on another machine than ``resolve_commit``
+    and ``prepare_workspace``: this worker's Git mirror may lack the commit, and a path handed over in
+    XCom names the other machine's disk; so every step fetches into its own mirror and finds its
+    work tree under its own ``GITOPS_ML_HOME`` (fetch and checkout are idempotent).
     """
-    data_dir = settings.work_dir / commit["commit_sha"] / params["data"]["path"]
-    if not data_dir.is_dir():
-        log.info("commit %s: work tree not on this worker, checking out and pulling again", commit["commit_sha"])
+    workdir = settings.work_dir / commit["commit_sha"]
+    if fresh or not (workdir / ".git").exists():
+        if not fresh:
+            log.info("commit %s: work tree not on this worker, checking it out again", commit["commit_sha"])
         source.fetch_mirror(settings.repo_url, commit["branch"], settings.git_cache_dir)
         workdir = source.checkout(settings.repo_url, commit["commit_sha"], settings.git_cache_dir, settings.work_dir)
+    return workdir
+
+
+def ensure_workspace(settings: Settings, commit: dict[str, Any], params: dict[str, Any]) -> str:
+    """The pulled data folder of ``commit`` on this worker, checked out and pulled again if missing
+    (both idempotent; the Git mirror and the DVC cache make that cheap)."""
+    data_dir = settings.work_dir / commit["commit_sha"] / params["data"]["path"]
+    if not data_dir.is_dir():
+        log.info("commit %s: data not on this worker, pulling it again", commit["commit_sha"])
+        workdir = work_tree(settings, commit)
         data.pull(workdir, params["data"]["path"], data_cache_dir(settings))
         if weights_path(params):
             data.pull(workdir, weights_path(params), data_cache_dir(settings))

@@ -17,6 +17,8 @@ watched under the name ``default``.  Example::
         allowed_signers: /etc/gitops-ml/allowed_signers   # SSH, git's gpg.ssh.allowedSignersFile format
         gpg_keyring: /etc/gitops-ml/allowed-keys.asc      # armored public GPG keys
         webhook_secret_env: GITOPS_ML_WEBHOOK_SECRET      # env var holding the webhook secret
+        model_name: digits            # registered model (default GITOPS_ML_MODEL_NAME)
+        serving_url: http://serve-1:8765,http://serve-2:8765  # its model servers (default GITOPS_ML_SERVING_URL)
 
 ``plan`` turns "the branch moved from A to B" into one decision per new commit: ``train``,
 ``no_retrain`` (only paths the model does not depend on changed), ``superseded`` (``latest``
@@ -85,6 +87,7 @@ class Watch(BaseModel):
     gpg_keyring: str | None = Field(None, description="a path, or null")
     webhook_secret_env: str | None = Field(None, description="an environment variable name, or null")
     model_name: str | None = Field(None, description="a registered model name, or null")
+    serving_url: str | None = Field(None, description="comma-separated model-server URLs, or null")
 
     def __init__(self, **fields: Any) -> None:
         try:

@@ -14,7 +14,8 @@ import yaml
 
 from tests.conftest import ROOT
 
-SECRETS = ("POSTGRES_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY", "GITOPS_ML_SERVING_TOKEN")
+SECRETS = ("POSTGRES_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY", "GITOPS_ML_SERVING_TOKEN", "REDIS_PASSWORD",
+           "AIRFLOW_FERNET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
 
 
 def _compose_text() -> str:
@@ -24,12 +25,30 @@ def _compose_text() -> str:
 def test_compose_schema_when_docker_compose_is_installed():
     compose = yaml.safe_load(_compose_text())
     services = compose["services"]
-    for name in ("postgres", "redis", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                 "airflow-triggerer", "airflow-worker", "mlflow", "serving", "elasticsearch", "kibana"):
+    for name in ("postgres", "redis", "s3", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
+                 "airflow-triggerer", "airflow-worker-1", "airflow-worker-2", "mlflow", "serving-1", "serving-2",
+                 "elasticsearch", "kibana"):
         assert name in services, name
-    env = services["airflow-worker"]["environment"]
+    env = services["airflow-worker-1"]["environment"]
     assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
     assert env["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
+    assert env["GITOPS_ML_SERVING_URL"] == "http://serving-1:8765,http://serving-2:8765"
+    # MLflow's artifacts go to the S3 store, not to a volume.
+    command = services["mlflow"]["command"]
+    assert command[command.index("--artifacts-destination") + 1].startswith("s3://")
+    assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:9000"
+    # Workers share no volume with each other or with the control plane.
+    def state_volumes(name):
+        return {v.split(":")[0] for v in services[name]["volumes"] if not v.startswith(("$", "."))}
+    workers = [state_volumes("airflow-worker-1"), state_volumes("airflow-worker-2"), state_volumes("airflow-scheduler")]
+    assert all(workers) and not (workers[0] & workers[1]) and not ((workers[0] | workers[1]) & workers[2]), workers
+    # Every dependency waits for a healthy (or finished) service, and every long-running service has a healthcheck.
+    for name, service in services.items():
+        for dependency, condition in (service.get("depends_on") or {}).items() if isinstance(
+                service.get("depends_on"), dict) else []:
+            assert condition["condition"] in ("service_healthy", "service_completed_successfully"), (name, dependency)
+            if condition["condition"] == "service_healthy":
+                assert "healthcheck" in services[dependency], dependency
     for service in services.values():
         for port in service.get("ports", []):
             assert str(port).startswith("127.0.0.1:"), f"{port} would listen on every interface"
@@ -63,7 +82,7 @@ def test_env_example_explains_every_variable_compose_reads():
     example = (ROOT / ".env.example").read_text()
     lines = example.splitlines()
     defined = {line.split("=", 1)[0]: i for i, line in enumerate(lines) if re.match(r"^[A-Z][A-Z0-9_]*=", line)}
-    used = set(re.findall(r"\$\{([A-Z][A-Z0-9_]*)[:}]", re.sub(r"(?m)^\s*#.*$", "", _compose_text())))
+    used = set(re.findall(r"(?<!\$)\$\{([A-Z][A-Z0-9_]*)[:}]", re.sub(r"(?m)^\s*#.*$", "", _compose_text())))
     assert used <= set(defined), f"not in .env.example: {sorted(used - set(defined))}"
     for name, index in defined.items():
         assert lines[index - 1].startswith("#"), f"{name} has no explanation above it"

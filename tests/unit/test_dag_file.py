@@ -45,7 +45,9 @@ def test_dagbag_has_no_import_errors_and_expected_wiring(watch_file):
     assert set(order) == set(dag.task_dict)
     for upstream, downstream in pairwise(order):
         assert downstream in dag.task_dict[upstream].downstream_task_ids
-    assert dag.max_active_runs == 1 and dag.schedule is None
+    # Runs go on in parallel (several repositories, several workers); deploys one at a time.
+    assert dag.max_active_runs > 1 and dag.schedule is None
+    assert dag.task_dict["deploy"].max_active_tis_per_dag == 1
 
     assert {"gitops_ml_watch__a", "gitops_ml_retrain__a", "gitops_ml_watch__b"} <= set(bag.dags)
     assert "gitops_ml_retrain__b" not in bag.dags

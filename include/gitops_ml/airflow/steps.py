@@ -44,7 +44,8 @@ def settings_from_context(context) -> Settings:
         from gitops_ml.watch import get_watch  # noqa: PLC0415
 
         watched = get_watch(params["watch"])
-        settings = settings.with_overrides(repo_url=watched.url, branch=watched.branch, model_name=watched.model_name)
+        settings = settings.with_overrides(repo_url=watched.url, branch=watched.branch, model_name=watched.model_name,
+                                           serving_url=watched.serving_url)
     return settings.with_overrides(repo_url=params.get("repo_url"), branch=params.get("branch"))
 
 
