@@ -170,8 +170,10 @@ def register(settings: Settings, run_id: str, model_uri: str, lineage: dict[str,
             mlc.create_registered_model(settings.model_name, description="Registered by gitops-ml, one version per commit.")
         except MlflowException:
             pass  # created meanwhile
+    # A logged model (``models:/m-...``) is named by its id too: a tracking server refuses the source without it.
+    model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
     version = mlc.create_model_version(settings.model_name, source=model_uri, run_id=run_id,
-                                       tags=lineage_tags(lineage),
+                                       tags=lineage_tags(lineage), model_id=model_id,
                                        description=f"commit {lineage['commit_sha']}")
     deadline = time.monotonic() + timeout
     while version.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:

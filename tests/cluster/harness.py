@@ -18,13 +18,13 @@ after a failed test: the pytest fixture calls it in ``finally``).
 
 from __future__ import annotations
 
+import base64
 import json
 import os
 import pwd
 import secrets
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -34,6 +34,8 @@ from pathlib import Path
 
 import httpx
 import yaml
+
+from tests.helpers import free_port, git
 
 ROOT = Path(__file__).resolve().parents[2]
 BIN = Path(sys.executable).parent
@@ -50,12 +52,6 @@ TINY_PARAMS = {
     "train": {"epochs": 2, "batch_size": 32, "learning_rate": 0.003, "seed": 42, "test_fraction": 0.2},
     "gate": {"min_accuracy": 0.0, "max_accuracy_drop": 1.0, "min_class_recall": None},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return sock.getsockname()[1]
 
 
 def missing_tools() -> list[str]:
@@ -114,9 +110,7 @@ class Cluster:
         for name in ("airflow", "mlflow", "pg", "s3", "redis", "git"):
             self.secret[name] = secrets.token_hex(12)
         self.secret["jwt"] = secrets.token_hex(32)
-        from cryptography.fernet import Fernet
-
-        self.secret["fernet"] = Fernet.generate_key().decode()
+        self.secret["fernet"] = base64.urlsafe_b64encode(secrets.token_bytes(32)).decode()  # a Fernet key
 
     # --- paths and URLs -------------------------------------------------------------------
     def folder(self, component: str) -> Path:
@@ -304,22 +298,16 @@ class Cluster:
         commit_sha = demo.commit_all(work, f"{count} digit images tracked with DVC in S3")
         bare = self.folder("git-remotes") / f"{name}.git"
         subprocess.run(["git", "init", "-q", "--bare", str(bare)], check=True)
-        self.git(work, "remote", "add", "origin", self.git_url(name, self.secret["git"]))
-        self.git(work, "push", "-q", "origin", "main")
+        git(work, "remote", "add", "origin", self.git_url(name, self.secret["git"]))
+        git(work, "push", "-q", "origin", "main")
         return {"name": name, "path": work, "commit_sha": commit_sha, "images": count}
-
-    def git(self, cwd: Path, *args: str) -> str:
-        env = {**os.environ, "GIT_AUTHOR_NAME": "Dev", "GIT_AUTHOR_EMAIL": "dev@example.invalid",
-               "GIT_COMMITTER_NAME": "Dev", "GIT_COMMITTER_EMAIL": "dev@example.invalid"}
-        return subprocess.run(["git", *args], cwd=cwd, env=env, check=True, capture_output=True,
-                              text=True).stdout.strip()
 
     def commit_param(self, repo: dict, key: str, value, push: bool = True) -> str:
         from gitops_ml import demo
 
         sha = demo.bump_param(repo["path"], key, value)
         if push:
-            self.git(repo["path"], "push", "-q", "origin", "main")
+            git(repo["path"], "push", "-q", "origin", "main")
         return sha
 
     # --- gitops-ml configuration ----------------------------------------------------------
@@ -404,14 +392,15 @@ class Cluster:
                                    "--celery-hostname", f"{worker}@cluster", "--skip-serve-logs", "--without-gossip",
                                    "--without-mingle"], env, folder, isolate=True)
 
-    def start_server(self, name: str, model_name: str) -> str:
+    def start_server(self, name: str, model_name: str, wait: bool = True) -> str:
         folder = self.folder(name)
-        self.ports[name] = free_port()
+        self.ports.setdefault(name, free_port())  # the same port after a restart (watch files name it)
         env = {"GITOPS_ML_HOME": str(folder / "home"), "GITOPS_ML_MODEL_NAME": model_name,
                "MLFLOW_TRACKING_URI": self.url("mlflow")}
         self.spawn(name, [str(BIN / "gitops-ml"), "serve", "--host", "127.0.0.1", "--port", str(self.ports[name])],
                    env, folder, isolate=True)
-        self.wait_server(name)
+        if wait:
+            self.wait_server(name)
         return self.url(name)
 
     def wait_server(self, name: str) -> None:

@@ -16,7 +16,8 @@ import pytest
 
 from gitops_ml.airflow.client import AirflowClient
 from gitops_ml.airflow.steps import run_id_for
-from tests.cluster.harness import BIN, free_port
+from tests.cluster.harness import BIN
+from tests.helpers import free_port, git
 
 pytestmark = pytest.mark.cluster
 
@@ -101,8 +102,8 @@ def test_doctor_names_what_to_fix_in_a_broken_configuration(cluster, airflow, tm
     repo = cluster.create_model_repository("no-bucket", 2)
     dvc = [str(BIN / "dvc"), "remote", "modify", "s3r", "url", "s3://missing-bucket/no-bucket"]
     subprocess.run(dvc, cwd=repo["path"], check=True, capture_output=True)
-    cluster.git(repo["path"], "commit", "-qam", "DVC remote in a bucket that does not exist")
-    cluster.git(repo["path"], "push", "-q", "origin", "main")
+    git(repo["path"], "commit", "-qam", "DVC remote in a bucket that does not exist")
+    git(repo["path"], "push", "-q", "origin", "main")
     watches = [*cluster.watches, {"name": "no-bucket", "repo_url": cluster.git_url("no-bucket"),
                                   "retrain_schedule": None}]
     wrong_db = cluster.airflow_db_url.replace(cluster.secret["airflow"], "wrong-password")
