@@ -194,12 +194,12 @@ def check_replicas(urls: list[str], model_name: str, variable: str) -> list[Chec
             _http_json(f"{url}/health")
             response = httpx.get(f"{url}/version", timeout=TIMEOUT)
             if response.status_code == 503:
-                return f"{url}: up, serves nothing yet"
+                return "up, serves nothing yet"
             response.raise_for_status()
             served = response.json()
             if served.get("model_name") != model_name:
                 raise RuntimeError(f"{url} serves model {served.get('model_name')!r}, expected {model_name!r}")
-            return f"{url}: model {model_name} version {served.get('model_version')} of commit {served.get('commit_sha')}"
+            return f"model {model_name} version {served.get('model_version')} of commit {served.get('commit_sha')}"
 
         checks.append(_run(f"serving {url}", f"start the model server there or correct {variable}", probe))
     return checks

@@ -182,7 +182,7 @@ class Cluster:
     def stop(self, keep_logs: bool = False) -> Path | None:
         """End every process, remove the state; ``keep_logs``: keep the components' logs (returned)."""
         for name in reversed(list(self.procs)):
-            self.kill(name)
+            self.kill(name, signal.SIGINT if name == "postgres" else signal.SIGTERM)  # postgres: fast shutdown
         if self.git_server is not None:
             self.git_server.stop()
         if self.es_node is not None:

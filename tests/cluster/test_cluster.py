@@ -78,8 +78,10 @@ def doctor(cluster, **changes: str) -> tuple[int, dict[str, str], str]:
     env = {**os.environ, **cluster.procs["scheduler"].env, **changes}
     done = subprocess.run([str(BIN / "gitops-ml"), "doctor"], env=env, capture_output=True, text=True, timeout=600)
     lines = {}
-    for line in done.stdout.splitlines()[:-1]:
+    for line in done.stdout.splitlines():  # library log lines may be interleaved: only the checks
         status, _, rest = line.partition(" ")
+        if status not in ("OK", "FAIL", "SKIP"):
+            continue
         name, _, detail = rest.strip().partition(": ")
         lines[name] = f"{status} {detail}"
     return done.returncode, lines, done.stdout
