@@ -22,27 +22,48 @@ class ImageDecodeError(InputError):
     """The bytes are not an image Pillow can decode."""
 
 
-def decode(data: bytes, height: int, width: int, channels: int, name: str = "image") -> np.ndarray:
-    """Decode PNG/JPEG/GIF/BMP bytes to a ``float32`` array ``(height, width, channels)`` in [0, 1]."""
+def decode_pixels(data: bytes, height: int, width: int, channels: int, name: str = "image") -> np.ndarray:
+    """Decode PNG/JPEG/GIF/BMP bytes to ``uint8`` pixels ``(height, width, channels)``.
+
+    A JPEG larger than the target is decoded at a reduced scale (libjpeg's DCT scaling,
+    Pillow's ``draft``) before the resize: about twice as fast, and the same for training
+    and serving.  The pixel limit is checked on the full size before anything is decoded.
+    """
     from PIL import Image, UnidentifiedImageError  # noqa: PLC0415
 
     if not data:
         raise ImageDecodeError(f"{name} is empty")
+    mode = "L" if channels == 1 else "RGB"
     try:
         with Image.open(io.BytesIO(data), formats=FORMATS) as img:
             if img.width * img.height > MAX_PIXELS:
                 raise ImageDecodeError(f"{name} is {img.width}x{img.height} pixels, over the limit of {MAX_PIXELS}")
-            img = img.convert("L" if channels == 1 else "RGB")
-            if img.size != (width, height):
-                img = img.resize((width, height), Image.Resampling.BILINEAR)
-            array = np.asarray(img, dtype=np.float32) / 255.0
+            if img.format == "JPEG":
+                img.draft(mode, (width, height))
+            converted = img.convert(mode) if img.mode != mode else img  # a JPEG in draft mode is `mode` already
+            if converted.size != (width, height):
+                converted = converted.resize((width, height), Image.Resampling.BILINEAR)
+            pixels = np.asarray(converted, dtype=np.uint8)
     except (UnidentifiedImageError, OSError, SyntaxError, ValueError, Image.DecompressionBombError) as exc:
         raise ImageDecodeError(f"{name} is not a decodable image: {exc}") from None
-    if channels == 1:
-        array = array[..., np.newaxis]
-    return array
+    return pixels[..., np.newaxis] if channels == 1 else pixels
+
+
+def to_model_input(pixels: np.ndarray) -> np.ndarray:
+    """``uint8`` pixels (one image or a batch) -> the model's ``float32`` input in [0, 1]."""
+    return np.asarray(pixels, dtype=np.float32) / np.float32(255.0)
+
+
+def decode(data: bytes, height: int, width: int, channels: int, name: str = "image") -> np.ndarray:
+    """Decode PNG/JPEG/GIF/BMP bytes to a ``float32`` array ``(height, width, channels)`` in [0, 1]."""
+    return to_model_input(decode_pixels(data, height, width, channels, name))
+
+
+def read_pixels(path: str, height: int, width: int, channels: int) -> np.ndarray:
+    """``decode_pixels`` of a file; errors name the file."""
+    with open(path, "rb") as fh:
+        return decode_pixels(fh.read(), height, width, channels, name=path)
 
 
 def decode_file(path: str, height: int, width: int, channels: int) -> np.ndarray:
-    with open(path, "rb") as fh:
-        return decode(fh.read(), height, width, channels, name=path)
+    return to_model_input(read_pixels(path, height, width, channels))

@@ -250,7 +250,7 @@ def evaluate(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
     test_files = [index.files[i] for i in parts.test]
     y = [index.labels[i] for i in parts.test]
     challenger = training.evaluate(registry.load_predictor(settings, trained["run_id"], trained["model_uri"]),
-                                   training.load_arrays(test_files, params), y, index.class_names)
+                                   training.image_batches(test_files, params), y, index.class_names)
     champion_version, champion, champion_history, note = None, None, None, None
     current = registry.get_alias(settings)
     if current is not None:
@@ -264,7 +264,7 @@ def evaluate(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
             shape = {"image": {"height": meta["height"], "width": meta["width"], "channels": meta["channels"]}}
             predict = registry.load_predictor(settings, current.run_id,
                                               f"models:/{settings.model_name}/{current.version}")
-            champion = training.evaluate(predict, training.load_arrays(test_files, shape), y, index.class_names)
+            champion = training.evaluate(predict, training.image_batches(test_files, shape), y, index.class_names)
             champion_history = registry.load_run_json(settings, current.run_id, "evaluation/history.json")
     decision = gate.decide(challenger, champion, params["gate"])
     if note:

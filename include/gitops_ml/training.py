@@ -12,8 +12,12 @@ import hashlib
 import io
 import logging
 import os
+import tempfile
+import weakref
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
-from typing import Any, Callable, Iterator
+from pathlib import Path
+from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
@@ -64,24 +68,89 @@ def input_shape(params: dict) -> tuple[int, int, int]:
 
 
 def load_arrays(files: list[str], params: dict) -> np.ndarray:
-    """Decode files into one array (used for evaluation and smoke checks)."""
+    """Decode a few files into one array (a model's input example); use ``image_batches`` for many."""
     h, w, c = input_shape(params)
     return np.stack([images.decode_file(f, h, w, c) for f in files]) if files else np.zeros((0, h, w, c), np.float32)
 
 
-def make_dataset(files: list[str], labels: list[int], params: dict, shuffle: bool) -> tf.data.Dataset:
-    """``tf.data`` pipeline: decode with the serving decoder, cache, shuffle (seeded), batch, prefetch."""
+# Batches decoded ahead of the one the model is working on, and batches decoded in parallel (fixed,
+# not autotuned: tf.data's autotuner may grow buffers up to half the machine's memory).
+PREFETCH_BATCHES = 2
+PARALLEL_BATCHES = max(1, len(os.sched_getaffinity(0)))
+
+
+def max_decoded_ahead(batch_size: int) -> int:
+    """Bound on the decoded images the pipeline holds at once, whatever the dataset size: the
+    prefetched batches, the batches being decoded in parallel and the one the model works on."""
+    return (PREFETCH_BATCHES + PARALLEL_BATCHES + 1) * batch_size
+
+
+class PixelCache:
+    """Decoded ``uint8`` pixels of a file list on disk: one fixed-size record per file in one file.
+
+    The first epoch decodes each image and writes its record; later epochs read it back with one
+    ``pread`` (no memory mapping: the pages stay in the OS page cache, outside the process).  The
+    file is unlinked as soon as it is created, so nothing is left on disk when training ends or
+    the process dies; it takes ``len(files) * height * width * channels`` bytes meanwhile.
+    """
+
+    def __init__(self, files: list[str], shape: tuple[int, int, int], folder: str | os.PathLike | None):
+        self.files = files
+        self.shape = shape
+        self.record_bytes = int(np.prod(shape))
+        fd, path = tempfile.mkstemp(prefix=".decoded-pixels-", dir=folder)
+        os.unlink(path)
+        self._fd = fd
+        self._stored = bytearray(len(files))  # 1 once record i is on disk
+        self._finalizer = weakref.finalize(self, os.close, fd)
+
+    def pixels(self, i: int) -> np.ndarray:
+        offset = i * self.record_bytes
+        if self._stored[i]:
+            return np.frombuffer(os.pread(self._fd, self.record_bytes, offset), np.uint8).reshape(self.shape)
+        pixels = images.read_pixels(self.files[i], *self.shape)
+        os.pwrite(self._fd, pixels.tobytes(), offset)
+        self._stored[i] = 1
+        return pixels
+
+    def disk_bytes(self) -> int:
+        return os.fstat(self._fd).st_size
+
+    def close(self) -> None:
+        self._finalizer()
+
+
+def make_dataset(files: list[str], labels: list[int], params: dict, shuffle: bool,
+                 cache: PixelCache | None = None, batch_size: int | None = None) -> tf.data.Dataset:
+    """Streaming ``tf.data`` pipeline: shuffle indices (seeded), batch, decode with the serving decoder, prefetch.
+
+    Only file indices are shuffled, so the shuffle buffer holds integers, never images; decoded
+    images alive at once are bounded by ``max_decoded_ahead(batch_size)`` whatever the dataset size.
+    With a ``PixelCache`` (over the same ``files``) an image is decoded once and read back from
+    disk in later epochs; without one every pass decodes (one pass, e.g. evaluation).
+    """
     h, w, c = input_shape(params)
+    batch_size = batch_size or params["train"]["batch_size"]
+    if cache is not None and cache.files is not files:
+        raise ValueError("the pixel cache was built for another file list")
 
-    def _load(path: tf.Tensor) -> np.ndarray:
-        return images.decode_file(path.decode(), h, w, c)
+    def _load_batch(indices: np.ndarray) -> np.ndarray:
+        load = cache.pixels if cache is not None else (lambda i: images.read_pixels(files[i], h, w, c))
+        return images.to_model_input(np.stack([load(int(i)) for i in indices]))
 
-    ds = tf.data.Dataset.from_tensor_slices((files, labels))
-    ds = ds.map(lambda f, y: (tf.ensure_shape(tf.numpy_function(_load, [f], tf.float32), (h, w, c)), y),
-                num_parallel_calls=tf.data.AUTOTUNE, deterministic=True).cache()
+    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(files), dtype=np.int64), np.asarray(labels, np.int64)))
     if shuffle:
         ds = ds.shuffle(len(files), seed=params["train"]["seed"], reshuffle_each_iteration=True)
-    return ds.batch(params["train"]["batch_size"]).prefetch(tf.data.AUTOTUNE)
+    ds = ds.batch(batch_size).map(
+        lambda i, y: (tf.ensure_shape(tf.numpy_function(_load_batch, [i], tf.float32), (None, h, w, c)), y),
+        num_parallel_calls=PARALLEL_BATCHES, deterministic=True)
+    return ds.prefetch(PREFETCH_BATCHES)
+
+
+def image_batches(files: list[str], params: dict, batch_size: int = 64) -> Iterator[np.ndarray]:
+    """The model input of ``files`` in order, ``batch_size`` images at a time (evaluation: bounded memory)."""
+    for x, _ in make_dataset(files, [0] * len(files), params, shuffle=False, batch_size=batch_size):
+        yield x.numpy()
 
 
 def build_model(num_classes: int, params: dict) -> keras.Model:
@@ -212,13 +281,16 @@ def check_output(model: keras.Model, sample: np.ndarray, class_names: list[str],
                              "gitops-ml does not add one")
 
 
-def train(index: ImageIndex, params: dict,
-          code: model_code.ModelCode | None = None) -> tuple[keras.Model, dict[str, list[float]], Split]:
+def train(index: ImageIndex, params: dict, code: model_code.ModelCode | None = None,
+          cache_dir: str | os.PathLike | None = None) -> tuple[keras.Model, dict[str, list[float]], Split]:
     """Seed everything, split, build (the commit's ``build_model`` or the built-in CNN), check, fit.
 
     With model code, every call into it runs under ``running_model_code`` and every failure is a
     ``ModelCodeError`` naming the file and line.  Returns the model, the per-epoch history and
     the split used.
+
+    Decoded images are cached on disk in ``cache_dir`` while training runs (default: next to the
+    data folder, i.e. in the commit's work tree), never in memory: see ``make_dataset``.
     """
     seed = params["train"]["seed"]
     keras.utils.set_random_seed(seed)
@@ -228,32 +300,42 @@ def train(index: ImageIndex, params: dict,
     labels = [index.labels[i] for i in parts.train]
     test_files = [index.files[i] for i in parts.test]
     test_labels = [index.labels[i] for i in parts.test]
-    with running_model_code(code, params) as module:
-        if module is None:
-            model = build_model(len(index.class_names), params)
-            augment = None
-        else:
-            model = _user_model(module, code, index.class_names, params)
-            augment = _user_augment(module, code, params)
-        check_output(model, load_arrays(files[:8], params), index.class_names, code)
-        model = compile_if_needed(model, params)
-        train_ds = make_dataset(files, labels, params, shuffle=True)
-        if augment is not None:
-            train_ds = train_ds.map(lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE)
-        try:
-            fit = model.fit(
-                train_ds,
-                validation_data=make_dataset(test_files, test_labels, params, shuffle=False) if test_files else None,
-                epochs=params["train"]["epochs"],
-                verbose=0,
-                callbacks=[_LogEpoch()],
-            )
-        except ModelCodeTimeout:
-            raise
-        except Exception as exc:  # noqa: BLE001 - with model code, a failing fit is the code's
-            if code is None:
+    if cache_dir is None and index.root:
+        cache_dir = Path(index.root).parent
+    shape = input_shape(params)
+    train_cache, test_cache = PixelCache(files, shape, cache_dir), PixelCache(test_files, shape, cache_dir)
+    try:
+        with running_model_code(code, params) as module:
+            if module is None:
+                model = build_model(len(index.class_names), params)
+                augment = None
+            else:
+                model = _user_model(module, code, index.class_names, params)
+                augment = _user_augment(module, code, params)
+            check_output(model, load_arrays(files[:8], params), index.class_names, code)
+            model = compile_if_needed(model, params)
+            train_ds = make_dataset(files, labels, params, shuffle=True, cache=train_cache)
+            if augment is not None:
+                train_ds = train_ds.map(lambda x, y: (augment(x, training=True), y),
+                                        num_parallel_calls=tf.data.AUTOTUNE)
+            try:
+                fit = model.fit(
+                    train_ds,
+                    validation_data=make_dataset(test_files, test_labels, params, shuffle=False, cache=test_cache)
+                    if test_files else None,
+                    epochs=params["train"]["epochs"],
+                    verbose=0,
+                    callbacks=[_LogEpoch()],
+                )
+            except ModelCodeTimeout:
                 raise
-            raise model_code.describe(exc, code, "training (model.fit)") from None
+            except Exception as exc:  # noqa: BLE001 - with model code, a failing fit is the code's
+                if code is None:
+                    raise
+                raise model_code.describe(exc, code, "training (model.fit)") from None
+    finally:
+        train_cache.close()
+        test_cache.close()
     history = {k: [float(v) for v in values] for k, values in fit.history.items()}
     return model, history, parts
 
@@ -315,13 +397,16 @@ def load_serving(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
     return predict
 
 
-def evaluate(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray, y: np.ndarray,
+def evaluate(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray | Iterable[np.ndarray], y: np.ndarray,
              class_names: list[str], batch_size: int = 256) -> dict[str, Any]:
-    """Accuracy, per-class precision/recall and the confusion matrix (rows: true, columns: predicted)."""
+    """Accuracy, per-class precision/recall and the confusion matrix (rows: true, columns: predicted).
+
+    ``x`` is one array or an iterable of batches in the order of ``y`` (``image_batches``); only
+    the predicted classes are kept, so memory does not grow with the number of images.
+    """
     n = len(class_names)
-    probs = np.concatenate([predict(x[i:i + batch_size]) for i in range(0, len(x), batch_size)]) \
-        if len(x) else np.zeros((0, n), np.float32)
-    predicted = probs.argmax(axis=1)
+    batches = (x[i:i + batch_size] for i in range(0, len(x), batch_size)) if isinstance(x, np.ndarray) else x
+    predicted = np.concatenate([np.zeros(0, np.int64)] + [predict(batch).argmax(axis=1) for batch in batches])
     confusion = np.zeros((n, n), dtype=np.int64)
     np.add.at(confusion, (np.asarray(y, dtype=np.int64), predicted), 1)
     true_pos = np.diag(confusion).astype(float)

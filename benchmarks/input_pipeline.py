@@ -1,0 +1,166 @@
+"""Training input pipeline: throughput and peak memory, ours against ``image_dataset_from_directory``.
+
+    python -m benchmarks.input_pipeline [--sizes 2000 20000] [--epochs 2] [--runs 1] [--side 128]
+
+The same RGB JPEG folders (``benchmarks.image_folder``: mixed sizes from 64 to 800 pixels a side,
+made once under ``.cache/bench-images`` and reused; the smaller folder is hard links to the first
+files of the larger) are read by
+
+* ours: ``data.scan_images`` + ``training.make_dataset`` with a ``training.PixelCache`` (what
+  ``training.train`` feeds ``model.fit``): shuffled, decoded by the serving decoder to
+  ``side x side x 3`` float32 in [0, 1], batches of 32;
+* the baseline: ``keras.utils.image_dataset_from_directory(image_size=(side, side),
+  batch_size=32, shuffle=True)`` (TensorFlow's own JPEG decoder and bilinear resize).
+
+Throughput is images per second while iterating the dataset for one epoch (every batch
+materialised, no model), per epoch: epoch 1 decodes every file for both; from epoch 2 on ours
+reads the decoded pixels back from its disk cache while the baseline decodes again.  Each
+(pipeline, size, run) is its own fresh interpreter; its peak RSS is the child's ``ru_maxrss``
+from ``os.wait4`` in the parent, so the runs do not pollute each other.  "RSS after imports" is
+the child's RSS before it lists the folder; the pipeline's own cost is the difference.  On a
+shared machine wall-clock rates swing with the other load; CPU time per image (all threads of
+the child, ``time.process_time``) is printed too, as the steadier figure.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+from benchmarks import image_folder
+from benchmarks._common import ROOT
+
+BATCH = 32
+SEED = 42
+PIPELINES = ("baseline", "ours")
+
+
+def _rss_kib() -> int:
+    with open("/proc/self/status") as fh:
+        return next(int(line.split()[1]) for line in fh if line.startswith("VmRSS:"))
+
+
+def child(pipeline: str, folder: Path, epochs: int, side: int) -> dict:
+    """One measurement in this (fresh) process: build the dataset, iterate ``epochs`` epochs."""
+    os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
+    import keras
+
+    from gitops_ml import data, params, training
+
+    rss_after_imports = _rss_kib()
+    started = time.perf_counter()
+    cache = None
+    if pipeline == "ours":
+        index = data.scan_images(folder, "images")
+        p = params.validate({"image": {"height": side, "width": side, "channels": 3},
+                             "train": {"epochs": epochs, "batch_size": BATCH, "learning_rate": 0.001,
+                                       "seed": SEED}})
+        cache_dir = tempfile.mkdtemp(prefix="pixel-cache-", dir=folder.parent)
+        cache = training.PixelCache(index.files, training.input_shape(p), cache_dir)
+        ds = training.make_dataset(index.files, index.labels, p, shuffle=True, cache=cache)
+    else:
+        ds = keras.utils.image_dataset_from_directory(folder, image_size=(side, side), batch_size=BATCH,
+                                                      shuffle=True, seed=SEED, verbose=False)
+    build_seconds = time.perf_counter() - started
+    per_epoch = []
+    for _ in range(epochs):
+        started, cpu_started, seen = time.perf_counter(), time.process_time(), 0
+        for x, _labels in ds:
+            seen += int(x.shape[0])
+        per_epoch.append({"images": seen, "seconds": time.perf_counter() - started,
+                          "cpu_seconds": time.process_time() - cpu_started})
+    result = {"build_seconds": build_seconds, "epochs": per_epoch, "rss_after_imports_kib": rss_after_imports}
+    if cache is not None:
+        result["cache_disk_bytes"] = cache.disk_bytes()
+        cache.close()
+        os.rmdir(cache_dir)
+    return result
+
+
+def measure(pipeline: str, folder: Path, epochs: int, side: int) -> dict:
+    """Run ``child`` in a fresh interpreter; add its peak RSS as the kernel counted it."""
+    cmd = [sys.executable, "-m", "benchmarks.input_pipeline", "--child", pipeline, "--folder", str(folder),
+           "--epochs", str(epochs), "--side", str(side)]
+    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
+    out = proc.stdout.read()
+    _, status, usage = os.wait4(proc.pid, 0)
+    proc.returncode = os.waitstatus_to_exitcode(status)
+    if proc.returncode != 0:
+        raise SystemExit(f"{pipeline} on {folder} failed with exit code {proc.returncode}")
+    result = json.loads(out.strip().splitlines()[-1])
+    result["peak_rss_kib"] = usage.ru_maxrss  # Linux: KiB
+    return result
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("--sizes", type=int, nargs="+", default=[2_000, 20_000])
+    parser.add_argument("--epochs", type=int, default=2)
+    parser.add_argument("--runs", type=int, default=1)
+    parser.add_argument("--side", type=int, default=128)
+    parser.add_argument("--child", choices=PIPELINES)
+    parser.add_argument("--folder", type=Path)
+    args = parser.parse_args()
+    if args.child:
+        print(json.dumps(child(args.child, args.folder, args.epochs, args.side)))
+        return
+
+    for size in sorted(args.sizes, reverse=True):  # the largest first: the smaller ones are links into it
+        image_folder.folder(size)
+    rows = {}
+    for size in args.sizes:
+        folder = image_folder.folder(size)
+        for run in range(args.runs):
+            for pipeline in PIPELINES if run % 2 == 0 else PIPELINES[::-1]:
+                result = measure(pipeline, folder, args.epochs, args.side)
+                rows.setdefault((size, pipeline), []).append(result)
+                rates = ", ".join(f"{e['images'] / e['seconds']:.0f} ({e['cpu_seconds'] / e['images'] * 1000:.2f} "
+                                  "CPU ms/image)" for e in result["epochs"])
+                print(f"{size:>6} {pipeline:<8} run {run + 1}: images/s per epoch {rates}; "
+                      f"peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB", flush=True)
+
+    def median_rate(size, pipeline, epoch):
+        return statistics.median(r["epochs"][epoch]["images"] / r["epochs"][epoch]["seconds"]
+                                 for r in rows[(size, pipeline)])
+
+    def median_cpu_ms(size, pipeline, epoch):
+        return statistics.median(r["epochs"][epoch]["cpu_seconds"] / r["epochs"][epoch]["images"] * 1000
+                                 for r in rows[(size, pipeline)])
+
+    def median_mib(size, pipeline, key):
+        return statistics.median(r[key] for r in rows[(size, pipeline)]) / 1024
+
+    print(f"\n{args.side}x{args.side} RGB, batch {BATCH}, {args.epochs} epochs, median of {args.runs} run(s)")
+    epochs = " | ".join(f"epoch {e + 1} images/s (CPU ms/image)" for e in range(args.epochs))
+    header = f"| images | pipeline | build s | {epochs} | peak RSS MiB | RSS after imports MiB |"
+    print(header)
+    print("|" + "---|" * (header.count("|") - 1))
+    for size in args.sizes:
+        for pipeline in PIPELINES:
+            build = statistics.median(r["build_seconds"] for r in rows[(size, pipeline)])
+            rates = " | ".join(f"{median_rate(size, pipeline, e):.0f} ({median_cpu_ms(size, pipeline, e):.2f})"
+                               for e in range(args.epochs))
+            print(f"| {size:,} | {pipeline} | {build:.1f} | {rates} | "
+                  f"{median_mib(size, pipeline, 'peak_rss_kib'):.0f} | "
+                  f"{median_mib(size, pipeline, 'rss_after_imports_kib'):.0f} |")
+        ratios = " | ".join(f"{median_rate(size, 'ours', e) / median_rate(size, 'baseline', e):.2f}x "
+                            f"({median_cpu_ms(size, 'ours', e) / median_cpu_ms(size, 'baseline', e):.2f}x)"
+                            for e in range(args.epochs))
+        print(f"| {size:,} | ratio ours/baseline | | {ratios} | "
+              f"{median_mib(size, 'ours', 'peak_rss_kib') / median_mib(size, 'baseline', 'peak_rss_kib'):.2f} | |")
+    if len(args.sizes) > 1:
+        small, large = min(args.sizes), max(args.sizes)
+        for pipeline in PIPELINES:
+            grown = median_mib(large, pipeline, "peak_rss_kib") - median_mib(small, pipeline, "peak_rss_kib")
+            print(f"{pipeline}: peak RSS at {large:,} minus at {small:,} images: {grown:+.0f} MiB")
+
+
+if __name__ == "__main__":
+    main()
