@@ -282,7 +282,8 @@ def check_output(model: keras.Model, sample: np.ndarray, class_names: list[str],
 
 
 def train(index: ImageIndex, params: dict, code: model_code.ModelCode | None = None,
-          cache_dir: str | os.PathLike | None = None) -> tuple[keras.Model, dict[str, list[float]], Split]:
+          cache_dir: str | os.PathLike | None = None,
+          ) -> tuple[keras.Model, dict[str, list[float]], Split]:
     """Seed everything, split, build (the commit's ``build_model`` or the built-in CNN), check, fit.
 
     With model code, every call into it runs under ``running_model_code`` and every failure is a
