@@ -10,6 +10,11 @@ request: ours a PNG body (batch 1) or JSON base64 PNGs (batch 32), so it also de
 and resizes; MLflow a JSON tensor (``{"inputs": ...}``).  Peak memory is the VmHWM
 of each server's process tree.
 
+The same run also serves the same trained model through our server's previous path (the Keras
+model loaded with its Python code and called through ``training.compile_predictor``), registered
+under a second model name without the code-free artifact, against the exported TF SavedModel that
+every version now carries (``ours``): the serving cost of serving without model code.
+
 Then, for our server only: how long a good request (one PNG) waits while a
 worst-case request is in flight (16 flat 2000x2000 PNGs in one JSON body: 64
 megapixels, the per-request pixel budget; a few hundred ms of decoding), against
@@ -138,6 +143,8 @@ def main() -> None:
     ours_port, mlflow_port = free_port(), free_port()
     home = fresh_home("serving-", ours_port)
     out_dir = OUT_DIR
+    import numpy as np
+
     from gitops_ml import demo, pipeline, registry
     from gitops_ml.config import Settings
 
@@ -145,12 +152,21 @@ def main() -> None:
     info = demo.init_demo(home / "demo-repo", str(home / "dvc-remote"))
     result = pipeline.run_local(settings, info["commit_sha"], deploy_model=False)
     registry.set_alias(settings, result["model_version"])
+    # The same trained model without the serving artifact: the server falls back to the Keras path.
+    keras_path = settings.with_overrides(model_name=f"{settings.model_name}-keras-path")
+    version = registry.get_version(settings, result["model_version"])
+    model, meta = registry.load_model(settings, version)
+    logged = registry.log_training(keras_path, "keras-path", {}, {}, model, {}, meta,
+                                   np.zeros((1, meta["height"], meta["width"], meta["channels"]), np.float32))
+    old = registry.register(keras_path, logged["run_id"], logged["model_uri"],
+                            {**registry.version_tags(version), "commit_sha": info["commit_sha"]})
+    registry.set_alias(keras_path, str(old.version))
+    keras_port = free_port()
     os.environ["MLFLOW_TRACKING_URI"] = settings.tracking_uri
     os.environ["PATH"] = f"{BIN}{os.pathsep}{os.environ['PATH']}"  # `mlflow models serve` execs `uvicorn`
 
     images = sorted((settings.work_dir / info["commit_sha"] / "data" / "images").rglob("*.png"))[:32]
     pngs = [p.read_bytes() for p in images]
-    import numpy as np
     from PIL import Image
 
     arrays = [(np.asarray(Image.open(p), dtype=np.float32) / 255.0)[..., None].tolist() for p in images]
@@ -158,6 +174,9 @@ def main() -> None:
         ("ours", 1): (pngs[0], "image/png"),
         ("ours", 32): (json.dumps({"images": [base64.b64encode(b).decode() for b in pngs]}).encode(),
                        "application/json"),
+        ("ours-keras", 1): (pngs[0], "image/png"),
+        ("ours-keras", 32): (json.dumps({"images": [base64.b64encode(b).decode() for b in pngs]}).encode(),
+                             "application/json"),
         ("mlflow", 1): (json.dumps({"inputs": arrays[:1]}).encode(), "application/json"),
         ("mlflow", 32): (json.dumps({"inputs": arrays}).encode(), "application/json"),
     }
@@ -167,6 +186,10 @@ def main() -> None:
         "ours": (subprocess.Popen([str(BIN / "gitops-ml"), "serve", "--port", str(ours_port)],
                                   stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True),
                  f"http://127.0.0.1:{ours_port}", "/predict", "/health"),
+        "ours-keras": (subprocess.Popen([str(BIN / "gitops-ml"), "serve", "--port", str(keras_port)],
+                                        env={**os.environ, "GITOPS_ML_MODEL_NAME": keras_path.model_name},
+                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True),
+                       f"http://127.0.0.1:{keras_port}", "/predict", "/health"),
         "mlflow": (subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m",
                                      f"models:/{settings.model_name}/{result['model_version']}",
                                      "--env-manager", "local", "-h", "127.0.0.1", "-p", str(mlflow_port)],
@@ -189,7 +212,7 @@ def main() -> None:
                 for connections in (1, 8):
                     r = wrk(base + path, body_file, ctype, connections, args.seconds, script)
                     rows.append({"server": name, "batch": batch, "clients": connections, **r})
-                    print(f"{name:6} batch {batch:2} clients {connections}: {r['rps']:8.1f} req/s "
+                    print(f"{name:10} batch {batch:2} clients {connections}: {r['rps']:8.1f} req/s "
                           f"({r['rps'] * batch:8.1f} images/s)  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
                           f"non-2xx {r['non_2xx']}", flush=True)
             if name == "ours":
@@ -214,11 +237,20 @@ def main() -> None:
             o, m = table[("ours", batch, clients)], table[("mlflow", batch, clients)]
             print(f"| {batch} | {clients} | {o['rps']:.0f} | {m['rps']:.1f} | {o['rps'] / m['rps']:.1f}x | "
                   f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} | {m['p50_ms']:.1f} / {m['p99_ms']:.1f} |")
+    print("\nserving artifact (TF SavedModel, no model code) vs the previous path (Keras model + tf.function):")
+    print("| batch | clients | artifact req/s | Keras path req/s | ratio | artifact p50 / p99 ms | Keras p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in (1, 32):
+        for clients in (1, 8):
+            o, k = table[("ours", batch, clients)], table[("ours-keras", batch, clients)]
+            print(f"| {batch} | {clients} | {o['rps']:.0f} | {k['rps']:.0f} | {o['rps'] / k['rps']:.2f}x | "
+                  f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} | {k['p50_ms']:.2f} / {k['p99_ms']:.2f} |")
     fair = next(r["fairness"] for r in rows if "fairness" in r)
     print(f"\ngood request (batch 1) alone {fair['alone_ms']:.1f} ms; while a worst-case request (64 MP) is in "
           f"flight {fair['beside_worst_ms']:.1f} ms median, {fair['beside_worst_max_ms']:.1f} ms max; "
           f"worst-case request {fair['worst_s']:.2f} s")
-    print(f"\npeak RSS: ours {rss['ours']:.0f} MB, mlflow models serve {rss['mlflow']:.0f} MB")
+    print(f"\npeak RSS: ours {rss['ours']:.0f} MB (Keras path {rss['ours-keras']:.0f} MB), "
+          f"mlflow models serve {rss['mlflow']:.0f} MB")
     (out_dir / "serving.json").write_text(json.dumps(rows, indent=2))
 
 

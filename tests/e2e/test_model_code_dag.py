@@ -53,6 +53,12 @@ class Brighten(keras.layers.Layer):
 '''
 
 
+@pytest.fixture(autouse=True)
+def patient_deploys(monkeypatch):
+    """Deploys on a loaded 2-core machine: the server loads and warms up each version before the switch."""
+    monkeypatch.setenv("GITOPS_ML_DEPLOY_TIMEOUT", "180")
+
+
 def set_params(repo, message, **sections) -> str:
     params = yaml.safe_load((repo / "params.yaml").read_text())
     for section, values in sections.items():
@@ -169,11 +175,13 @@ BAD = {
 def test_bad_model_code_fails_the_train_task_and_moves_nothing(airflow_db, settings, demo_repo, server):
     dag = load_dag()
     repo = demo_repo["path"]
-    good = set_params(repo, "fast training, open gate", train={**FAST, "timeout_minutes": 0.05}, gate=OPEN_GATE)
+    good = set_params(repo, "fast training, open gate", train=FAST, gate=OPEN_GATE)
     run = dag.test(run_conf={"commit_sha": good})
     assert run.state == "success", task_states(run)
     served, count = server.version(), len(all_versions(settings))
     for case, (text, message) in BAD.items():
+        if case == "never finishes":
+            set_params(repo, "a short time limit", train={"timeout_minutes": 0.05})
         sha = commit_file(repo, "model/model.py", text, f"bad model code: {case}")
         run = dag.test(run_conf={"commit_sha": sha})
         states = task_states(run)
@@ -191,15 +199,20 @@ import os
 import keras
 
 
+def base_model(input_shape):
+    image = keras.Input(input_shape)
+    features = keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="base_conv")(image)
+    return keras.Model(image, features, name="base")
+
+
 def build_model(input_shape, class_names, params):
-    base = keras.Sequential([keras.Input(input_shape, name="image"),
-                             keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="base_conv")],
-                            name="base")
+    base = base_model(input_shape)
     base.load_weights(os.path.join(params["weights"], "base.weights.h5"))
     base.trainable = False
-    x = keras.layers.Flatten()(base.output)
+    inputs = keras.Input(input_shape, name="image")
+    x = keras.layers.Flatten()(base(inputs))
     outputs = keras.layers.Dense(len(class_names), activation="softmax")(x)
-    return keras.Model(base.input, outputs, name="fine_tuned")
+    return keras.Model(inputs, outputs, name="fine_tuned")
 '''
 
 
@@ -220,10 +233,11 @@ def test_pretrained_weights_pinned_by_dvc_are_fine_tuned(airflow_db, settings, d
                    "train": {"epochs": 2, "batch_size": 32, "learning_rate": 0.01, "seed": 1, "test_fraction": 0.2,
                              "timeout_minutes": 10}}
     keras.utils.set_random_seed(1)
-    base = keras.Sequential([keras.Input((8, 8, 1), name="image"),
-                             keras.layers.Conv2D(8, 3, padding="same", activation="relu", name="base_conv")],
-                            name="base")
-    head = keras.Sequential([base, keras.layers.Flatten(), keras.layers.Dense(5, activation="softmax")])
+    namespace: dict = {}
+    exec(BASE_MODEL, namespace)  # the same base architecture as the model code's
+    base = namespace["base_model"]((8, 8, 1))
+    head = keras.Sequential([keras.Input((8, 8, 1)), base, keras.layers.Flatten(),
+                             keras.layers.Dense(5, activation="softmax")])
     training.compile_if_needed(head, base_params)
     x = training.load_arrays(base_index.files, base_params)
     head.fit(x, np.asarray(base_index.labels), epochs=2, verbose=0)
