@@ -241,7 +241,8 @@ def run(settings: Settings | None = None) -> list[Check]:
     checks = [watch_check,
               check_airflow_api(os.environ.get("AIRFLOW_API_URL")),
               check_metadata_db(os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")),
-              check_broker(os.environ.get("AIRFLOW__CELERY__BROKER_URL"), os.environ.get("AIRFLOW__CORE__EXECUTOR", "")),
+              check_broker(os.environ.get("AIRFLOW__CELERY__BROKER_URL"),
+                           os.environ.get("AIRFLOW__CORE__EXECUTOR", "")),
               *check_mlflow(settings),
               check_elasticsearch()]
     replicas: dict[str, tuple[str, str]] = {}

@@ -7,6 +7,7 @@ commits of a repository only move forward)."""
 from __future__ import annotations
 
 import os
+import signal
 import subprocess
 import time
 from datetime import datetime
@@ -126,3 +127,181 @@ def test_doctor_names_what_to_fix_in_a_broken_configuration(cluster, airflow, tm
     assert status == 1 and lines["git digits"].startswith("FAIL") and "watch 'digits'" in lines["git digits"], output
     assert "wrong-token" not in output
 
+
+def registry_settings(cluster, model_name: str = "digits"):
+    from gitops_ml.config import Settings
+
+    return Settings(home=cluster.folder("developer") / "home", tracking_uri=cluster.url("mlflow"),
+                    model_name=model_name)
+
+
+def versions_of(cluster, commit_sha: str, model_name: str = "digits") -> list:
+    from gitops_ml import registry
+
+    settings = registry_settings(cluster, model_name)
+    found = registry.client(settings).search_model_versions(f"name='{model_name}'")
+    return [v for v in found if registry.version_tags(v).get("commit_sha") == commit_sha]
+
+
+def champion_commit(cluster, model_name: str = "digits") -> str | None:
+    from gitops_ml import registry
+
+    champion = registry.get_alias(registry_settings(cluster, model_name))
+    return registry.version_tags(champion).get("commit_sha") if champion is not None else None
+
+
+def wait_running(airflow, watch: str, commit_sha: str, task_id: str, timeout: float = 900) -> dict:
+    """The task instance ``task_id`` of the commit's run once it is running (its hostname known)."""
+    run_id = run_id_for(commit_sha, watch=watch)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if airflow.get_run(run_id) is not None:
+            for ti in airflow.task_instances(run_id):
+                if ti["task_id"] == task_id and ti["state"] == "running" and ti.get("hostname"):
+                    return ti
+        time.sleep(0.5)
+    raise AssertionError(f"{task_id} of {run_id} never ran within {timeout:.0f} s")
+
+
+def both_replicas_serve(cluster, commit_sha: str) -> list[dict]:
+    served = [cluster.serving(name) for name in ("serve-1", "serve-2")]
+    assert all(s and s["commit_sha"] == commit_sha for s in served), served
+    return served
+
+
+def test_b_two_quick_commits_never_deploy_at_once_and_the_newest_serves_on_both_replicas(cluster, airflow):
+    repo = cluster.repos["digits"]
+    older = cluster.commit_param(repo, "train.epochs", 3)
+    newer = cluster.commit_param(repo, "train.epochs", 4)  # pushed right after: one burst
+    runs = [finished_run(airflow, "digits", sha) for sha in (older, newer)]
+    deploys = []
+    for run in runs:
+        ti = next(t for t in airflow.task_instances(run["dag_run_id"]) if t["task_id"] == "deploy")
+        deploys.append((when(ti["start_date"]), when(ti["end_date"]), ti["state"]))
+    (s1, e1, _), (s2, e2, _) = deploys
+    assert e1 <= s2 or e2 <= s1, f"the two deploys overlapped: {deploys}"
+    served = both_replicas_serve(cluster, newer)
+    assert champion_commit(cluster) == newer
+    print(f"scenario b: deploys {deploys}; both replicas serve {newer} (version {served[0]['model_version']})")
+
+
+def test_f_a_replica_down_fails_the_deploy_and_both_replicas_keep_the_previous_model(cluster, airflow):
+    repo = cluster.repos["digits"]
+    previous = both_replicas_serve(cluster, champion_commit(cluster))[0]
+    cluster.kill("serve-2")
+    try:
+        commit_sha = cluster.commit_param(repo, "train.epochs", 5)
+        run_id = run_id_for(commit_sha, watch="digits")
+        deadline = time.monotonic() + 900
+        while airflow.get_run(run_id) is None:
+            assert time.monotonic() < deadline
+            time.sleep(1)
+        run = airflow.wait_for_run(run_id, timeout=900)
+        states = {t["task_id"]: t["state"] for t in airflow.task_instances(run_id)}
+        assert run["state"] == "failed" and states["deploy"] == "failed", states
+        assert cluster.serving("serve-1")["model_version"] == previous["model_version"]
+        assert champion_commit(cluster) == previous["commit_sha"]
+    finally:
+        cluster.start_server("serve-2", "digits")
+    served = both_replicas_serve(cluster, previous["commit_sha"])
+    assert {s["model_version"] for s in served} == {previous["model_version"]}
+    print(f"scenario f: deploy of {commit_sha} failed with serve-2 down ({states}); both replicas on version "
+          f"{previous['model_version']} of {previous['commit_sha']}")
+
+
+def es_documents(cluster, run_id: str, task_id: str, try_number: int) -> list[dict]:
+    from gitops_ml import logs
+
+    client = logs.es_client(cluster.url("es"))
+    try:
+        client.indices.refresh(index=f"{logs.LOGS_INDEX}*")
+        hits = client.search(index=f"{logs.LOGS_INDEX}*", size=10_000, sort=[{"offset": "asc"}],
+                             query={"term": {"log_id": f"gitops_ml_pipeline-{task_id}-{run_id}--1-{try_number}"}})
+        return [h["_source"] for h in hits["hits"]["hits"]]
+    finally:
+        client.close()
+
+
+def log_file_lines(cluster, worker: str, run_id: str, task_id: str, try_number: int) -> list[str]:
+    path = (cluster.folder(worker) / "airflow" / "logs" / "dag_id=gitops_ml_pipeline" / f"run_id={run_id}"
+            / f"task_id={task_id}" / f"attempt={try_number}.log")
+    return [line for line in path.read_text().splitlines() if line.strip()]
+
+
+def test_c_kill_9_of_the_worker_running_train_retries_it_on_the_other_worker(cluster, airflow):
+    repo = cluster.repos["digits"]
+    commit_sha = cluster.commit_param(repo, "train.epochs", 6)
+    running = wait_running(airflow, "digits", commit_sha, "train")
+    victim = running["hostname"]
+    survivor = next(w for w in ("worker-a", "worker-b") if w != victim)
+    killed_at = time.monotonic()
+    cluster.kill(victim, signal.SIGKILL)  # the whole worker: Celery, the task supervisor and the task
+    try:
+        run = finished_run(airflow, "digits", commit_sha)
+        recovered = time.monotonic() - killed_at
+        tis = {t["task_id"]: t for t in airflow.task_instances(run["dag_run_id"])}
+        train = tis["train"]
+        assert train["try_number"] == 2 and train["hostname"] == survivor, train
+        assert len(versions_of(cluster, commit_sha)) == 1
+        both_replicas_serve(cluster, commit_sha)
+        # Every line of every finished try is in Elasticsearch, in order (the task log files on the workers'
+        # own disks against the documents).
+        for task_id, ti in tis.items():
+            if ti["state"] != "success":
+                continue
+            written = log_file_lines(cluster, ti["hostname"], run["dag_run_id"], task_id, ti["try_number"])
+            docs = wait_for(lambda: es_documents(cluster, run["dag_run_id"], task_id, ti["try_number"]),
+                            len(written))
+            assert [d["offset"] for d in docs] == list(range(1, len(written) + 1)), (task_id, len(docs), len(written))
+        print(f"scenario c: killed {victim} during train; retried on {survivor}, run succeeded "
+              f"{recovered:.0f} s after the kill; one model version")
+    finally:
+        cluster.start_worker(victim, cluster.watches)
+
+
+def wait_for(fetch, count: int, timeout: float = 60) -> list:
+    deadline = time.monotonic() + timeout
+    while True:
+        found = fetch()
+        if len(found) >= count or time.monotonic() > deadline:
+            return found
+        time.sleep(1)
+
+
+def test_d_scheduler_restarted_with_runs_in_flight_no_duplicate_run_no_missed_sha(cluster, airflow):
+    repo = cluster.repos["digits"]
+    first = cluster.commit_param(repo, "train.epochs", 7)
+    wait_running(airflow, "digits", first, "train")
+    cluster.kill("scheduler", signal.SIGKILL)
+    second = cluster.commit_param(repo, "train.epochs", 8)  # pushed while no scheduler runs
+    time.sleep(5)
+    control = cluster.folder("control")
+    cluster.spawn("scheduler", [str(BIN / "airflow"), "scheduler"], cluster.airflow_env(control, cluster.watches),
+                  control)
+    runs = [finished_run(airflow, "digits", sha) for sha in (first, second)]
+    listed = airflow._check(airflow._http.get("/api/v2/dags/gitops_ml_pipeline/dagRuns", params={"limit": 100}),
+                            "list runs")["dag_runs"]
+    ids = [r["dag_run_id"] for r in listed]
+    assert len(ids) == len(set(ids))
+    for sha in (first, second):
+        assert sum(sha in run_id for run_id in ids) == 1, ids
+        assert len(versions_of(cluster, sha)) == 1
+    both_replicas_serve(cluster, second)
+    print(f"scenario d: scheduler killed during {runs[0]['dag_run_id']}, {second} pushed while it was down; "
+          f"one run each, {len(ids)} pipeline runs in all")
+
+
+def test_e_mlflow_restarted_during_register_is_retried_without_a_half_registered_version(cluster, airflow):
+    repo = cluster.repos["digits"]
+    commit_sha = cluster.commit_param(repo, "train.epochs", 9)
+    wait_running(airflow, "digits", commit_sha, "register")
+    cluster.kill("mlflow", signal.SIGKILL)
+    time.sleep(10)
+    cluster.start_mlflow()
+    run = finished_run(airflow, "digits", commit_sha)
+    register = next(t for t in airflow.task_instances(run["dag_run_id"]) if t["task_id"] == "register")
+    versions = versions_of(cluster, commit_sha)
+    assert len(versions) == 1 and versions[0].status == "READY", versions
+    both_replicas_serve(cluster, commit_sha)
+    print(f"scenario e: MLflow killed during register (tries {register['try_number']}); one READY version "
+          f"{versions[0].version}")
