@@ -153,6 +153,7 @@ def cmd_demo(args) -> int:
           f"class {prediction['predictions'][0]['class']}")
     print(f"Airflow UI:      {urls['airflow']}/dags/gitops_ml_pipeline/runs/{run['dag_run_id']}")
     print(f"MLflow UI:       {urls['mlflow']}")
+    print(f"GitOps page:     {urls['airflow']}/plugin/gitops  (every commit, what serves now, roll back)")
     print("stop everything with: make stop")
     return 0
 

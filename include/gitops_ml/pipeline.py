@@ -366,17 +366,19 @@ def deploy_intent(settings: Settings, model_version: str, run_id: str,
 
 
 def deploy(settings: Settings, commit: dict[str, Any], model_version: str, params: dict[str, Any],
-           run_id: str = "local") -> dict[str, Any]:
+           run_id: str = "local", converge: bool = True, manual: dict[str, Any] | None = None) -> dict[str, Any]:
     """Promote ``model_version`` to champion and converge the server on it (see ``gitops_ml.deploy``).
 
     Every promotion and rollback is recorded: MLflow version tags, a deploy record against
     the commit, and the Git note on the commit.  A promotion whose bookkeeping a crash cut
-    short (see ``deploy_intent``) is completed by the next run.
+    short (see ``deploy_intent``) is completed by the next run.  ``converge=False`` (a person's
+    rollback, ``gitops_ml.rollback``) skips the convergence rule; ``manual`` (who, what) goes into
+    the deploy record.
     """
     from gitops_ml import deploy as deploy_mod, registry  # noqa: PLC0415
 
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    newer = superseded_by(settings, commit)
+    newer = superseded_by(settings, commit) if converge else None
     if newer:
         current = registry.get_alias(settings)
         log.warning("NOT DEPLOYED: commit %s is older than commit %s, which is already serving on branch %s; "
@@ -412,7 +414,7 @@ def deploy(settings: Settings, commit: dict[str, Any], model_version: str, param
                                                                              "replaced_at": now})
     record(settings, commit, run_id, "deploy", "promoted" if result["changed"] else "unchanged",
            model_version=str(model_version), previous_version=result["previous_version"], watch=result["watch"],
-           recovered_from_run=result.get("recovered_from_run"))
+           recovered_from_run=result.get("recovered_from_run"), **({"manual": manual} if manual else {}))
     return {"model_version": str(model_version), **result}
 
 

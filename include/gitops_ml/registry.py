@@ -303,3 +303,40 @@ def served_for(version: ModelVersion) -> str | None:
     """The revision ``version`` serves for: set by the deploy step, else the commit it was built from."""
     tags = version_tags(version)
     return tags.get("served_for_commit") or tags.get("commit_sha") or None
+
+
+def _summary(version: ModelVersion, experiment: str | None) -> dict[str, Any]:
+    """A model version as plain values (what the GitOps page shows)."""
+    return {"version": str(version.version), "run_id": version.run_id, "experiment_id": experiment,
+            "status": version.status, "created_at": version.creation_timestamp, "tags": version_tags(version),
+            "aliases": list(version.aliases or [])}
+
+
+def champion_summary(settings: Settings) -> dict[str, Any] | None:
+    """The champion version as plain values, or ``None`` when nothing was promoted yet."""
+    current = get_alias(settings)
+    if current is None:
+        return None
+    return _summary(current, _experiment_or_none(settings))
+
+
+def version_summaries(settings: Settings, numbers: set[str]) -> dict[str, dict[str, Any]]:
+    """The versions ``numbers`` of the model as plain values, in one registry query (a version range)."""
+    wanted = {str(n) for n in numbers if str(n).isdigit()}
+    if not wanted:
+        return {}
+    query = (f"name = '{settings.model_name}' and version_number >= {min(map(int, wanted))} "
+             f"and version_number <= {max(map(int, wanted))}")
+    try:
+        found = client(settings).search_model_versions(query, max_results=10000)
+    except MlflowException as exc:
+        if "RESOURCE_DOES_NOT_EXIST" in str(exc):
+            return {}
+        raise
+    experiment = _experiment_or_none(settings)
+    return {str(v.version): _summary(v, experiment) for v in found if str(v.version) in wanted}
+
+
+def _experiment_or_none(settings: Settings) -> str | None:
+    experiment = client(settings).get_experiment_by_name(settings.experiment_name)
+    return experiment.experiment_id if experiment is not None else None

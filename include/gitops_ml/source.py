@@ -258,3 +258,33 @@ def commit_all(path: Path, message: str, identity: tuple[str, str]) -> str:
     with repo.git.custom_environment(**env):
         repo.git.commit("--quiet", "-m", message)
     return repo.head.commit.hexsha
+
+
+def describe_commits(repo_url: str, branch: str, cache_dir: Path, commit_shas: list[str]) -> dict[str, dict]:
+    """Message, author, commit time of each SHA and whether it is still on ``branch``, from the local
+    mirror as last fetched (no fetch: cheap enough for a page that polls).  Unknown SHAs are left out."""
+    path = mirror_path(repo_url, cache_dir)
+    shas = [validate_sha(s) for s in commit_shas]
+    if not shas or not (path / "HEAD").exists():
+        return {}
+    repo = git.Repo(path)
+    try:
+        on_branch = set(repo.git.rev_list(f"refs/heads/{validate_branch(branch)}").split())
+    except git.GitCommandError:
+        on_branch = set()
+    fmt = "--format=%H%x1f%an%x1f%cI%x1f%s"
+    try:  # one git process for the whole page
+        lines = repo.git.log("--no-walk=unsorted", fmt, *shas).splitlines()
+    except git.GitCommandError:  # a SHA the mirror does not have: ask one by one
+        lines = []
+        for sha in shas:
+            try:
+                lines.append(repo.git.log("--no-walk", fmt, sha))
+            except git.GitCommandError:
+                continue
+    described = {}
+    for line in lines:
+        full, author, committed_at, subject = line.split("\x1f", 3)
+        described[full] = {"message": subject, "author": author, "committed_at": committed_at,
+                           "on_branch": full in on_branch}
+    return described

@@ -84,4 +84,7 @@ def create_app() -> FastAPI:
     def serving(user=Depends(airflow_user)):
         return RedirectResponse(Settings.from_env().serving_url + "/version")
 
+    from gitops_ml.airflow import gitops_view  # noqa: PLC0415
+
+    gitops_view.add_routes(app, airflow_user)  # the GitOps page, its JSON and the roll-back action
     return app

@@ -2,8 +2,9 @@
 
 The run note is the first thing the Airflow UI shows of a run; the watcher writes why the
 run exists ("push: build commit ..."), and when the run ends this listener appends the
-outcome the tasks pushed as XCom ``gitops_ml_outcome``: ``PROMOTED: version 3 replaced
-version 2``, ``NOT PROMOTED: ...`` with the gate's reasons, ``NOT DEPLOYED: ... older than``,
+outcome the tasks pushed as XCom ``gitops_ml_outcome`` (after the decision and the gate's
+result: ``decision: trained; gate passed: test accuracy 0.9611 against champion version 2's
+0.9583``): ``PROMOTED: version 3 replaced version 2``, ``NOT PROMOTED: ...`` with the gate's reasons, ``NOT DEPLOYED: ... older than``,
 ``NO RETRAIN NEEDED ...``, ``REJECTED ...`` or ``FAILED in step X: message``.
 
 Listeners run where Airflow changes a run's state (the scheduler, the API server for a
@@ -37,10 +38,16 @@ def with_outcome(note: str | None, outcome: str) -> str:
 def _outcome_of(dag_run, session) -> str | None:
     from airflow.models.xcom import XComModel  # noqa: PLC0415
 
+    from gitops_ml.history import note_lines  # noqa: PLC0415
+
     rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key=OUTCOME_KEY)).all()
     values = [(row.timestamp, XComModel.deserialize_value(row)) for row in rows]
     if values:
-        return str(max(values, key=lambda item: item[0])[1])
+        steps = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key="return_value",
+                                                   task_ids=["prepare_workspace", "evaluate"])).all()
+        returned = {row.task_id: XComModel.deserialize_value(row) for row in steps}
+        lines = note_lines({k: v for k, v in returned.items() if isinstance(v, dict)})
+        return "\n".join([*lines, str(max(values, key=lambda item: item[0])[1])])
     failed = [ti.task_id for ti in dag_run.get_task_instances(state=["failed", "upstream_failed"], session=session)]
     return f"FAILED in step {failed[0]}" if failed else None
 

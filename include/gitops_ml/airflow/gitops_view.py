@@ -1,0 +1,173 @@
+"""The GitOps page of the Airflow UI: an external view (``/gitops-ml/ui``) the UI shows in its own
+frame, and the JSON it polls (``/gitops-ml/api/history``), served by the plugin's FastAPI app
+inside the API server; and the roll-back/promote action (``POST /gitops-ml/api/deploy``).
+
+Why an external view and not a React app: the page is server-side data (the Airflow DB, MLflow,
+the replicas, Git, the run records) rendered as a table that polls; a React app would need a
+JavaScript toolchain and a bundle to build and ship for what a small HTML page and one script do.
+The frame is same-origin, so the browser sends the UI's session cookie with every request
+and Airflow's auth manager decides (``get_user`` + ``requires_access_dag``); the page follows the
+UI's light/dark theme by reading the parent document's color mode.
+
+This module only translates: it reads the pipeline runs of one page from the metadata DB
+(read-only: one query for the runs, one for their task instances, one for their XComs) and
+hands them to ``gitops_ml.history`` (the rows) and ``gitops_ml.rollback`` (the action).
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Any
+
+from fastapi import Depends, Query, Request
+from fastapi.responses import HTMLResponse, JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+
+from gitops_ml.airflow.run_note import OUTCOME_KEY
+from gitops_ml.history import PIPELINE_DAG_ID, TASK_ORDER
+
+PAGE = Path(__file__).with_name("static") / "gitops.html"
+ICON = PAGE.with_name("gitops.svg")
+MAX_PER_PAGE = 100
+XCOM_TASKS = ("resolve_commit", "prepare_workspace", "pull_data", "train", "evaluate", "register", "deploy")
+
+
+def _iso(value) -> str | None:
+    return value.isoformat() if value is not None else None
+
+
+def pipeline_runs(session, offset: int, limit: int, dag_id: str = PIPELINE_DAG_ID,
+                  run_id: str | None = None) -> tuple[int, list[dict[str, Any]]]:
+    """One page of the pipeline's runs (or the one run ``run_id``), newest first, with their task
+    states and XComs (four queries, none of them per run)."""
+    from airflow.models.dagrun import DagRun, DagRunNote  # noqa: PLC0415
+    from airflow.models.taskinstance import TaskInstance  # noqa: PLC0415
+    from airflow.models.xcom import XComModel  # noqa: PLC0415
+    from sqlalchemy import func, select  # noqa: PLC0415
+
+    where = [DagRun.dag_id == dag_id] + ([DagRun.run_id == run_id] if run_id is not None else [])
+    total = session.scalar(select(func.count()).select_from(DagRun).where(*where)) or 0
+    rows = session.execute(
+        select(DagRun.run_id, DagRun.state, DagRun.conf, DagRun.start_date, DagRun.end_date, DagRun.run_after,
+               DagRunNote.content)
+        .outerjoin(DagRunNote, DagRunNote.dag_run_id == DagRun.id)
+        .where(*where)
+        .order_by(DagRun.run_after.desc(), DagRun.id.desc())
+        .offset(offset).limit(limit)).all()
+    runs = {r.run_id: {"dag_id": dag_id, "run_id": r.run_id, "state": str(r.state) if r.state else None,
+                       "conf": r.conf or {}, "start_date": _iso(r.start_date), "end_date": _iso(r.end_date),
+                       "run_after": _iso(r.run_after), "note": r.content, "tasks": {}, "xcom": {}} for r in rows}
+    if runs:
+        for ti in session.execute(
+                select(TaskInstance.run_id, TaskInstance.task_id, TaskInstance.state, TaskInstance.start_date,
+                       TaskInstance.end_date, TaskInstance.try_number)
+                .where(TaskInstance.dag_id == dag_id, TaskInstance.run_id.in_(list(runs)),
+                       TaskInstance.task_id.in_(TASK_ORDER))).all():
+            runs[ti.run_id]["tasks"][ti.task_id] = {"state": str(ti.state) if ti.state else None,
+                                                    "start_date": _iso(ti.start_date), "end_date": _iso(ti.end_date),
+                                                    "try_number": ti.try_number}
+        for x in session.execute(
+                select(XComModel.run_id, XComModel.task_id, XComModel.key, XComModel.value, XComModel.timestamp)
+                .where(XComModel.dag_id == dag_id, XComModel.run_id.in_(list(runs)),
+                       XComModel.key.in_(("return_value", OUTCOME_KEY)))
+                .order_by(XComModel.timestamp)).all():
+            value = XComModel.deserialize_value(x)
+            if x.key == OUTCOME_KEY:
+                runs[x.run_id]["xcom"]["outcome"] = str(value)
+            elif x.task_id in XCOM_TASKS and isinstance(value, dict):
+                runs[x.run_id]["xcom"][x.task_id] = value
+    return total, list(runs.values())
+
+
+def may_trigger(request, user) -> bool:
+    """Whether Airflow's auth manager lets ``user`` trigger runs of the pipeline (the roll-back right)."""
+    from airflow.api_fastapi.app import get_auth_manager  # noqa: PLC0415
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails  # noqa: PLC0415
+
+    return bool(get_auth_manager().is_authorized_dag(method="POST", access_entity=DagAccessEntity.RUN,
+                                                    details=DagDetails(id=PIPELINE_DAG_ID), user=user))
+
+
+def require(request, user, method: str) -> None:
+    """403 unless ``user`` may read (``GET``) or trigger (``POST``) the pipeline's runs."""
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity  # noqa: PLC0415
+    from airflow.api_fastapi.core_api.security import requires_access_dag  # noqa: PLC0415
+
+    requires_access_dag(method, DagAccessEntity.RUN, param_dag_id=PIPELINE_DAG_ID)(request, user)
+
+
+def history_page(page: int, per_page: int, run_id: str | None = None) -> dict[str, Any]:
+    """The history JSON of one page, from the metadata DB (a read-only session) and the other stores."""
+    from airflow.utils.session import create_session  # noqa: PLC0415
+
+    from gitops_ml import history  # noqa: PLC0415
+    from gitops_ml.config import Settings  # noqa: PLC0415
+
+    per_page = max(1, min(MAX_PER_PAGE, per_page))
+    page = max(1, page)
+    with create_session() as session:
+        total, runs = pipeline_runs(session, (page - 1) * per_page, per_page, run_id=run_id)
+        session.rollback()  # read only: nothing of ours is ever written to the metadata DB
+    return history.collect(Settings.from_env(), runs, total, page, per_page,
+                           kibana_url=os.environ.get("GITOPS_ML_KIBANA_URL") or None)
+
+
+def user_name(user) -> str:
+    for getter in ("get_name", "get_id"):
+        try:
+            value = getattr(user, getter)()
+        except Exception:  # noqa: BLE001 - an auth manager's user may not implement both
+            continue
+        if value:
+            return str(value)
+    return "unknown user"
+
+
+def add_routes(app, airflow_user) -> None:
+    """The page, its JSON and the deploy action on the plugin's FastAPI ``app`` (behind ``airflow_user``)."""
+    @app.get("/static/gitops.svg")
+    def gitops_icon():
+        return Response(ICON.read_bytes(), media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
+
+    @app.get("/ui", response_class=HTMLResponse)
+    def gitops_page(request: Request, user=Depends(airflow_user)):
+        require(request, user, "GET")
+        return HTMLResponse(PAGE.read_text(encoding="utf-8"),
+                            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+
+    @app.get("/api/history")
+    async def gitops_history(request: Request, user=Depends(airflow_user), page: int = Query(1, ge=1),
+                             per_page: int = Query(25, ge=1, le=MAX_PER_PAGE),
+                             run_id: str | None = Query(None, max_length=250, pattern=r"^[A-Za-z0-9_.~:+-]+$")):
+        require(request, user, "GET")
+        body = await run_in_threadpool(history_page, page, per_page, run_id)
+        body["user"] = {"name": user_name(user), "may_deploy": may_trigger(request, user)}
+        return JSONResponse(body, headers={"Cache-Control": "no-store"})
+
+    @app.post("/api/deploy")
+    async def gitops_deploy(request: Request, user=Depends(airflow_user)):
+        """Roll back to (or promote) a registered version: JSON ``{"model_version": "3", "reason": "..."}``.
+
+        The JSON body is required: a cross-site form cannot send it without a CORS preflight, which
+        this app never allows, so the session cookie alone cannot be used to roll back."""
+        require(request, user, "POST")
+        if request.headers.get("content-type", "").split(";")[0].strip() != "application/json":
+            return JSONResponse({"error": "send the request as application/json"}, status_code=415)
+        try:
+            body = await request.json()
+        except ValueError:
+            return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
+        from gitops_ml import rollback  # noqa: PLC0415
+        from gitops_ml.config import Settings  # noqa: PLC0415
+        from gitops_ml.errors import GitopsMLError  # noqa: PLC0415
+
+        if not isinstance(body, dict):
+            return JSONResponse({"error": "expected a JSON object with model_version"}, status_code=400)
+        try:
+            result = await run_in_threadpool(rollback.deploy_version, Settings.from_env(), body.get("model_version"),
+                                             user_name(user), body.get("reason"))
+        except GitopsMLError as exc:
+            status = 400 if isinstance(exc, rollback.RollbackRefused) else 502
+            return JSONResponse({"error": str(exc)}, status_code=status)
+        return JSONResponse(result)

@@ -1,0 +1,236 @@
+"""The GitOps page in a real browser (Playwright driving Debian's Chromium) against the live embedded
+stack (``airflow standalone`` + MLflow + the model server, the demo repository watched every second).
+
+One story, screenshot at each state (``<tmp>/screenshots/*.png``; the first one is also copied to
+``docs/img/gitops-page.png`` for the README):
+
+1. the demo's first commit trains and is promoted: the page lists it, version 1, serving;
+2. a new commit appears (running, task by task) and goes live as version 2;
+3. a commit whose gate fails (``gate.min_accuracy`` 0.9999) shows NOT PROMOTED and the gate's reasons;
+4. the roll-back button on version 1 moves serving back (checked on the server's ``/version``) and the
+   rollback row appears; the page follows the UI's dark theme;
+5. a second API server of the same stack with authentication on (simple auth manager, no
+   all-admins): anonymous requests are refused, a viewer sees the page read-only and may not roll back.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import subprocess
+import time
+from pathlib import Path
+
+import httpx
+import pytest
+
+from gitops_ml import demo, stack
+from gitops_ml.airflow.client import AirflowClient
+from tests.conftest import BIN, ROOT, free_port
+
+pytestmark = pytest.mark.e2e
+
+README_IMAGE = ROOT / "docs" / "img" / "gitops-page.png"
+
+
+@pytest.fixture
+def live_stack(settings, demo_repo, tmp_path, monkeypatch):
+    """The embedded stack watching the demo repository (poll every second), no Elasticsearch."""
+    config = tmp_path / "watch.yaml"
+    config.write_text(json.dumps({"repositories": [{"name": "default", "repo_url": str(demo_repo["path"]),
+                                                    "branch": "main", "poll_interval": 1,
+                                                    "retrain_schedule": None}]}))
+    monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))
+    monkeypatch.delenv("ES_URL", raising=False)
+    ports = {"airflow_port": free_port(), "mlflow_port": free_port(),
+             "serve_port": int(settings.serving_url.rsplit(":", 1)[1])}
+    try:
+        yield stack.up(settings, **ports)
+    finally:
+        stack.down(settings)
+
+
+@pytest.fixture
+def browser():
+    from playwright.sync_api import sync_playwright
+
+    chromium = shutil.which("chromium")
+    assert chromium, "Debian's chromium is not installed (apt-get install chromium; .ci/run does it)"
+    with sync_playwright() as p:
+        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
+        yield browser
+        browser.close()
+
+
+def frame_of(page):
+    """The GitOps page inside the Airflow UI's plugin frame, once it has rendered its data."""
+    page.wait_for_selector("iframe", timeout=60_000)
+    for _ in range(120):
+        for frame in page.frames:
+            if "/gitops-ml/ui" in frame.url:
+                try:
+                    frame.wait_for_selector("body[data-loaded='true']", timeout=500)
+                    return frame
+                except Exception:  # noqa: BLE001 - not rendered yet
+                    pass
+        time.sleep(0.5)
+    raise AssertionError(f"no rendered GitOps frame; frames: {[f.url for f in page.frames]}")
+
+
+def row(frame, commit_sha):
+    return frame.locator(f"tr[data-sha='{commit_sha}']")
+
+
+def wait_row(frame, commit_sha, timeout=600, **attributes):
+    """Wait until the row of ``commit_sha`` carries ``attributes`` (``data-<name>`` values) after polling."""
+    selector = f"tr[data-sha='{commit_sha}']" + "".join(f"[data-{k.replace('_', '-')}='{v}']"
+                                                         for k, v in attributes.items())
+    frame.wait_for_selector(selector, timeout=timeout * 1000)
+    return frame.locator(selector)
+
+
+def shot(page, folder: Path, name: str) -> Path:
+    path = folder / f"{name}.png"
+    page.screenshot(path=str(path), full_page=True)
+    return path
+
+
+def served(serving_url) -> dict:
+    return httpx.get(serving_url + "/version", timeout=10).json()
+
+
+def auth_api_server(settings, tmp_path, port) -> tuple[subprocess.Popen, dict[str, str]]:
+    """A second ``airflow api-server`` of the same stack (same DB, same plugins), authentication on."""
+    passwords = tmp_path / "passwords.json"
+    passwords.write_text(json.dumps({"vera": "viewer-password", "otto": "operator-password"}))
+    env = {**os.environ, **stack.airflow_env(stack.stack_settings(settings), port),
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "vera:viewer,otto:user",
+           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+           "AIRFLOW__API_AUTH__JWT_SECRET": "gitops-page-test-jwt-secret-0123456789abcdef0123456789abcdef"}
+    log = open(tmp_path / "auth-api.log", "wb")
+    proc = subprocess.Popen([str(BIN / "airflow"), "api-server", "--port", str(port), "--host", "127.0.0.1"],
+                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    stack.wait_http(f"http://127.0.0.1:{port}/api/v2/monitor/health", 120, "API server with auth",
+                    tmp_path / "auth-api.log")
+    return proc, {"viewer": ("vera", "viewer-password"), "operator": ("otto", "operator-password")}
+
+
+def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser, tmp_path):
+    shots = tmp_path / "screenshots"
+    shots.mkdir()
+    client = AirflowClient(live_stack["airflow"])
+    client.wait_for_dag()
+    first_sha = demo_repo["commit_sha"]
+    first = client.wait_for_run(f"commit__{first_sha}", timeout=600)
+    assert first["state"] == "success", first
+
+    context = browser.new_context(viewport={"width": 1500, "height": 1000}, color_scheme="light")
+    page = context.new_page()
+    page.goto(live_stack["airflow"] + "/plugin/gitops")
+    frame = frame_of(page)
+    # 1. The demo's commit: trained, version 1, promoted and serving.
+    first_row = wait_row(frame, first_sha, timeout=60, run_state="success", decision="trained", version="1",
+                         deploy="promoted")
+    assert "serving" in first_row.inner_text()
+    assert frame.locator("#serving-version").get_attribute("data-version") == "1"
+    assert frame.locator("#serving-commit").get_attribute("data-sha") == first_sha
+    assert frame.locator("#replicas [data-agrees='true']").count() == 1
+    assert frame.evaluate("document.documentElement.dataset.theme") == "light"
+    shutil.copyfile(shot(page, shots, "1-first-commit-serving"), tmp_path / "readme.png")
+
+    # 2. A new commit appears (the watcher starts its run), runs task by task, and goes live.
+    second_sha = demo.bump_param(demo_repo["path"], "train.seed", 7, "Another seed for the digits CNN")
+    wait_row(frame, second_sha, timeout=120)
+    shot(page, shots, "2-new-commit-appears")
+    second_row = wait_row(frame, second_sha, run_state="success", version="2", deploy="promoted")
+    assert "Another seed" in second_row.inner_text()
+    frame.wait_for_selector("#serving-version[data-version='2']", timeout=30_000)
+    assert served(live_stack["serving"])["commit_sha"] == second_sha
+    shot(page, shots, "3-new-commit-live")
+
+    # 3. A commit that fails the gate: NOT PROMOTED with the gate's reasons; serving untouched.
+    failed_sha = demo.bump_param(demo_repo["path"], "gate.min_accuracy", 0.9999, "Demand 99.99 % accuracy")
+    failed_row = wait_row(frame, failed_sha, run_state="success", deploy="not_promoted")
+    text = failed_row.inner_text()
+    assert "FAILED" in text and "below gate.min_accuracy 0.9999" in text, text
+    assert failed_row.locator("[data-rollback]").count() == 0  # a failed version is never offered
+    assert served(live_stack["serving"])["commit_sha"] == second_sha
+    shot(page, shots, "4-gate-failed")
+
+    # 4. Roll back to version 1 from its row: the server serves it again, the rollback row appears.
+    assert row(frame, second_sha).locator("[data-rollback]").count() == 0  # the champion itself
+    row(frame, first_sha).locator("[data-rollback='1']").click()
+    frame.locator("[data-confirm='1']").click()
+    frame.wait_for_selector("tr[data-action='rolled back'][data-version='1']", timeout=180_000)
+    now = served(live_stack["serving"])
+    assert now["model_version"] == "1" and now["commit_sha"] == first_sha, now
+    assert frame.locator("#serving-version").get_attribute("data-version") == "1"
+    wait_row(frame, second_sha, timeout=30, deploy="rolled_back")
+    shot(page, shots, "5-rolled-back")
+    context.close()
+
+    # Dark theme: the UI's own setting (next-themes' "theme" in localStorage, as its toggle writes it).
+    dark = browser.new_context(viewport={"width": 1500, "height": 1000}, color_scheme="dark")
+    dark.add_init_script("window.localStorage.setItem('theme', 'dark')")
+    dark_page = dark.new_page()
+    dark_page.goto(live_stack["airflow"] + "/plugin/gitops")
+    dark_frame = frame_of(dark_page)
+    assert dark_page.evaluate("document.documentElement.classList.contains('dark')"), \
+        dark_page.evaluate("document.documentElement.outerHTML.slice(0, 300)")
+    dark_frame.wait_for_function("document.documentElement.dataset.theme === 'dark'", timeout=10_000)
+    background = dark_frame.evaluate("getComputedStyle(document.body).backgroundColor")
+    assert background != "rgb(255, 255, 255)", background
+    shot(dark_page, shots, "6-dark-theme")
+    dark.close()
+
+    # The page is linked from each DAG's page (a tab) and from each run's page.
+    plugins = client._check(client._http.get("/api/v2/plugins"), "plugins")["plugins"]
+    views = {(v["destination"], v.get("url_route")) for p in plugins for v in p["external_views"]}
+    assert {("nav", "gitops"), ("dag", "gitops-dag"), ("dag_run", "gitops-run")} <= views, views
+
+    # 5. Authentication on: anonymous refused, a viewer reads only, a user who may trigger may roll back.
+    port = free_port()
+    proc, users = auth_api_server(settings, tmp_path, port)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        anonymous = browser.new_context()
+        anon_page = anonymous.new_page()
+        response = anon_page.goto(base + "/gitops-ml/ui")
+        assert response.status == 401, response.status
+        anon_page.goto(base + "/plugin/gitops")
+        anon_page.wait_for_url("**/auth/login**", timeout=30_000)  # the UI sends an anonymous user to log in
+        shot(anon_page, shots, "7-anonymous-refused")
+        assert httpx.get(base + "/gitops-ml/api/history").status_code == 401
+        assert httpx.post(base + "/gitops-ml/api/deploy", json={"model_version": "2"}).status_code == 401
+        anonymous.close()
+
+        def token(role):
+            username, password = users[role]
+            answer = httpx.post(base + "/auth/token", json={"username": username, "password": password})
+            assert answer.status_code == 201, answer.text
+            return answer.json()["access_token"]
+
+        viewer = browser.new_context(viewport={"width": 1500, "height": 1000})
+        viewer.add_cookies([{"name": "_token", "value": token("viewer"), "url": base}])
+        viewer_page = viewer.new_page()
+        viewer_page.goto(base + "/plugin/gitops")
+        viewer_frame = frame_of(viewer_page)
+        viewer_frame.wait_for_selector(f"tr[data-sha='{second_sha}']", timeout=30_000)
+        assert viewer_frame.locator("[data-rollback]").count() == 0
+        assert "read-only" in viewer_frame.locator(f"tr[data-sha='{second_sha}']").inner_text()
+        shot(viewer_page, shots, "8-viewer-read-only")
+        viewer.close()
+        refused = httpx.post(base + "/gitops-ml/api/deploy", json={"model_version": "2"},
+                             headers={"Authorization": f"Bearer {token('viewer')}"})
+        assert refused.status_code == 403, refused.text
+        assert served(live_stack["serving"])["model_version"] == "1"
+        as_form = httpx.post(base + "/gitops-ml/api/deploy", data={"model_version": "2"},
+                             headers={"Authorization": f"Bearer {token('operator')}"})
+        assert as_form.status_code == 415  # only JSON (a cross-site form cannot send it)
+    finally:
+        os.killpg(proc.pid, 15)
+        proc.wait(30)
+    README_IMAGE.parent.mkdir(parents=True, exist_ok=True)
+    shutil.copyfile(tmp_path / "readme.png", README_IMAGE)

@@ -1,0 +1,137 @@
+"""The GitOps page's endpoints inside Airflow's real API app (plugins loaded from ``plugins/``, the
+simple auth manager with authentication on) over a seeded history in the real stores: the Airflow
+metadata DB, an MLflow registry, a Git mirror and the run records (``tests/history_seed.py``).
+The browser side and a real rollback are in ``tests/e2e/test_gitops_page.py``."""
+
+import pytest
+from starlette.testclient import TestClient
+
+from tests.history_seed import seed
+
+pytestmark = pytest.mark.integration
+
+COMMITS = 30
+
+
+@pytest.fixture
+def seeded_api(airflow_db, settings, tmp_path, monkeypatch):
+    monkeypatch.setenv("AIRFLOW__CORE__AUTH_MANAGER",
+                       "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager")
+    monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
+    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "test-jwt-secret-for-the-gitops-view-0123456789abcdef0123456789")
+    monkeypatch.setenv("GITOPS_ML_REPO_URL", str(tmp_path / "long-history"))
+    from airflow.api_fastapi.app import create_app, get_auth_manager
+    from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
+    from airflow.models.dagrun import DagRun
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete
+
+    from gitops_ml.config import Settings
+
+    seeded = seed(Settings.from_env(), COMMITS)
+    app = create_app(apps="core")
+
+    def token(role):
+        return get_auth_manager().generate_jwt(SimpleAuthManagerUser(username=f"a-{role}", role=role))
+
+    try:
+        with TestClient(app) as client:
+            yield client, token, seeded
+    finally:  # the session's Airflow DB is shared with other tests
+        with create_session() as session:
+            session.execute(delete(DagRun).where(DagRun.run_id.in_([f"commit__{s}" for s in seeded["shas"]])))
+
+
+def bearer(token):
+    return {"Authorization": f"Bearer {token}"}
+
+
+def test_history_pages_newest_first_with_decisions_gates_and_versions(seeded_api):
+    client, token, seeded = seeded_api
+    shas = seeded["shas"]
+    answer = client.get("/gitops-ml/api/history", params={"page": 1, "per_page": 10}, headers=bearer(token("viewer")))
+    assert answer.status_code == 200, answer.text
+    body = answer.json()
+    assert (body["total"], body["pages"], body["page"]) == (COMMITS, 3, 1)
+    rows = body["sections"][0]["rows"]
+    assert [r["commit_sha"] for r in rows] == shas[::-1][:10]  # newest first
+    assert body["user"] == {"name": "a-viewer", "may_deploy": False}
+    assert body["now_serving"]["model_version"] == seeded["champion"] == "29"
+    assert body["now_serving"]["commit_sha"] == shas[28] and body["now_serving"]["message"] == "Tune the model, step 29"
+    newest, champion = rows[0], rows[1]  # step 30 failed its gate; step 29 is the champion
+    assert newest["decision"]["text"] == "trained" and newest["deploy"]["kind"] == "not_promoted"
+    assert newest["gate"]["passed"] is False
+    assert newest["gate"]["reasons"] == ["accuracy 0.5000 is below gate.min_accuracy 0.8"]
+    assert newest["can_roll_back"] is False
+    assert champion["deploy"]["serving"] is True and champion["can_roll_back"] is False
+    assert champion["message"] == "Tune the model, step 29" and champion["author"] == "Ada Lovelace"
+    assert champion["on_branch"] is True and champion["run"]["duration_s"] == 65.0
+    assert [t["state"] for t in champion["run"]["tasks"]] == ["success"] * 8
+    assert rows[2]["can_roll_back"] is True and rows[2]["model_version"] == "28"
+    last = client.get("/gitops-ml/api/history", params={"page": 3, "per_page": 10},
+                      headers=bearer(token("viewer"))).json()
+    assert [r["commit_sha"] for r in last["sections"][0]["rows"]] == shas[::-1][20:]
+    one = client.get("/gitops-ml/api/history", params={"run_id": f"commit__{shas[4]}"},
+                     headers=bearer(token("viewer"))).json()
+    assert [r["commit_sha"] for r in one["sections"][0]["rows"]] == [shas[4]]
+    assert client.get("/gitops-ml/api/history", params={"per_page": 101},
+                      headers=bearer(token("viewer"))).status_code == 422
+    assert client.get("/gitops-ml/api/history", params={"run_id": "x' OR 1=1"},
+                      headers=bearer(token("viewer"))).status_code == 422
+    user = client.get("/gitops-ml/api/history", headers=bearer(token("user"))).json()["user"]
+    assert user["may_deploy"] is True
+
+
+def test_page_needs_a_login_and_read_access(seeded_api):
+    client, token, _ = seeded_api
+    for method, path in (("GET", "/gitops-ml/ui"), ("GET", "/gitops-ml/api/history"), ("POST", "/gitops-ml/api/deploy")):
+        assert client.request(method, path).status_code == 401, path
+        assert client.request(method, path, headers=bearer("forged")).status_code == 403, path
+        assert client.request(method, path, headers=bearer(token(None))).status_code == 403, path
+    page = client.get("/gitops-ml/ui", headers=bearer(token("viewer")))
+    assert page.status_code == 200 and "<h1>GitOps</h1>" in page.text
+    client.cookies.set("_token", token("viewer"))  # the UI's session cookie, as the frame sends it
+    assert client.get("/gitops-ml/api/history").status_code == 200
+    client.cookies.clear()
+
+
+def test_deploy_is_for_users_who_may_trigger_and_refuses_bad_versions(seeded_api, settings):
+    client, token, seeded = seeded_api
+    viewer = client.post("/gitops-ml/api/deploy", json={"model_version": "28"}, headers=bearer(token("viewer")))
+    assert viewer.status_code == 403
+    user = bearer(token("user"))
+    assert client.post("/gitops-ml/api/deploy", data={"model_version": "28"}, headers=user).status_code == 415
+    assert client.post("/gitops-ml/api/deploy", content=b"{", headers={**user, "Content-Type": "application/json"}
+                       ).status_code == 400
+    for version, expected in (("30", "failed its gate"), ("999", "does not exist"), ("29", "already the champion"),
+                              ("../1", "must be a version number"), (["1"], "must be a version number")):
+        answer = client.post("/gitops-ml/api/deploy", json={"model_version": version}, headers=user)
+        assert answer.status_code == 400 and expected in answer.json()["error"], (version, answer.text)
+    from gitops_ml import registry
+    from gitops_ml.config import Settings
+
+    assert str(registry.get_alias(Settings.from_env()).version) == "29"  # nothing moved
+
+
+def test_plugin_views_have_url_routes_and_task_links(seeded_api):
+    client, token, _ = seeded_api
+    plugins = client.get("/api/v2/plugins", headers=bearer(token("admin"))).json()["plugins"]
+    views = [v for p in plugins if p["name"] == "gitops_ml" for v in p["external_views"]]
+    assert all(v["url_route"] for v in views if v["destination"] != "nav" or v["name"] == "GitOps"), views
+    assert {(v["destination"], v["url_route"]) for v in views if v["url_route"]} == {
+        ("nav", "gitops"), ("dag", "gitops-dag"), ("dag_run", "gitops-run")}
+    from airflow.models.taskinstancekey import TaskInstanceKey
+
+    from gitops_ml.airflow.extra_links import MLflowRunLink, ServingVersionLink
+
+    class Task:
+        def __init__(self, task_id):
+            self.task_id = task_id
+
+    key = TaskInstanceKey("gitops_ml_pipeline", "train", "commit__abc", 1)
+    assert MLflowRunLink().get_link(Task("train"), ti_key=key) == "/gitops-ml/runs/gitops_ml_pipeline/commit__abc/mlflow"
+    assert MLflowRunLink().get_link(Task("deploy"), ti_key=key) == ""
+    assert ServingVersionLink().get_link(Task("deploy"), ti_key=key) == "/gitops-ml/serving"
+    assert ServingVersionLink().get_link(Task("train"), ti_key=key) == ""
+    icon = client.get("/gitops-ml/static/gitops.svg")
+    assert icon.status_code == 200 and icon.headers["content-type"].startswith("image/svg+xml")
