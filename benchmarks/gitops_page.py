@@ -120,11 +120,11 @@ def main() -> int:
     baseline = statistics.median(medians["baseline: Airflow run list (25 runs)"])
     print(f"\n{args.commits} commits of history, median of {args.repeat} requests each, 2-core machine")
     print(f"{'request':45s} {'median ms':>10s} {'p90 ms':>8s} {'x baseline':>10s}")
-    for name, values in medians.items():
-        values = sorted(values)
-        p90 = values[max(0, int(0.9 * len(values)) - 1)]
-        print(f"{name:45s} {1000 * statistics.median(values):10.1f} {1000 * p90:8.1f} "
-              f"{statistics.median(values) / baseline:10.2f}")
+    for name, timings in medians.items():
+        ordered = sorted(timings)
+        p90 = ordered[max(0, int(0.9 * len(ordered)) - 1)]
+        print(f"{name:45s} {1000 * statistics.median(ordered):10.1f} {1000 * p90:8.1f} "
+              f"{statistics.median(ordered) / baseline:10.2f}")
     print(f"\nAPI-server CPU per history request (page 1): {1000 * cpu_per_history:.1f} ms "
           f"(all requests above: {cpu_all:.1f} s)")
     for label, interval in (("idle", IDLE_POLL_S), ("a run going", RUNNING_POLL_S)):

@@ -16,7 +16,7 @@ from __future__ import annotations
 
 import subprocess
 import uuid
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 from gitops_ml import records, registry, source
@@ -61,7 +61,7 @@ def seed(settings: Settings, count: int, failed_every: int = 10) -> dict:
     mlc = registry.client(settings)
     registry.experiment_id(settings)
     mlc.create_registered_model(settings.model_name)
-    base = datetime(2026, 11, 1, tzinfo=timezone.utc)
+    base = datetime(2026, 11, 1, tzinfo=UTC)
     champion = None
     previous_promoted = None
     run_rows, ti_rows, xcom_values = [], [], []
@@ -85,14 +85,16 @@ def seed(settings: Settings, count: int, failed_every: int = 10) -> dict:
             champion, previous_promoted = number, number
         start = base + timedelta(minutes=2 * n)
         run_rows.append({"dag_id": "gitops_ml_pipeline", "run_id": run_id, "run_type": "manual",
-                         "state": "success", "conf": {"commit_sha": sha, "trigger": "push", "watch": "default"},
+                         "state": "success",
+                         "conf": {"commit_sha": sha, "trigger": "push", "watch": "default"},
                          "run_after": start, "queued_at": start, "start_date": start,
                          "end_date": start + timedelta(seconds=65), "logical_date": None})
         for i, task in enumerate(TASKS):
             skipped = failed and task in ("deploy", "record")
             ti_rows.append({"id": uuid.uuid4(), "task_id": task, "dag_id": "gitops_ml_pipeline", "run_id": run_id,
                             "map_index": -1, "try_number": 1, "pool": "default_pool", "pool_slots": 1,
-                            "state": "skipped" if skipped else "success", "start_date": start + timedelta(seconds=8 * i),
+                            "state": "skipped" if skipped else "success",
+                            "start_date": start + timedelta(seconds=8 * i),
                             "end_date": start + timedelta(seconds=8 * i + 7)})
         commit = {"repo_url": settings.repo_url, "branch": "main", "commit_sha": sha,
                   "message": f"Tune the model, step {n}", "author": "Ada Lovelace", "committed_at": start.isoformat()}

@@ -4,8 +4,8 @@ Plain functions over plain values, so the view is testable without Airflow: the 
 in the pipeline runs it read from the Airflow metadata DB (see ``gitops_ml.airflow.gitops_view``)
 as dicts; this module adds what the other stores know and builds the rows the GitOps page shows:
 
-- the run records (``records/<commit_sha>.jsonl``): the run's final outcome, deploys, manual
-  rollbacks;
+- the run records (``records/<commit_sha>.jsonl``, and the ``gitops-ml-runs`` index when
+  Elasticsearch is configured): the run's final outcome, deploys, manual rollbacks;
 - the MLflow registry: the champion alias, each version's tags (``gate``, ``gate_reasons``,
   ``test_accuracy``, ``deploy_outcome``, ``rollback_reason`` ...);
 - every serving replica's ``/version`` (``GITOPS_ML_SERVING_URL`` may list several);
@@ -18,6 +18,8 @@ the task's return value, ``"outcome"`` -> the sentence the run note ends with).
 
 from __future__ import annotations
 
+import logging
+import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -29,6 +31,8 @@ import httpx
 from gitops_ml import records
 from gitops_ml.config import Settings
 from gitops_ml.refs import redact_url
+
+log = logging.getLogger(__name__)
 
 PIPELINE_DAG_ID = "gitops_ml_pipeline"
 TASK_ORDER = ("resolve_commit", "prepare_workspace", "pull_data", "train", "evaluate", "register", "deploy", "record")
@@ -162,7 +166,8 @@ def deploy_of(version: dict[str, Any] | None, outcome: dict[str, Any] | None, ch
         return {"kind": "superseded", "text": "not deployed (superseded)", "serving": serving,
                 "detail": outcome.get("summary", "")}
     if outcome and outcome.get("gate") == "failed" and not outcome.get("deployed"):
-        return {"kind": "not_promoted", "text": "NOT PROMOTED", "serving": serving, "detail": outcome.get("summary", "")}
+        return {"kind": "not_promoted", "text": "NOT PROMOTED", "serving": serving,
+                "detail": outcome.get("summary", "")}
     if outcome and outcome.get("promoted"):
         replaced = outcome.get("replaced_version")
         return {"kind": "promoted", "text": "promoted", "serving": serving,
@@ -346,10 +351,23 @@ def manual_actions(champion: dict[str, Any] | None) -> list[dict[str, Any]]:
              "replaced_version": tags.get("replaced_version"), "reason": tags.get("manual_deploy_reason")}]
 
 
-def records_reader(settings: Settings):
-    """``records_of(commit_sha)`` over the embedded run records (``<home>/records/<sha>.jsonl``)."""
+def records_reader(settings: Settings, commit_shas: list[str], es_client=None):
+    """``records_of(commit_sha)``: the run records under ``<home>/records`` merged (by document id)
+    with the run-records index when Elasticsearch is configured (workers on other machines write
+    their records there), fetched for all ``commit_shas`` of the page in one query."""
+    indexed: dict[str, list[dict[str, Any]]] = {}
+    if es_client is not None or os.environ.get("ES_URL"):
+        from gitops_ml import logs  # noqa: PLC0415 - elasticsearch is heavy
+
+        try:
+            indexed = logs.run_records(commit_shas, client=es_client)
+        except Exception as exc:  # noqa: BLE001 - the page still shows what the other stores know
+            log.warning("run-records index not readable, showing local records only: %s", exc)
+
     def records_of(commit_sha: str) -> list[dict[str, Any]]:
-        return records.read(records.path_for(settings.records_dir, commit_sha))
+        local = records.read(records.path_for(settings.records_dir, commit_sha))
+        seen = {d["_id"] for d in local}
+        return local + [d for d in indexed.get(commit_sha, []) if d["_id"] not in seen]
 
     return records_of
 
@@ -378,5 +396,5 @@ def collect(settings: Settings, runs: list[dict[str, Any]], total: int, page: in
     commits = source.describe_commits(settings.repo_url, settings.branch, settings.git_cache_dir,
                                       sorted(s for s in shas if s)) if settings.repo_url else {}
     return build(settings, runs, total, page, per_page, versions=versions, champion=champion,
-                 replicas=replica_versions(settings), commits=commits, records_of=records_reader(settings),
-                 kibana_url=kibana_url)
+                 replicas=replica_versions(settings), commits=commits,
+                 records_of=records_reader(settings, sorted(s for s in shas if s)), kibana_url=kibana_url)

@@ -464,3 +464,18 @@ def search(home: Path, commit_sha: str, task_id: str | None = None, level: str |
     response = client.search(index=f"{LOGS_INDEX}*", query={"bool": {"filter": filters}}, size=size,
                              sort=[{"@timestamp": "asc"}, {"offset": "asc"}], ignore_unavailable=True)
     return [{"_id": hit["_id"], **hit["_source"]} for hit in response["hits"]["hits"]]
+
+
+def run_records(commit_shas: list[str], client=None, size: int = 10_000) -> dict[str, list[dict[str, Any]]]:
+    """The run records of several commits from the ``gitops-ml-runs`` index, in one query
+    (``{}`` without ``ES_URL``): what the GitOps page reads when workers write records elsewhere."""
+    client = client or es_client()
+    if client is None or not commit_shas:
+        return {}
+    response = client.search(index=f"{RUNS_INDEX}*", query={"terms": {"labels.commit_sha": list(commit_shas)}},
+                             size=size, ignore_unavailable=True)
+    found: dict[str, list[dict[str, Any]]] = {}
+    for hit in response["hits"]["hits"]:
+        doc = {"_id": hit["_id"], **hit["_source"]}
+        found.setdefault(doc["labels"]["commit_sha"], []).append(doc)
+    return found

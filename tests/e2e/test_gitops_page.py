@@ -5,8 +5,8 @@ One story, screenshot at each state (``<tmp>/screenshots/*.png``; the first one 
 ``docs/img/gitops-page.png`` for the README):
 
 1. the demo's first commit trains and is promoted: the page lists it, version 1, serving;
-2. a new commit appears (running, task by task) and goes live as version 2;
-3. a commit whose gate fails (``gate.min_accuracy`` 0.9999) shows NOT PROMOTED and the gate's reasons;
+2. two new commits pushed back to back appear (running, task by task); the first goes live;
+3. the second, whose gate fails (``gate.min_accuracy`` 0.9999), shows NOT PROMOTED and the reasons;
 4. the roll-back button on version 1 moves serving back (checked on the server's ``/version``) and the
    rollback row appears; the page follows the UI's dark theme;
 5. a second API server of the same stack with authentication on (simple auth manager, no
@@ -100,11 +100,13 @@ def served(serving_url) -> dict:
     return httpx.get(serving_url + "/version", timeout=10).json()
 
 
-def auth_api_server(settings, tmp_path, port) -> tuple[subprocess.Popen, dict[str, str]]:
-    """A second ``airflow api-server`` of the same stack (same DB, same plugins), authentication on."""
+def auth_api_server(settings, live_stack, tmp_path, port) -> tuple[subprocess.Popen, dict[str, str]]:
+    """A second ``airflow api-server`` of the same stack (same DB, plugins, MLflow, server), authentication on."""
     passwords = tmp_path / "passwords.json"
     passwords.write_text(json.dumps({"vera": "viewer-password", "otto": "operator-password"}))
-    env = {**os.environ, **stack.airflow_env(stack.stack_settings(settings), port),
+    ports = {f"{name}_port": int(live_stack[key].rsplit(":", 1)[1]) for name, key in
+             (("mlflow", "mlflow"), ("serve", "serving"))}
+    env = {**os.environ, **stack.airflow_env(stack.stack_settings(settings, airflow_port=port, **ports), port),
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "vera:viewer,otto:user",
            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
@@ -117,6 +119,7 @@ def auth_api_server(settings, tmp_path, port) -> tuple[subprocess.Popen, dict[st
     return proc, {"viewer": ("vera", "viewer-password"), "operator": ("otto", "operator-password")}
 
 
+@pytest.mark.timeout(3600)  # three trainings through the live scheduler: minutes each on a loaded machine
 def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser, tmp_path):
     shots = tmp_path / "screenshots"
     shots.mkdir()
@@ -140,24 +143,24 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
     assert frame.evaluate("document.documentElement.dataset.theme") == "light"
     shutil.copyfile(shot(page, shots, "1-first-commit-serving"), tmp_path / "readme.png")
 
-    # 2. A new commit appears (the watcher starts its run), runs task by task, and goes live.
+    # 2.+3. Two commits pushed back to back: one that trains a good model, one whose gate fails
+    # (``gate.min_accuracy`` 0.9999). Both appear, run task by task (in either order), the good one
+    # goes live, the other shows NOT PROMOTED with the gate's reasons.
     second_sha = demo.bump_param(demo_repo["path"], "train.seed", 7, "Another seed for the digits CNN")
-    wait_row(frame, second_sha, timeout=120)
-    shot(page, shots, "2-new-commit-appears")
-    second_row = wait_row(frame, second_sha, run_state="success", version="2", deploy="promoted")
-    assert "Another seed" in second_row.inner_text()
-    frame.wait_for_selector("#serving-version[data-version='2']", timeout=30_000)
-    assert served(live_stack["serving"])["commit_sha"] == second_sha
-    shot(page, shots, "3-new-commit-live")
-
-    # 3. A commit that fails the gate: NOT PROMOTED with the gate's reasons; serving untouched.
     failed_sha = demo.bump_param(demo_repo["path"], "gate.min_accuracy", 0.9999, "Demand 99.99 % accuracy")
-    failed_row = wait_row(frame, failed_sha, run_state="success", deploy="not_promoted")
+    wait_row(frame, second_sha, timeout=600)
+    wait_row(frame, failed_sha, timeout=120)
+    shot(page, shots, "2-new-commits-appear")
+    second_row = wait_row(frame, second_sha, timeout=1500, run_state="success", deploy="promoted")
+    second_version = second_row.get_attribute("data-version")
+    assert second_version not in ("", "1") and "Another seed" in second_row.inner_text()
+    failed_row = wait_row(frame, failed_sha, timeout=1500, run_state="success", deploy="not_promoted")
+    frame.wait_for_selector(f"#serving-version[data-version='{second_version}']", timeout=60_000)
+    assert served(live_stack["serving"])["commit_sha"] == second_sha
     text = failed_row.inner_text()
     assert "FAILED" in text and "below gate.min_accuracy 0.9999" in text, text
     assert failed_row.locator("[data-rollback]").count() == 0  # a failed version is never offered
-    assert served(live_stack["serving"])["commit_sha"] == second_sha
-    shot(page, shots, "4-gate-failed")
+    shot(page, shots, "3-new-commit-live-gate-failed")
 
     # 4. Roll back to version 1 from its row: the server serves it again, the rollback row appears.
     assert row(frame, second_sha).locator("[data-rollback]").count() == 0  # the champion itself
@@ -168,7 +171,7 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
     assert now["model_version"] == "1" and now["commit_sha"] == first_sha, now
     assert frame.locator("#serving-version").get_attribute("data-version") == "1"
     wait_row(frame, second_sha, timeout=30, deploy="rolled_back")
-    shot(page, shots, "5-rolled-back")
+    shot(page, shots, "4-rolled-back")
     context.close()
 
     # Dark theme: the UI's own setting (next-themes' "theme" in localStorage, as its toggle writes it).
@@ -177,12 +180,13 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
     dark_page = dark.new_page()
     dark_page.goto(live_stack["airflow"] + "/plugin/gitops")
     dark_frame = frame_of(dark_page)
-    assert dark_page.evaluate("document.documentElement.classList.contains('dark')"), \
+    assert dark_page.evaluate("document.documentElement.classList.contains('dark') || "
+                              "document.documentElement.dataset.theme === 'dark'"), \
         dark_page.evaluate("document.documentElement.outerHTML.slice(0, 300)")
     dark_frame.wait_for_function("document.documentElement.dataset.theme === 'dark'", timeout=10_000)
     background = dark_frame.evaluate("getComputedStyle(document.body).backgroundColor")
     assert background != "rgb(255, 255, 255)", background
-    shot(dark_page, shots, "6-dark-theme")
+    shot(dark_page, shots, "5-dark-theme")
     dark.close()
 
     # The page is linked from each DAG's page (a tab) and from each run's page.
@@ -192,7 +196,7 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
 
     # 5. Authentication on: anonymous refused, a viewer reads only, a user who may trigger may roll back.
     port = free_port()
-    proc, users = auth_api_server(settings, tmp_path, port)
+    proc, users = auth_api_server(settings, live_stack, tmp_path, port)
     try:
         base = f"http://127.0.0.1:{port}"
         anonymous = browser.new_context()
@@ -201,9 +205,9 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
         assert response.status == 401, response.status
         anon_page.goto(base + "/plugin/gitops")
         anon_page.wait_for_url("**/auth/login**", timeout=30_000)  # the UI sends an anonymous user to log in
-        shot(anon_page, shots, "7-anonymous-refused")
+        shot(anon_page, shots, "6-anonymous-refused")
         assert httpx.get(base + "/gitops-ml/api/history").status_code == 401
-        assert httpx.post(base + "/gitops-ml/api/deploy", json={"model_version": "2"}).status_code == 401
+        assert httpx.post(base + "/gitops-ml/api/deploy", json={"model_version": second_version}).status_code == 401
         anonymous.close()
 
         def token(role):
@@ -220,13 +224,13 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
         viewer_frame.wait_for_selector(f"tr[data-sha='{second_sha}']", timeout=30_000)
         assert viewer_frame.locator("[data-rollback]").count() == 0
         assert "read-only" in viewer_frame.locator(f"tr[data-sha='{second_sha}']").inner_text()
-        shot(viewer_page, shots, "8-viewer-read-only")
+        shot(viewer_page, shots, "7-viewer-read-only")
         viewer.close()
-        refused = httpx.post(base + "/gitops-ml/api/deploy", json={"model_version": "2"},
+        refused = httpx.post(base + "/gitops-ml/api/deploy", json={"model_version": second_version},
                              headers={"Authorization": f"Bearer {token('viewer')}"})
         assert refused.status_code == 403, refused.text
         assert served(live_stack["serving"])["model_version"] == "1"
-        as_form = httpx.post(base + "/gitops-ml/api/deploy", data={"model_version": "2"},
+        as_form = httpx.post(base + "/gitops-ml/api/deploy", data={"model_version": second_version},
                              headers={"Authorization": f"Bearer {token('operator')}"})
         assert as_form.status_code == 415  # only JSON (a cross-site form cannot send it)
     finally:

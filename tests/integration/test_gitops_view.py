@@ -18,7 +18,7 @@ def seeded_api(airflow_db, settings, tmp_path, monkeypatch):
     monkeypatch.setenv("AIRFLOW__CORE__AUTH_MANAGER",
                        "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager")
     monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
-    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "test-jwt-secret-for-the-gitops-view-0123456789abcdef0123456789")
+    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "test-jwt-secret-of-the-gitops-view-0123456789abcdef012345")
     monkeypatch.setenv("GITOPS_ML_REPO_URL", str(tmp_path / "long-history"))
     from airflow.api_fastapi.app import create_app, get_auth_manager
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
@@ -84,7 +84,8 @@ def test_history_pages_newest_first_with_decisions_gates_and_versions(seeded_api
 
 def test_page_needs_a_login_and_read_access(seeded_api):
     client, token, _ = seeded_api
-    for method, path in (("GET", "/gitops-ml/ui"), ("GET", "/gitops-ml/api/history"), ("POST", "/gitops-ml/api/deploy")):
+    for method, path in (("GET", "/gitops-ml/ui"), ("GET", "/gitops-ml/api/history"),
+                         ("POST", "/gitops-ml/api/deploy")):
         assert client.request(method, path).status_code == 401, path
         assert client.request(method, path, headers=bearer("forged")).status_code == 403, path
         assert client.request(method, path, headers=bearer(token(None))).status_code == 403, path
@@ -96,7 +97,7 @@ def test_page_needs_a_login_and_read_access(seeded_api):
 
 
 def test_deploy_is_for_users_who_may_trigger_and_refuses_bad_versions(seeded_api, settings):
-    client, token, seeded = seeded_api
+    client, token, _ = seeded_api
     viewer = client.post("/gitops-ml/api/deploy", json={"model_version": "28"}, headers=bearer(token("viewer")))
     assert viewer.status_code == 403
     user = bearer(token("user"))
@@ -129,7 +130,8 @@ def test_plugin_views_have_url_routes_and_task_links(seeded_api):
             self.task_id = task_id
 
     key = TaskInstanceKey("gitops_ml_pipeline", "train", "commit__abc", 1)
-    assert MLflowRunLink().get_link(Task("train"), ti_key=key) == "/gitops-ml/runs/gitops_ml_pipeline/commit__abc/mlflow"
+    link = MLflowRunLink().get_link(Task("train"), ti_key=key)
+    assert link == "/gitops-ml/runs/gitops_ml_pipeline/commit__abc/mlflow"
     assert MLflowRunLink().get_link(Task("deploy"), ti_key=key) == ""
     assert ServingVersionLink().get_link(Task("deploy"), ti_key=key) == "/gitops-ml/serving"
     assert ServingVersionLink().get_link(Task("train"), ti_key=key) == ""

@@ -41,7 +41,8 @@ def test_commit_url_only_for_browsable_hosts_and_never_with_credentials():
 def test_sha_from_resolved_commit_then_conf_then_run_id():
     assert history.commit_sha_of(run()) == SHA
     assert history.commit_sha_of(run(run_id="manual__x", conf={"commit_sha": OTHER})) == OTHER
-    assert history.commit_sha_of(run(run_id="manual__x", xcom={"resolve_commit": {"commit": {"commit_sha": OTHER}}})) == OTHER
+    resolved = {"resolve_commit": {"commit": {"commit_sha": OTHER}}}
+    assert history.commit_sha_of(run(run_id="manual__x", xcom=resolved)) == OTHER
     assert history.commit_sha_of(run(run_id="asset_triggered__2026")) is None
 
 
@@ -76,7 +77,8 @@ def test_gate_from_the_evaluate_step_with_both_accuracies_and_the_reasons():
 
 
 def test_deploy_outcomes():
-    assert history.deploy_of(version("3"), {"promoted": True, "deployed": True, "replaced_version": "2"}, "3", None) == \
+    promoted = {"promoted": True, "deployed": True, "replaced_version": "2"}
+    assert history.deploy_of(version("3"), promoted, "3", None) == \
         {"kind": "promoted", "text": "promoted", "serving": True, "detail": "replaced version 2"}
     failed = history.deploy_of(version("4", gate="failed"), {"gate": "failed", "deployed": False,
                                                               "summary": "NOT PROMOTED: x"}, "3", None)

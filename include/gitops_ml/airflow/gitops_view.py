@@ -14,11 +14,9 @@ This module only translates: it reads the pipeline runs of one page from the met
 hands them to ``gitops_ml.history`` (the rows) and ``gitops_ml.rollback`` (the action).
 """
 
-from __future__ import annotations
-
 import os
 from pathlib import Path
-from typing import Any
+from typing import Annotated, Any
 
 from fastapi import Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -126,18 +124,19 @@ def user_name(user) -> str:
 
 def add_routes(app, airflow_user) -> None:
     """The page, its JSON and the deploy action on the plugin's FastAPI ``app`` (behind ``airflow_user``)."""
+    User = Annotated[Any, Depends(airflow_user)]  # noqa: N806 - a type alias, local to the app
     @app.get("/static/gitops.svg")
     def gitops_icon():
         return Response(ICON.read_bytes(), media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
 
     @app.get("/ui", response_class=HTMLResponse)
-    def gitops_page(request: Request, user=Depends(airflow_user)):
+    def gitops_page(request: Request, user: User):
         require(request, user, "GET")
         return HTMLResponse(PAGE.read_text(encoding="utf-8"),
                             headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
 
     @app.get("/api/history")
-    async def gitops_history(request: Request, user=Depends(airflow_user), page: int = Query(1, ge=1),
+    async def gitops_history(request: Request, user: User, page: int = Query(1, ge=1),
                              per_page: int = Query(25, ge=1, le=MAX_PER_PAGE),
                              run_id: str | None = Query(None, max_length=250, pattern=r"^[A-Za-z0-9_.~:+-]+$")):
         require(request, user, "GET")
@@ -146,7 +145,7 @@ def add_routes(app, airflow_user) -> None:
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
     @app.post("/api/deploy")
-    async def gitops_deploy(request: Request, user=Depends(airflow_user)):
+    async def gitops_deploy(request: Request, user: User):
         """Roll back to (or promote) a registered version: JSON ``{"model_version": "3", "reason": "..."}``.
 
         The JSON body is required: a cross-site form cannot send it without a CORS preflight, which

@@ -4,8 +4,8 @@ The run note is the first thing the Airflow UI shows of a run; the watcher write
 run exists ("push: build commit ..."), and when the run ends this listener appends the
 outcome the tasks pushed as XCom ``gitops_ml_outcome`` (after the decision and the gate's
 result: ``decision: trained; gate passed: test accuracy 0.9611 against champion version 2's
-0.9583``): ``PROMOTED: version 3 replaced version 2``, ``NOT PROMOTED: ...`` with the gate's reasons, ``NOT DEPLOYED: ... older than``,
-``NO RETRAIN NEEDED ...``, ``REJECTED ...`` or ``FAILED in step X: message``.
+0.9583``): ``PROMOTED: version 3 replaced version 2``, ``NOT PROMOTED: ...`` with the gate's
+reasons, ``NOT DEPLOYED: ... older than``, ``NO RETRAIN NEEDED ...``, ``REJECTED ...`` or ``FAILED in step X: message``.
 
 Listeners run where Airflow changes a run's state (the scheduler, the API server for a
 state set in the UI, ``dag.test()``), with the run attached to that process's database
