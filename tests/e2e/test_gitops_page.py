@@ -126,7 +126,7 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
     client = AirflowClient(live_stack["airflow"])
     client.wait_for_dag()
     first_sha = demo_repo["commit_sha"]
-    first = client.wait_for_run(f"commit__{first_sha}", timeout=600)
+    first = client.wait_for_run(f"commit__{first_sha}", timeout=1500)  # a loaded 2-core machine: minutes
     assert first["state"] == "success", first
 
     context = browser.new_context(viewport={"width": 1500, "height": 1000}, color_scheme="light")
