@@ -136,6 +136,18 @@ def good_request_beside_worst_case(url: str, good: bytes, rounds: int = 7) -> di
             "beside_worst_max_ms": max(beside), "worst_s": statistics.median(worst_s)}
 
 
+def comparison_table(table: dict, ours: str, baseline: str, ours_label: str, baseline_label: str) -> None:
+    """Markdown rows: requests/s of ``ours`` and ``baseline`` per batch and client count, their ratio, latencies."""
+    print(f"\n| batch | clients | {ours_label} req/s | {baseline_label} req/s | ratio | {ours_label} p50 / p99 ms | "
+          f"{baseline_label} p50 / p99 ms |")
+    print("|---|---|---|---|---|---|---|")
+    for batch in (1, 32):
+        for clients in (1, 8):
+            o, b = table[(ours, batch, clients)], table[(baseline, batch, clients)]
+            print(f"| {batch} | {clients} | {o['rps']:.0f} | {b['rps']:.1f} | {o['rps'] / b['rps']:.2f}x | "
+                  f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} | {b['p50_ms']:.2f} / {b['p99_ms']:.2f} |")
+
+
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--seconds", type=int, default=10)
@@ -230,21 +242,9 @@ def main() -> None:
                 pass
     table = {(r["server"], r["batch"], r["clients"]): r for r in rows if "batch" in r}
     rss = {r["server"]: r["peak_rss_mb"] for r in rows if "peak_rss_mb" in r}
-    print("\n| batch | clients | ours req/s | mlflow req/s | ratio | ours p50 / p99 ms | mlflow p50 / p99 ms |")
-    print("|---|---|---|---|---|---|---|")
-    for batch in (1, 32):
-        for clients in (1, 8):
-            o, m = table[("ours", batch, clients)], table[("mlflow", batch, clients)]
-            print(f"| {batch} | {clients} | {o['rps']:.0f} | {m['rps']:.1f} | {o['rps'] / m['rps']:.1f}x | "
-                  f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} | {m['p50_ms']:.1f} / {m['p99_ms']:.1f} |")
+    comparison_table(table, "ours", "mlflow", "ours", "mlflow")
     print("\nserving artifact (TF SavedModel, no model code) vs the previous path (Keras model + tf.function):")
-    print("| batch | clients | artifact req/s | Keras path req/s | ratio | artifact p50 / p99 ms | Keras p50 / p99 ms |")
-    print("|---|---|---|---|---|---|---|")
-    for batch in (1, 32):
-        for clients in (1, 8):
-            o, k = table[("ours", batch, clients)], table[("ours-keras", batch, clients)]
-            print(f"| {batch} | {clients} | {o['rps']:.0f} | {k['rps']:.0f} | {o['rps'] / k['rps']:.2f}x | "
-                  f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} | {k['p50_ms']:.2f} / {k['p99_ms']:.2f} |")
+    comparison_table(table, "ours", "ours-keras", "artifact", "Keras path")
     fair = next(r["fairness"] for r in rows if "fairness" in r)
     print(f"\ngood request (batch 1) alone {fair['alone_ms']:.1f} ms; while a worst-case request (64 MP) is in "
           f"flight {fair['beside_worst_ms']:.1f} ms median, {fair['beside_worst_max_ms']:.1f} ms max; "
