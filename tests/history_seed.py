@@ -68,6 +68,7 @@ def seed(settings: Settings, count: int, failed_every: int = 10) -> dict:
     for n, sha in enumerate(shas, start=1):
         failed = n % failed_every == 0
         accuracy = 0.5 if failed else 0.95
+        compared = previous_promoted  # the champion this commit was judged against
         run_id = f"commit__{sha}"
         tags = registry.lineage_tags({
             "commit_sha": sha, "branch": "main", "repo_url": settings.repo_url, "data_hash": f"{n:032x}",
@@ -80,7 +81,7 @@ def seed(settings: Settings, count: int, failed_every: int = 10) -> dict:
         version = mlc.create_model_version(settings.model_name, source=str(repo), tags=tags)
         number = str(version.version)
         summary = (f"NOT PROMOTED: version {number} failed the gate: accuracy 0.5000 is below gate.min_accuracy 0.8"
-                   if failed else f"PROMOTED: version {number} replaced version {previous_promoted}")
+                   if failed else f"PROMOTED: version {number} replaced version {compared}")
         if not failed:
             champion, previous_promoted = number, number
         start = base + timedelta(minutes=2 * n)
@@ -102,13 +103,14 @@ def seed(settings: Settings, count: int, failed_every: int = 10) -> dict:
             "resolve_commit": {"commit": commit, "existing_version": None},
             "prepare_workspace": {"reuse_version": None, "inputs_hash": f"{n:032x}"},
             "train": {"run_id": uuid.uuid4().hex, "experiment_id": "1"},
-            "evaluate": {"test_accuracy": accuracy, "champion_accuracy": 0.95, "champion_version": previous_promoted,
+            "evaluate": {"test_accuracy": accuracy, "champion_accuracy": 0.95 if compared else None,
+                         "champion_version": compared,
                          "gate_passed": not failed, "gate_reasons": [tags["gitops_ml.gate_reasons"]] if failed else []},
             "register": {"model_version": number, "gate_passed": not failed},
         }, summary))
         doc = records.document(sha, run_id, "pipeline", "not_promoted" if failed else "success", summary=summary,
                                gate="failed" if failed else "passed", deployed=not failed, promoted=not failed,
-                               model=f"{settings.model_name} version {number}", replaced_version=None)
+                               model=f"{settings.model_name} version {number}", replaced_version=compared)
         records.write(settings.records_dir, doc)
     registry.set_alias(settings, champion)
     with create_session() as session:
