@@ -20,7 +20,6 @@ each run, in ``pipeline.finish``).  After every run ``du -sk`` of ``work``, ``dv
 from __future__ import annotations
 
 import argparse
-import dataclasses
 import os
 import statistics
 import subprocess
@@ -78,9 +77,9 @@ def main() -> None:
     demo.bump_param(repo, "train.epochs", args.epochs, f"train {args.epochs} epochs")
     off = Settings.from_env()
     on_home = base / "on"
-    on = dataclasses.replace(off, home=on_home, tracking_uri=f"sqlite:///{on_home / 'mlflow' / 'mlflow.db'}",
-                             artifact_root=str(on_home / "mlflow" / "artifacts"), keep_worktrees=5,
-                             keep_failed_hours=24.0)
+    on = off.with_overrides(home=on_home, tracking_uri=f"sqlite:///{on_home / 'mlflow' / 'mlflow.db'}",
+                            artifact_root=str(on_home / "mlflow" / "artifacts"), keep_worktrees=5,
+                            keep_failed_hours=24.0)
     homes = {"off": off, "on": on}
     for settings in homes.values():
         registry.experiment_id(settings)

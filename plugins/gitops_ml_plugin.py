@@ -11,15 +11,14 @@ anything else.  Airflow 3.3's UI shows an external view only when it has a ``url
 
 from __future__ import annotations
 
-import os
-
 from airflow.plugins_manager import AirflowPlugin
 
 from gitops_ml.airflow import run_note
 from gitops_ml.airflow.extra_links import MLflowRunLink, ServingVersionLink
 from gitops_ml.airflow.links import create_app
+from gitops_ml.config import Settings
 
-_MLFLOW_UI = os.environ.get("GITOPS_ML_MLFLOW_UI_URL", "http://127.0.0.1:5000")
+_MLFLOW_UI = Settings.from_env().mlflow_ui_url
 
 
 class GitopsMLPlugin(AirflowPlugin):

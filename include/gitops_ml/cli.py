@@ -62,7 +62,7 @@ def _airflow_url(args, settings: Settings) -> str:
     from gitops_ml import stack  # noqa: PLC0415
     from gitops_ml.airflow.client import DEFAULT_URL  # noqa: PLC0415
 
-    return (getattr(args, "airflow_url", None) or os.environ.get("AIRFLOW_API_URL")
+    return (getattr(args, "airflow_url", None) or settings.airflow_api_url
             or stack.recorded_urls(settings).get("airflow") or DEFAULT_URL)
 
 
@@ -307,6 +307,12 @@ def main(argv: list[str] | None = None) -> int:
     logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
                         format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
+        # Airflow, Keras, Matplotlib and MLflow, imported by some commands and by the processes the
+        # stack starts, would otherwise create their files in the user's home.
+        from gitops_ml.stack import contained_env  # noqa: PLC0415
+
+        for name, value in contained_env(Settings.from_env()).items():
+            os.environ.setdefault(name, value)
         return args.func(args)
     except GitopsMLError as exc:
         print(f"gitops-ml: error: {redact(str(exc))}", file=sys.stderr)

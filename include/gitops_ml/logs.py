@@ -37,6 +37,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from gitops_ml.config import Settings
 from gitops_ml.refs import redact
 
 log = logging.getLogger(__name__)
@@ -177,7 +178,7 @@ class SpoolHandler(logging.Handler):
 
 def shipping_configured() -> bool:
     """Whether log shipping has anywhere to go: ``ES_URL`` is set."""
-    return bool(os.environ.get("ES_URL"))
+    return bool(Settings.from_env().es_url)
 
 
 @contextmanager
@@ -269,7 +270,7 @@ class LiveFlusher(threading.Thread):
     def __init__(self, path: Path):
         super().__init__(name="gitops-ml-log-flush", daemon=True)
         self.path = path
-        self.interval = float(os.environ.get("GITOPS_ML_LOG_FLUSH_SECONDS", "1"))
+        self.interval = Settings.from_env().log_flush_seconds
         self.position = 0
         self._stopped = threading.Event()
         self.client = es_client() if self.interval > 0 else None
@@ -346,21 +347,29 @@ def spool_record(home: Path, doc: dict[str, Any]) -> None:
         os.fsync(fh.fileno())
 
 
+def es_credentials(settings: Settings) -> dict[str, Any]:
+    """Client options for ``ES_URL``: ``api_key`` (``ES_API_KEY``), or ``basic_auth`` as a (user, password)
+    pair (``ES_USERNAME``/``ES_PASSWORD``); ``ca_certs`` (``ES_CA_CERTS``).  The one mapping, also used
+    for the Airflow UI's log reader (``stack.remote_logging_env``)."""
+    options: dict[str, Any] = {}
+    if settings.es_api_key:
+        options["api_key"] = settings.es_api_key
+    elif settings.es_username:
+        options["basic_auth"] = (settings.es_username, settings.es_password)
+    if settings.es_ca_certs:
+        options["ca_certs"] = settings.es_ca_certs
+    return options
+
+
 def es_client(url: str | None = None):
-    """Client for ``ES_URL`` (API key ``ES_API_KEY``, or ``ES_USERNAME``/``ES_PASSWORD``, CA ``ES_CA_CERTS``)."""
-    url = url or os.environ.get("ES_URL")
+    """Client for ``ES_URL`` with the credentials of :func:`es_credentials`."""
+    settings = Settings.from_env()
+    url = url or settings.es_url
     if not url:
         return None
     from elasticsearch import Elasticsearch  # noqa: PLC0415
 
-    options: dict[str, Any] = {"request_timeout": 10, "max_retries": 0, "retry_on_timeout": False}
-    if os.environ.get("ES_API_KEY"):
-        options["api_key"] = os.environ["ES_API_KEY"]
-    elif os.environ.get("ES_USERNAME"):
-        options["basic_auth"] = (os.environ["ES_USERNAME"], os.environ.get("ES_PASSWORD", ""))
-    if os.environ.get("ES_CA_CERTS"):
-        options["ca_certs"] = os.environ["ES_CA_CERTS"]
-    return Elasticsearch(url, **options)
+    return Elasticsearch(url, request_timeout=10, max_retries=0, retry_on_timeout=False, **es_credentials(settings))
 
 
 def install_template(client) -> None:
@@ -391,7 +400,7 @@ def _size(path: Path) -> int:
 
 def enforce_cap(home: Path, max_bytes: int | None = None) -> int:
     """Drop the oldest spool segments past ``max_bytes``; return how many documents were dropped."""
-    max_bytes = max_bytes or int(os.environ.get("GITOPS_ML_SPOOL_MAX_BYTES", str(512 * 1024 * 1024)))
+    max_bytes = max_bytes or Settings.from_env().spool_max_bytes
     segments = _segments(home)
     total = sum(_size(p) for p in segments)
     dropped = 0

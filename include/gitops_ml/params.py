@@ -152,7 +152,7 @@ def _message(errors: list[dict[str, Any]], source: str) -> str:
         if error["type"] == "missing":
             return f"{source}: missing required key {key} ({expected})"
         return f"{source}: {key} must be {expected}, got {error['input']!r} ({_type_name(error['input'])})"
-    top = sorted((str(e["loc"][0]) for e in extra if len(e["loc"]) == 1))
+    top = sorted(str(e["loc"][0]) for e in extra if len(e["loc"]) == 1)
     if top:
         return f"{source}: unknown section(s) {', '.join(top)}; known: {', '.join(sorted(Params.model_fields))}"
     section = extra[0]["loc"][:-1]

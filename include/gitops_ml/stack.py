@@ -18,10 +18,10 @@ import os
 import signal
 import subprocess
 import sys
-import time
 from pathlib import Path
 
 import httpx
+from tenacity import Retrying, retry_if_exception_type, retry_if_result, stop_after_delay, wait_fixed
 
 from gitops_ml.config import Settings
 from gitops_ml.errors import GitopsMLError
@@ -95,9 +95,22 @@ def trigger_target(settings: Settings, watch_name: str | None = None) -> tuple[S
     return settings, {"repo_url": settings.repo_url, "branch": settings.branch}
 
 
+def contained_env(settings: Settings) -> dict[str, str]:
+    """Where the libraries gitops-ml runs keep their own files: under ``GITOPS_ML_HOME``, never in the
+    user's home (Airflow's ``~/airflow``, Keras' ``~/.keras``, Matplotlib's ``~/.cache`` and
+    ``~/.config``).  MLflow's only place for its telemetry id is the user's ``~/.config``, so its
+    telemetry is off.  Set for the CLI and every process it starts, unless the user set them."""
+    return {
+        "AIRFLOW_HOME": str(settings.airflow_home),
+        "KERAS_HOME": str(settings.home / "keras"),
+        "MPLCONFIGDIR": str(settings.home / "matplotlib"),
+        "MLFLOW_DISABLE_TELEMETRY": "true",
+    }
+
+
 def airflow_env(settings: Settings, api_port: int = 8080, project_root: Path = PROJECT_ROOT) -> dict[str, str]:
     """Environment for every Airflow process of the embedded stack (and for ``dag.test()``)."""
-    airflow_home = settings.home / "airflow"
+    airflow_home = settings.airflow_home
     return {
         "AIRFLOW_HOME": str(airflow_home),
         "AIRFLOW__CORE__DAGS_FOLDER": str(project_root / "dags"),
@@ -128,36 +141,33 @@ def airflow_env(settings: Settings, api_port: int = 8080, project_root: Path = P
         "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ.get("PATH", "")]),
         "NO_PROXY": "127.0.0.1,localhost",
         "no_proxy": "127.0.0.1,localhost",
-        **remote_logging_env(),
+        **remote_logging_env(settings),
     }
 
 
-def remote_logging_env(environ: dict[str, str] | None = None) -> dict[str, str]:
+def remote_logging_env(settings: Settings) -> dict[str, str]:
     """Airflow settings that make the UI read finished task logs from Elasticsearch (``ES_URL``).
 
     The provider's ``[elasticsearch]`` reader over our ECS documents (``gitops_ml.airflow.remote_log``);
-    credentials go to ``[elasticsearch_configs]``, never into the host URL.
+    the credentials of :func:`gitops_ml.logs.es_credentials` go to ``[elasticsearch_configs]`` (the
+    client's own options), never into the host URL.
     """
-    environ = os.environ if environ is None else environ
-    if not environ.get("ES_URL"):
+    if not settings.es_url:
         return {}
-    from gitops_ml.logs import LOGS_INDEX  # noqa: PLC0415
+    from gitops_ml.logs import LOGS_INDEX, es_credentials  # noqa: PLC0415
 
     env = {
         "AIRFLOW__LOGGING__REMOTE_LOGGING": "True",
         "AIRFLOW__LOGGING__LOGGING_CONFIG_CLASS": "gitops_ml.airflow.log_config.LOGGING_CONFIG",
-        "AIRFLOW__ELASTICSEARCH__HOST": environ["ES_URL"],
+        "AIRFLOW__ELASTICSEARCH__HOST": settings.es_url,
         "AIRFLOW__ELASTICSEARCH__INDEX_PATTERNS": f"{LOGS_INDEX}*",
         "AIRFLOW__ELASTICSEARCH__WRITE_TO_ES": "False",
         "AIRFLOW__ELASTICSEARCH__LOG_ID_TEMPLATE": "{dag_id}-{task_id}-{run_id}-{map_index}-{try_number}",
     }
-    if environ.get("ES_API_KEY"):
-        env["AIRFLOW__ELASTICSEARCH_CONFIGS__API_KEY"] = environ["ES_API_KEY"]
-    elif environ.get("ES_USERNAME"):
-        token = base64.b64encode(f"{environ['ES_USERNAME']}:{environ.get('ES_PASSWORD', '')}".encode()).decode()
-        env["AIRFLOW__ELASTICSEARCH_CONFIGS__BASIC_AUTH"] = token
-    if environ.get("ES_CA_CERTS"):
-        env["AIRFLOW__ELASTICSEARCH_CONFIGS__CA_CERTS"] = environ["ES_CA_CERTS"]
+    for option, value in es_credentials(settings).items():
+        # basic_auth: a config value is a string, which the client takes as the encoded pair
+        text = base64.b64encode(":".join(value).encode()).decode() if isinstance(value, tuple) else value
+        env[f"AIRFLOW__ELASTICSEARCH_CONFIGS__{option.upper()}"] = text
     return env
 
 
@@ -195,7 +205,20 @@ def start(settings: Settings, name: str, argv: list[str], env: dict[str, str]) -
     return proc.pid
 
 
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    try:
+        os.waitpid(pid, os.WNOHANG)  # reap it if it is our own child
+    except ChildProcessError:
+        pass
+    return False
+
+
 def stop(settings: Settings, name: str, timeout: float = 20.0) -> bool:
+    """Stop the process group of ``name``: SIGTERM, then SIGKILL after ``timeout`` seconds."""
     pid_file = _stack_dir(settings) / f"{name}.pid"
     pid = _alive(pid_file)
     pid_file.unlink(missing_ok=True)
@@ -206,32 +229,23 @@ def stop(settings: Settings, name: str, timeout: float = 20.0) -> bool:
             os.killpg(pid, sig)
         except ProcessLookupError:
             return True
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            try:
-                os.kill(pid, 0)
-            except ProcessLookupError:
-                return True
-            try:
-                os.waitpid(pid, os.WNOHANG)
-            except ChildProcessError:
-                pass
-            time.sleep(0.2)
+        if Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.2), retry=retry_if_result(lambda gone: not gone),
+                    retry_error_callback=lambda _: False)(_gone, pid):
+            return True
     return True
 
 
 def wait_http(url: str, timeout: float, what: str, log_file: Path | None = None) -> None:
-    deadline = time.monotonic() + timeout
-    last = ""
-    while time.monotonic() < deadline:
-        try:
-            if httpx.get(url, timeout=2).status_code < 500:
-                return
-        except httpx.HTTPError as exc:
-            last = str(exc)
-        time.sleep(0.5)
-    hint = f"; see {log_file}" if log_file else ""
-    raise TimeoutError(f"{what} did not answer at {url} within {timeout:.0f} s ({last}){hint}")
+    """Wait until ``url`` answers below HTTP 500; a ``TimeoutError`` names the last problem."""
+    def give_up(state) -> None:
+        error = state.outcome.exception()
+        last = str(error) if error else f"HTTP {state.outcome.result()}"
+        hint = f"; see {log_file}" if log_file else ""
+        raise TimeoutError(f"{what} did not answer at {url} within {timeout:.0f} s ({last}){hint}")
+
+    Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.5),
+             retry=retry_if_exception_type(httpx.HTTPError) | retry_if_result(lambda status: status >= 500),
+             retry_error_callback=give_up)(lambda: httpx.get(url, timeout=2).status_code)
 
 
 def recorded_urls(settings: Settings) -> dict[str, str]:

@@ -37,9 +37,9 @@ from pathlib import Path
 from typing import TYPE_CHECKING, Annotated, Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
-from pydantic_core import PydanticCustomError
 
 from gitops_ml import refs
+from gitops_ml.config import Settings
 from gitops_ml.errors import InputError
 
 if TYPE_CHECKING:
@@ -106,13 +106,13 @@ class Watch(BaseModel):
         try:
             return refs.validate_branch(value)
         except InputError as exc:
-            raise PydanticCustomError("branch", "{reason}", {"reason": str(exc)}) from None
+            raise ValueError(str(exc)) from None
 
     @model_validator(mode="after")
     def _signers_for_a_policy(self) -> Watch:
         if self.signatures != "off" and not (self.allowed_signers or self.gpg_keyring):
-            raise PydanticCustomError("signers", "signatures: {policy} needs 'allowed_signers' (SSH) and/or "
-                                      "'gpg_keyring' (GPG)", {"policy": self.signatures})
+            raise ValueError(f"signatures: {self.signatures} needs 'allowed_signers' (SSH) and/or "
+                             "'gpg_keyring' (GPG)")
         return self
 
     @property
@@ -130,7 +130,10 @@ class Watch(BaseModel):
         return f"gitops_ml_watch__{self.name}__last_sha"
 
     def webhook_secret(self) -> str:
-        return os.environ.get(self.webhook_secret_env or "GITOPS_ML_WEBHOOK_SECRET", "")
+        """The variable the watch names (``webhook_secret_env``), else ``GITOPS_ML_WEBHOOK_SECRET``."""
+        if self.webhook_secret_env:
+            return os.environ.get(self.webhook_secret_env, "")
+        return Settings.from_env().webhook_secret
 
     def public(self) -> dict[str, Any]:
         """The fields that may be shown (URL without credentials)."""
@@ -144,13 +147,12 @@ def _problem(exc: ValidationError) -> str:
     if unknown:
         return f"unknown field(s) {', '.join(unknown)}"
     error = min(errors, key=lambda e: e["loc"][:1] != ("name",))
-    if not error["loc"]:
-        return error["msg"]
+    if error["type"] == "value_error":  # a rule of ours: its message says what is wrong
+        problem = str(error["ctx"]["error"])
+        return f"field {error['loc'][0]!r}: {problem}" if error["loc"] else problem
     key = str(error["loc"][0])
     if error["type"] == "missing":
         return f"field {key!r} is missing"
-    if error["type"] == "branch":
-        return f"field {key!r}: {error['msg']}"
     return f"field {key!r} must be {Watch.model_fields[key].description}, got {error['input']!r}"
 
 
@@ -170,22 +172,20 @@ def _watch_from_dict(raw: Any, where: str) -> Watch:
 
 
 def config_path() -> Path:
-    configured = os.environ.get("GITOPS_ML_WATCH_CONFIG")
-    if configured:
-        return Path(configured)
-    return Path(os.environ.get("GITOPS_ML_HOME", str(Path.home() / ".gitops-ml"))).expanduser() / "watch.yaml"
+    return Settings.from_env().watch_config_path
 
 
 def load_watches(path: Path | None = None) -> list[Watch]:
     """Every watched repository: the YAML file, else ``GITOPS_ML_REPO_URL`` as ``default``."""
     import yaml  # noqa: PLC0415
 
-    path = Path(path) if path else config_path()
+    settings = Settings.from_env()
+    path = Path(path) if path else settings.watch_config_path
     if not path.is_file():
-        if os.environ.get("GITOPS_ML_WATCH_CONFIG"):
+        if settings.watch_config:
             raise WatchConfigError(f"watch configuration {path} does not exist (GITOPS_ML_WATCH_CONFIG)")
-        url = os.environ.get("GITOPS_ML_REPO_URL")
-        return [Watch(name="default", repo_url=url, branch=os.environ.get("GITOPS_ML_BRANCH") or "main")] if url else []
+        url = settings.repo_url
+        return [Watch(name="default", repo_url=url, branch=settings.branch)] if url else []
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

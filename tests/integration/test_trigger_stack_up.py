@@ -1,7 +1,8 @@
 """``gitops-ml stack up --airflow-port/--mlflow-port/--serve-port`` through the CLI, as a user runs it:
 nothing exported but ``GITOPS_ML_HOME``, the demo repository under it. The real embedded stack
 (``airflow standalone``, MLflow server, ``gitops-ml serve``) starts on the chosen ports, its
-processes get the repository and those ports, and ``gitops-ml trigger`` finds both by itself."""
+processes get the repository and those ports, and ``gitops-ml trigger`` finds both by itself.
+The user's home (``HOME``, an empty folder here) is left untouched: everything is under ``GITOPS_ML_HOME``."""
 
 from __future__ import annotations
 
@@ -21,11 +22,28 @@ pytestmark = pytest.mark.integration
 BIN = Path(sys.executable).parent
 
 
+def user_home(home: Path) -> Path:
+    """The ``HOME`` of the commands run on ``home``: an empty folder next to it."""
+    path = home.parent / "user-home"
+    path.mkdir(parents=True, exist_ok=True)
+    return path
+
+
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
     env = {k: v for k, v in os.environ.items()
            if not (k.startswith(("GITOPS_ML_", "AIRFLOW_API_", "AIRFLOW__", "AIRFLOW_HOME")) or k == "MLFLOW_TRACKING_URI")}
-    return subprocess.run([str(BIN / "gitops-ml"), *args], env={**env, "GITOPS_ML_HOME": str(home)},
+    return subprocess.run([str(BIN / "gitops-ml"), *args],
+                          env={**env, "GITOPS_ML_HOME": str(home), "HOME": str(user_home(home))},
                           capture_output=True, text=True, timeout=600, check=False)
+
+
+def test_a_command_that_imports_airflow_leaves_the_users_home_alone(tmp_path):
+    """``trigger`` imports Airflow, which reads and creates its home (``~/airflow`` by default)."""
+    home = tmp_path / "home"
+    result = cli(home, "trigger")
+    assert result.returncode == 2 and "no repository to trigger" in result.stderr, result.stderr[-3000:]
+    assert "airflow.cfg" not in result.stderr or str(home / "airflow" / "airflow.cfg") in result.stderr
+    assert sorted(p.name for p in user_home(home).rglob("*")) == []
 
 
 def process_env(pid_file: Path) -> dict[str, str]:
@@ -73,3 +91,4 @@ def test_stack_up_on_chosen_ports_finds_the_demo_repository(tmp_path):
         down = cli(home, "stack", "down")
     assert down.returncode == 0 and "airflow" in down.stdout, down.stdout + down.stderr
     assert not (home / "stack" / "stack.json").exists()
+    assert sorted(str(p.relative_to(user_home(home))) for p in user_home(home).rglob("*")) == []

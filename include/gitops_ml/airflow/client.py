@@ -13,7 +13,6 @@ never retried: it is the answer (404 "no such run", 409 "already exists", 401/40
 from __future__ import annotations
 
 import logging
-import os
 import time
 from typing import Any
 
@@ -22,6 +21,7 @@ from tenacity import (RetryCallState, Retrying, retry_if_exception_type, retry_i
                       wait_exponential)
 
 from gitops_ml.airflow.steps import PIPELINE_DAG_ID, run_id_for
+from gitops_ml.config import Settings
 from gitops_ml.errors import GitopsMLError
 
 log = logging.getLogger(__name__)
@@ -40,7 +40,8 @@ class AirflowClient:
 
     def __init__(self, base_url: str | None = None, timeout: float = 30.0, retry_seconds: float = 60.0,
                  backoff: float = 0.5, max_backoff: float = 8.0):
-        self.base_url = (base_url or os.environ.get("AIRFLOW_API_URL") or DEFAULT_URL).rstrip("/")
+        self.settings = Settings.from_env()
+        self.base_url = (base_url or self.settings.airflow_api_url or DEFAULT_URL).rstrip("/")
         self.retry_seconds = retry_seconds
         self.attempts = 0  # attempts of the last request
         self.last_error = ""
@@ -80,7 +81,7 @@ class AirflowClient:
         return response
 
     def _token(self) -> str:
-        user, password = os.environ.get("AIRFLOW_API_USERNAME"), os.environ.get("AIRFLOW_API_PASSWORD")
+        user, password = self.settings.airflow_api_username, self.settings.airflow_api_password
         if user and password:
             response = self._request("POST", "/auth/token", json={"username": user, "password": password})
         else:

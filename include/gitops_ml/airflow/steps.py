@@ -8,7 +8,6 @@ from __future__ import annotations
 
 import functools
 import logging
-import os
 from typing import Any, Callable
 
 from airflow.sdk import get_current_context
@@ -81,7 +80,7 @@ def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
         # The last task of a run waits a while for an unreachable Elasticsearch, so that an outage
         # during the run is delivered before the run ends; earlier tasks leave it to the later ones.
         # Without ES_URL nothing ships, so nothing waits (``logs.capture``).
-        wait = float(os.environ.get("GITOPS_ML_SHIP_WAIT_SECONDS", "60")) if fn.__name__ == "record" else 0.0
+        wait = Settings.from_env().ship_wait_seconds if fn.__name__ == "record" else 0.0
         # On a worker with remote logging, Airflow's supervisor ships the task's whole log file
         # (runner lines, stdout/stderr, warnings, tracebacks) once the task ends, with this wait.
         with logs.capture(settings_from_context(context).home, _log_labels(context, args),

@@ -62,7 +62,6 @@ import io
 import ipaddress
 import json
 import logging
-import os
 import re
 import struct
 import threading
@@ -765,6 +764,6 @@ def serve(settings: Settings, host: str, port: int) -> None:
     import uvicorn  # noqa: PLC0415
 
     check_exposure(settings, host)
-    trusted = os.environ.get("GITOPS_ML_TRUSTED_PROXIES", "").strip()
+    trusted = settings.trusted_proxies.strip()
     app = create_app(settings, admin_without_token=not settings.serving_token and is_loopback(host) and not trusted)
     uvicorn.Server(server_config(app, host, port, trusted)).run()
