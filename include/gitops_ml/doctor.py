@@ -168,7 +168,7 @@ def check_mlflow(settings: Settings) -> list[Check]:
 
 
 def check_elasticsearch() -> Check:
-    url = os.environ.get("ES_URL")
+    url = Settings.from_env().es_url
     if not url:
         return _skip("elasticsearch", "set ES_URL to ship task logs and records")
 
@@ -239,7 +239,7 @@ def run(settings: Settings | None = None) -> list[Check]:
     settings = settings or Settings.from_env()
     watch_check, watches = check_watch_file()
     checks = [watch_check,
-              check_airflow_api(os.environ.get("AIRFLOW_API_URL")),
+              check_airflow_api(settings.airflow_api_url or None),
               check_metadata_db(os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")),
               check_broker(os.environ.get("AIRFLOW__CELERY__BROKER_URL"),
                            os.environ.get("AIRFLOW__CORE__EXECUTOR", "")),

@@ -19,7 +19,6 @@ the task's return value, ``"outcome"`` -> the sentence the run note ends with).
 from __future__ import annotations
 
 import logging
-import os
 import re
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
@@ -356,7 +355,7 @@ def records_reader(settings: Settings, commit_shas: list[str], es_client=None):
     with the run-records index when Elasticsearch is configured (workers on other machines write
     their records there), fetched for all ``commit_shas`` of the page in one query."""
     indexed: dict[str, list[dict[str, Any]]] = {}
-    if es_client is not None or os.environ.get("ES_URL"):
+    if es_client is not None or settings.es_url:
         from gitops_ml import logs  # noqa: PLC0415 - elasticsearch is heavy
 
         try:
