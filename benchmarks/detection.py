@@ -55,9 +55,8 @@ import httpx
 
 from benchmarks._common import OUT_DIR, ROOT, free_port, fresh_home
 from gitops_ml.airflow.client import AirflowClient
-from gitops_ml.airflow.steps import run_id_for
+from gitops_ml.runs import PIPELINE_DAG_ID, run_id_for
 
-PIPELINE = "gitops_ml_pipeline"
 OURS, POKE = "gitops_ml_watch__", "bench_poke_watch__"
 WEBHOOK_SECRET = "bench-detection-secret"
 
@@ -351,9 +350,9 @@ def main() -> None:
         pid = stack.start(settings, "airflow", [str(Path(sys.executable).parent / "airflow"), "standalone"], env)
         stack.wait_http(base_url + "/api/v2/monitor/health", 300, "Airflow", home / "stack" / "airflow.log")
         api = Api(base_url)
-        api.wait_for_dag(PIPELINE, 300)
-        api.set_paused(PIPELINE, True)  # runs are only created, never executed: we measure detection
-        log(f"Airflow up after {time.monotonic() - t_start:.0f} s; {PIPELINE} paused")
+        api.wait_for_dag(PIPELINE_DAG_ID, 300)
+        api.set_paused(PIPELINE_DAG_ID, True)  # runs are only created, never executed: we measure detection
+        log(f"Airflow up after {time.monotonic() - t_start:.0f} s; {PIPELINE_DAG_ID} paused")
 
         start_watchers(api, watches, ["defer", "poke"])
         results["default"] = run_pair(base_url, f"{default_interval:g}s", ("defer", watches["defer"][1]),

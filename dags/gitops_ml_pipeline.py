@@ -19,6 +19,8 @@ from datetime import timedelta
 
 from airflow.sdk import Param, dag, task
 
+from gitops_ml.runs import PIPELINE_DAG_ID
+
 
 def _record_failure(context):
     from gitops_ml.airflow.steps import record_failure
@@ -27,7 +29,7 @@ def _record_failure(context):
 
 
 @dag(
-    dag_id="gitops_ml_pipeline",
+    dag_id=PIPELINE_DAG_ID,
     schedule=None,
     catchup=False,
     # Runs of different repositories (and commits) go on in parallel on the workers; deploys go one at a
@@ -77,10 +79,10 @@ def gitops_ml_pipeline():
         return steps.train(resolved, prepared, pulled)
 
     @task
-    def evaluate(resolved, prepared, pulled, trained):
+    def evaluate(resolved, prepared, trained):
         from gitops_ml.airflow import steps
 
-        return steps.evaluate(resolved, prepared, pulled, trained)
+        return steps.evaluate(resolved, prepared, trained)
 
     @task
     def register(resolved, prepared, pulled, trained, evaluated):
@@ -107,7 +109,8 @@ def gitops_ml_pipeline():
     prepared = prepare_workspace(resolved)
     pulled = pull_data(resolved, prepared)
     trained = train(resolved, prepared, pulled)
-    evaluated = evaluate(resolved, prepared, pulled, trained)
+    evaluated = evaluate(resolved, prepared, trained)
+    pulled >> evaluated  # evaluate reads the images pull_data put on disk (not its XCom)
     registered = register(resolved, prepared, pulled, trained, evaluated)
     deployed = deploy(resolved, prepared, registered)
     record(resolved, prepared, deployed)

@@ -23,6 +23,7 @@ from pathlib import Path
 from gitops_ml.config import Settings
 from gitops_ml.errors import GitopsMLError
 from gitops_ml.refs import redact
+from gitops_ml.runs import PIPELINE_DAG_ID
 
 
 def _settings(args) -> Settings:
@@ -151,7 +152,7 @@ def cmd_demo(args) -> int:
     print(f"serving URL:     {urls['serving']}  (served commit {prediction.get('commit_sha')})")
     print(f"prediction:      {sample.relative_to(settings.work_dir / commit_sha)} -> "
           f"class {prediction['predictions'][0]['class']}")
-    print(f"Airflow UI:      {urls['airflow']}/dags/gitops_ml_pipeline/runs/{run['dag_run_id']}")
+    print(f"Airflow UI:      {urls['airflow']}/dags/{PIPELINE_DAG_ID}/runs/{run['dag_run_id']}")
     print(f"MLflow UI:       {urls['mlflow']}")
     print(f"GitOps page:     {urls['airflow']}/plugin/gitops  (every commit, what serves now, roll back)")
     print("stop everything with: make stop")

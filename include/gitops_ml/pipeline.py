@@ -1,9 +1,10 @@
 """The pipeline steps, free of any orchestrator.
 
 Each step takes JSON-able values and returns a small JSON-able dict, so Airflow
-passes them through XCom and a test (or ``gitops-ml run --local``) calls them
-one after another.  Every step is idempotent for a given commit: running it
-twice gives the same result and never a second model version.
+passes them through XCom.  Every step is idempotent for a given commit: running it
+twice gives the same result and never a second model version.  The order of the steps
+and the rules between them (skip, reuse, gate, finish, failure record) are in
+``gitops_ml.flow``, which the Airflow tasks and ``gitops-ml run --local`` share.
 
     resolve -> prepare -> pull_data -> train -> evaluate -> register -> deploy -> record
 """
@@ -189,8 +190,8 @@ def lineage(commit: dict[str, Any], data_hash: str, dag_id: str | None, run_id: 
             "model_code_hash": model_code_hash}
 
 
-def train(settings: Settings, commit: dict[str, Any], workdir: str, params: dict[str, Any],
-          pulled: dict[str, Any], run_lineage: dict[str, Any]) -> dict[str, Any]:
+def train(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
+          run_lineage: dict[str, Any]) -> dict[str, Any]:
     """Train on the pulled data (with the commit's model code, if any, imported here only) and log the
     run to MLflow: params, curves, the Keras model, the code-free serving artifact, the model code."""
     import tempfile  # noqa: PLC0415
@@ -236,7 +237,7 @@ def train(settings: Settings, commit: dict[str, Any], workdir: str, params: dict
             "final_train_accuracy": history["accuracy"][-1]}
 
 
-def evaluate(settings: Settings, commit: dict[str, Any], params: dict[str, Any], pulled: dict[str, Any],
+def evaluate(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
              trained: dict[str, Any]) -> dict[str, Any]:
     """Score challenger and champion on the same held-out images of this commit; apply the gate.
 
@@ -506,28 +507,8 @@ def finish(settings: Settings, commit: dict[str, Any], run_id: str, model_versio
     return outcome
 
 
-def run_local(settings: Settings, commit_sha: str | None, run_id: str = "local", dag_id: str = "local",
-              deploy_model: bool = True) -> dict[str, Any]:
-    """Run every step in this process, in order (no Airflow): for the CLI and tests."""
-    resolved = resolve(settings, commit_sha)
-    commit = resolved["commit"]
-    prepared = prepare(settings, commit)
-    pulled = pull_data(settings, commit, prepared["workdir"], prepared["params"])
-    run_lineage = lineage(commit, pulled["data_hash"], dag_id, run_id, prepared["inputs_hash"],
-                          prepared["model_code_hash"])
-    result: dict[str, Any] = {"commit": commit, "data_hash": pulled["data_hash"]}
-    existing = resolved["existing_version"] or prepared["reuse_version"]
-    if existing:
-        gate_passed, _ = gate_of(settings, existing)
-        result.update(model_version=existing, gate_passed=gate_passed, reused=True)
-    else:
-        trained = train(settings, commit, prepared["workdir"], prepared["params"], pulled, run_lineage)
-        evaluated = evaluate(settings, commit, prepared["params"], pulled, trained)
-        registered = register(settings, trained, evaluated, run_lineage)
-        result.update(registered, test_accuracy=evaluated["test_accuracy"], mlflow_run_id=trained["run_id"],
-                      reused=False)
-    deployed = None
-    if deploy_model and result["gate_passed"]:
-        deployed = result["deploy"] = deploy(settings, commit, result["model_version"], prepared["params"], run_id)
-    result["outcome"] = finish(settings, commit, run_id, result["model_version"], deployed, result["reused"])
-    return result
+def run_local(settings: Settings, commit_sha: str | None = None, **options: Any) -> dict[str, Any]:
+    """Every step in this process, with the rules the Airflow tasks apply: see ``gitops_ml.flow.run_local``."""
+    from gitops_ml import flow  # noqa: PLC0415
+
+    return flow.run_local(settings, commit_sha, **options)

@@ -68,7 +68,7 @@ def trigger_target(settings: Settings, watch_name: str | None = None) -> tuple[S
     URL with credentials is refused: a run conf is stored in the Airflow database and shown in the UI.
     """
     from gitops_ml import watch  # noqa: PLC0415
-    from gitops_ml.airflow.steps import DEFAULT_WATCH  # noqa: PLC0415
+    from gitops_ml.runs import DEFAULT_WATCH  # noqa: PLC0415
 
     if watch_name:
         watched = watch.get_watch(watch_name)

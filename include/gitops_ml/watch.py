@@ -40,6 +40,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gitops_ml import refs
 from gitops_ml.config import Settings
+from gitops_ml.runs import DEFAULT_WATCH, watch_dag_id
 from gitops_ml.errors import InputError
 
 if TYPE_CHECKING:
@@ -127,7 +128,7 @@ class Watch(BaseModel):
     @property
     def cursor_key(self) -> str:
         """Airflow Variable holding the last commit the watcher has planned."""
-        return f"gitops_ml_watch__{self.name}__last_sha"
+        return f"{watch_dag_id(self.name)}__last_sha"
 
     def webhook_secret(self) -> str:
         """The variable the watch names (``webhook_secret_env``), else ``GITOPS_ML_WEBHOOK_SECRET``."""
@@ -185,7 +186,7 @@ def load_watches(path: Path | None = None) -> list[Watch]:
         if settings.watch_config:
             raise WatchConfigError(f"watch configuration {path} does not exist (GITOPS_ML_WATCH_CONFIG)")
         url = settings.repo_url
-        return [Watch(name="default", repo_url=url, branch=settings.branch)] if url else []
+        return [Watch(name=DEFAULT_WATCH, repo_url=url, branch=settings.branch)] if url else []
     try:
         data = yaml.safe_load(path.read_text()) or {}
     except yaml.YAMLError as exc:

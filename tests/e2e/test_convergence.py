@@ -9,7 +9,7 @@ this process), newest commit first, as a queue that started the newer run first 
 import pytest
 
 from gitops_ml import demo, registry
-from gitops_ml.airflow.steps import run_id_for
+from gitops_ml.runs import run_id_for
 from tests.e2e.test_dag import load_dag, run_note, task_states
 from tests.e2e.test_watch_dags import pipeline_runs, watch_config, watcher  # noqa: F401 - fixture
 

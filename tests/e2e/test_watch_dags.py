@@ -14,7 +14,7 @@ import uuid
 import pytest
 
 from gitops_ml import records
-from gitops_ml.airflow.steps import run_id_for
+from gitops_ml.runs import run_id_for
 from tests.conftest import ROOT, commit_file, git
 
 pytestmark = pytest.mark.e2e

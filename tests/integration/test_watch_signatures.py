@@ -8,7 +8,7 @@ import subprocess
 import pytest
 
 from gitops_ml import signatures, watch
-from gitops_ml.airflow.watch_steps import run_requests
+from gitops_ml.runs import run_requests
 from gitops_ml.signatures import SignatureConfigError
 from tests.integration.test_signatures import gpg_key, run
 

@@ -65,7 +65,7 @@ def test_run_conf_with_credentials_in_repo_url_is_refused_at_trigger(watch_file)
     from airflow.dag_processing.dagbag import DagBag
     from airflow.sdk.definitions.param import ParamsDict
 
-    from gitops_ml.airflow import steps
+    from gitops_ml import flow
     from gitops_ml.errors import InputError
 
     dag = DagBag(dag_folder=str(ROOT / "dags")).dags["gitops_ml_pipeline"]
@@ -75,10 +75,10 @@ def test_run_conf_with_credentials_in_repo_url_is_refused_at_trigger(watch_file)
             params.update({"repo_url": url})
             params.validate()
         with pytest.raises(InputError, match="carries credentials") as err:
-            steps._refuse_conf_credentials(url)
+            flow.refuse_conf_credentials(url)
         assert "s3cret" not in str(err.value) and "tok@" not in str(err.value)
     for url in ("https://git.example.com/m.git", "/srv/git/m.git", "git@github.com:a/b.git", None):
         params = ParamsDict(dag.params)
         params.update({"repo_url": url})
         params.validate()
-        steps._refuse_conf_credentials(url)
+        flow.refuse_conf_credentials(url)

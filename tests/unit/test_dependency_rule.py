@@ -36,9 +36,19 @@ def test_each_backend_is_imported_by_its_owner_only():
 
 @pytest.mark.parametrize("module", ["gitops_ml.refs", "gitops_ml.records", "gitops_ml.logs", "gitops_ml.webhooks",
                                     "gitops_ml.signatures", "gitops_ml.params", "gitops_ml.config",
-                                    "gitops_ml.watch", "gitops_ml.gate", "gitops_ml.images"])
+                                    "gitops_ml.watch", "gitops_ml.gate", "gitops_ml.images", "gitops_ml.runs",
+                                    "gitops_ml.payloads"])
 def test_light_modules_load_no_backend(module):
     code = (f"import sys, json, {module}\n"
             f"print(json.dumps(sorted(m for m in {sorted(OWNERS)!r} if m in sys.modules)))\n")
+    out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
+    assert json.loads(out.strip().splitlines()[-1]) == []
+
+
+@pytest.mark.parametrize("module", ["gitops_ml.airflow.client", "gitops_ml.runs", "gitops_ml.payloads"])
+def test_library_modules_load_no_airflow(module):
+    """The REST client, run naming and payload types are library code: usable where Airflow is not installed."""
+    code = (f"import sys, json, {module}\n"
+            "print(json.dumps(sorted(m for m in sys.modules if m == 'airflow' or m.startswith('airflow.'))))\n")
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == []

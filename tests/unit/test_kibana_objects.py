@@ -30,7 +30,7 @@ from tests.conftest import ROOT
 
 NDJSON = ROOT / "include" / "kibana" / "gitops-ml.ndjson"
 PACKAGE = ROOT / "include" / "gitops_ml"
-RECORD_SOURCES = (PACKAGE / "pipeline.py", PACKAGE / "airflow" / "steps.py")  # every record(...) call
+RECORD_SOURCES = (PACKAGE / "pipeline.py", PACKAGE / "flow.py", PACKAGE / "runs.py")  # every record(...) call
 DAG_FILE = ROOT / "dags" / "gitops_ml_pipeline.py"
 DASHBOARD_TITLE = "gitops-ml: runs by commit"
 

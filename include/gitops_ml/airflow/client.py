@@ -20,9 +20,9 @@ import httpx
 from tenacity import (RetryCallState, Retrying, retry_if_exception_type, retry_if_result, stop_before_delay,
                       wait_exponential)
 
-from gitops_ml.airflow.steps import PIPELINE_DAG_ID, run_id_for
 from gitops_ml.config import Settings
 from gitops_ml.errors import GitopsMLError
+from gitops_ml.runs import PIPELINE_DAG_ID, run_id_for
 
 log = logging.getLogger(__name__)
 

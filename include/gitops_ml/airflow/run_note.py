@@ -19,10 +19,11 @@ import logging
 
 from airflow.listeners import hookimpl
 
+from gitops_ml.runs import PIPELINE_DAG_ID
+
 log = logging.getLogger(__name__)
 
 OUTCOME_KEY = "gitops_ml_outcome"
-PIPELINE_DAG_ID = "gitops_ml_pipeline"
 MAX_NOTE = 1000  # Airflow's dag_run_note.content column
 
 

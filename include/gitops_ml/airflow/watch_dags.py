@@ -12,7 +12,7 @@ from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOpe
 from airflow.sdk import dag, task
 
 from gitops_ml.airflow.git_sensor import GitCommitSensor
-from gitops_ml.airflow.steps import PIPELINE_DAG_ID
+from gitops_ml.runs import PIPELINE_DAG_ID, retrain_dag_id, watch_dag_id
 from gitops_ml.watch import Watch
 
 # A start date in the past: without one, Airflow 3.3.2's @continuous timetable gives the first run a
@@ -24,7 +24,7 @@ START_DATE = datetime(2026, 1, 1, tzinfo=timezone.utc)
 def watcher_dag(watch: Watch, *, dag_id: str | None = None, deferrable: bool = True, doc_md: str | None = None,
                 tags: tuple[str, ...] = ("gitops-ml", "watcher")):
     """The watcher DAG of ``watch``; ``deferrable=False`` gives the poke-mode baseline of the benchmark."""
-    @dag(dag_id=dag_id or f"gitops_ml_watch__{watch.name}", schedule="@continuous", max_active_runs=1,
+    @dag(dag_id=dag_id or watch_dag_id(watch.name), schedule="@continuous", max_active_runs=1,
          catchup=False, start_date=START_DATE, tags=list(tags), doc_md=doc_md,
          description=f"Start a pipeline run for each new commit on {watch.branch} of {watch.safe_url}",
          default_args={"retries": 2, "retry_delay": timedelta(seconds=10)})
@@ -60,7 +60,7 @@ def watcher_dag(watch: Watch, *, dag_id: str | None = None, deferrable: bool = T
 
 def retrain_dag(watch: Watch, doc_md: str | None = None):
     """The scheduled retraining DAG of ``watch``."""
-    @dag(dag_id=f"gitops_ml_retrain__{watch.name}", schedule=watch.retrain_schedule, max_active_runs=1,
+    @dag(dag_id=retrain_dag_id(watch.name), schedule=watch.retrain_schedule, max_active_runs=1,
          catchup=False, tags=["gitops-ml", "retrain"], doc_md=doc_md,
          description=f"Scheduled retraining ({watch.retrain_schedule}) of the head of {watch.branch}")
     def retrain():

@@ -121,16 +121,16 @@ def _prune_deliveries() -> None:
 
 
 def create_pipeline_run(request: dict[str, Any]) -> bool:
-    """Create one pipeline run from a run request (see ``watch_steps.run_requests``); False if it exists."""
+    """Create one pipeline run from a run request (see ``runs.run_requests``); False if it exists."""
     from airflow.api.common.trigger_dag import trigger_dag  # noqa: PLC0415
     from airflow.exceptions import DagRunAlreadyExists  # noqa: PLC0415
     from airflow.utils.types import DagRunTriggeredByType, DagRunType  # noqa: PLC0415
     from sqlalchemy.exc import IntegrityError  # noqa: PLC0415
 
-    from gitops_ml.airflow.steps import PIPELINE_DAG_ID  # noqa: PLC0415
+    from gitops_ml import runs  # noqa: PLC0415
 
     try:
-        trigger_dag(PIPELINE_DAG_ID, triggered_by=DagRunTriggeredByType.REST_API, run_type=DagRunType.MANUAL,
+        trigger_dag(runs.PIPELINE_DAG_ID, triggered_by=DagRunTriggeredByType.REST_API, run_type=DagRunType.MANUAL,
                     triggering_user_name="gitops-ml webhook", run_id=request["trigger_run_id"],
                     conf=request["conf"], note=request["note"])
     except (DagRunAlreadyExists, IntegrityError):
@@ -209,26 +209,24 @@ def handle_push(watch_name: str, headers: dict[str, str], body: bytes) -> tuple[
 
 
 def _start_runs(watched, event) -> tuple[int, dict[str, Any]]:
-    from gitops_ml import watch  # noqa: PLC0415
-    from gitops_ml.airflow import watch_steps  # noqa: PLC0415
+    from gitops_ml import runs  # noqa: PLC0415
     from gitops_ml.errors import GitopsMLError, InputError  # noqa: PLC0415
 
-    settings = watch_steps.settings_for(watched)
+    settings = runs.settings_for(watched)
     try:
         refused = verify_on_branch(watched, settings.git_cache_dir, event.after_sha)
         if refused:
             log.warning("webhook %s: %s", event.provider, refused[1]["error"])
             return refused
-        plan = watch.plan_branch(watched, settings.git_cache_dir, event.before_sha, event.after_sha).to_dict()
+        plan, requests = runs.plan_runs(watched, settings, event.before_sha, event.after_sha,
+                                        f"webhook__{event.after_sha}", trigger="webhook")
     except InputError as exc:
         return 400, {"error": str(exc)}
     except GitopsMLError as exc:  # e.g. the remote is unreachable right now: the sender retries
         return 503, {"error": str(exc)}
-    run_id = f"webhook__{event.after_sha}"
-    watch_steps.record_plan(settings, plan, run_id)
     created: list[str] = []
     existing: list[str] = []
-    for request in watch_steps.run_requests(watched.name, watched.branch, plan, trigger="webhook"):
+    for request in requests:
         (created if create_pipeline_run(request) else existing).append(request["trigger_run_id"])
     log.info("webhook %s for %s: created %s, already there %s", event.provider, event.after_sha, created, existing)
     return 202, {"provider": event.provider, "head_sha": event.after_sha, "created": created, "existing": existing,

@@ -1,0 +1,228 @@
+"""The control flow of one pipeline run and its rules, in one place.
+
+    start -> prepare -> pull_data -> train -> evaluate -> register -> gate -> deploy -> finish
+                                     (skipped when a version can be reused)
+
+The Airflow tasks (``gitops_ml.airflow.steps``) and ``gitops-ml run --local`` (``run_local``) both
+call these functions, so the two cannot diverge.  A rule that stops the run returns a ``Skip``
+with its reason and the sentence that ends the run note; the caller turns it into an Airflow
+skip or stops the local run.  The rules:
+
+- **watch decision**: a run the watcher decided is ``no_retrain`` or ``rejected`` records the
+  decision against the SHA, writes the Git note and runs nothing;
+- **signature warning**: the commit's signature policy is applied again at resolve (whatever the
+  conf says); ``warn`` records the warning and goes on;
+- **reuse**: a commit already registered, or with the same data, params and model code as a
+  registered version (``git revert``), skips train/evaluate/register and deploys that version;
+- **gate**: a version that failed the evaluation gate is NOT PROMOTED: the run's outcome is
+  recorded, the serving model is untouched;
+- **finish**: the final record, the Git note and the disk cleanup of a run that deployed;
+- **failure**: a step that fails records the step and its reason against the SHA.
+"""
+
+from __future__ import annotations
+
+import logging
+from dataclasses import dataclass
+from typing import Any
+
+from gitops_ml import pipeline
+from gitops_ml.config import Settings
+from gitops_ml.errors import InputError
+from gitops_ml.payloads import RunConf
+
+__all__ = ["STEPS", "Skip", "check_gate", "finish", "lineage", "record_failure", "refuse_conf_credentials",
+           "reused_version", "run_local", "settings_for", "skip_training", "start"]
+
+log = logging.getLogger(__name__)
+
+STEPS = ("resolve_commit", "prepare_workspace", "pull_data", "train", "evaluate", "register", "deploy", "record")
+"""The steps of a run, in order (the task ids of the pipeline DAG, the step names of the records)."""
+
+
+@dataclass(frozen=True)
+class Skip:
+    """A rule says the step (and those after it) do not run.
+
+    :param reason: why, naming the SHA (the task's skip message, the local run's log line).
+    :param outcome: the sentence that ends the run's note, when this skip decides the run's outcome.
+    :param finished: the run's final outcome (``pipeline.finish``), when this skip ended the run.
+    """
+
+    reason: str
+    outcome: str | None = None
+    finished: dict[str, Any] | None = None
+
+
+def settings_for(conf: RunConf) -> Settings:
+    """Settings of a run: the environment, then the watched repository named in the conf
+    (``watch``: URL with its credentials, branch, model name, model servers), then explicit
+    ``repo_url``/``branch``."""
+    from gitops_ml import runs, watch  # noqa: PLC0415
+
+    settings = runs.settings_for(watch.get_watch(conf.watch)) if conf.watch else Settings.from_env()
+    return settings.with_overrides(repo_url=conf.repo_url, branch=conf.branch)
+
+
+def refuse_conf_credentials(repo_url: str | None) -> None:
+    """A run conf is stored in the Airflow DB and shown in the UI: a URL in it must not hold credentials."""
+    from gitops_ml.refs import redact_url  # noqa: PLC0415
+
+    if repo_url and redact_url(repo_url) != repo_url:
+        raise InputError(f"run conf repo_url {redact_url(repo_url)} carries credentials: they would be stored in the "
+                         "Airflow DB and shown in the UI; configure the repository as a watch (its URL may read "
+                         "${TOKEN} from the environment) and pass the watch name instead")
+
+
+def start(settings: Settings, conf: RunConf, run_id: str, dag_id: str) -> dict[str, Any] | Skip:
+    """Resolve the commit, apply the watch decision and the signature policy; the ``resolved`` payload
+    (commit, existing version, signature warning, lineage) or a ``Skip`` for a decided run."""
+    refuse_conf_credentials(conf.repo_url)
+    resolved = pipeline.resolve(settings, conf.commit_sha, conf.watch)
+    commit = resolved["commit"]
+    decision = conf.decision or "train"
+    if decision in ("no_retrain", "rejected"):  # the watcher decided: record it against the SHA, run nothing
+        reason = conf.reason or decision
+        log.log(logging.WARNING if decision == "rejected" else logging.INFO, "commit %s: %s", commit["commit_sha"],
+                reason)
+        pipeline.record(settings, commit, run_id, "watch", decision, reason=reason)
+        pipeline.write_note(settings, commit, {"gitops_ml_run": run_id, "decision": decision, "reason": reason,
+                                               "deployed": False})
+        return Skip(f"commit {commit['commit_sha']}: {reason}",
+                    f"REJECTED commit {commit['commit_sha']}: {reason}" if decision == "rejected"
+                    else f"NO RETRAIN NEEDED: {reason.removeprefix('no retrain needed: ')}")
+    if resolved.get("signature_warning"):  # checked again at resolve, whatever the run conf says
+        log.warning("commit %s: signature policy warn: %s", commit["commit_sha"], resolved["signature_warning"])
+        pipeline.record(settings, commit, run_id, "signature", "warning", reason=resolved["signature_warning"])
+    log.info("run %s of dag %s builds commit %s (%s)", run_id, dag_id, commit["commit_sha"], conf.trigger or "manual")
+    return {**resolved, "lineage": {"airflow_dag_id": dag_id, "airflow_run_id": run_id}}
+
+
+def reused_version(resolved: dict[str, Any], prepared: dict[str, Any]) -> str | None:
+    """The registered version this run deploys instead of training one: the commit's own, else one
+    built from the same data, params and model code."""
+    return resolved.get("existing_version") or prepared.get("reuse_version")
+
+
+def skip_training(resolved: dict[str, Any], prepared: dict[str, Any]) -> Skip | None:
+    """The reuse rule: a ``Skip`` of train, evaluate and register when a version can be reused."""
+    existing = reused_version(resolved, prepared)
+    if not existing:
+        return None
+    why = ("this commit is already registered" if resolved.get("existing_version")
+           else "a version with the same data, params and model code exists")
+    return Skip(f"commit {resolved['commit']['commit_sha']}: {why} as model version {existing}: nothing to train")
+
+
+def lineage(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[str, Any]) -> dict[str, Any]:
+    """The lineage tags of the MLflow run and the model version of this run."""
+    return pipeline.lineage(resolved["commit"], pulled["data_hash"], resolved["lineage"]["airflow_dag_id"],
+                            resolved["lineage"]["airflow_run_id"], prepared["inputs_hash"],
+                            prepared.get("model_code_hash"))
+
+
+def check_gate(settings: Settings, resolved: dict[str, Any], prepared: dict[str, Any],
+               registered: dict[str, Any] | None, run_id: str) -> tuple[str, Skip | None]:
+    """The gate rule: the version to deploy (registered now, or reused), and a ``Skip`` of the deploy
+    when it failed the evaluation gate (the run's outcome is then recorded here)."""
+    commit = resolved["commit"]
+    if registered:
+        model_version, gate_passed = registered["model_version"], registered["gate_passed"]
+        reasons = "; ".join(registered.get("gate_reasons") or [])
+    else:  # reused: registered by an earlier run of this commit or of one with the same inputs
+        model_version = reused_version(resolved, prepared)
+        gate_passed, reasons = pipeline.gate_of(settings, model_version)
+    if gate_passed:
+        return model_version, None
+    outcome = pipeline.finish(settings, commit, run_id, model_version, None, reused=not registered)
+    return model_version, Skip(f"NOT PROMOTED: model version {model_version} of commit {commit['commit_sha']} failed "
+                               f"the evaluation gate ({reasons}); the serving model is unchanged", outcome["summary"],
+                               outcome)
+
+
+def finish(settings: Settings, resolved: dict[str, Any], prepared: dict[str, Any], deployed: dict[str, Any] | None,
+           run_id: str) -> dict[str, Any] | Skip:
+    """The final record and Git note of a run that deployed (see ``pipeline.finish``)."""
+    if not deployed:
+        return Skip("nothing deployed: the deploy step recorded the outcome")
+    return pipeline.finish(settings, resolved["commit"], run_id, deployed["model_version"], deployed,
+                           reused=bool(reused_version(resolved, prepared)))
+
+
+def record_failure(settings: Settings, commit: dict[str, Any] | None, commit_sha: str | None, run_id: str,
+                   step: str, reason: str) -> str:
+    """The failure rule: record the failed step and its reason against the SHA (when known), write the
+    Git note (when the commit was resolved), mark the work tree failed; return the run note's sentence."""
+    from gitops_ml import retention  # noqa: PLC0415
+
+    target = commit or {"commit_sha": commit_sha or "unknown"}
+    pipeline.record(settings, target, run_id, step, "failure", reason=reason)
+    if commit:
+        pipeline.write_note(settings, commit, {"gitops_ml_run": run_id, "failed_step": step, "reason": reason,
+                                               "deployed": False})
+    retention.after_run(settings, target["commit_sha"], failed=True, run_id=run_id)  # never raises
+    return f"FAILED in step {step}: {reason}"
+
+
+def run_local(settings: Settings, commit_sha: str | None = None, run_id: str = "local", dag_id: str = "local",
+              deploy_model: bool = True, conf: RunConf | dict[str, Any] | None = None) -> dict[str, Any]:
+    """Run every step in this process, in order, with the rules the Airflow tasks apply (for the CLI and
+    tests).  ``conf`` is a run conf as the DAG takes it (``commit_sha`` wins over its own); without
+    ``deploy_model`` a version that passed the gate is registered but not deployed."""
+    conf = conf if isinstance(conf, RunConf) else RunConf.parse(conf)
+    if commit_sha:
+        conf = conf.model_copy(update={"commit_sha": commit_sha})
+    progress: dict[str, Any] = {"step": STEPS[0], "commit": None}
+    try:
+        return _run_steps(settings, conf, run_id, dag_id, deploy_model, progress)
+    except Exception as exc:
+        record_failure(settings, progress["commit"], conf.commit_sha, run_id, progress["step"], str(exc))
+        raise
+
+
+def _run_steps(settings: Settings, conf: RunConf, run_id: str, dag_id: str, deploy_model: bool,
+               progress: dict[str, Any]) -> dict[str, Any]:
+    """The body of ``run_local``; ``progress`` names the step running and the commit once resolved."""
+    def at(step: str) -> None:
+        progress["step"] = step
+
+    resolved = start(settings, conf, run_id, dag_id)
+    if isinstance(resolved, Skip):
+        log.info("%s", resolved.reason)
+        return {"commit_sha": conf.commit_sha, "skipped": resolved.reason, "outcome": {"summary": resolved.outcome}}
+    commit = progress["commit"] = resolved["commit"]
+    at("prepare_workspace")
+    prepared = pipeline.prepare(settings, commit)
+    at("pull_data")
+    pulled = pipeline.pull_data(settings, commit, prepared["workdir"], prepared["params"])
+    result: dict[str, Any] = {"commit": commit, "data_hash": pulled["data_hash"]}
+    registered = None
+    reuse = skip_training(resolved, prepared)
+    if reuse is not None:
+        log.info("%s", reuse.reason)
+        result.update(model_version=reused_version(resolved, prepared), reused=True)
+    else:
+        run_lineage = lineage(resolved, prepared, pulled)
+        at("train")
+        trained = pipeline.train(settings, commit, prepared["params"], run_lineage)
+        at("evaluate")
+        evaluated = pipeline.evaluate(settings, commit, prepared["params"], trained)
+        at("register")
+        registered = pipeline.register(settings, trained, evaluated, run_lineage)
+        result.update(registered, test_accuracy=evaluated["test_accuracy"], mlflow_run_id=trained["run_id"],
+                      reused=False)
+    at("deploy")
+    model_version, not_promoted = check_gate(settings, resolved, prepared, registered, run_id)
+    result.update(model_version=model_version, gate_passed=not_promoted is None)
+    if not_promoted is not None:
+        log.info("%s", not_promoted.reason)
+        result["outcome"] = not_promoted.finished
+        return result
+    if not deploy_model:  # registered (alias challenger), not deployed: the outcome says NOT DEPLOYED
+        at("record")
+        result["outcome"] = pipeline.finish(settings, commit, run_id, model_version, None, result["reused"])
+        return result
+    deployed = result["deploy"] = pipeline.deploy(settings, commit, model_version, prepared["params"], run_id)
+    at("record")
+    result["outcome"] = finish(settings, resolved, prepared, deployed, run_id)
+    return result
