@@ -51,9 +51,12 @@ def cmd_serve(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from gitops_ml import pipeline  # noqa: PLC0415
+    from gitops_ml import flow  # noqa: PLC0415
+    from gitops_ml.payloads import RunConf  # noqa: PLC0415
 
-    result = pipeline.run_local(_settings(args), args.commit_sha, deploy_model=not args.no_deploy)
+    conf = RunConf.parse({"watch": args.watch, "trigger": "manual"})
+    settings = flow.settings_for(conf).with_overrides(repo_url=args.repo_url, branch=args.branch)
+    result = flow.run_local(settings, args.commit_sha, deploy_model=not args.no_deploy, conf=conf)
     print(json.dumps(result, indent=2, default=str))
     return 0
 
@@ -253,6 +256,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("commit_sha", nargs="?")
     p.add_argument("--local", action="store_true", help="(the default; kept for clarity)")
     p.add_argument("--no-deploy", action="store_true")
+    p.add_argument("--watch", help="a watched repository by name (its URL, branch, model and signature policy)")
     p.set_defaults(func=cmd_run)
 
     p = with_repo(sub.add_parser("trigger", help="start the Airflow run for a commit"))

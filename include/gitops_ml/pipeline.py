@@ -424,7 +424,7 @@ def record(settings: Settings, commit: dict[str, Any], run_id: str, step: str, o
     """Write the structured record of a step outcome (see ``records``) and queue it for Elasticsearch."""
     from gitops_ml import logs  # noqa: PLC0415
 
-    doc = records.document(commit["commit_sha"], run_id, step, outcome, **fields)
+    doc = records.outcome_record(commit["commit_sha"], run_id, step, outcome, **fields)
     records.write(settings.records_dir, doc)
     logs.spool_record(settings.home, doc)
 

@@ -21,8 +21,12 @@ from gitops_ml.refs import redact
 _FULL_SHA_RE = re.compile(r"[0-9a-f]{40}|[0-9a-f]{64}")
 UNRESOLVED = "unresolved"
 
+__all__ = ["UNRESOLVED", "outcome_record", "path_for", "read", "write"]
 
-def document(commit_sha: str, run_id: str, step: str, outcome: str, **fields: Any) -> dict[str, Any]:
+
+def outcome_record(commit_sha: str, run_id: str, step: str, outcome: str, **fields: Any) -> dict[str, Any]:
+    """The record of one step outcome of one run (ECS fields; ``fields`` redacted); its ``_id`` is
+    a function of run id, step and outcome only."""
     doc_id = hashlib.sha256(f"{run_id}|{step}|{outcome}".encode()).hexdigest()[:32]
     return {
         "_id": doc_id,

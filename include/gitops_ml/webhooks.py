@@ -60,7 +60,7 @@ class PushEvent:
 
     provider: str
     branch: str
-    before_sha: str | None
+    previous_sha: str | None
     after_sha: str | None
     repo_urls: tuple[str, ...]
     commit_shas: tuple[str, ...]
@@ -266,7 +266,7 @@ def parse_push(headers: Mapping[str, str], body: bytes, secret: str) -> PushEven
     return PushEvent(
         provider=provider,
         branch=branch,
-        before_sha=_sha(payload, "before"),
+        previous_sha=_sha(payload, "before"),
         after_sha=_sha(payload, "after", fallback="checkout_sha" if provider == "gitlab" else None),
         repo_urls=_repo_urls(payload),
         commit_shas=_commit_shas(payload),

@@ -102,7 +102,7 @@ def test_fetch_and_notes_push_keep_the_token_off_every_git_command_line(remote, 
 def test_ls_remote_of_the_sensor_and_trigger_keeps_the_token_off_the_command_line(remote, spied_git):
     assert head_of(remote["url"], "main") == remote["sha"]
     assert asyncio.run(ahead_of(remote["url"], "main")) == remote["sha"]
-    sensor = GitCommitSensor(task_id="s", repo_url=remote["url"], branch="main", since_sha="", deferrable=False)
+    sensor = GitCommitSensor(task_id="s", repo_url=remote["url"], branch="main", previous_sha="", deferrable=False)
     assert sensor.poke({}).xcom_value["repo_url"] == remote["server"].url("models.git", with_credentials=False)
     logs = spied_git()
     assert "ls-remote" in logs and "git-remote-http" in logs

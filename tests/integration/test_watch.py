@@ -46,7 +46,7 @@ async def _next_event(trigger, timeout=20):
 
 def test_trigger_fires_on_push_over_file_url(remote):
     url = f"file://{remote['bare']}"
-    trigger = GitCommitTrigger(url, "main", since_sha=remote["head"], poll_interval=0.2)
+    trigger = GitCommitTrigger(url, "main", previous_sha=remote["head"], poll_interval=0.2)
     assert trigger.serialize()[0] == "gitops_ml.airflow.git_sensor.GitCommitTrigger"
 
     async def scenario():
@@ -66,9 +66,9 @@ def test_trigger_and_poke_over_smart_http_with_credentials(remote, caplog):
         url = server.url("models.git")
         assert head_of(url, "main") == remote["head"]
         new_sha = push(remote, "data.dvc", "outs: []\n", "new data")
-        event = asyncio.run(_next_event(GitCommitTrigger(url, "main", since_sha=remote["head"], poll_interval=0.2)))
+        event = asyncio.run(_next_event(GitCommitTrigger(url, "main", previous_sha=remote["head"], poll_interval=0.2)))
         assert event.payload["head_sha"] == new_sha
-        sensor = GitCommitSensor(task_id="s", repo_url=url, branch="main", since_sha=new_sha)
+        sensor = GitCommitSensor(task_id="s", repo_url=url, branch="main", previous_sha=new_sha)
         assert sensor.poke({}) is False  # nothing after new_sha
         bad = server.url("models.git").replace("s3cret-pw", "wrong-pw")
         with pytest.raises(GitRemoteError) as failure:
@@ -79,7 +79,7 @@ def test_trigger_and_poke_over_smart_http_with_credentials(remote, caplog):
 
 def test_unreachable_remote_keeps_waiting_and_warns_without_credentials(tmp_path, capfd):
     url = "http://bot:tok-LEAK-123@127.0.0.1:9/models.git"  # port 9 (discard): nothing listens
-    trigger = GitCommitTrigger(url, "main", since_sha="", poll_interval=0.2, ls_remote_timeout=5)
+    trigger = GitCommitTrigger(url, "main", previous_sha="", poll_interval=0.2, ls_remote_timeout=5)
     with pytest.raises(asyncio.TimeoutError):
         asyncio.run(_next_event(trigger, timeout=2.5))
     out = capfd.readouterr()

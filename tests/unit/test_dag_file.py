@@ -55,7 +55,7 @@ def test_dagbag_has_no_import_errors_and_expected_wiring(watch_file):
     assert watcher.max_active_runs == 1 and type(watcher.timetable).__name__ == "ContinuousTimetable"
     assert list(watcher.task_dict) == ["wait_for_commit", "plan_commits", "start_pipeline_runs", "advance_cursor"]
     sensor = watcher.task_dict["wait_for_commit"]
-    assert sensor.deferrable and sensor.branch == "dev" and sensor.since_sha.startswith("{{ var.value.get(")
+    assert sensor.deferrable and sensor.branch == "dev" and sensor.previous_sha.startswith("{{ var.value.get(")
     assert "TOK" not in bag.dags["gitops_ml_watch__a"].description
 
 

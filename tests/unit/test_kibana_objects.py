@@ -5,7 +5,7 @@ data views must cover exactly the index template's patterns, and every field the
 (data view formats, saved search columns/sort/queries, Lens columns and KQL queries, filters)
 must be mapped by ``gitops_ml.logs.TEMPLATE`` *and* be a field our documents really carry: log
 fields are taken from a document built by ``logs.document``, run-record fields from
-``records.document`` plus the keyword arguments of every ``record(...)`` call in the pipeline
+``records.outcome_record`` plus the keyword arguments of every ``record(...)`` call in the pipeline
 source (read with ``ast``, so renaming a field there breaks this test).  Values compared in KQL
 (``event.action : "deploy"``) must be step names and outcomes the pipeline really writes.
 """
@@ -216,7 +216,7 @@ def written() -> dict[str, Any]:
     """Field names really carried by documents of each data view, and the values we compare against."""
     log_doc = logs.document(dict.fromkeys(logs.LABEL_KEYS, "x"), 1, "INFO", "gitops_ml.test",
                             "x" * (logs.MAX_MESSAGE_BYTES + 1))  # oversize: the truncation fields too
-    run_doc = records.document("0" * 40, "commit__" + "0" * 40, "train", "success")
+    run_doc = records.outcome_record("0" * 40, "commit__" + "0" * 40, "train", "success")
     calls = record_calls()
     return {
         "gitops-ml-logs": {"exact": set(flatten(log_doc)) - {"_id"}, "roots": set()},

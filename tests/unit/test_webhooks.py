@@ -153,7 +153,7 @@ def test_github_push():
     body = body_of(github_payload())
     event = parse_push(github_headers(body), body, SECRET)
     assert event == PushEvent(
-        provider="github", branch="main", before_sha=BEFORE, after_sha=AFTER.lower(),
+        provider="github", branch="main", previous_sha=BEFORE, after_sha=AFTER.lower(),
         repo_urls=("https://github.com/acme/digits.git", "git@github.com:acme/digits.git",
                    "https://github.com/acme/digits", "git://github.com/acme/digits.git"),
         commit_shas=(SECOND, AFTER.lower()), delivery_id="72d3162e-cc78-11e3-81ab-4c9367dc0958",
@@ -166,7 +166,7 @@ def test_gitlab_push():
     event = parse_push(gitlab_headers(), body, SECRET)
     assert event.provider == "gitlab"
     assert event.branch == "feature/new-model"
-    assert (event.before_sha, event.after_sha) == (BEFORE, AFTER.lower())
+    assert (event.previous_sha, event.after_sha) == (BEFORE, AFTER.lower())
     assert event.repo_urls[:2] == ("https://gitlab.example.com/acme/digits.git",
                                    "git@gitlab.example.com:acme/digits.git")
     assert "https://gitlab.example.com/acme/digits" in event.repo_urls
@@ -219,11 +219,11 @@ def test_detect_provider():
 def test_branch_creation_and_deletion():
     body = body_of(github_payload(before=ZEROS, created=True))
     created = parse_push(github_headers(body), body, SECRET)
-    assert created.before_sha is None and created.after_sha == AFTER.lower()
+    assert created.previous_sha is None and created.after_sha == AFTER.lower()
 
     body = body_of(github_payload(after=ZEROS, deleted=True, commits=[], head_commit=None))
     deleted = parse_push(github_headers(body), body, SECRET)
-    assert deleted.after_sha is None and deleted.before_sha == BEFORE
+    assert deleted.after_sha is None and deleted.previous_sha == BEFORE
     assert deleted.commit_shas == ()
 
 

@@ -14,11 +14,11 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any
+from typing import Any, Callable
 
 import httpx
-from tenacity import (RetryCallState, Retrying, retry_if_exception_type, retry_if_result, stop_before_delay,
-                      wait_exponential)
+from tenacity import (RetryCallState, Retrying, retry_if_exception_type, retry_if_result, stop_after_delay,
+                      stop_before_delay, wait_exponential, wait_fixed)
 
 from gitops_ml.config import Settings
 from gitops_ml.errors import GitopsMLError
@@ -32,6 +32,12 @@ DEFAULT_URL = "http://127.0.0.1:8080"
 
 def _transient(response: httpx.Response) -> bool:
     return response.status_code >= 500
+
+
+def _poll(check: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
+    """``check()`` every ``interval`` seconds until it returns something other than None; None after ``timeout``."""
+    return Retrying(retry=retry_if_result(lambda value: value is None), stop=stop_after_delay(timeout),
+                    wait=wait_fixed(interval), retry_error_callback=lambda state: None)(check)
 
 
 class AirflowClient:
@@ -97,12 +103,8 @@ class AirflowClient:
         return response.json()
 
     def wait_for_dag(self, dag_id: str = PIPELINE_DAG_ID, timeout: float = 120.0) -> None:
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self._request("GET", f"/api/v2/dags/{dag_id}").status_code == 200:
-                return
-            time.sleep(1)
-        raise GitopsMLError(f"DAG {dag_id} did not appear in Airflow at {self.base_url} within {timeout:.0f} s")
+        if not _poll(lambda: self._request("GET", f"/api/v2/dags/{dag_id}").status_code == 200 or None, timeout):
+            raise GitopsMLError(f"DAG {dag_id} did not appear in Airflow at {self.base_url} within {timeout:.0f} s")
 
     def unpause(self, dag_id: str = PIPELINE_DAG_ID) -> None:
         self._check(self._request("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False}),
@@ -139,9 +141,10 @@ class AirflowClient:
 
     def wait_for_run(self, run_id: str, timeout: float = 900.0, dag_id: str = PIPELINE_DAG_ID,
                      on_change=None) -> dict[str, Any]:
-        deadline = time.monotonic() + timeout
+        """The run once it ended; ``on_change(task_id, state)`` is called for every task state seen change."""
         seen: dict[str, str] = {}
-        while time.monotonic() < deadline:
+
+        def ended() -> dict[str, Any] | None:
             run = self.get_run(run_id, dag_id)
             if on_change is not None:
                 for ti in self.task_instances(run_id, dag_id):
@@ -149,7 +152,9 @@ class AirflowClient:
                     if seen.get(ti["task_id"]) != state:
                         seen[ti["task_id"]] = state
                         on_change(ti["task_id"], state)
-            if run and run["state"] in TERMINAL:
-                return run
-            time.sleep(1)
-        raise GitopsMLError(f"run {run_id} did not finish within {timeout:.0f} s")
+            return run if run and run["state"] in TERMINAL else None
+
+        run = _poll(ended, timeout)
+        if run is None:
+            raise GitopsMLError(f"run {run_id} did not finish within {timeout:.0f} s")
+        return run

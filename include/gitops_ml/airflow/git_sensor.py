@@ -122,32 +122,32 @@ async def ahead_of(repo_url: str, branch: str, timeout: float = 30.0) -> str | N
 
 
 class GitCommitTrigger(BaseTrigger):
-    """Fires once the head of ``branch`` differs from ``since_sha``.
+    """Fires once the head of ``branch`` differs from ``previous_sha``.
 
     :param repo_url: remote URL when no ``watch`` is given (``${VAR}`` expanded at each check;
         refused when written out with credentials, since the trigger's arguments are stored in the DB).
     :param branch: branch to watch (validated: no option-like or malformed names).
-    :param since_sha: the last head already handled; empty fires with the current head at once.
+    :param previous_sha: the last head already handled; empty fires with the current head at once.
     :param poll_interval: seconds between two ``git ls-remote`` calls.
     :param ls_remote_timeout: seconds one ``git ls-remote`` may take.
     :param watch: name of a watched repository (``gitops_ml.watch``): its URL, credentials included,
         is looked up in the triggerer only; the stored arguments hold the name.
     """
 
-    def __init__(self, repo_url: str = "", branch: str = "main", since_sha: str = "", poll_interval: float = 30.0,
+    def __init__(self, repo_url: str = "", branch: str = "main", previous_sha: str = "", poll_interval: float = 30.0,
                  ls_remote_timeout: float = 30.0, watch: str | None = None):
         super().__init__()
         self.watch = watch or None
         self.repo_url = repo_url if watch else validate_repo_url(repo_url)
         self.branch = validate_branch(branch)
-        self.since_sha = since_sha or ""
+        self.previous_sha = previous_sha or ""
         self.poll_interval = float(poll_interval)
         self.ls_remote_timeout = float(ls_remote_timeout)
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         _refuse_stored_credentials(self.repo_url, "GitCommitTrigger")
         return (f"{type(self).__module__}.{type(self).__qualname__}",
-                {"repo_url": self.repo_url, "branch": self.branch, "since_sha": self.since_sha,
+                {"repo_url": self.repo_url, "branch": self.branch, "previous_sha": self.previous_sha,
                  "poll_interval": self.poll_interval, "ls_remote_timeout": self.ls_remote_timeout,
                  "watch": self.watch})
 
@@ -162,17 +162,17 @@ class GitCommitTrigger(BaseTrigger):
             else:
                 if head is None:
                     self.log.warning("branch %r not found on %s; still waiting", self.branch, safe_url)
-                elif head != self.since_sha:
+                elif head != self.previous_sha:
                     self.log.info("branch %r of %s moved: %s -> %s", self.branch, safe_url,
-                                  self.since_sha or "(none)", head)
+                                  self.previous_sha or "(none)", head)
                     yield TriggerEvent({"status": "new_commit", "head_sha": head,
-                                        "previous_sha": self.since_sha or None})
+                                        "previous_sha": self.previous_sha or None})
                     return
             await asyncio.sleep(self.poll_interval)
 
 
 class GitCommitSensor(BaseSensorOperator):
-    """Waits for a commit on ``branch`` of a repository other than ``since_sha``; returns
+    """Waits for a commit on ``branch`` of a repository other than ``previous_sha``; returns
     ``{"repo_url", "branch", "previous_sha", "head_sha", "new_shas"}`` (``repo_url`` without
     credentials; ``new_shas``: the commits between the two heads, oldest first, when
     ``mirror_dir`` is given; else just the head).
@@ -183,16 +183,16 @@ class GitCommitSensor(BaseSensorOperator):
         credentials; not a template field).  Credentials written out in it work in poke mode, but
         deferring refuses them (they would be stored with the trigger).
     :param branch: branch to watch.
-    :param since_sha: last head already handled (templated; empty: the current head counts as new).
+    :param previous_sha: last head already handled (templated; empty: the current head counts as new).
     :param poll_interval: seconds between checks (trigger interval, or poke interval in poke mode).
     :param deferrable: wait in the triggerer (default) instead of holding a worker slot.
     :param mirror_dir: folder of bare mirrors used to list the new commits (optional).
     :param ls_remote_timeout: seconds one ``git ls-remote`` may take.
     """
 
-    template_fields = ("branch", "since_sha")
+    template_fields = ("branch", "previous_sha")
 
-    def __init__(self, *, watch: str | None = None, repo_url: str = "", branch: str = "main", since_sha: str = "",
+    def __init__(self, *, watch: str | None = None, repo_url: str = "", branch: str = "main", previous_sha: str = "",
                  poll_interval: float = 30.0, deferrable: bool = True, mirror_dir: str | None = None,
                  ls_remote_timeout: float = 30.0, **kwargs: Any):
         kwargs.setdefault("poke_interval", poll_interval)
@@ -202,7 +202,7 @@ class GitCommitSensor(BaseSensorOperator):
         self.watch = watch or None
         self.repo_url = repo_url
         self.branch = branch
-        self.since_sha = since_sha
+        self.previous_sha = previous_sha
         self.poll_interval = poll_interval
         self.deferrable = deferrable
         self.mirror_dir = mirror_dir
@@ -224,9 +224,9 @@ class GitCommitSensor(BaseSensorOperator):
             from gitops_ml import source, watch  # noqa: PLC0415
 
             new_shas, _ = watch.new_commits(source.history(url, self.branch, Path(self.mirror_dir)),
-                                            self.since_sha or None, head_sha)
+                                            self.previous_sha or None, head_sha)
         return {"repo_url": redact_url(url), "branch": self.branch,
-                "previous_sha": self.since_sha or None, "head_sha": head_sha, "new_shas": new_shas}
+                "previous_sha": self.previous_sha or None, "head_sha": head_sha, "new_shas": new_shas}
 
     def poke(self, context) -> PokeReturnValue | bool:
         self._validate()
@@ -235,7 +235,7 @@ class GitCommitSensor(BaseSensorOperator):
         except GitRemoteError as exc:
             self.log.warning("%s; still waiting", exc)
             return False
-        if head is None or head == (self.since_sha or None):
+        if head is None or head == (self.previous_sha or None):
             return False
         return PokeReturnValue(is_done=True, xcom_value=self._result(head))
 
@@ -248,7 +248,7 @@ class GitCommitSensor(BaseSensorOperator):
         found = self.poke(context)  # one check now: no deferral when the commit is already there
         if isinstance(found, PokeReturnValue):
             return found.xcom_value
-        self.defer(trigger=GitCommitTrigger("" if self.watch else self.repo_url, self.branch, self.since_sha,
+        self.defer(trigger=GitCommitTrigger("" if self.watch else self.repo_url, self.branch, self.previous_sha,
                                             self.poll_interval, self.ls_remote_timeout, watch=self.watch),
                    method_name="execute_complete", timeout=timedelta(seconds=self.timeout))
 

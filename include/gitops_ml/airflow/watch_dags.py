@@ -32,7 +32,7 @@ def watcher_dag(watch: Watch, *, dag_id: str | None = None, deferrable: bool = T
         found = GitCommitSensor(
             # The watch's name, not its URL: credentials are looked up where git runs, never stored.
             task_id="wait_for_commit", watch=watch.name, branch=watch.branch,
-            since_sha="{{ var.value.get('%s', '') }}" % watch.cursor_key, poll_interval=watch.poll_interval,
+            previous_sha="{{ var.value.get('%s', '') }}" % watch.cursor_key, poll_interval=watch.poll_interval,
             timeout=watch.sensor_timeout, soft_fail=True, deferrable=deferrable,
             **({} if deferrable else {"mode": "poke"}))
 

@@ -218,7 +218,7 @@ def _start_runs(watched, event) -> tuple[int, dict[str, Any]]:
         if refused:
             log.warning("webhook %s: %s", event.provider, refused[1]["error"])
             return refused
-        plan, requests = runs.plan_runs(watched, settings, event.before_sha, event.after_sha,
+        plan, requests = runs.plan_runs(watched, settings, event.previous_sha, event.after_sha,
                                         f"webhook__{event.after_sha}", trigger="webhook")
     except InputError as exc:
         return 400, {"error": str(exc)}
