@@ -96,7 +96,7 @@ class ServerProcess:
             env={**os.environ}, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
         import httpx
 
-        deadline = time.monotonic() + 90
+        deadline = time.monotonic() + 240  # TensorFlow's import alone takes a minute on a loaded 2-core machine
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
                 raise RuntimeError(f"server exited: {log_path.read_text()[-2000:]}")
@@ -105,6 +105,7 @@ class ServerProcess:
                     return
             except httpx.HTTPError:
                 time.sleep(0.3)
+        self.stop()  # not left running behind the failed test
         raise RuntimeError(f"server not ready: {log_path.read_text()[-2000:]}")
 
     def version(self) -> dict | None:
