@@ -28,7 +28,7 @@ from typing import Any
 
 from gitops_ml import pipeline
 from gitops_ml.config import Settings
-from gitops_ml.errors import InputError
+from gitops_ml.errors import GitopsMLError, InputError
 from gitops_ml.payloads import RunConf
 
 __all__ = ["STEPS", "Skip", "check_gate", "finish", "lineage", "record_failure", "refuse_conf_credentials",
@@ -130,7 +130,11 @@ def check_gate(settings: Settings, resolved: dict[str, Any], prepared: dict[str,
         model_version, gate_passed = registered["model_version"], registered["gate_passed"]
         reasons = "; ".join(registered.get("gate_reasons") or [])
     else:  # reused: registered by an earlier run of this commit or of one with the same inputs
-        model_version = reused_version(resolved, prepared)
+        reused = reused_version(resolved, prepared)
+        if reused is None:
+            raise GitopsMLError(f"commit {commit['commit_sha']}: no model version was registered and none can be "
+                                "reused: nothing to deploy")
+        model_version = reused
         gate_passed, reasons = pipeline.gate_of(settings, model_version)
     if gate_passed:
         return model_version, None

@@ -40,8 +40,8 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 
 from gitops_ml import refs
 from gitops_ml.config import Settings
-from gitops_ml.runs import DEFAULT_WATCH, watch_dag_id
 from gitops_ml.errors import InputError
+from gitops_ml.runs import DEFAULT_WATCH, watch_dag_id
 
 if TYPE_CHECKING:
     from gitops_ml.source import History

@@ -11,7 +11,8 @@ from __future__ import annotations
 
 import functools
 import logging
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any, NoReturn
 
 from airflow.sdk import get_current_context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
@@ -94,7 +95,7 @@ def _push_outcome(context, summary: str) -> None:
         log.warning("could not hand the outcome to the run note: %s", exc)
 
 
-def _skip(context, skip) -> None:
+def _skip(context, skip) -> NoReturn:
     """A ``flow.Skip`` as Airflow says it: the outcome to the run note, the task skipped with the reason."""
     if skip.outcome:
         _push_outcome(context, skip.outcome)
@@ -199,5 +200,5 @@ def record_failure(context) -> None:
                                       context["params"].get("commit_sha"), context["run_id"], ti.task_id,
                                       str(context.get("exception") or "unknown"))
         _push_outcome(context, summary)
-    except Exception:  # noqa: BLE001 - a failing callback must not hide the task's own error
+    except Exception:  # a failing callback must not hide the task's own error
         log.exception("could not record the failure of run %s", context.get("run_id"))
