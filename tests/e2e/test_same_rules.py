@@ -111,6 +111,6 @@ def test_dag_and_run_local_write_the_same_records(airflow_db, settings, demo_rep
         MISSING: [("resolve_commit", "failure")],
     }, outcomes
     assert written["local"][reverted][1]["reused_from_commit"] == first  # the revert reused the first model
-    assert "signature" in written["local"][reverted][2]["reason"]
+    assert written["local"][reverted][2]["reason"] == f"commit {reverted} is not signed"  # the warn policy's reason
     for sha in written["airflow"]:
         assert written["airflow"][sha] == written["local"][sha], sha
