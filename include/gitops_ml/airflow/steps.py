@@ -31,13 +31,13 @@ def conf_from_context(context) -> RunConf:
 
 def settings_from_context(context) -> Settings:
     """Settings of this run (see ``flow.settings_for``)."""
-    from gitops_ml import flow  # noqa: PLC0415
+    from gitops_ml import flow
 
     return flow.settings_for(conf_from_context(context))
 
 
 def _log_labels(context, args: tuple) -> dict[str, Any]:
-    from gitops_ml.refs import redact_url  # noqa: PLC0415
+    from gitops_ml.refs import redact_url
 
     commit = args[0].get("commit", {}) if args and isinstance(args[0], dict) else {}
     settings = settings_from_context(context)
@@ -51,7 +51,7 @@ def _log_labels(context, args: tuple) -> dict[str, Any]:
 def _airflow_masker() -> Callable[[str], str] | None:
     """Airflow's secrets masker (connection passwords, sensitive variables) for our shipped lines."""
     try:
-        from airflow.sdk._shared.secrets_masker import redact  # noqa: PLC0415
+        from airflow.sdk._shared.secrets_masker import redact
     except ImportError:  # moved in another Airflow version: our own URL/token redaction still applies
         return None
     return lambda message: str(redact(message))
@@ -61,8 +61,8 @@ def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Ship the task's log lines (ECS, labelled with the SHA) and turn input errors into failures."""
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
-        from gitops_ml import logs  # noqa: PLC0415
-        from gitops_ml.airflow.remote_log import uploads_task_log_file  # noqa: PLC0415
+        from gitops_ml import logs
+        from gitops_ml.airflow.remote_log import uploads_task_log_file
 
         context = get_current_context()
         # The last task of a run waits a while for an unreachable Elasticsearch, so that an outage
@@ -87,7 +87,7 @@ def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
 
 def _push_outcome(context, summary: str) -> None:
     """The sentence that ends the run's note (see ``gitops_ml.airflow.run_note``)."""
-    from gitops_ml.airflow.run_note import OUTCOME_KEY  # noqa: PLC0415
+    from gitops_ml.airflow.run_note import OUTCOME_KEY
 
     try:
         context["ti"].xcom_push(OUTCOME_KEY, summary)
@@ -103,7 +103,7 @@ def _skip(context, skip) -> NoReturn:
 
 
 def _skip_training(resolved: dict[str, Any], prepared: dict[str, Any]) -> None:
-    from gitops_ml import flow  # noqa: PLC0415
+    from gitops_ml import flow
 
     skip = flow.skip_training(resolved, prepared)
     if skip is not None:
@@ -112,7 +112,7 @@ def _skip_training(resolved: dict[str, Any], prepared: dict[str, Any]) -> None:
 
 @_adapter
 def resolve_commit() -> dict[str, Any]:
-    from gitops_ml import flow  # noqa: PLC0415
+    from gitops_ml import flow
 
     context = get_current_context()
     conf = conf_from_context(context)
@@ -124,14 +124,14 @@ def resolve_commit() -> dict[str, Any]:
 
 @_adapter
 def prepare_workspace(resolved: dict[str, Any]) -> dict[str, Any]:
-    from gitops_ml import pipeline  # noqa: PLC0415
+    from gitops_ml import pipeline
 
     return pipeline.prepare(settings_from_context(get_current_context()), resolved["commit"])
 
 
 @_adapter
 def pull_data(resolved: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
-    from gitops_ml import pipeline  # noqa: PLC0415
+    from gitops_ml import pipeline
 
     return pipeline.pull_data(settings_from_context(get_current_context()), resolved["commit"],
                               prepared["workdir"], prepared["params"])
@@ -140,7 +140,7 @@ def pull_data(resolved: dict[str, Any], prepared: dict[str, Any]) -> dict[str, A
 @_adapter
 def train(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[str, Any]) -> dict[str, Any]:
     _skip_training(resolved, prepared)
-    from gitops_ml import flow, pipeline  # noqa: PLC0415
+    from gitops_ml import flow, pipeline
 
     return pipeline.train(settings_from_context(get_current_context()), resolved["commit"], prepared["params"],
                           flow.lineage(resolved, prepared, pulled))
@@ -149,7 +149,7 @@ def train(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[str, 
 @_adapter
 def evaluate(resolved: dict[str, Any], prepared: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
     _skip_training(resolved, prepared)
-    from gitops_ml import pipeline  # noqa: PLC0415
+    from gitops_ml import pipeline
 
     return pipeline.evaluate(settings_from_context(get_current_context()), resolved["commit"], prepared["params"],
                              trained)
@@ -159,7 +159,7 @@ def evaluate(resolved: dict[str, Any], prepared: dict[str, Any], trained: dict[s
 def register(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[str, Any], trained: dict[str, Any],
              evaluated: dict[str, Any]) -> dict[str, Any]:
     _skip_training(resolved, prepared)
-    from gitops_ml import flow, pipeline  # noqa: PLC0415
+    from gitops_ml import flow, pipeline
 
     return pipeline.register(settings_from_context(get_current_context()), trained, evaluated,
                              flow.lineage(resolved, prepared, pulled))
@@ -167,7 +167,7 @@ def register(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[st
 
 @_adapter
 def deploy(resolved: dict[str, Any], prepared: dict[str, Any], registered: dict[str, Any] | None) -> dict[str, Any]:
-    from gitops_ml import flow, pipeline  # noqa: PLC0415
+    from gitops_ml import flow, pipeline
 
     context = get_current_context()
     settings = settings_from_context(context)
@@ -179,7 +179,7 @@ def deploy(resolved: dict[str, Any], prepared: dict[str, Any], registered: dict[
 
 @_adapter
 def record(resolved: dict[str, Any], prepared: dict[str, Any], deployed: dict[str, Any] | None) -> dict[str, Any]:
-    from gitops_ml import flow  # noqa: PLC0415
+    from gitops_ml import flow
 
     context = get_current_context()
     outcome = flow.finish(settings_from_context(context), resolved, prepared, deployed, context["run_id"])
@@ -191,7 +191,7 @@ def record(resolved: dict[str, Any], prepared: dict[str, Any], deployed: dict[st
 
 def record_failure(context) -> None:
     """``on_failure_callback``: write the failed step and its reason against the SHA (``flow.record_failure``)."""
-    from gitops_ml import flow  # noqa: PLC0415
+    from gitops_ml import flow
 
     try:
         ti = context["ti"]

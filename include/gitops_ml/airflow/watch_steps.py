@@ -13,7 +13,7 @@ from typing import Any
 
 def plan_commits(watch_name: str, found: dict[str, Any] | None, run_id: str) -> list[dict[str, Any]]:
     """Watcher task: from the sensor's result to the pipeline runs to start."""
-    from gitops_ml import runs, watch  # noqa: PLC0415
+    from gitops_ml import runs, watch
 
     if not found:
         return []
@@ -25,9 +25,9 @@ def plan_commits(watch_name: str, found: dict[str, Any] | None, run_id: str) -> 
 
 def advance_cursor(watch_name: str, found: dict[str, Any] | None) -> str | None:
     """Remember the head the watcher has handled (an Airflow Variable, visible in the UI)."""
-    from airflow.sdk import Variable  # noqa: PLC0415
+    from airflow.sdk import Variable
 
-    from gitops_ml import watch  # noqa: PLC0415
+    from gitops_ml import watch
 
     if not found:
         return None
@@ -38,6 +38,6 @@ def advance_cursor(watch_name: str, found: dict[str, Any] | None) -> str | None:
 
 def plan_retrain(watch_name: str, when: datetime) -> list[dict[str, Any]]:
     """Retraining DAG task: one pipeline run for the head of the branch, named by SHA + schedule time."""
-    from gitops_ml import runs, watch  # noqa: PLC0415
+    from gitops_ml import runs, watch
 
     return runs.plan_retrain(watch.get_watch(watch_name), when)
