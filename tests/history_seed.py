@@ -108,7 +108,7 @@ def seed(settings: Settings, count: int, failed_every: int = 10) -> dict:
                          "gate_passed": not failed, "gate_reasons": [tags["gitops_ml.gate_reasons"]] if failed else []},
             "register": {"model_version": number, "gate_passed": not failed},
         }, summary))
-        doc = records.document(sha, run_id, "pipeline", "not_promoted" if failed else "success", summary=summary,
+        doc = records.outcome_record(sha, run_id, "pipeline", "not_promoted" if failed else "success", summary=summary,
                                gate="failed" if failed else "passed", deployed=not failed, promoted=not failed,
                                model=f"{settings.model_name} version {number}", replaced_version=compared)
         records.write(settings.records_dir, doc)

@@ -15,7 +15,7 @@ from datetime import datetime
 import pytest
 
 from gitops_ml.airflow.client import AirflowClient
-from gitops_ml.airflow.steps import run_id_for
+from gitops_ml.runs import run_id_for
 from tests.cluster.harness import BIN
 from tests.helpers import free_port, git
 
