@@ -51,7 +51,7 @@ def trace(settings: Settings, ref: str) -> dict[str, Any]:
               for d in docs]
     serving: dict[str, Any] | str
     try:
-        from gitops_ml.deploy import ServingClient  # noqa: PLC0415
+        from gitops_ml.deploy.client import ServingClient  # noqa: PLC0415
 
         client = ServingClient(settings, timeout=3)
         try:

@@ -23,7 +23,9 @@ import pytest
 from PIL import Image
 
 from gitops_ml.config import Settings
-from gitops_ml.deploy import ServingClient, server, watch_window
+from gitops_ml.deploy import server
+from gitops_ml.deploy.client import ServingClient
+from gitops_ml.deploy.controller import watch_window
 from tests.conftest import free_port
 
 CLASSES = ["zero", "one", "two"]
@@ -63,6 +65,7 @@ class Live:
 
         app = server.create_app(settings, loader=loader, alias_lookup=lambda s: alias["champion"],
                                 admin_without_token=admin_without_token)
+        self.state: server.ServingState = app.state.serving
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.server = __import__("uvicorn").Server(server.server_config(app, "127.0.0.1", self.port,
@@ -337,6 +340,86 @@ def test_a_chunked_upload_is_cut_off_at_the_limit(make_live):
     assert b"over the limit of 16777216 bytes" in reply
     grown = _peak_rss_mb() - peak_before
     assert grown < 64, f"the server's process grew by {grown:.0f} MB for a {sent >> 20} MB upload"
+
+
+def _read_reply(sock: socket.socket) -> bytes:
+    """One HTTP response with a JSON body (read until the body's closing brace or the connection closes)."""
+    reply = b""
+    try:
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return reply
+
+
+def test_a_chunked_body_over_the_limit_is_answered_before_the_client_finishes(make_live):
+    """Reading stops at the limit: the 413 arrives while the client still holds the rest of the body."""
+    live = make_live()
+    chunk = b"x" * (1024 * 1024)
+    with socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Transfer-Encoding: chunked\r\n\r\n")
+        for _ in range(server.MAX_BODY_BYTES // len(chunk) + 1):  # one chunk past the limit, no final chunk
+            sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
+        reply = _read_reply(sock)  # the body is unfinished: only an answer mid-stream can arrive here
+    assert reply.startswith(b"HTTP/1.1 413"), reply[:300]
+    body = json.loads(reply.split(b"\r\n\r\n", 1)[1])
+    assert body["error"] == f"request body is over the limit of {server.MAX_BODY_BYTES} bytes"
+    assert live.state.inflight_body_bytes == 0  # the budget is given back
+    assert error_count(live.url, "predict", 413) == 1
+    assert 'gitops_ml_requests_total{model_version="1",outcome="bad_request"} 1' in httpx.get(
+        live.url + "/metrics").text
+
+
+def test_a_declared_body_over_the_limit_is_refused_from_the_headers(make_live):
+    live = make_live(admin_without_token=True)
+    for path, route in (("/predict", "predict"), ("/admin/reload", "reload")):
+        with socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
+            sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                         b"Content-Length: %d\r\n\r\n" % (path.encode(), server.MAX_BODY_BYTES + 1))
+            reply = _read_reply(sock)  # not one body byte sent
+        assert reply.startswith(b"HTTP/1.1 413"), reply[:300]
+        assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"] == (
+            f"request body of {server.MAX_BODY_BYTES + 1} bytes is over the limit of {server.MAX_BODY_BYTES} bytes")
+        assert error_count(live.url, route, 413) == 1
+    assert live.loads == [None]
+
+
+def test_a_body_that_does_not_arrive_in_time_is_a_json_408(make_live, monkeypatch):
+    monkeypatch.setattr(server, "BODY_TIMEOUT_S", 1.0)
+    live = make_live()
+    with socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
+        started = time.monotonic()
+        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 1000\r\n\r\n" + b"x" * 10)
+        reply = _read_reply(sock)
+    assert reply.startswith(b"HTTP/1.1 408"), reply[:300]
+    assert b"request body not received within 1 s" in reply and time.monotonic() - started < 5
+    assert live.state.inflight_body_bytes == 0
+
+
+def test_bodies_in_flight_share_one_budget(make_live, monkeypatch):
+    monkeypatch.setattr(server, "MAX_INFLIGHT_BODY_BYTES", 1000)
+    live = make_live()
+    with socket.create_connection(("127.0.0.1", live.port), timeout=30) as slow:
+        slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
+                     b"Content-Length: 2000\r\n\r\n" + b"x" * 900)  # holds 900 bytes of the budget
+        deadline = time.monotonic() + 10
+        while live.state.inflight_body_bytes < 900 and time.monotonic() < deadline:
+            time.sleep(0.02)
+        assert live.state.inflight_body_bytes == 900
+        busy = httpx.post(live.url + "/predict", content=png(), headers={"content-type": "image/png"})
+        assert busy.status_code == 503 and "busy receiving other uploads" in busy.json()["error"]
+    deadline = time.monotonic() + 10
+    while live.state.inflight_body_bytes and time.monotonic() < deadline:  # the slow client went away
+        time.sleep(0.02)
+    assert live.state.inflight_body_bytes == 0
+    ok = httpx.post(live.url + "/predict", content=png(), headers={"content-type": "image/png"})
+    assert ok.status_code == 200
 
 
 def test_an_idle_connection_and_a_dribbled_head_are_closed(make_live):

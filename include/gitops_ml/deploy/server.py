@@ -33,10 +33,11 @@ Safe by default (threat model: anyone who can reach the port is untrusted):
   Residual risk: an attacker with ``min_clients`` or more addresses and little
   competing traffic can still push the numbers; leave ``deploy.watch_seconds`` at 0 or
   keep the server on a private network where that matters.
-- **Resources.** Bodies are read chunk by chunk (chunked ones too) and refused with
-  413 as soon as they pass ``MAX_BODY_BYTES``; all bodies being received share
-  ``MAX_INFLIGHT_BODY_BYTES`` (503 past it); a body must arrive within
-  ``BODY_TIMEOUT_S``. A request's images may hold at most ``MAX_REQUEST_PIXELS``
+- **Resources.** A declared ``Content-Length`` over ``MAX_BODY_BYTES`` is refused (413)
+  before any body byte is read; a chunked body is read chunk by chunk and cut off (413)
+  as soon as it passes the limit (Starlette's own ``max_body_size`` on the routes that
+  take a body); all bodies being received share ``MAX_INFLIGHT_BODY_BYTES`` (503 past
+  it); a body must arrive within ``BODY_TIMEOUT_S`` (``BodyBudget``). A request's images may hold at most ``MAX_REQUEST_PIXELS``
   pixels in total, read from the image headers before anything is decoded (413
   naming the image). Tiny requests decode on the event loop (tens of microseconds);
   larger ones in a pool of ``DECODE_WORKERS`` threads; inference runs in a thread, so
@@ -44,7 +45,8 @@ Safe by default (threat model: anyone who can reach the port is untrusted):
   head must arrive within ``HEAD_TIMEOUT_S`` of connecting or of the previous
   response and be at most ``MAX_HEAD_BYTES``; idle keep-alive connections close after
   ``KEEP_ALIVE_S``; past ``LIMIT_CONCURRENCY`` connections uvicorn answers 503.
-- **Errors.** Every error the app answers is JSON ``{"error": ...}`` and counted in
+- **Errors.** Every error the app answers is JSON ``{"error": ...}``, rendered by one
+  exception handler (``ServingState.on_error``) and counted in
   ``gitops_ml_error_responses_total``; an unexpected exception is a JSON 500
   (``server_error``), never a bare one. Protocol errors that never reach the app
   (malformed HTTP, an over-long head, uvicorn's concurrency 503) are plain text.
@@ -72,8 +74,10 @@ from typing import Any, Callable
 import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
+from starlette.datastructures import Headers
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
+from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
 from starlette.requests import Request
 from starlette.responses import JSONResponse, PlainTextResponse
 from starlette.routing import Route
@@ -82,6 +86,10 @@ from gitops_ml import images
 from gitops_ml.config import Settings
 from gitops_ml.deploy.metrics import ServerMetrics
 from gitops_ml.errors import GitopsMLError
+
+__all__ = ["ApiError", "AliasMismatch", "BadRequest", "Batcher", "ModelOutputError", "ReloadFailed", "ServedModel",
+           "ServingState", "UnsafeServerConfig", "champion_version", "check_exposure", "create_app", "is_loopback",
+           "load_from_registry", "serve", "server_config", "served_for_commit", "smoke_check"]
 
 log = logging.getLogger(__name__)
 
@@ -176,25 +184,50 @@ def champion_version(settings: Settings) -> str | None:
     return None if version is None else str(version.version)
 
 
-class BadRequest(Exception):
-    def __init__(self, message: str, status: int = 400):
+class ApiError(Exception):
+    """An error the app answers as JSON ``{"error": message, **extra}`` with ``status``.
+
+    ``outcome`` is how a ``/predict`` request that ends in this error is counted
+    (``gitops_ml_requests_total``): a bad request, or a failure of the model.
+    """
+
+    status = 400
+    outcome = "bad_request"
+
+    def __init__(self, message: str, status: int | None = None, **extra: Any):
         super().__init__(message)
-        self.status = status
+        if status is not None:
+            self.status = status
+        self.extra = extra
 
 
-class AliasMismatch(Exception):
+class BadRequest(ApiError):
+    """The request is malformed or over a limit (4xx)."""
+
+
+class AliasMismatch(ApiError):
     """A reload asked for a version the registry alias ``champion`` does not name."""
 
-    def __init__(self, wanted: str, alias: str | None):
+    status = 409
+
+    def __init__(self, wanted: str, alias: str | None, serving: str):
         super().__init__(f"refusing to serve model version {wanted}: the registry alias champion names "
                          f"{'no version' if alias is None else 'version ' + alias}; move the alias first "
-                         f"(deploy and rollback do)")
-        self.wanted = wanted
-        self.alias = alias
+                         f"(deploy and rollback do); still serving {serving}",
+                         wanted_version=wanted, alias_version=alias)
 
 
-class ModelOutputError(Exception):
+class ReloadFailed(ApiError):
+    """A reload could not load the version or its smoke check failed: the old model keeps serving."""
+
+    status = 409
+
+
+class ModelOutputError(ApiError):
     """The model returned non-finite probabilities or raised: a server-side error, counted per version."""
+
+    status = 500
+    outcome = "error"
 
 
 class Batcher:
@@ -269,6 +302,193 @@ def smoke_check(model: ServedModel, smoke: dict[str, Any]) -> str | None:
     return None
 
 
+@dataclass(frozen=True)
+class Prediction:
+    """A ``/predict`` request in progress (``request.state.prediction``): counted once, however it ends."""
+
+    model: ServedModel
+    started: float
+    client: str
+
+
+def client_of(request: Request) -> str:
+    """The client of a request: the TCP peer (or what a trusted proxy reports, see ``server_config``)."""
+    return request.client.host if request.client else "unknown"
+
+
+class ServingState:
+    """Everything the app holds: the model it serves, the one it served before, metrics, batcher, pools.
+
+    :param settings: model name and ``serving_token``.
+    :param loader: loads a model version (``None``: the champion, at start only).
+    :param alias_lookup: the version the registry alias ``champion`` names now; a reload
+        serves only that version.
+    :param commit_lookup: the revision a version serves for now, read again when a reload
+        keeps a version that is already loaded; ``None``: never re-read.
+    :param admin_without_token: allow ``/admin/reload`` without a token, to direct
+        loopback peers only.
+    """
+
+    def __init__(self, settings: Settings, loader: Callable[[Settings, str | None], ServedModel | None],
+                 alias_lookup: Callable[[Settings], str | None],
+                 commit_lookup: Callable[[Settings, str], str | None] | None, admin_without_token: bool):
+        self.settings = settings
+        self.loader = loader
+        self.alias_lookup = alias_lookup
+        self.commit_lookup = commit_lookup
+        self.admin_without_token = admin_without_token
+        self.model: ServedModel | None = None
+        self.previous: ServedModel | None = None  # still loaded and warm: a rollback is a swap back
+        self.metrics = ServerMetrics()
+        self.batcher = Batcher(self.metrics)
+        self.decode_pool: concurrent.futures.ThreadPoolExecutor | None = None
+        self.inflight_body_bytes = 0  # every body being received or processed, together
+        self._reload_lock = threading.Lock()
+
+    # --- answers ---
+
+    def headers(self, model: ServedModel | None = None) -> dict[str, str]:
+        """``X-Model-Version`` / ``X-Commit-Sha`` of ``model`` (default: the one serving now)."""
+        model = model or self.model
+        return {"X-Model-Version": model.model_version, "X-Commit-Sha": model.commit_sha} if model else {}
+
+    def error_response(self, message: str, status: int, model: ServedModel | None = None,
+                       **extra: Any) -> JSONResponse:
+        return JSONResponse({"error": message, **extra}, status_code=status, headers=self.headers(model))
+
+    async def on_error(self, request: Request, exc: Exception) -> JSONResponse:
+        """The one exception handler: every error is JSON, and a ``/predict`` request is counted by outcome."""
+        prediction: Prediction | None = getattr(request.state, "prediction", None)
+        extra: dict[str, Any] = {}
+        headers: dict[str, str] = {}
+        if isinstance(exc, ApiError):
+            status, message, outcome, extra = exc.status, str(exc), exc.outcome, exc.extra
+            if isinstance(exc, ModelOutputError):
+                log.error("%s", exc)
+        elif isinstance(exc, images.ImageDecodeError):
+            status, message, outcome = 400, str(exc), "bad_request"
+        elif isinstance(exc, HTTPException):
+            status, message, outcome, headers = exc.status_code, str(exc.detail), "bad_request", exc.headers or {}
+            if status == 413 and MAX_BODY_SIZE_SCOPE_KEY in request.scope:  # Starlette's body limit, mid-stream
+                message = f"request body is over the limit of {request.scope[MAX_BODY_SIZE_SCOPE_KEY]} bytes"
+        else:  # a bug: the outermost handler (Starlette's ServerErrorMiddleware), outside CountErrors
+            log.error("unexpected error on %s: %r", request.url.path, exc)
+            self.metrics.observe_error(_ROUTES.get(request.url.path, "other"), 500)
+            status, message, outcome = 500, f"internal server error ({type(exc).__name__})", "server_error"
+        if prediction is not None:
+            self.metrics.observe_request(prediction.model.model_version, outcome,
+                                         time.perf_counter() - prediction.started, prediction.client)
+        response = self.error_response(message, status, prediction.model if prediction else None, **extra)
+        response.headers.update(headers)
+        return response
+
+    def check_admin(self, request: Request) -> None:
+        """Raise 401 unless this request may use an admin endpoint."""
+        if self.settings.serving_token:
+            scheme, _, given = request.headers.get("authorization", "").partition(" ")
+            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
+                                                                     self.settings.serving_token.encode()):
+                raise ApiError("missing or wrong bearer token for /admin/reload", 401)
+        elif not self.admin_without_token:
+            raise ApiError("/admin/reload needs GITOPS_ML_SERVING_TOKEN (send Authorization: Bearer <token>); "
+                           "without a token it answers only on a server bound to loopback", 401)
+        elif not is_loopback(client_of(request)) or any(h in request.headers for h in _PROXY_HEADERS):
+            raise ApiError("without GITOPS_ML_SERVING_TOKEN /admin/reload answers only direct loopback clients "
+                           "(no proxy headers)", 401)
+
+    # --- what is served ---
+
+    def serving_version(self) -> str:
+        return self.model.model_version if self.model else "nothing"
+
+    def refreshed(self, model: ServedModel) -> ServedModel:
+        """``model`` reporting the revision it serves for now (the same object when that is unchanged)."""
+        served_for = self.commit_lookup(self.settings, model.model_version) if self.commit_lookup else None
+        if not served_for or served_for == model.commit_sha:
+            return model
+        return replace(model, commit_sha=served_for, built_from_commit=model.built_from_commit or model.commit_sha)
+
+    def switch_to(self, model: ServedModel) -> None:
+        current = self.model
+        if current is not None and current is not model and current.model_version == model.model_version:
+            self.model = model  # same version, new revision: the previous model stays the rollback target
+        elif current is not model:
+            self.previous, self.model = self.model, model  # one reference: requests in flight keep theirs
+            self.metrics.start_period(model.model_version)
+        self.metrics.info = {"model_version": model.model_version, "commit_sha": model.commit_sha,
+                             "data_hash": model.data_hash}
+
+    def load_champion(self) -> None:
+        """At start: serve the champion if there is one; start anyway (``/health`` says what is loaded)."""
+        try:
+            model = self.loader(self.settings, None)
+            if model is not None:
+                self.switch_to(model)
+        except Exception:  # noqa: BLE001 - start anyway, report at /health
+            log.exception("could not load the champion at start")
+        if self.model:
+            log.info("serving model version %s (commit %s)", self.model.model_version, self.model.commit_sha)
+        else:
+            log.info("no champion yet: /predict answers 503 until a deploy")
+
+    def reload(self, wanted: str | None, smoke: dict[str, Any] | None) -> ServedModel | None:
+        """Serve ``wanted`` (``None``: the champion), which must be the version the alias names, before
+        loading and again before switching; ``None`` when the registry has no champion (serve nothing)."""
+        with self._reload_lock:
+            serving = self.serving_version()
+            try:
+                return self._reload(wanted, smoke, serving)
+            except ApiError:
+                raise
+            except Exception as exc:  # noqa: BLE001 - report any load failure, keep serving the old model
+                log.exception("loading model version %s failed", wanted)
+                raise ReloadFailed(f"could not load model version {wanted or 'champion'}: {exc}; "
+                                   f"still serving {serving}") from None
+
+    def _reload(self, wanted: str | None, smoke: dict[str, Any] | None, serving: str) -> ServedModel | None:
+        alias = self.alias_lookup(self.settings)
+        target = wanted if wanted is not None else alias
+        if target is None:  # no champion (the first deploy was rolled back): serve nothing, as the registry
+            if self.model is not None:
+                self.previous, self.model = self.model, None
+                self.metrics.info = {}
+            return None
+        if target != alias:
+            raise AliasMismatch(target, alias, serving)
+        candidate = self._candidate(target)
+        if candidate is None:
+            return None
+        failure = smoke_check(candidate, smoke) if smoke else None
+        if failure:
+            log.error("smoke check of model version %s failed: %s", candidate.model_version, failure)
+            raise ReloadFailed(f"smoke check of model version {candidate.model_version} failed: {failure}; "
+                               f"still serving {serving}")
+        now = self.alias_lookup(self.settings)
+        if now != target:  # the alias moved while the version was loading
+            raise AliasMismatch(target, now, serving)
+        self.switch_to(candidate)
+        log.info("now serving model version %s (commit %s)", candidate.model_version, candidate.commit_sha)
+        return candidate
+
+    def _candidate(self, version: str) -> ServedModel | None:
+        """``version`` ready to serve: the loaded previous or current model (a swap), else a fresh load."""
+        for loaded in (self.previous, self.model):
+            if loaded is not None and loaded.model_version == version:
+                return self.refreshed(loaded)  # still loaded and warm, maybe for a newer revision
+        return self.loader(self.settings, version)
+
+    @contextlib.asynccontextmanager
+    async def lifespan(self, app: Starlette):
+        self.decode_pool = concurrent.futures.ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode")
+        await run_in_threadpool(self.load_champion)
+        task = asyncio.create_task(self.batcher.run())
+        while self.batcher.queue is None:
+            await asyncio.sleep(0)
+        yield
+        task.cancel()
+        self.decode_pool.shutdown(wait=False, cancel_futures=True)
+
+
 class CountErrors:
     """ASGI middleware: count every 4xx/5xx response the app sends, by route and status."""
 
@@ -289,12 +509,65 @@ class CountErrors:
         await self.app(scope, receive, counting_send)
 
 
+class BodyBudget:
+    """ASGI middleware: the body limits Starlette has no setting for.
+
+    - A declared ``Content-Length`` over ``MAX_BODY_BYTES`` is answered 413 before any
+      body byte is read (a chunked body is cut off mid-stream by the routes'
+      ``max_body_size``, Starlette's own limit).
+    - Every body being received or processed shares ``MAX_INFLIGHT_BODY_BYTES`` (503 past it).
+    - A body must arrive within ``BODY_TIMEOUT_S`` of the first read (408).
+    """
+
+    def __init__(self, app, state: ServingState):
+        self.app = app
+        self.state = state
+
+    async def __call__(self, scope, receive, send):
+        if scope["type"] != "http":
+            return await self.app(scope, receive, send)
+        declared = Headers(scope=scope).get("content-length", "")
+        if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
+            response = self.state.error_response(
+                f"request body of {declared} bytes is over the limit of {MAX_BODY_BYTES} bytes", 413)
+            return await response(scope, receive, send)
+        counted = 0
+        deadline: float | None = None
+        complete = False
+
+        async def budgeted_receive():
+            nonlocal counted, deadline, complete
+            if complete:
+                return await receive()
+            loop = asyncio.get_running_loop()
+            deadline = deadline or loop.time() + BODY_TIMEOUT_S
+            try:
+                async with asyncio.timeout_at(deadline):
+                    message = await receive()
+            except TimeoutError:
+                raise BadRequest(f"request body not received within {BODY_TIMEOUT_S:.0f} s", 408) from None
+            if message["type"] != "http.request":
+                return message
+            complete = not message.get("more_body", False)
+            size = len(message.get("body", b""))
+            if self.state.inflight_body_bytes + size > MAX_INFLIGHT_BODY_BYTES:
+                raise BadRequest("the server is busy receiving other uploads; retry later", 503)
+            self.state.inflight_body_bytes += size
+            counted += size
+            return message
+
+        try:
+            await self.app(scope, budgeted_receive, send)
+        finally:
+            self.state.inflight_body_bytes -= counted
+
+
 def create_app(settings: Settings,
                loader: Callable[[Settings, str | None], ServedModel | None] = load_from_registry,
                alias_lookup: Callable[[Settings], str | None] = champion_version,
                admin_without_token: bool = False,
                commit_lookup: Callable[[Settings, str], str | None] | None = None) -> Starlette:
-    """The ASGI app.
+    """The ASGI app; its state is one ``ServingState`` (``app.state.serving``).
 
     :param settings: model name and ``serving_token``.
     :param loader: loads a model version (``None``: the champion, at start only).
@@ -308,251 +581,88 @@ def create_app(settings: Settings,
     """
     if commit_lookup is None and loader is load_from_registry:
         commit_lookup = served_for_commit
-    state: dict[str, ServedModel | None] = {"model": None, "previous": None}
-    reload_lock = threading.Lock()
-    metrics = ServerMetrics()
-    batcher = Batcher(metrics)
-    inflight = {"bytes": 0}
-    pools: dict[str, concurrent.futures.ThreadPoolExecutor] = {}
-
-    def headers(model: ServedModel | None = None) -> dict[str, str]:
-        """``X-Model-Version`` / ``X-Commit-Sha`` of ``model`` (default: the one serving now)."""
-        model = model or state["model"]
-        return {"X-Model-Version": model.model_version, "X-Commit-Sha": model.commit_sha} if model else {}
-
-    def error(message: str, status: int, model: ServedModel | None = None, **extra: Any) -> JSONResponse:
-        return JSONResponse({"error": message, **extra}, status_code=status, headers=headers(model))
-
-    def refreshed(model: ServedModel) -> ServedModel:
-        """``model`` reporting the revision it serves for now (the same object when that is unchanged)."""
-        served_for = commit_lookup(settings, model.model_version) if commit_lookup else None
-        if not served_for or served_for == model.commit_sha:
-            return model
-        return replace(model, commit_sha=served_for,
-                                   built_from_commit=model.built_from_commit or model.commit_sha)
-
-    def switch_to(model: ServedModel) -> None:
-        current = state["model"]
-        if current is not None and current is not model and current.model_version == model.model_version:
-            state["model"] = model  # same version, new revision: the previous model stays the rollback target
-        elif current is not model:
-            state["previous"] = state["model"]
-            state["model"] = model  # one reference: requests in flight keep the model they started with
-            metrics.start_period(model.model_version)
-        metrics.info = {"model_version": model.model_version, "commit_sha": model.commit_sha,
-                        "data_hash": model.data_hash}
-
-    @contextlib.asynccontextmanager
-    async def body_of(request: Request, limit: int = MAX_BODY_BYTES):
-        """The request body, read chunk by chunk: 413 past ``limit``, 503 past the shared in-flight budget."""
-        declared = request.headers.get("content-length")
-        if declared is not None:
-            if not (declared.isascii() and declared.isdigit()):
-                raise BadRequest(f"Content-Length {declared[:40]!r} is not a number")
-            if int(declared) > limit:
-                raise BadRequest(f"request body of {declared} bytes is over the limit of {limit} bytes", 413)
-        chunks: list[bytes] = []
-        size = 0
-        try:
-            try:
-                async with asyncio.timeout(BODY_TIMEOUT_S):
-                    async for chunk in request.stream():
-                        if not chunk:
-                            continue
-                        size += len(chunk)
-                        if size > limit:
-                            raise BadRequest(f"request body is over the limit of {limit} bytes", 413)
-                        if inflight["bytes"] + len(chunk) > MAX_INFLIGHT_BODY_BYTES:
-                            raise BadRequest("the server is busy receiving other uploads; retry later", 503)
-                        inflight["bytes"] += len(chunk)
-                        chunks.append(chunk)
-            except TimeoutError:
-                raise BadRequest(f"request body not received within {BODY_TIMEOUT_S:.0f} s", 408) from None
-            yield b"".join(chunks)
-        finally:
-            inflight["bytes"] -= sum(len(c) for c in chunks)
-
-    def client_of(request: Request) -> str:
-        return request.client.host if request.client else "unknown"
+    state = ServingState(settings, loader, alias_lookup, commit_lookup, admin_without_token)
 
     async def health(request: Request) -> JSONResponse:
-        model = state["model"]
+        model = state.model
         return JSONResponse({"status": "ok", "model_loaded": model is not None,
-                             "model_version": model.model_version if model else None}, headers=headers())
+                             "model_version": model.model_version if model else None}, headers=state.headers())
 
     async def version(request: Request) -> JSONResponse:
-        model = state["model"]
-        if model is None:
-            return error("no model deployed yet: the registry has no champion", 503)
-        return JSONResponse(model.info(settings.model_name), headers=headers())
+        if state.model is None:
+            raise ApiError("no model deployed yet: the registry has no champion", 503)
+        return JSONResponse(state.model.info(settings.model_name), headers=state.headers())
 
     async def prometheus(request: Request) -> PlainTextResponse:
-        return PlainTextResponse(metrics.render(), media_type="text/plain; version=0.0.4", headers=headers())
+        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4",
+                                 headers=state.headers())
 
     async def predict(request: Request) -> JSONResponse:
         started = time.perf_counter()
-        model = state["model"]  # one reference for the whole request: a switch cannot split it
+        model = state.model  # one reference for the whole request: a switch cannot split it
         if model is None:
-            return error("no model deployed yet: the registry has no champion", 503)
+            raise ApiError("no model deployed yet: the registry has no champion", 503)
         client = client_of(request)
-        try:
-            async with body_of(request) as body:
-                content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-                if content_type == "multipart/form-data":
-                    parts = await _multipart_images(request, body)
-                    batch = await _to_batch(pools, model, lambda: parts, len(body))
-                else:
-                    batch = await _to_batch(pools, model, lambda: _body_images(content_type, body), len(body))
-                probabilities = await batcher.predict(model, batch)
-        except (BadRequest, images.ImageDecodeError) as exc:
-            metrics.observe_request(model.model_version, "bad_request", time.perf_counter() - started, client)
-            return error(str(exc), getattr(exc, "status", 400), model)
-        except ModelOutputError as exc:
-            metrics.observe_request(model.model_version, "error", time.perf_counter() - started, client)
-            log.error("%s", exc)
-            return error(str(exc), 500, model)
-        except Exception as exc:  # noqa: BLE001 - a server bug: JSON 500, counted, not the model's error
-            metrics.observe_request(model.model_version, "server_error", time.perf_counter() - started, client)
-            log.exception("unexpected error in /predict")
-            return error(f"internal server error ({type(exc).__name__})", 500, model)
+        request.state.prediction = Prediction(model, started, client)  # errors are counted by ``on_error``
+        body = await request.body()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            parts = await _multipart_images(request)
+            batch = await _to_batch(state.decode_pool, model, lambda: parts, len(body))
+        else:
+            batch = await _to_batch(state.decode_pool, model, lambda: _body_images(content_type, body), len(body))
+        probabilities = await state.batcher.predict(model, batch)
         names = model.class_names
-        body = {"predictions": [{"class": names[int(row.argmax())],
-                                 "probabilities": {c: round(float(p), 6) for c, p in zip(names, row)}}
-                                for row in probabilities],
-                "model_name": settings.model_name, "model_version": model.model_version,
-                "commit_sha": model.commit_sha, "built_from_commit": model.built_from_commit or model.commit_sha,
-                "data_hash": model.data_hash}
-        metrics.observe_request(model.model_version, "ok", time.perf_counter() - started, client,
-                                probabilities.max(axis=1).tolist())
-        return JSONResponse(body, headers=headers(model))
-
-    def admin_refusal(request: Request) -> str | None:
-        """Why this request may not use an admin endpoint, or ``None``."""
-        if settings.serving_token:
-            scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                     settings.serving_token.encode()):
-                return "missing or wrong bearer token for /admin/reload"
-            return None
-        if not admin_without_token:
-            return ("/admin/reload needs GITOPS_ML_SERVING_TOKEN (send Authorization: Bearer <token>); "
-                    "without a token it answers only on a server bound to loopback")
-        if not is_loopback(client_of(request)) or any(h in request.headers for h in _PROXY_HEADERS):
-            return ("without GITOPS_ML_SERVING_TOKEN /admin/reload answers only direct loopback clients "
-                    "(no proxy headers)")
-        return None
+        answer = {"predictions": [{"class": names[int(row.argmax())],
+                                   "probabilities": {c: round(float(p), 6) for c, p in zip(names, row)}}
+                                  for row in probabilities],
+                  "model_name": settings.model_name, "model_version": model.model_version,
+                  "commit_sha": model.commit_sha, "built_from_commit": model.built_from_commit or model.commit_sha,
+                  "data_hash": model.data_hash}
+        state.metrics.observe_request(model.model_version, "ok", time.perf_counter() - started, client,
+                                      probabilities.max(axis=1).tolist())
+        return JSONResponse(answer, headers=state.headers(model))
 
     async def reload(request: Request) -> JSONResponse:
-        refusal = admin_refusal(request)
-        if refusal:
-            return error(refusal, 401)
+        state.check_admin(request)
+        raw = await request.body()
         try:
-            async with body_of(request) as raw:
-                body = _json(raw) if raw.strip() else {}
+            body = _json(raw) if raw.strip() else {}
         except BadRequest as exc:
-            return error(str(exc).replace("body is not valid JSON",
-                                          'body must be JSON: {"model_version": "<n>", "smoke": {...}} or {}'),
-                         exc.status)
-        if not isinstance(body, dict):
-            return error("body must be a JSON object", 400)
-        wanted = body.get("model_version")
-        if wanted is not None:
-            if isinstance(wanted, bool) or not isinstance(wanted, (str, int)) or not VERSION.fullmatch(str(wanted)):
-                return error(f"model_version must be 1 to 9 ASCII digits, got {str(wanted)[:40]!r}", 400)
-            wanted = str(int(wanted))
-        smoke = body.get("smoke")
-        if smoke is not None and not isinstance(smoke, dict):
-            return error("smoke must be a JSON object {\"images\": [...], \"classes\": [...]}", 400)
-
-        def _load() -> tuple[ServedModel | None, str | None]:
-            with reload_lock:
-                alias = alias_lookup(settings)
-                target = wanted if wanted is not None else alias
-                if target is None:  # no champion (the first deploy was rolled back): serve nothing, as the registry
-                    if state["model"] is not None:
-                        state["previous"], state["model"] = state["model"], None
-                        metrics.info = {}
-                    return None, None
-                if target != alias:
-                    raise AliasMismatch(target, alias)
-                previous = state["previous"]
-                if previous is not None and previous.model_version == target:
-                    candidate = refreshed(previous)  # rollback: the old model is still loaded and warm
-                elif state["model"] is not None and state["model"].model_version == target:
-                    candidate = refreshed(state["model"])  # same version, maybe for a newer revision
-                else:
-                    candidate = loader(settings, target)
-                if candidate is None:
-                    return None, None
-                failure = smoke_check(candidate, smoke) if smoke else None
-                if failure is None:
-                    now = alias_lookup(settings)
-                    if now != target:  # the alias moved while the version was loading
-                        raise AliasMismatch(target, now)
-                    switch_to(candidate)
-                return candidate, failure
-
-        serving = state["model"].model_version if state["model"] else "nothing"
-        try:
-            loaded, failure = await run_in_threadpool(_load)
-        except AliasMismatch as exc:
-            return error(f"{exc}; still serving {serving}", 409, wanted_version=exc.wanted,
-                         alias_version=exc.alias)
-        except Exception as exc:  # noqa: BLE001 - report any load failure, keep serving the old model
-            log.exception("loading model version %s failed", wanted)
-            return error(f"could not load model version {wanted or 'champion'}: {exc}; still serving "
-                         f"{state['model'].model_version if state['model'] else 'nothing'}", 409)
+            raise BadRequest(str(exc).replace("body is not valid JSON",
+                                              'body must be JSON: {"model_version": "<n>", "smoke": {...}} or {}'),
+                             exc.status) from None
+        wanted, smoke = _reload_request(body)
+        loaded = await run_in_threadpool(state.reload, wanted, smoke)
         if loaded is None:
             return JSONResponse({"model_version": None, "status": "the registry has no champion: serving nothing"})
-        if failure:
-            current = state["model"].model_version if state["model"] else "nothing"
-            log.error("smoke check of model version %s failed: %s", loaded.model_version, failure)
-            return error(f"smoke check of model version {loaded.model_version} failed: {failure}; "
-                         f"still serving {current}", 409)
-        log.info("now serving model version %s (commit %s)", loaded.model_version, loaded.commit_sha)
-        return JSONResponse(loaded.info(settings.model_name), headers=headers())
+        return JSONResponse(loaded.info(settings.model_name), headers=state.headers())
 
-    def startup() -> None:
-        try:
-            model = loader(settings, None)
-            if model is not None:
-                switch_to(model)
-        except Exception:  # noqa: BLE001 - start anyway, report at /health
-            log.exception("could not load the champion at start")
-        if state["model"]:
-            log.info("serving model version %s (commit %s)", state["model"].model_version, state["model"].commit_sha)
-        else:
-            log.info("no champion yet: /predict answers 503 until a deploy")
-
-    @contextlib.asynccontextmanager
-    async def lifespan(app: Starlette):
-        pools["decode"] = concurrent.futures.ThreadPoolExecutor(DECODE_WORKERS, thread_name_prefix="decode")
-        await run_in_threadpool(startup)
-        task = asyncio.create_task(batcher.run())
-        while batcher.queue is None:
-            await asyncio.sleep(0)
-        yield
-        task.cancel()
-        pools.pop("decode").shutdown(wait=False, cancel_futures=True)
-
-    async def http_error(request: Request, exc: HTTPException) -> JSONResponse:
-        response = error(str(exc.detail), exc.status_code)
-        response.headers.update(exc.headers or {})
-        return response
-
-    async def server_error(request: Request, exc: Exception) -> JSONResponse:
-        log.error("unexpected error on %s: %r", request.url.path, exc)
-        metrics.observe_error(_ROUTES.get(request.url.path, "other"), 500)
-        return error(f"internal server error ({type(exc).__name__})", 500)
-
+    with_body = {"methods": ["POST"], "max_body_size": MAX_BODY_BYTES}
     app = Starlette(routes=[
         Route("/health", health), Route("/version", version), Route("/metrics", prometheus),
-        Route("/predict", predict, methods=["POST"]), Route("/admin/reload", reload, methods=["POST"]),
-    ], lifespan=lifespan, middleware=[Middleware(CountErrors, metrics=metrics)],
-        exception_handlers={HTTPException: http_error, Exception: server_error})
-    app.state.served = state
-    app.state.metrics = metrics
+        Route("/predict", predict, **with_body), Route("/admin/reload", reload, **with_body),
+    ], lifespan=state.lifespan,
+        middleware=[Middleware(CountErrors, metrics=state.metrics), Middleware(BodyBudget, state=state)],
+        exception_handlers={ApiError: state.on_error, images.ImageDecodeError: state.on_error,
+                            HTTPException: state.on_error, Exception: state.on_error})
+    app.state.serving = state
     return app
+
+
+def _reload_request(body: Any) -> tuple[str | None, dict[str, Any] | None]:
+    """The version (``None``: the champion) and the smoke sample of a reload body, validated."""
+    if not isinstance(body, dict):
+        raise BadRequest("body must be a JSON object")
+    wanted = body.get("model_version")
+    if wanted is not None:
+        if isinstance(wanted, bool) or not isinstance(wanted, (str, int)) or not VERSION.fullmatch(str(wanted)):
+            raise BadRequest(f"model_version must be 1 to 9 ASCII digits, got {str(wanted)[:40]!r}")
+        wanted = str(int(wanted))
+    smoke = body.get("smoke")
+    if smoke is not None and not isinstance(smoke, dict):
+        raise BadRequest("smoke must be a JSON object {\"images\": [...], \"classes\": [...]}")
+    return wanted, smoke
 
 
 class _NotInline(Exception):
@@ -601,20 +711,13 @@ def _body_images(content_type: str, body: bytes) -> list[tuple[str, bytes]]:
     return _checked([("body", body)])
 
 
-async def _multipart_images(request: Request, body: bytes) -> list[tuple[str, bytes]]:
+async def _multipart_images(request: Request) -> list[tuple[str, bytes]]:
     """Images of a multipart body already read (within the limit): every file part."""
-    delivered = False
-
-    async def replay() -> dict:
-        nonlocal delivered
-        if delivered:
-            return {"type": "http.disconnect"}
-        delivered = True
-        return {"type": "http.request", "body": body, "more_body": False}
-
     try:
-        form = await Request(request.scope, replay).form(max_files=MAX_BATCH, max_part_size=MAX_IMAGE_BYTES)
-    except Exception as exc:  # noqa: BLE001 - starlette raises several types for bad multipart
+        form = await request.form(max_files=MAX_BATCH, max_part_size=MAX_IMAGE_BYTES)
+    except HTTPException as exc:  # Starlette's answer to a malformed multipart body
+        raise BadRequest(f"malformed multipart body: {exc.detail}") from None
+    except Exception as exc:  # noqa: BLE001 - python-multipart raises several types for bad multipart
         raise BadRequest(f"malformed multipart body: {exc}") from None
     try:
         uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
@@ -654,8 +757,8 @@ def _decode_all(model: ServedModel, blobs: list[tuple[str, bytes]], inline: bool
     return np.stack([images.decode(b, model.height, model.width, model.channels, name=name) for name, b in blobs])
 
 
-async def _to_batch(pools: dict, model: ServedModel, blobs: Callable[[], list[tuple[str, bytes]]],
-                    body_bytes: int) -> np.ndarray:
+async def _to_batch(pool: concurrent.futures.Executor | None, model: ServedModel,
+                    blobs: Callable[[], list[tuple[str, bytes]]], body_bytes: int) -> np.ndarray:
     """Decode on the event loop when the request is tiny, else in the decode pool."""
     if body_bytes <= INLINE_BYTES:
         found = blobs()
@@ -667,7 +770,7 @@ async def _to_batch(pools: dict, model: ServedModel, blobs: Callable[[], list[tu
     else:
         def work() -> np.ndarray:
             return _decode_all(model, blobs())
-    return await asyncio.get_running_loop().run_in_executor(pools.get("decode"), work)
+    return await asyncio.get_running_loop().run_in_executor(pool, work)
 
 
 def _bounded_protocol():
