@@ -83,7 +83,7 @@ def main() -> None:
             training = registry.find_training_run(settings, run["dag_run_id"])
             row = {"commit_sha": commit_sha, "total_s": total, "trigger_s": t_created - t_commit, **steps,
                    "scheduling_overhead_s": total - (t_created - t_commit) - sum(steps.values()),
-                   "train_peak_rss_mb": training.data.metrics.get("train_peak_rss_mb"), "warmup": i == 0}
+                   "train_peak_rss_mb": training.metrics.get("train_peak_rss_mb"), "warmup": i == 0}
             rows.append(row)
             print(f"{'warm-up' if i == 0 else 'run ' + str(i)}: {commit_sha[:12]} served after {total:.1f} s",
                   flush=True)

@@ -209,10 +209,7 @@ def train(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
     h, w, c = training.input_shape(params)
     example = training.load_arrays([index.files[parts.test[0]]], params)
     run_tags = {
-        "mlflow.source.git.commit": commit["commit_sha"],
-        "mlflow.source.git.branch": commit["branch"],
-        "mlflow.source.git.repoURL": commit["repo_url"],
-        "mlflow.source.type": "JOB",
+        **registry.git_source_tags(commit["commit_sha"], commit["branch"], commit["repo_url"]),
         **registry.lineage_tags(run_lineage),
     }
     meta = {"class_names": index.class_names, "height": h, "width": w, "channels": c,

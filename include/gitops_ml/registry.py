@@ -1,8 +1,9 @@
 """MLflow: training runs, model versions with lineage tags, aliases.
 
-The only module that imports mlflow.  A model version is created in one call
-with all its lineage tags (no half-tagged version), and at most one version
-exists per (commit SHA, data hash).
+The only module that imports mlflow, and no MLflow object leaves it: model versions
+and training runs are returned as plain frozen data classes (``ModelVersion``,
+``TrainingRun``).  A model version is created in one call with all its lineage tags
+(no half-tagged version), and at most one version exists per (commit SHA, data hash).
 """
 
 from __future__ import annotations
@@ -11,7 +12,8 @@ import json
 import logging
 import os
 import tempfile
-import time
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any
 
@@ -20,11 +22,19 @@ os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
 import mlflow  # noqa: E402
 from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities.model_registry import ModelVersion  # noqa: E402
+from mlflow.entities import SourceType  # noqa: E402
 from mlflow.exceptions import MlflowException  # noqa: E402
+from mlflow.utils import mlflow_tags  # noqa: E402
 
 from gitops_ml.config import Settings  # noqa: E402
 from gitops_ml.errors import RegistryError  # noqa: E402
+from gitops_ml.polling import poll  # noqa: E402
+
+__all__ = ["CHALLENGER", "CHAMPION", "META_ARTIFACT", "MODEL_ARTIFACT", "MODEL_CODE_ARTIFACT", "SERVING_ARTIFACT",
+           "TAG_PREFIX", "ModelVersion", "TrainingRun", "experiment_id", "find_training_run", "find_version",
+           "find_version_by_tag", "get_alias", "get_run", "get_version", "git_source_tags", "lineage_tags",
+           "load_logged_model", "load_model", "load_predictor", "load_run_json", "log_evaluation", "log_training",
+           "register", "run_url", "served_for", "serving_commit", "set_alias", "set_version_tags", "version_tags"]
 
 log = logging.getLogger(__name__)
 
@@ -35,6 +45,52 @@ META_ARTIFACT = "gitops_ml_meta.json"
 MODEL_ARTIFACT = "model"
 SERVING_ARTIFACT = "serving_model"  # the code-free TF SavedModel the server and the evaluation load
 MODEL_CODE_ARTIFACT = "model_code"  # the commit's model code files, as they were trained
+
+
+@dataclass(frozen=True)
+class ModelVersion:
+    """A registered version of a model, as plain data.
+
+    :param version: the version number, as a string (``"3"``).
+    :param run_id: the MLflow run that logged the model.
+    :param source: where the model's artifacts are (``models:/m-...``).
+    :param status: ``READY``, ``PENDING_REGISTRATION`` or ``FAILED_REGISTRATION``.
+    :param tags: every tag of the version, prefixes included (``version_tags`` strips ours).
+    :param aliases: the aliases naming this version (``champion``, ``challenger``).
+    :param created: when the version was registered (UTC).
+    """
+
+    name: str
+    version: str
+    run_id: str
+    source: str
+    status: str
+    tags: dict[str, str] = field(default_factory=dict)
+    aliases: tuple[str, ...] = ()
+    created: datetime | None = None
+
+
+@dataclass(frozen=True)
+class TrainingRun:
+    """An MLflow run, as plain data: its ids, tags and latest metric values."""
+
+    run_id: str
+    experiment_id: str
+    tags: dict[str, str] = field(default_factory=dict)
+    metrics: dict[str, float] = field(default_factory=dict)
+
+
+def _model_version(found) -> ModelVersion:
+    created = found.creation_timestamp
+    return ModelVersion(name=found.name, version=str(found.version), run_id=found.run_id or "",
+                        source=found.source or "", status=found.status, tags=dict(found.tags or {}),
+                        aliases=tuple(found.aliases or ()),
+                        created=datetime.fromtimestamp(created / 1000, timezone.utc) if created else None)
+
+
+def _training_run(run) -> TrainingRun:
+    return TrainingRun(run_id=run.info.run_id, experiment_id=run.info.experiment_id, tags=dict(run.data.tags),
+                       metrics=dict(run.data.metrics))
 
 
 def client(settings: Settings) -> MlflowClient:
@@ -65,6 +121,13 @@ def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
     return {f"{TAG_PREFIX}{k}": str(v) for k, v in lineage.items() if v is not None}
 
 
+def git_source_tags(commit_sha: str, branch: str, repo_url: str) -> dict[str, str]:
+    """MLflow's standard source tags of a run built from a Git commit (``mlflow.source.git.*``)."""
+    return {mlflow_tags.MLFLOW_GIT_COMMIT: commit_sha, mlflow_tags.MLFLOW_GIT_BRANCH: branch,
+            mlflow_tags.MLFLOW_GIT_REPO_URL: repo_url,
+            mlflow_tags.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB)}
+
+
 def _ready_versions_tagged(settings: Settings, key: str, value: str) -> list[ModelVersion]:
     query = f"name = '{settings.model_name}' and tags.`{TAG_PREFIX}{key}` = '{value}'"
     try:
@@ -73,7 +136,7 @@ def _ready_versions_tagged(settings: Settings, key: str, value: str) -> list[Mod
         if "RESOURCE_DOES_NOT_EXIST" in str(exc):
             return []
         raise
-    return sorted((v for v in versions if v.status == "READY"), key=lambda v: int(v.version))
+    return sorted((_model_version(v) for v in versions if v.status == "READY"), key=lambda v: int(v.version))
 
 
 def find_version(settings: Settings, commit_sha: str, data_hash: str | None = None) -> ModelVersion | None:
@@ -172,22 +235,21 @@ def register(settings: Settings, run_id: str, model_uri: str, lineage: dict[str,
             pass  # created meanwhile
     # A logged model (``models:/m-...``) is named by its id too: a tracking server refuses the source without it.
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    version = mlc.create_model_version(settings.model_name, source=model_uri, run_id=run_id,
+    created = mlc.create_model_version(settings.model_name, source=model_uri, run_id=run_id,
                                        tags=lineage_tags(lineage), model_id=model_id,
                                        description=f"commit {lineage['commit_sha']}")
-    deadline = time.monotonic() + timeout
-    while version.status == "PENDING_REGISTRATION" and time.monotonic() < deadline:
-        time.sleep(0.5)
-        version = mlc.get_model_version(settings.model_name, version.version)
+    version, _ = poll(lambda: mlc.get_model_version(settings.model_name, created.version),
+                      lambda found: found.status != "PENDING_REGISTRATION", timeout, 0.5)
     if version.status != "READY":
         mlc.delete_model_version(settings.model_name, version.version)
         raise RegistryError(f"model version for commit {lineage['commit_sha']} ended {version.status}; deleted")
-    return version
+    return _model_version(version)
 
 
 def get_alias(settings: Settings, alias: str = CHAMPION) -> ModelVersion | None:
+    """The version ``alias`` names, or ``None``."""
     try:
-        return client(settings).get_model_version_by_alias(settings.model_name, alias)
+        return _model_version(client(settings).get_model_version_by_alias(settings.model_name, alias))
     except MlflowException:
         return None
 
@@ -206,7 +268,7 @@ def set_alias(settings: Settings, version: str | None, alias: str = CHAMPION) ->
 
 def get_version(settings: Settings, version: str) -> ModelVersion:
     try:
-        return client(settings).get_model_version(settings.model_name, str(version))
+        return _model_version(client(settings).get_model_version(settings.model_name, str(version)))
     except MlflowException as exc:
         raise RegistryError(f"model version {version} of {settings.model_name} not found: {exc.message}") from None
 
@@ -253,7 +315,15 @@ def load_logged_model(settings: Settings, model_uri: str):
     return mlflow.keras.load_model(model_uri)
 
 
-def find_training_run(settings: Settings, airflow_run_id: str):
+def get_run(settings: Settings, run_id: str) -> TrainingRun:
+    """The MLflow run ``run_id`` (``RegistryError`` when it does not exist)."""
+    try:
+        return _training_run(client(settings).get_run(run_id))
+    except MlflowException as exc:
+        raise RegistryError(f"MLflow run {run_id} not found: {exc.message}") from None
+
+
+def find_training_run(settings: Settings, airflow_run_id: str) -> TrainingRun | None:
     """The MLflow training run started by an Airflow run, or ``None``.
 
     The run id comes from a URL: it is checked against Airflow's run-id charset (the default
@@ -275,8 +345,8 @@ def find_training_run(settings: Settings, airflow_run_id: str):
     runs = mlc.search_runs([experiment.experiment_id],
                            filter_string=f"tags.`{TAG_PREFIX}airflow_run_id` = '{airflow_run_id}'",
                            max_results=1, order_by=["attributes.start_time DESC"])
-    found = runs[0] if runs else None
-    if found is not None and found.data.tags.get(f"{TAG_PREFIX}airflow_run_id") != airflow_run_id:
+    found = _training_run(runs[0]) if runs else None
+    if found is not None and found.tags.get(f"{TAG_PREFIX}airflow_run_id") != airflow_run_id:
         return None  # belt and braces: only an exact match is ever returned
     return found
 

@@ -30,16 +30,16 @@ def trace(settings: Settings, ref: str) -> dict[str, Any]:
     built = registry.find_version(settings, commit.commit_sha)
     used_versions = {str(d.get("model_version")) for d in docs if d.get("model_version")}
     versions = []
-    for number in sorted({*(str(v) for v in used_versions), *([str(built.version)] if built else []),
-                          *([str(version.version)] if version else [])}, key=int):
+    for number in sorted({*used_versions, *([built.version] if built else []), *([version.version] if version else [])},
+                         key=int):
         v = registry.get_version(settings, number)
         tags = registry.version_tags(v)
-        run = registry.client(settings).get_run(v.run_id) if v.run_id else None
+        run = registry.get_run(settings, v.run_id) if v.run_id else None
         versions.append({
             "model_version": number, "built_from_commit": tags.get("commit_sha"), "mlflow_run_id": v.run_id,
             "data_hash": tags.get("data_hash"), "inputs_hash": tags.get("inputs_hash"),
             "model_code_hash": tags.get("model_code_hash"),
-            "test_accuracy": run.data.metrics.get("test_accuracy") if run else None,
+            "test_accuracy": run.metrics.get("test_accuracy") if run else None,
             "gate": tags.get("gate"), "gate_reasons": tags.get("gate_reasons"),
             "deploy_outcome": tags.get("deploy_outcome"), "deployed_at": tags.get("deployed_at"),
             "rollback_reason": tags.get("rollback_reason"), "airflow_run_id": tags.get("airflow_run_id"),
@@ -53,11 +53,8 @@ def trace(settings: Settings, ref: str) -> dict[str, Any]:
     try:
         from gitops_ml.deploy.client import ServingClient  # noqa: PLC0415
 
-        client = ServingClient(settings, timeout=3)
-        try:
+        with ServingClient(settings, timeout=3) as client:
             serving = client.version() or "serving nothing yet"
-        finally:
-            client.close()
     except Exception as exc:  # noqa: BLE001 - a trace is still useful without the server
         serving = f"unreachable at {settings.serving_url}: {exc.__class__.__name__}"
     return {"commit": commit.to_dict(), "note": source.read_note(settings.repo_url, commit.commit_sha,

@@ -70,7 +70,7 @@ def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_
     link = client._http.get(f"/gitops-ml/runs/gitops_ml_pipeline/commit__{commit_sha}/mlflow")
     mlflow_run = registry.find_training_run(settings, f"commit__{commit_sha}")
     assert link.status_code == 307 and link.headers["location"].startswith(live_stack["mlflow"])
-    assert link.headers["location"].endswith(f"/runs/{mlflow_run.info.run_id}")
+    assert link.headers["location"].endswith(f"/runs/{mlflow_run.run_id}")
 
     # The UI's task log view: read back from Elasticsearch by the provider (local copies removed first).
     airflow_logs = settings.home / "airflow" / "logs"

@@ -58,8 +58,7 @@ def create_app() -> FastAPI:
                 f"<code>{html.escape(dag_id)}</code> (not trained yet, or the commit reused an existing "
                 f"model version).</p><p><a href='{html.escape(settings.mlflow_ui_url)}'>Open MLflow</a></p>",
                 status_code=404)
-        return RedirectResponse(registry.run_url(settings.mlflow_ui_url, found.info.experiment_id,
-                                                 found.info.run_id))
+        return RedirectResponse(registry.run_url(settings.mlflow_ui_url, found.experiment_id, found.run_id))
 
     @app.post("/webhooks/{watch_name}")
     async def push_webhook(watch_name: str, request: Request):

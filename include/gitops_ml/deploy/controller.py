@@ -23,15 +23,15 @@ from __future__ import annotations
 
 import logging
 import time
-from typing import Any, Callable, TypeVar
+from typing import Any
 
 import httpx
-from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 from gitops_ml.config import Settings
 from gitops_ml.deploy import metrics
 from gitops_ml.deploy.client import ServingClient
 from gitops_ml.errors import DeployError
+from gitops_ml.polling import poll
 
 __all__ = ["DEFAULT_POLICY", "DeployError", "deploy", "judge", "watch_window"]
 
@@ -39,7 +39,6 @@ log = logging.getLogger(__name__)
 
 DEFAULT_POLICY = {"watch_seconds": 0, "min_requests": 20, "min_clients": 3, "max_error_rate": 0.05,
                   "max_latency_ratio": 3.0, "max_low_confidence_increase": 0.2}
-T = TypeVar("T")
 
 
 def deploy(settings: Settings, model_version: str, policy: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -52,7 +51,7 @@ def deploy(settings: Settings, model_version: str, policy: dict[str, Any] | None
     commit_sha = registry.served_for(target) or ""  # what the servers report once they serve it
     smoke = registry.load_run_json(settings, target.run_id, "evaluation/smoke_sample.json")
     previous = registry.get_alias(settings)
-    previous_version = str(previous.version) if previous is not None else None
+    previous_version = previous.version if previous is not None else None
     servers = [ServingClient(settings, base_url=url) for url in settings.serving_urls]
     try:
         observed, before = {}, {}
@@ -96,18 +95,8 @@ def _serves(observed: dict | None, model_version: str, commit_sha: str) -> bool:
     return bool(observed) and observed.get("model_version") == model_version and observed.get("commit_sha") == commit_sha
 
 
-def _poll(observe: Callable[[], T], done: Callable[[T], bool], seconds: float, every: float) -> tuple[T, bool]:
-    """Call ``observe`` every ``every`` s until ``done(result)`` or ``seconds`` have passed: (last result, done?).
-
-    An exception of ``observe`` is not retried: it propagates at once.
-    """
-    result = Retrying(stop=stop_after_delay(seconds), wait=wait_fixed(every), retry=retry_if_result(lambda r: not done(r)),
-                      retry_error_callback=lambda state: state.outcome.result())(observe)
-    return result, done(result)
-
-
 def _wait_for(serving: ServingClient, model_version: str, commit_sha: str, timeout: float) -> dict:
-    observed, served = _poll(serving.version, lambda o: _serves(o, model_version, commit_sha), timeout, 0.2)
+    observed, served = poll(serving.version, lambda o: _serves(o, model_version, commit_sha), timeout, 0.2)
     if not served:
         raise DeployError(f"server still reports {observed} after {timeout:.0f} s, "
                           f"expected version {model_version} of commit {commit_sha}")
@@ -176,7 +165,7 @@ def watch_window(servers: list[ServingClient], model_version: str, previous_vers
         new = {**_delta(now, start_stats), "clients": now.get("clients", 0.0)}
         return new, judge(new, old, policy)
 
-    (new, reason), breached = _poll(observe, lambda observed: observed[1] is not None, policy["watch_seconds"], 0.5)
+    (new, reason), breached = poll(observe, lambda observed: observed[1] is not None, policy["watch_seconds"], 0.5)
     elapsed = time.monotonic() - started
     if breached:
         log.error("watch window: %s", reason)

@@ -161,7 +161,7 @@ def load_from_registry(settings: Settings, model_version: str | None) -> ServedM
     meta = registry.load_run_json(settings, version.run_id, registry.META_ARTIFACT)
     tags = registry.version_tags(version)
     return ServedModel(
-        model_version=str(version.version), commit_sha=registry.served_for(version) or "",
+        model_version=version.version, commit_sha=registry.served_for(version) or "",
         built_from_commit=tags.get("commit_sha", ""),
         data_hash=tags.get("data_hash", ""), airflow_run_id=tags.get("airflow_run_id", ""),
         class_names=list(meta["class_names"]), height=int(meta["height"]), width=int(meta["width"]),
@@ -181,7 +181,7 @@ def champion_version(settings: Settings) -> str | None:
     from gitops_ml import registry  # noqa: PLC0415 - heavy, only in the server process
 
     version = registry.get_alias(settings)
-    return None if version is None else str(version.version)
+    return None if version is None else version.version
 
 
 class ApiError(Exception):
