@@ -37,11 +37,11 @@ Safe by default (threat model: anyone who can reach the port is untrusted):
   before any body byte is read; a chunked body is read chunk by chunk and cut off (413)
   as soon as it passes the limit (Starlette's own ``max_body_size`` on the routes that
   take a body); all bodies being received share ``MAX_INFLIGHT_BODY_BYTES`` (503 past
-  it); a body must arrive within ``BODY_TIMEOUT_S`` (``BodyBudget``). A request's images may hold at most ``MAX_REQUEST_PIXELS``
-  pixels in total, read from the image headers before anything is decoded (413
-  naming the image). Tiny requests decode on the event loop (tens of microseconds);
-  larger ones in a pool of ``DECODE_WORKERS`` threads; inference runs in a thread, so
-  one huge request cannot stall the others. The HTTP layer (``serve``): the request
+  it); a body must arrive within ``BODY_TIMEOUT_S`` (``BodyBudget``). A request's
+  images may hold at most ``MAX_REQUEST_PIXELS`` pixels in total, read from the image
+  headers before anything is decoded (413 naming the image). Tiny requests decode on
+  the event loop (tens of microseconds); larger ones in a pool of ``DECODE_WORKERS``
+  threads; inference runs in a thread, so one huge request cannot stall the others. The HTTP layer (``serve``): the request
   head must arrive within ``HEAD_TIMEOUT_S`` of connecting or of the previous
   response and be at most ``MAX_HEAD_BYTES``; idle keep-alive connections close after
   ``KEEP_ALIVE_S``; past ``LIMIT_CONCURRENCY`` connections uvicorn answers 503.
@@ -317,7 +317,7 @@ def client_of(request: Request) -> str:
 
 
 class ServingState:
-    """Everything the app holds: the model it serves, the one it served before, metrics, batcher, pools.
+    """The app in one object: the model it serves, the one it served before, metrics, batcher, pools, endpoints.
 
     :param settings: model name and ``serving_token``.
     :param loader: loads a model version (``None``: the champion, at start only).
@@ -431,13 +431,13 @@ class ServingState:
         else:
             log.info("no champion yet: /predict answers 503 until a deploy")
 
-    def reload(self, wanted: str | None, smoke: dict[str, Any] | None) -> ServedModel | None:
+    def reload_version(self, wanted: str | None, smoke: dict[str, Any] | None) -> ServedModel | None:
         """Serve ``wanted`` (``None``: the champion), which must be the version the alias names, before
         loading and again before switching; ``None`` when the registry has no champion (serve nothing)."""
         with self._reload_lock:
             serving = self.serving_version()
             try:
-                return self._reload(wanted, smoke, serving)
+                return self._reload_version(wanted, smoke, serving)
             except ApiError:
                 raise
             except Exception as exc:  # noqa: BLE001 - report any load failure, keep serving the old model
@@ -445,7 +445,7 @@ class ServingState:
                 raise ReloadFailed(f"could not load model version {wanted or 'champion'}: {exc}; "
                                    f"still serving {serving}") from None
 
-    def _reload(self, wanted: str | None, smoke: dict[str, Any] | None, serving: str) -> ServedModel | None:
+    def _reload_version(self, wanted: str | None, smoke: dict[str, Any] | None, serving: str) -> ServedModel | None:
         alias = self.alias_lookup(self.settings)
         target = wanted if wanted is not None else alias
         if target is None:  # no champion (the first deploy was rolled back): serve nothing, as the registry
@@ -476,6 +476,62 @@ class ServingState:
             if loaded is not None and loaded.model_version == version:
                 return self.refreshed(loaded)  # still loaded and warm, maybe for a newer revision
         return self.loader(self.settings, version)
+
+    # --- endpoints ---
+
+    async def health(self, request: Request) -> JSONResponse:
+        model = self.model
+        return JSONResponse({"status": "ok", "model_loaded": model is not None,
+                             "model_version": model.model_version if model else None}, headers=self.headers())
+
+    async def version(self, request: Request) -> JSONResponse:
+        if self.model is None:
+            raise ApiError("no model deployed yet: the registry has no champion", 503)
+        return JSONResponse(self.model.info(self.settings.model_name), headers=self.headers())
+
+    async def prometheus(self, request: Request) -> PlainTextResponse:
+        return PlainTextResponse(self.metrics.render(), media_type="text/plain; version=0.0.4", headers=self.headers())
+
+    async def predict(self, request: Request) -> JSONResponse:
+        started = time.perf_counter()
+        model = self.model  # one reference for the whole request: a switch cannot split it
+        if model is None:
+            raise ApiError("no model deployed yet: the registry has no champion", 503)
+        client = client_of(request)
+        request.state.prediction = Prediction(model, started, client)  # errors are counted by ``on_error``
+        body = await request.body()
+        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if content_type == "multipart/form-data":
+            parts = await _multipart_images(request)
+            batch = await _to_batch(self.decode_pool, model, lambda: parts, len(body))
+        else:
+            batch = await _to_batch(self.decode_pool, model, lambda: _body_images(content_type, body), len(body))
+        probabilities = await self.batcher.predict(model, batch)
+        names = model.class_names
+        answer = {"predictions": [{"class": names[int(row.argmax())],
+                                   "probabilities": {c: round(float(p), 6) for c, p in zip(names, row)}}
+                                  for row in probabilities],
+                  "model_name": self.settings.model_name, "model_version": model.model_version,
+                  "commit_sha": model.commit_sha, "built_from_commit": model.built_from_commit or model.commit_sha,
+                  "data_hash": model.data_hash}
+        self.metrics.observe_request(model.model_version, "ok", time.perf_counter() - started, client,
+                                     probabilities.max(axis=1).tolist())
+        return JSONResponse(answer, headers=self.headers(model))
+
+    async def reload(self, request: Request) -> JSONResponse:
+        self.check_admin(request)
+        raw = await request.body()
+        try:
+            body = _json(raw) if raw.strip() else {}
+        except BadRequest as exc:
+            raise BadRequest(str(exc).replace("body is not valid JSON",
+                                              'body must be JSON: {"model_version": "<n>", "smoke": {...}} or {}'),
+                             exc.status) from None
+        wanted, smoke = _reload_request(body)
+        loaded = await run_in_threadpool(self.reload_version, wanted, smoke)
+        if loaded is None:
+            return JSONResponse({"model_version": None, "status": "the registry has no champion: serving nothing"})
+        return JSONResponse(loaded.info(self.settings.model_name), headers=self.headers())
 
     @contextlib.asynccontextmanager
     async def lifespan(self, app: Starlette):
@@ -583,65 +639,10 @@ def create_app(settings: Settings,
         commit_lookup = served_for_commit
     state = ServingState(settings, loader, alias_lookup, commit_lookup, admin_without_token)
 
-    async def health(request: Request) -> JSONResponse:
-        model = state.model
-        return JSONResponse({"status": "ok", "model_loaded": model is not None,
-                             "model_version": model.model_version if model else None}, headers=state.headers())
-
-    async def version(request: Request) -> JSONResponse:
-        if state.model is None:
-            raise ApiError("no model deployed yet: the registry has no champion", 503)
-        return JSONResponse(state.model.info(settings.model_name), headers=state.headers())
-
-    async def prometheus(request: Request) -> PlainTextResponse:
-        return PlainTextResponse(state.metrics.render(), media_type="text/plain; version=0.0.4",
-                                 headers=state.headers())
-
-    async def predict(request: Request) -> JSONResponse:
-        started = time.perf_counter()
-        model = state.model  # one reference for the whole request: a switch cannot split it
-        if model is None:
-            raise ApiError("no model deployed yet: the registry has no champion", 503)
-        client = client_of(request)
-        request.state.prediction = Prediction(model, started, client)  # errors are counted by ``on_error``
-        body = await request.body()
-        content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
-        if content_type == "multipart/form-data":
-            parts = await _multipart_images(request)
-            batch = await _to_batch(state.decode_pool, model, lambda: parts, len(body))
-        else:
-            batch = await _to_batch(state.decode_pool, model, lambda: _body_images(content_type, body), len(body))
-        probabilities = await state.batcher.predict(model, batch)
-        names = model.class_names
-        answer = {"predictions": [{"class": names[int(row.argmax())],
-                                   "probabilities": {c: round(float(p), 6) for c, p in zip(names, row)}}
-                                  for row in probabilities],
-                  "model_name": settings.model_name, "model_version": model.model_version,
-                  "commit_sha": model.commit_sha, "built_from_commit": model.built_from_commit or model.commit_sha,
-                  "data_hash": model.data_hash}
-        state.metrics.observe_request(model.model_version, "ok", time.perf_counter() - started, client,
-                                      probabilities.max(axis=1).tolist())
-        return JSONResponse(answer, headers=state.headers(model))
-
-    async def reload(request: Request) -> JSONResponse:
-        state.check_admin(request)
-        raw = await request.body()
-        try:
-            body = _json(raw) if raw.strip() else {}
-        except BadRequest as exc:
-            raise BadRequest(str(exc).replace("body is not valid JSON",
-                                              'body must be JSON: {"model_version": "<n>", "smoke": {...}} or {}'),
-                             exc.status) from None
-        wanted, smoke = _reload_request(body)
-        loaded = await run_in_threadpool(state.reload, wanted, smoke)
-        if loaded is None:
-            return JSONResponse({"model_version": None, "status": "the registry has no champion: serving nothing"})
-        return JSONResponse(loaded.info(settings.model_name), headers=state.headers())
-
     with_body = {"methods": ["POST"], "max_body_size": MAX_BODY_BYTES}
     app = Starlette(routes=[
-        Route("/health", health), Route("/version", version), Route("/metrics", prometheus),
-        Route("/predict", predict, **with_body), Route("/admin/reload", reload, **with_body),
+        Route("/health", state.health), Route("/version", state.version), Route("/metrics", state.prometheus),
+        Route("/predict", state.predict, **with_body), Route("/admin/reload", state.reload, **with_body),
     ], lifespan=state.lifespan,
         middleware=[Middleware(CountErrors, metrics=state.metrics), Middleware(BodyBudget, state=state)],
         exception_handlers={ApiError: state.on_error, images.ImageDecodeError: state.on_error,
