@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
-from typing import Callable, TypeVar
+from collections.abc import Callable
+from typing import TypeVar
 
-from tenacity import Retrying, retry_if_result, stop_after_delay, wait_fixed
+from tenacity import RetryCallState, Retrying, retry_if_result, stop_after_delay, wait_fixed
 
 __all__ = ["poll"]
 
@@ -19,5 +20,11 @@ def poll(observe: Callable[[], T], done: Callable[[T], bool], seconds: float, ev
     """
     result = Retrying(stop=stop_after_delay(seconds), wait=wait_fixed(every),
                       retry=retry_if_result(lambda observed: not done(observed)),
-                      retry_error_callback=lambda state: state.outcome.result())(observe)
+                      retry_error_callback=_last_result)(observe)
     return result, done(result)
+
+
+def _last_result(state: RetryCallState):
+    """When time is up, the last observation (instead of tenacity's ``RetryError``)."""
+    assert state.outcome is not None  # called after an attempt
+    return state.outcome.result()

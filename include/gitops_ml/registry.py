@@ -13,22 +13,22 @@ import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
 os.environ.setdefault("MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR", "false")
 os.environ.setdefault("GIT_PYTHON_REFRESH", "quiet")
 
-import mlflow  # noqa: E402
-from mlflow import MlflowClient  # noqa: E402
-from mlflow.entities import SourceType  # noqa: E402
-from mlflow.exceptions import MlflowException  # noqa: E402
-from mlflow.utils import mlflow_tags  # noqa: E402
+import mlflow
+from mlflow import MlflowClient
+from mlflow.entities import SourceType
+from mlflow.exceptions import MlflowException
+from mlflow.utils import mlflow_tags
 
-from gitops_ml.config import Settings  # noqa: E402
-from gitops_ml.errors import RegistryError  # noqa: E402
-from gitops_ml.polling import poll  # noqa: E402
+from gitops_ml.config import Settings
+from gitops_ml.errors import RegistryError
+from gitops_ml.polling import poll
 
 __all__ = ["CHALLENGER", "CHAMPION", "META_ARTIFACT", "MODEL_ARTIFACT", "MODEL_CODE_ARTIFACT", "SERVING_ARTIFACT",
            "TAG_PREFIX", "ModelVersion", "TrainingRun", "experiment_id", "find_training_run", "find_version",
@@ -85,7 +85,7 @@ def _model_version(found) -> ModelVersion:
     return ModelVersion(name=found.name, version=str(found.version), run_id=found.run_id or "",
                         source=found.source or "", status=found.status, tags=dict(found.tags or {}),
                         aliases=tuple(found.aliases or ()),
-                        created=datetime.fromtimestamp(created / 1000, timezone.utc) if created else None)
+                        created=datetime.fromtimestamp(created / 1000, UTC) if created else None)
 
 
 def _training_run(run) -> TrainingRun:
@@ -165,9 +165,9 @@ def log_training(settings: Settings, run_name: str, run_tags: dict[str, str], pa
     writes the example before the model folder exists (mlflow issue #16183), so the example is
     stored next to the model as ``input_example.json`` instead.
     """
+    import numpy as np  # noqa: PLC0415
     from mlflow.models import ModelSignature  # noqa: PLC0415
     from mlflow.types.schema import Schema, TensorSpec  # noqa: PLC0415
-    import numpy as np  # noqa: PLC0415
 
     exp_id = experiment_id(settings)
     h, w, c = input_example.shape[1:]
@@ -230,7 +230,8 @@ def register(settings: Settings, run_id: str, model_uri: str, lineage: dict[str,
         mlc.get_registered_model(settings.model_name)
     except MlflowException:
         try:
-            mlc.create_registered_model(settings.model_name, description="Registered by gitops-ml, one version per commit.")
+            mlc.create_registered_model(settings.model_name,
+                                        description="Registered by gitops-ml, one version per commit.")
         except MlflowException:
             pass  # created meanwhile
     # A logged model (``models:/m-...``) is named by its id too: a tracking server refuses the source without it.

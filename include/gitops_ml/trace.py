@@ -26,7 +26,8 @@ def trace(settings: Settings, ref: str) -> dict[str, Any]:
     else:
         commit_sha = source.validate_sha(ref)
     commit = source.resolve_commit(settings.repo_url, settings.branch, commit_sha, settings.git_cache_dir)
-    docs = sorted(records.read(records.path_for(settings.records_dir, commit.commit_sha)), key=lambda d: d["@timestamp"])
+    docs = sorted(records.read(records.path_for(settings.records_dir, commit.commit_sha)),
+                  key=lambda d: d["@timestamp"])
     built = registry.find_version(settings, commit.commit_sha)
     used_versions = {str(d.get("model_version")) for d in docs if d.get("model_version")}
     versions = []
@@ -65,7 +66,8 @@ def trace(settings: Settings, ref: str) -> dict[str, Any]:
 def render(chain: dict[str, Any]) -> str:
     commit = chain["commit"]
     lines = [f"commit     {commit['commit_sha']}  {commit['message'].splitlines()[0] if commit['message'] else ''}",
-             f"           {commit['author']}, {commit['committed_at']}, branch {commit['branch']} of {commit['repo_url']}"]
+             f"           {commit['author']}, {commit['committed_at']}, branch {commit['branch']} "
+             f"of {commit['repo_url']}"]
     for run_id in chain["airflow_runs"] or ["(no pipeline run recorded)"]:
         lines.append(f"airflow    {run_id}")
     for v in chain["model_versions"] or []:

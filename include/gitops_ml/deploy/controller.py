@@ -92,12 +92,13 @@ def deploy(settings: Settings, model_version: str, policy: dict[str, Any] | None
 
 
 def _serves(observed: dict | None, model_version: str, commit_sha: str) -> bool:
-    return bool(observed) and observed.get("model_version") == model_version and observed.get("commit_sha") == commit_sha
+    return (observed is not None and observed.get("model_version") == model_version
+            and observed.get("commit_sha") == commit_sha)
 
 
 def _wait_for(serving: ServingClient, model_version: str, commit_sha: str, timeout: float) -> dict:
     observed, served = poll(serving.version, lambda o: _serves(o, model_version, commit_sha), timeout, 0.2)
-    if not served:
+    if not served or observed is None:
         raise DeployError(f"server still reports {observed} after {timeout:.0f} s, "
                           f"expected version {model_version} of commit {commit_sha}")
     return observed
@@ -134,7 +135,7 @@ def judge(new: dict[str, float], old: dict[str, float] | None, policy: dict[str,
     return None
 
 
-def _stats(servers: list[ServingClient], version: str | None, samples: dict | None = None) -> dict[str, float]:
+def _stats(servers: list[ServingClient], version: str, samples: dict | None = None) -> dict[str, float]:
     """One version's numbers summed over every server (from ``samples`` or a fresh scrape).
 
     Distinct clients are the largest count of any one server, not the sum: a client

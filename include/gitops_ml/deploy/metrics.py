@@ -113,7 +113,7 @@ class ServerMetrics:
             lines += ["# HELP gitops_ml_request_latency_seconds Latency of prediction requests.",
                       "# TYPE gitops_ml_request_latency_seconds histogram"]
             for version in sorted(self.latency_count):
-                for bound, count in zip(LATENCY_BUCKETS, self.latency_buckets[version]):
+                for bound, count in zip(LATENCY_BUCKETS, self.latency_buckets[version], strict=True):
                     lines.append(f'gitops_ml_request_latency_seconds_bucket{{model_version="{version}",le="{bound}"}} '
                                  f"{count}")
                 lines.append(f'gitops_ml_request_latency_seconds_bucket{{model_version="{version}",le="+Inf"}} '

@@ -41,10 +41,11 @@ Safe by default (threat model: anyone who can reach the port is untrusted):
   images may hold at most ``MAX_REQUEST_PIXELS`` pixels in total, read from the image
   headers before anything is decoded (413 naming the image). Tiny requests decode on
   the event loop (tens of microseconds); larger ones in a pool of ``DECODE_WORKERS``
-  threads; inference runs in a thread, so one huge request cannot stall the others. The HTTP layer (``serve``): the request
-  head must arrive within ``HEAD_TIMEOUT_S`` of connecting or of the previous
-  response and be at most ``MAX_HEAD_BYTES``; idle keep-alive connections close after
-  ``KEEP_ALIVE_S``; past ``LIMIT_CONCURRENCY`` connections uvicorn answers 503.
+  threads; inference runs in a thread, so one huge request cannot stall the others.
+  The HTTP layer (``serve``): the request head must arrive within ``HEAD_TIMEOUT_S``
+  of connecting or of the previous response and be at most ``MAX_HEAD_BYTES``; idle
+  keep-alive connections close after ``KEEP_ALIVE_S``; past ``LIMIT_CONCURRENCY``
+  connections uvicorn answers 503.
 - **Errors.** Every error the app answers is JSON ``{"error": ...}``, rendered by one
   exception handler (``ServingState.on_error``) and counted in
   ``gitops_ml_error_responses_total``; an unexpected exception is a JSON 500
@@ -68,13 +69,14 @@ import re
 import struct
 import threading
 import time
+from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field, replace
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 from starlette.applications import Starlette
 from starlette.concurrency import run_in_threadpool
-from starlette.datastructures import Headers
+from starlette.datastructures import Headers, UploadFile
 from starlette.exceptions import HTTPException
 from starlette.middleware import Middleware
 from starlette.middleware.body_limit import MAX_BODY_SIZE_SCOPE_KEY
@@ -87,9 +89,26 @@ from gitops_ml.config import Settings
 from gitops_ml.deploy.metrics import ServerMetrics
 from gitops_ml.errors import GitopsMLError
 
-__all__ = ["ApiError", "AliasMismatch", "BadRequest", "Batcher", "ModelOutputError", "ReloadFailed", "ServedModel",
-           "ServingState", "UnsafeServerConfig", "champion_version", "check_exposure", "create_app", "is_loopback",
-           "load_from_registry", "serve", "server_config", "served_for_commit", "smoke_check"]
+__all__ = [
+    "AliasMismatch",
+    "ApiError",
+    "BadRequest",
+    "Batcher",
+    "ModelOutputError",
+    "ReloadFailed",
+    "ServedModel",
+    "ServingState",
+    "UnsafeServerConfig",
+    "champion_version",
+    "check_exposure",
+    "create_app",
+    "is_loopback",
+    "load_from_registry",
+    "serve",
+    "served_for_commit",
+    "server_config",
+    "smoke_check",
+]
 
 log = logging.getLogger(__name__)
 
@@ -244,6 +263,7 @@ class Batcher:
 
     async def predict(self, model: ServedModel, batch: np.ndarray) -> np.ndarray:
         future = asyncio.get_running_loop().create_future()
+        assert self.queue is not None, "the batcher is not running"
         await self.queue.put((model, batch, future))
         return await future
 
@@ -294,7 +314,7 @@ def smoke_check(model: ServedModel, smoke: dict[str, Any]) -> str | None:
     if not np.isfinite(probabilities).all():
         return "the model returned non-finite probabilities on the smoke sample"
     got = [model.class_names[int(i)] for i in probabilities.argmax(axis=1)]
-    wrong = [(i, e, g) for i, (e, g) in enumerate(zip(expected, got)) if e != g]
+    wrong = [(i, e, g) for i, (e, g) in enumerate(zip(expected, got, strict=True)) if e != g]
     if wrong:
         i, e, g = wrong[0]
         return (f"{len(wrong)} of {len(expected)} smoke predictions differ from the evaluation "
@@ -360,7 +380,7 @@ class ServingState:
         """The one exception handler: every error is JSON, and a ``/predict`` request is counted by outcome."""
         prediction: Prediction | None = getattr(request.state, "prediction", None)
         extra: dict[str, Any] = {}
-        headers: dict[str, str] = {}
+        headers: Mapping[str, str] = {}
         if isinstance(exc, ApiError):
             status, message, outcome, extra = exc.status, str(exc), exc.outcome, exc.extra
             if isinstance(exc, ModelOutputError):
@@ -424,7 +444,7 @@ class ServingState:
             model = self.loader(self.settings, None)
             if model is not None:
                 self.switch_to(model)
-        except Exception:  # noqa: BLE001 - start anyway, report at /health
+        except Exception:  # start anyway, report at /health
             log.exception("could not load the champion at start")
         if self.model:
             log.info("serving model version %s (commit %s)", self.model.model_version, self.model.commit_sha)
@@ -440,7 +460,7 @@ class ServingState:
                 return self._reload_version(wanted, smoke, serving)
             except ApiError:
                 raise
-            except Exception as exc:  # noqa: BLE001 - report any load failure, keep serving the old model
+            except Exception as exc:  # report any load failure, keep serving the old model
                 log.exception("loading model version %s failed", wanted)
                 raise ReloadFailed(f"could not load model version {wanted or 'champion'}: {exc}; "
                                    f"still serving {serving}") from None
@@ -509,7 +529,7 @@ class ServingState:
         probabilities = await self.batcher.predict(model, batch)
         names = model.class_names
         answer = {"predictions": [{"class": names[int(row.argmax())],
-                                   "probabilities": {c: round(float(p), 6) for c, p in zip(names, row)}}
+                                   "probabilities": {c: round(float(p), 6) for c, p in zip(names, row, strict=False)}}
                                   for row in probabilities],
                   "model_name": self.settings.model_name, "model_version": model.model_version,
                   "commit_sha": model.commit_sha, "built_from_commit": model.built_from_commit or model.commit_sha,
@@ -639,10 +659,10 @@ def create_app(settings: Settings,
         commit_lookup = served_for_commit
     state = ServingState(settings, loader, alias_lookup, commit_lookup, admin_without_token)
 
-    with_body = {"methods": ["POST"], "max_body_size": MAX_BODY_BYTES}
     app = Starlette(routes=[
         Route("/health", state.health), Route("/version", state.version), Route("/metrics", state.prometheus),
-        Route("/predict", state.predict, **with_body), Route("/admin/reload", state.reload, **with_body),
+        Route("/predict", state.predict, methods=["POST"], max_body_size=MAX_BODY_BYTES),
+        Route("/admin/reload", state.reload, methods=["POST"], max_body_size=MAX_BODY_BYTES),
     ], lifespan=state.lifespan,
         middleware=[Middleware(CountErrors, metrics=state.metrics), Middleware(BodyBudget, state=state)],
         exception_handlers={ApiError: state.on_error, images.ImageDecodeError: state.on_error,
@@ -721,7 +741,7 @@ async def _multipart_images(request: Request) -> list[tuple[str, bytes]]:
     except Exception as exc:  # noqa: BLE001 - python-multipart raises several types for bad multipart
         raise BadRequest(f"malformed multipart body: {exc}") from None
     try:
-        uploads = [v for _, v in form.multi_items() if hasattr(v, "read")]
+        uploads = [v for _, v in form.multi_items() if isinstance(v, UploadFile)]
         if not uploads:
             raise BadRequest("multipart body has no file field (send the image as field 'file')")
         return _checked([(u.filename or f"file[{i}]", await u.read()) for i, u in enumerate(uploads)])
@@ -805,7 +825,7 @@ def _bounded_protocol():
             if self._head_bytes > MAX_HEAD_BYTES:
                 raise ValueError(f"request head over {MAX_HEAD_BYTES} bytes")
 
-        def connection_made(self, transport) -> None:  # type: ignore[override]
+        def connection_made(self, transport) -> None:
             super().connection_made(transport)
             self._arm_head_deadline()
 
