@@ -312,6 +312,20 @@ def _peak_rss_mb() -> float:
     return int(status.split("VmHWM:")[1].split()[0]) / 1024
 
 
+def _read_reply(sock: socket.socket) -> bytes:
+    """One HTTP response with a JSON body (read until the body's closing brace or the connection closes)."""
+    reply = b""
+    try:
+        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
+            data = sock.recv(65536)
+            if not data:
+                break
+            reply += data
+    except (ConnectionResetError, TimeoutError):
+        pass
+    return reply
+
+
 def test_a_chunked_upload_is_cut_off_at_the_limit(make_live):
     live = make_live()
     Path("/proc/self/clear_refs").write_text("5")  # reset this process's peak RSS
@@ -327,33 +341,11 @@ def test_a_chunked_upload_is_cut_off_at_the_limit(make_live):
                 sent += len(chunk)
         except (BrokenPipeError, ConnectionResetError):
             pass
-        reply = b""
-        try:
-            while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
-                data = sock.recv(65536)
-                if not data:
-                    break
-                reply += data
-        except (ConnectionResetError, TimeoutError):
-            pass
+        reply = _read_reply(sock)
     assert reply.startswith(b"HTTP/1.1 413"), reply[:300]
     assert b"over the limit of 16777216 bytes" in reply
     grown = _peak_rss_mb() - peak_before
     assert grown < 64, f"the server's process grew by {grown:.0f} MB for a {sent >> 20} MB upload"
-
-
-def _read_reply(sock: socket.socket) -> bytes:
-    """One HTTP response with a JSON body (read until the body's closing brace or the connection closes)."""
-    reply = b""
-    try:
-        while b"\r\n\r\n" not in reply or not reply.rstrip().endswith(b"}"):
-            data = sock.recv(65536)
-            if not data:
-                break
-            reply += data
-    except (ConnectionResetError, TimeoutError):
-        pass
-    return reply
 
 
 def test_a_chunked_body_over_the_limit_is_answered_before_the_client_finishes(make_live):
