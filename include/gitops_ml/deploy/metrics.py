@@ -26,6 +26,9 @@ import re
 import threading
 from collections import defaultdict
 
+__all__ = ["LATENCY_BUCKETS", "LOW_CONFIDENCE", "MAX_WATCHED_CLIENTS", "WATCH_REQUESTS_PER_CLIENT", "ServerMetrics",
+           "parse", "version_stats"]
+
 LATENCY_BUCKETS = (0.001, 0.0025, 0.005, 0.01, 0.02, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5)
 LOW_CONFIDENCE = 0.5
 WATCH_REQUESTS_PER_CLIENT = 10
