@@ -31,10 +31,11 @@ from gitops_ml.errors import RegistryError
 from gitops_ml.polling import poll
 
 __all__ = ["CHALLENGER", "CHAMPION", "META_ARTIFACT", "MODEL_ARTIFACT", "MODEL_CODE_ARTIFACT", "SERVING_ARTIFACT",
-           "TAG_PREFIX", "ModelVersion", "TrainingRun", "experiment_id", "find_training_run", "find_version",
-           "find_version_by_tag", "get_alias", "get_run", "get_version", "git_source_tags", "lineage_tags",
-           "load_logged_model", "load_model", "load_predictor", "load_run_json", "log_evaluation", "log_training",
-           "register", "run_url", "served_for", "serving_commit", "set_alias", "set_version_tags", "version_tags"]
+           "TAG_PREFIX", "ModelVersion", "TrainingRun", "champion_summary", "experiment_id", "find_training_run",
+           "find_version", "find_version_by_tag", "get_alias", "get_run", "get_version", "git_source_tags",
+           "lineage_tags", "load_logged_model", "load_model", "load_predictor", "load_run_json", "log_evaluation",
+           "log_training", "register", "run_url", "served_for", "serving_commit", "set_alias", "set_version_tags",
+           "version_summaries", "version_tags"]
 
 log = logging.getLogger(__name__)
 
@@ -378,9 +379,10 @@ def served_for(version: ModelVersion) -> str | None:
 
 def _summary(version: ModelVersion, experiment: str | None) -> dict[str, Any]:
     """A model version as plain values (what the GitOps page shows)."""
-    return {"version": str(version.version), "run_id": version.run_id, "experiment_id": experiment,
-            "status": version.status, "created_at": version.creation_timestamp, "tags": version_tags(version),
-            "aliases": list(version.aliases or [])}
+    created_at = round(version.created.timestamp() * 1000) if version.created else None  # ms, as MLflow
+    return {"version": version.version, "run_id": version.run_id, "experiment_id": experiment,
+            "status": version.status, "created_at": created_at, "tags": version_tags(version),
+            "aliases": list(version.aliases)}
 
 
 def champion_summary(settings: Settings) -> dict[str, Any] | None:
@@ -405,7 +407,7 @@ def version_summaries(settings: Settings, numbers: set[str]) -> dict[str, dict[s
             return {}
         raise
     experiment = _experiment_or_none(settings)
-    return {str(v.version): _summary(v, experiment) for v in found if str(v.version) in wanted}
+    return {v.version: _summary(v, experiment) for v in map(_model_version, found) if v.version in wanted}
 
 
 def _experiment_or_none(settings: Settings) -> str | None:
