@@ -56,6 +56,7 @@ import httpx
 from benchmarks._common import OUT_DIR, ROOT, free_port, fresh_home
 from gitops_ml.airflow.client import AirflowClient
 from gitops_ml.runs import PIPELINE_DAG_ID, run_id_for
+from tests.helpers import git
 
 OURS, POKE = "gitops_ml_watch__", "bench_poke_watch__"
 WEBHOOK_SECRET = "bench-detection-secret"
@@ -82,13 +83,6 @@ STOP = threading.Event()
 
 def log(msg: str) -> None:
     print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
-
-
-def git(repo: Path, *args: str) -> str:
-    env = {**os.environ, "GIT_AUTHOR_NAME": "Bench", "GIT_AUTHOR_EMAIL": "bench@example.invalid",
-           "GIT_COMMITTER_NAME": "Bench", "GIT_COMMITTER_EMAIL": "bench@example.invalid"}
-    return subprocess.run(["git", *args], cwd=repo, env=env, check=True, capture_output=True,
-                          text=True).stdout.strip()
 
 
 def make_repo(path: Path) -> str:

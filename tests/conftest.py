@@ -9,16 +9,13 @@ from __future__ import annotations
 import os
 import shutil
 import subprocess
-import sys
 import tempfile
 import time
 from pathlib import Path
 
 import pytest
 
-from tests.helpers import ROOT, commit_file, free_port, git  # noqa: F401 (commit_file: still imported from here)
-
-BIN = Path(sys.executable).parent
+from tests.helpers import BIN, ROOT, free_port, git
 
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="gitops-ml-airflow-"))
 os.environ.update({

@@ -6,9 +6,11 @@ from __future__ import annotations
 import os
 import socket
 import subprocess
+import sys
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+BIN = Path(sys.executable).parent  # the environment's scripts: gitops-ml, airflow, dvc
 
 GIT_IDENTITY = {
     "GIT_AUTHOR_NAME": "Test",

@@ -12,7 +12,7 @@ import yaml
 
 from gitops_ml import data, pipeline, registry
 from gitops_ml.errors import CommitNotFound, CommitNotOnBranch, DataError, DeployError, ParamsError
-from tests.conftest import commit_file, git
+from tests.helpers import commit_file, git
 
 pytestmark = pytest.mark.e2e
 

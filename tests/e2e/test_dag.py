@@ -6,7 +6,7 @@ import json
 import pytest
 
 from gitops_ml import demo, records, registry
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 pytestmark = pytest.mark.e2e
 

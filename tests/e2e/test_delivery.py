@@ -15,7 +15,7 @@ from PIL import Image
 
 from gitops_ml import demo, pipeline, registry, trace, training
 from gitops_ml.errors import DeployError
-from tests.conftest import git
+from tests.helpers import git
 from tests.e2e.test_dag import all_versions, load_dag, run_note, task_states
 
 pytestmark = pytest.mark.e2e
@@ -206,7 +206,8 @@ def test_watch_window_rolls_back_a_model_that_fails_live(settings, demo_repo, se
 
 
 def test_every_server_converges_or_all_roll_back(settings, demo_repo, server, champion, tmp_path, monkeypatch):
-    from tests.conftest import ServerProcess, free_port
+    from tests.conftest import ServerProcess
+    from tests.helpers import free_port
 
     second = ServerProcess(settings.with_overrides(serving_url=f"http://127.0.0.1:{free_port()}"),
                            tmp_path / "serve2.log")
@@ -288,7 +289,8 @@ def test_first_model_that_fails_on_one_server_leaves_every_server_serving_nothin
     """No champion yet: server 1 switches to version 1, server 2 (wrong MLflow store) cannot load it. The
     rollback removes the alias and server 1 follows the registry (serves nothing) instead of silently
     serving a version the registry no longer names."""
-    from tests.conftest import ServerProcess, free_port
+    from tests.conftest import ServerProcess
+    from tests.helpers import free_port
 
     first = pipeline.run_local(settings, demo_repo["commit_sha"], deploy_model=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")

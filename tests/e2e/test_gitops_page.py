@@ -27,7 +27,7 @@ import pytest
 
 from gitops_ml import demo, stack
 from gitops_ml.airflow.client import AirflowClient
-from tests.conftest import BIN, ROOT, free_port
+from tests.helpers import BIN, ROOT, free_port
 
 pytestmark = pytest.mark.e2e
 

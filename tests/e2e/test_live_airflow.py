@@ -12,7 +12,7 @@ import pytest
 
 from gitops_ml import demo, logs, registry, stack
 from gitops_ml.airflow.client import AirflowClient
-from tests.conftest import commit_file, free_port
+from tests.helpers import commit_file, free_port
 
 
 def total_runs(client) -> int:

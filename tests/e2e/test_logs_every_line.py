@@ -22,7 +22,7 @@ from gitops_ml import logs, stack
 from gitops_ml.airflow.client import AirflowClient
 from gitops_ml.airflow.remote_log import file_documents
 from gitops_ml.config import Settings
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.e2e
 

@@ -9,7 +9,7 @@ import time
 import pytest
 
 from gitops_ml import logs
-from tests.conftest import BIN
+from tests.helpers import BIN
 from tests.e2e.test_dag import load_dag, task_states
 
 pytestmark = pytest.mark.e2e

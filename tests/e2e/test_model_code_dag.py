@@ -14,7 +14,8 @@ import pytest
 import yaml
 
 from gitops_ml import demo, model_code, registry, source, trace
-from tests.conftest import ServerProcess, commit_file, git
+from tests.conftest import ServerProcess
+from tests.helpers import commit_file, git
 from tests.e2e.test_dag import all_versions, load_dag, run_note, task_states
 
 pytestmark = pytest.mark.e2e

@@ -15,7 +15,7 @@ import pytest
 
 from gitops_ml import records
 from gitops_ml.runs import run_id_for
-from tests.conftest import ROOT, commit_file, git
+from tests.helpers import ROOT, commit_file, git
 
 pytestmark = pytest.mark.e2e
 

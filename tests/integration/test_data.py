@@ -9,7 +9,7 @@ from PIL import Image
 
 from gitops_ml import data
 from gitops_ml.errors import DataError
-from tests.conftest import git
+from tests.helpers import git
 
 
 def make_images(root, classes=("cat", "dog", "eel")):

@@ -5,7 +5,7 @@ import subprocess
 
 import pytest
 
-from tests.conftest import commit_file, git
+from tests.helpers import commit_file, git
 from tests.git_http import GitHttpServer
 
 pytestmark = pytest.mark.integration

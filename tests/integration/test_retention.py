@@ -23,7 +23,7 @@ from PIL import Image
 
 from gitops_ml import data, pipeline, registry, retention, source
 from gitops_ml.errors import DataError
-from tests.conftest import BIN, commit_file, git
+from tests.helpers import BIN, commit_file, git
 
 pytestmark = pytest.mark.integration
 

@@ -19,7 +19,7 @@ import pytest
 from gitops_ml import git_auth, source
 from gitops_ml.airflow.git_sensor import GitCommitSensor, GitCommitTrigger, GitRemoteError, ahead_of, head_of
 from gitops_ml.errors import GitopsMLError
-from tests.conftest import commit_file, git
+from tests.helpers import commit_file, git
 from tests.git_http import GitHttpServer
 
 pytestmark = pytest.mark.integration

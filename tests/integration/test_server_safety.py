@@ -26,7 +26,7 @@ from gitops_ml.config import Settings
 from gitops_ml.deploy import server
 from gitops_ml.deploy.client import ServingClient
 from gitops_ml.deploy.controller import watch_window
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 CLASSES = ["zero", "one", "two"]
 

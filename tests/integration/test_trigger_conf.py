@@ -20,7 +20,7 @@ import pytest
 from gitops_ml import stack
 from gitops_ml.airflow.client import AirflowClient
 from gitops_ml.config import Settings
-from tests.conftest import commit_file, free_port, git
+from tests.helpers import commit_file, free_port, git
 from tests.git_http import GitHttpServer
 
 pytestmark = pytest.mark.integration

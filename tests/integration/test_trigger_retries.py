@@ -19,7 +19,7 @@ import pytest
 
 from gitops_ml.airflow.client import AirflowClient
 from gitops_ml.errors import GitopsMLError
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 SHA = "a" * 40
 RUN_ID = f"commit__{SHA}"

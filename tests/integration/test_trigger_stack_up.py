@@ -15,7 +15,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.conftest import commit_file, free_port, git
+from tests.helpers import commit_file, free_port, git
 
 pytestmark = pytest.mark.integration
 

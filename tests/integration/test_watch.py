@@ -11,7 +11,7 @@ import pytest
 from gitops_ml import watch
 from gitops_ml.airflow.git_sensor import GitCommitSensor, GitCommitTrigger, GitRemoteError, head_of
 from gitops_ml.errors import InvalidRef
-from tests.conftest import commit_file, git
+from tests.helpers import commit_file, git
 from tests.git_http import GitHttpServer
 
 pytestmark = pytest.mark.integration
@@ -164,7 +164,7 @@ def test_bare_yaml_off_and_direct_construction_are_checked(tmp_path):
 
 
 def test_cli_lists_watches_and_plans_a_dry_run(remote, tmp_path):
-    from tests.conftest import BIN
+    from tests.helpers import BIN
 
     config = tmp_path / "watch.yaml"
     config.write_text(f"repositories:\n  - name: models\n    repo_url: file://{remote['bare']}\n    policy: latest\n")

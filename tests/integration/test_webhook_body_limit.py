@@ -19,7 +19,7 @@ import time
 import pytest
 
 from gitops_ml import webhooks
-from tests.conftest import free_port
+from tests.helpers import free_port
 
 pytestmark = pytest.mark.integration
 

@@ -16,7 +16,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from gitops_ml.runs import run_id_for
-from tests.conftest import ROOT, commit_file, git
+from tests.helpers import ROOT, commit_file, git
 
 pytestmark = pytest.mark.integration
 

@@ -12,7 +12,7 @@ import subprocess
 
 import yaml
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 SECRETS = ("POSTGRES_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY", "GITOPS_ML_SERVING_TOKEN", "REDIS_PASSWORD",
            "AIRFLOW_FERNET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")

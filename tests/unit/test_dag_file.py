@@ -8,7 +8,7 @@ from itertools import pairwise
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 HEAVY = ["tensorflow", "keras", "mlflow", "dvc", "git", "sklearn"]
 

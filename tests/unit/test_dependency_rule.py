@@ -9,7 +9,7 @@ import sys
 
 import pytest
 
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 OWNERS = {"git": "source.py", "dvc": "data.py", "mlflow": "registry.py", "tensorflow": "training.py",
           "keras": "training.py", "elasticsearch": "logs.py"}

@@ -26,7 +26,7 @@ import pytest
 import yaml
 
 from gitops_ml import logs, records
-from tests.conftest import ROOT
+from tests.helpers import ROOT
 
 NDJSON = ROOT / "include" / "kibana" / "gitops-ml.ndjson"
 PACKAGE = ROOT / "include" / "gitops_ml"

@@ -2,7 +2,7 @@ import pytest
 
 from gitops_ml import source
 from gitops_ml.errors import CommitNotFound, CommitNotOnBranch, GitopsMLError, InvalidRef
-from tests.conftest import commit_file, git
+from tests.helpers import commit_file, git
 
 
 @pytest.mark.parametrize("branch", ["--upload-pack=touch /tmp/x", "-b", "a..b", "a b", "x~1", "a:b", "ref.lock",
