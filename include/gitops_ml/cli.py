@@ -33,7 +33,7 @@ def _settings(args) -> Settings:
 
 
 def cmd_init_demo(args) -> int:
-    from gitops_ml import demo  # noqa: PLC0415
+    from gitops_ml import demo
 
     settings = _settings(args)
     remote = args.remote_url or str(settings.home / "dvc-remote")
@@ -43,7 +43,7 @@ def cmd_init_demo(args) -> int:
 
 
 def cmd_serve(args) -> int:
-    from gitops_ml.deploy import server  # noqa: PLC0415
+    from gitops_ml.deploy import server
 
     settings = _settings(args)
     server.serve(settings, args.host, args.port)
@@ -51,8 +51,8 @@ def cmd_serve(args) -> int:
 
 
 def cmd_run(args) -> int:
-    from gitops_ml import flow  # noqa: PLC0415
-    from gitops_ml.payloads import RunConf  # noqa: PLC0415
+    from gitops_ml import flow
+    from gitops_ml.payloads import RunConf
 
     conf = RunConf.parse({"watch": args.watch, "trigger": "manual"})
     settings = flow.settings_for(conf).with_overrides(repo_url=args.repo_url, branch=args.branch)
@@ -63,16 +63,16 @@ def cmd_run(args) -> int:
 
 def _airflow_url(args, settings: Settings) -> str:
     """``--airflow-url``, else ``AIRFLOW_API_URL``, else the stack ``stack up`` started, else port 8080."""
-    from gitops_ml import stack  # noqa: PLC0415
-    from gitops_ml.airflow.client import DEFAULT_URL  # noqa: PLC0415
+    from gitops_ml import stack
+    from gitops_ml.airflow.client import DEFAULT_URL
 
     return (getattr(args, "airflow_url", None) or settings.airflow_api_url
             or stack.recorded_urls(settings).get("airflow") or DEFAULT_URL)
 
 
 def cmd_trigger(args) -> int:
-    from gitops_ml import source, stack  # noqa: PLC0415
-    from gitops_ml.airflow.client import AirflowClient  # noqa: PLC0415
+    from gitops_ml import source, stack
+    from gitops_ml.airflow.client import AirflowClient
 
     settings, conf = stack.trigger_target(_settings(args), args.watch)
     commit = source.resolve_commit(settings.repo_url, settings.branch, args.commit_sha, settings.git_cache_dir)
@@ -89,7 +89,7 @@ def cmd_trigger(args) -> int:
 
 
 def cmd_stack(args) -> int:
-    from gitops_ml import stack  # noqa: PLC0415
+    from gitops_ml import stack
 
     settings = _settings(args)
     if args.action == "up":
@@ -110,8 +110,8 @@ def cmd_stack(args) -> int:
 
 
 def cmd_demo(args) -> int:
-    from gitops_ml import demo, stack  # noqa: PLC0415
-    from gitops_ml.airflow.client import AirflowClient  # noqa: PLC0415
+    from gitops_ml import demo, stack
+    from gitops_ml.airflow.client import AirflowClient
 
     settings = _settings(args)
     repo_path = stack.demo_repo_path(settings)
@@ -126,7 +126,7 @@ def cmd_demo(args) -> int:
 
     print("starting Airflow, MLflow UI and the model server (first start takes a minute) ...", flush=True)
     urls = stack.up(settings)
-    import yaml  # noqa: PLC0415
+    import yaml
 
     epochs = yaml.safe_load((repo_path / "params.yaml").read_text())["train"]["epochs"]
     message = "demo: retrain with a different number of epochs"
@@ -144,7 +144,7 @@ def cmd_demo(args) -> int:
     if run["state"] != "success":
         print(f"run {run['dag_run_id']} ended {run['state']}; see {urls['airflow']}", file=sys.stderr)
         return 1
-    import httpx  # noqa: PLC0415
+    import httpx
 
     sample = sorted((settings.work_dir / commit_sha / "data" / "images" / "7").glob("*.png"))[0]
     response = httpx.post(urls["serving"] + "/predict", files={"file": (sample.name, sample.read_bytes(), "image/png")})
@@ -163,7 +163,7 @@ def cmd_demo(args) -> int:
 
 
 def cmd_trace(args) -> int:
-    from gitops_ml import trace  # noqa: PLC0415
+    from gitops_ml import trace
 
     chain = trace.trace(_settings(args), args.ref)
     print(json.dumps(chain, indent=2, default=str) if args.json else trace.render(chain))
@@ -171,7 +171,7 @@ def cmd_trace(args) -> int:
 
 
 def cmd_logs(args) -> int:
-    from gitops_ml import logs  # noqa: PLC0415
+    from gitops_ml import logs
 
     settings = _settings(args)
     if args.ship:
@@ -192,7 +192,7 @@ def cmd_logs(args) -> int:
 
 def cmd_watch(args) -> int:
     """List the watched repositories, or show what the watcher would do (dry run, nothing started)."""
-    from gitops_ml import watch  # noqa: PLC0415
+    from gitops_ml import watch
 
     watches = watch.load_watches()
     if args.action == "list":
@@ -216,7 +216,7 @@ def cmd_watch(args) -> int:
 
 def cmd_gc(args) -> int:
     """Remove the work trees of finished runs beyond the retention limits and trim the DVC cache."""
-    from gitops_ml import retention  # noqa: PLC0415
+    from gitops_ml import retention
 
     print(retention.collect(_settings(args), dry_run=args.dry_run).render())
     return 0
@@ -224,7 +224,7 @@ def cmd_gc(args) -> int:
 
 def cmd_doctor(args) -> int:
     """Check every configured endpoint and secret; one line per check, non-zero when one fails."""
-    from gitops_ml import doctor  # noqa: PLC0415
+    from gitops_ml import doctor
 
     text, status = doctor.report(doctor.run(_settings(args)))
     print(text)
@@ -314,7 +314,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         # Airflow, Keras, Matplotlib and MLflow, imported by some commands and by the processes the
         # stack starts, would otherwise create their files in the user's home.
-        from gitops_ml.stack import contained_env  # noqa: PLC0415
+        from gitops_ml.stack import contained_env
 
         for name, value in contained_env(Settings.from_env()).items():
             os.environ.setdefault(name, value)

@@ -101,7 +101,7 @@ class _PlainLoader(yaml.SafeLoader):
     """``yaml.SafeLoader`` without anchors and aliases: a few lines of ``*alias`` could expand to
     gigabytes once the params are hashed, logged to MLflow or copied (a "billion laughs")."""
 
-    def compose_node(self, parent, index):  # noqa: D102 - see the class docstring
+    def compose_node(self, parent, index):  # see the class docstring
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
             raise ParamsError(f"{PARAMS_FILE}: YAML aliases (*{event.anchor}) are not allowed, "
@@ -202,7 +202,7 @@ def load(repo_root: Path) -> dict:
     if path.stat().st_size > MAX_BYTES:
         raise ParamsError(f"{PARAMS_FILE} is {path.stat().st_size} bytes, over the limit of {MAX_BYTES}")
     try:
-        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_PlainLoader)  # noqa: S506 - safe, no aliases
+        raw = yaml.load(path.read_text(encoding="utf-8"), Loader=_PlainLoader)  # safe, no aliases
     except (yaml.YAMLError, UnicodeDecodeError) as exc:
         raise ParamsError(f"{PARAMS_FILE} is not valid YAML: {exc}") from None
     return validate(raw)

@@ -40,7 +40,7 @@ def resolve(settings: Settings, commit_sha: str | None, watch_name: str | None =
     schedule), not only by the watcher: a run conf cannot bring an unsigned commit past an
     ``enforce`` policy.  Raises ``SignatureRejected`` naming the SHA and the reason.
     """
-    from gitops_ml import registry, watch  # noqa: PLC0415
+    from gitops_ml import registry, watch
 
     policy = watch.policy_for(settings.repo_url, settings.branch, watch_name)
     commit = source.resolve_commit(settings.repo_url, settings.branch, commit_sha, settings.git_cache_dir)
@@ -61,7 +61,7 @@ def resolve(settings: Settings, commit_sha: str | None, watch_name: str | None =
 
 def code_hash() -> str:
     """Hash of the code that turns data into a model: training and preprocessing source, TF/Keras versions."""
-    from importlib.metadata import version  # noqa: PLC0415
+    from importlib.metadata import version
 
     digest = hashlib.sha256()
     for name in ("training.py", "images.py"):
@@ -89,7 +89,7 @@ def inputs_hash(params: dict[str, Any], data_hash: str, model_code_hash: str | N
 
 def locate_model_code(commit: dict[str, Any], workdir: str | Path, params: dict[str, Any]):
     """The commit's model code (``model_code.ModelCode``) or ``None``; errors name the SHA."""
-    from gitops_ml import model_code  # noqa: PLC0415
+    from gitops_ml import model_code
 
     try:
         return model_code.locate(workdir, params.get("model"))
@@ -108,7 +108,7 @@ def prepare(settings: Settings, commit: dict[str, Any]) -> dict[str, Any]:
     A registered version built from the same data hash, params and model code is reused
     instead of retrained (``git revert`` of a bad commit brings the old model back at once).
     """
-    from gitops_ml import registry  # noqa: PLC0415
+    from gitops_ml import registry
 
     commit_sha = commit["commit_sha"]
     workdir = work_tree(settings, commit, fresh=True)
@@ -194,9 +194,9 @@ def train(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
           run_lineage: dict[str, Any]) -> dict[str, Any]:
     """Train on the pulled data (with the commit's model code, if any, imported here only) and log the
     run to MLflow: params, curves, the Keras model, the code-free serving artifact, the model code."""
-    import tempfile  # noqa: PLC0415
+    import tempfile
 
-    from gitops_ml import registry, training  # noqa: PLC0415
+    from gitops_ml import registry, training
 
     index = data.scan_images(ensure_workspace(settings, commit, params), params["data"]["path"])
     code = locate_model_code(commit, settings.work_dir / commit["commit_sha"], params)
@@ -241,7 +241,7 @@ def evaluate(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
     Logs both models' metrics, confusion matrices and learning curves side by side, and a
     smoke sample (images with the challenger's predictions) that the deploy step replays.
     """
-    from gitops_ml import gate, registry, training  # noqa: PLC0415
+    from gitops_ml import gate, registry, training
 
     index = data.scan_images(ensure_workspace(settings, commit, params), params["data"]["path"])
     parts = training.split(index, params["train"]["test_fraction"])
@@ -308,7 +308,7 @@ def _without_predictions(result: dict[str, Any]) -> dict[str, Any]:
 def register(settings: Settings, trained: dict[str, Any], evaluated: dict[str, Any],
              run_lineage: dict[str, Any]) -> dict[str, Any]:
     """Register the model version with lineage tags; the same commit never gets a second version."""
-    from gitops_ml import registry  # noqa: PLC0415
+    from gitops_ml import registry
 
     tags = {**run_lineage, "code_hash": code_hash(), "test_accuracy": round(evaluated["test_accuracy"], 6),
             "gate": "passed" if evaluated["gate_passed"] else "failed",
@@ -329,7 +329,7 @@ def superseded_by(settings: Settings, commit: dict[str, Any]) -> str | None:
     that starts the newer run first), but an older commit never deploys over a newer one, so
     once the runs settle the newest commit that passed the gate is the one serving.
     """
-    from gitops_ml import registry  # noqa: PLC0415
+    from gitops_ml import registry
 
     serving = registry.serving_commit(settings)
     if serving and source.newer_on_branch(settings.repo_url, commit["branch"], settings.git_cache_dir,
@@ -348,7 +348,7 @@ def deploy_intent(settings: Settings, model_version: str, run_id: str,
     (``deploy_pending``, ``deploy_pending_run``, ``deploy_pending_replaces``) let the next run of the commit finish
     that bookkeeping instead of recording "unchanged".
     """
-    from gitops_ml import registry  # noqa: PLC0415
+    from gitops_ml import registry
 
     if tags is None:
         tags = registry.version_tags(registry.get_version(settings, model_version))
@@ -373,7 +373,7 @@ def deploy(settings: Settings, commit: dict[str, Any], model_version: str, param
     rollback, ``gitops_ml.rollback``) skips the convergence rule; ``manual`` (who, what) goes into
     the deploy record.
     """
-    from gitops_ml import deploy as deploy_mod, registry  # noqa: PLC0415
+    from gitops_ml import deploy as deploy_mod, registry
 
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
     newer = superseded_by(settings, commit) if converge else None
@@ -419,7 +419,7 @@ def deploy(settings: Settings, commit: dict[str, Any], model_version: str, param
 def record(settings: Settings, commit: dict[str, Any], run_id: str, step: str, outcome: str,
            **fields: Any) -> None:
     """Write the structured record of a step outcome (see ``records``) and queue it for Elasticsearch."""
-    from gitops_ml import logs  # noqa: PLC0415
+    from gitops_ml import logs
 
     doc = records.outcome_record(commit["commit_sha"], run_id, step, outcome, **fields)
     records.write(settings.records_dir, doc)
@@ -437,7 +437,7 @@ def write_note(settings: Settings, commit: dict[str, Any], outcome: dict[str, An
 
 def gate_of(settings: Settings, model_version: str) -> tuple[bool, str]:
     """(passed, reasons) recorded on a registered version by ``register``."""
-    from gitops_ml import registry  # noqa: PLC0415
+    from gitops_ml import registry
 
     tags = registry.version_tags(registry.get_version(settings, model_version))
     return tags.get("gate") != "failed", tags.get("gate_reasons", "")
@@ -447,7 +447,7 @@ def outcome_of(settings: Settings, commit: dict[str, Any], run_id: str, model_ve
                deployed: dict[str, Any] | None, reused: bool) -> dict[str, Any]:
     """What the Git note and the final record say about one run of one commit, with ``summary``:
     the one sentence a user reads first (also the end of the Airflow run note)."""
-    from gitops_ml import registry  # noqa: PLC0415
+    from gitops_ml import registry
 
     tags = registry.version_tags(registry.get_version(settings, model_version)) if model_version else {}
     superseded = deployed.get("superseded_by") if deployed else None
@@ -499,13 +499,13 @@ def finish(settings: Settings, commit: dict[str, Any], run_id: str, model_versio
            "success" if outcome["deployed"] else ("superseded" if outcome["superseded_by"] else "not_promoted"),
            **outcome)
     write_note(settings, commit, outcome)
-    from gitops_ml import retention  # noqa: PLC0415
+    from gitops_ml import retention
     retention.after_run(settings, commit["commit_sha"], failed=False, run_id=run_id)  # never raises: logs a warning
     return outcome
 
 
 def run_local(settings: Settings, commit_sha: str | None = None, **options: Any) -> dict[str, Any]:
     """Every step in this process, with the rules the Airflow tasks apply: see ``gitops_ml.flow.run_local``."""
-    from gitops_ml import flow  # noqa: PLC0415
+    from gitops_ml import flow
 
     return flow.run_local(settings, commit_sha, **options)

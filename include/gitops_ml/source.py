@@ -18,7 +18,7 @@ import git
 
 from gitops_ml import git_auth
 from gitops_ml.errors import CommitNotFound, CommitNotOnBranch, GitopsMLError, InvalidRef
-from gitops_ml.refs import redact, redact_url, validate_branch, validate_repo_url, validate_sha  # noqa: F401
+from gitops_ml.refs import redact, redact_url, validate_branch, validate_repo_url, validate_sha
 
 log = logging.getLogger(__name__)
 

@@ -21,13 +21,13 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
-import numpy as np  # noqa: E402
-import tensorflow as tf  # noqa: E402
-import keras  # noqa: E402
+import numpy as np
+import tensorflow as tf
+import keras
 
-from gitops_ml import images, model_code  # noqa: E402
-from gitops_ml.data import ImageIndex  # noqa: E402
-from gitops_ml.errors import DownloadRefused, ModelCodeError, ModelCodeTimeout  # noqa: E402
+from gitops_ml import images, model_code
+from gitops_ml.data import ImageIndex
+from gitops_ml.errors import DownloadRefused, ModelCodeError, ModelCodeTimeout
 
 log = logging.getLogger(__name__)
 
@@ -330,7 +330,7 @@ def train(index: ImageIndex, params: dict, code: model_code.ModelCode | None = N
                 )
             except ModelCodeTimeout:
                 raise
-            except Exception as exc:  # noqa: BLE001 - with model code, a failing fit is the code's
+            except Exception as exc:  # with model code, a failing fit is the code's
                 if code is None:
                     raise
                 raise model_code.describe(exc, code, "training (model.fit)") from None

@@ -17,7 +17,7 @@ pytestmark = pytest.mark.e2e
 
 
 def test_burst_run_newest_first_with_a_gate_failure_converges_on_the_head(airflow_db, settings, demo_repo, server,
-                                                                          watch_config):  # noqa: F811
+                                                                          watch_config):
     name = watch_config(policy="every")
     head = demo_repo["commit_sha"]
     assert watcher(name).test().state == "success"
@@ -47,7 +47,7 @@ def test_burst_run_newest_first_with_a_gate_failure_converges_on_the_head(airflo
 
 @pytest.mark.parametrize("policy", ["every", "latest"])
 def test_five_commits_pushed_at_once_through_the_webhook_converge_on_the_head(airflow_db, settings, demo_repo,
-                                                                              server, watch_config, policy):  # noqa: F811
+                                                                              server, watch_config, policy):
     """Five commits in one push, announced by a signed webhook (no poller): under ``every`` a run each, run
     newest first (the third fails its gate, the fourth reuses the second's model); under ``latest`` only the
     head's run. Either way the head serves once the runs settle."""

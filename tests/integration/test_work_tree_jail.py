@@ -46,7 +46,7 @@ def put_object(remote, payload: bytes, suffix: str = "") -> str:
     return md5
 
 
-def craft_manifest(tracked, entries: list[dict]) -> str:  # noqa: F811
+def craft_manifest(tracked, entries: list[dict]) -> str:
     """Store a directory manifest with ``entries`` in the remote and point data/images.dvc at it."""
     raw = json.dumps(entries).encode()
     dir_md5 = put_object(tracked["remote"], raw, ".dir") + ".dir"
@@ -59,7 +59,7 @@ def craft_manifest(tracked, entries: list[dict]) -> str:  # noqa: F811
 
 @pytest.mark.parametrize("relpath", ["../../escaped.png", "cat/../../../escaped.png", "/ABS/escaped.png",
                                      "cat//x.png", "./cat/x.png", "cat\\..\\..\\escaped.png"])
-def test_manifest_entry_outside_the_folder_is_refused_before_writing(tracked, outside, relpath):  # noqa: F811
+def test_manifest_entry_outside_the_folder_is_refused_before_writing(tracked, outside, relpath):
     md5 = put_object(tracked["remote"], png_bytes())
     relpath = relpath.replace("/ABS", str(outside))
     craft_manifest(tracked, [{"md5": md5, "relpath": "cat/ok.png"}, {"md5": md5, "relpath": relpath}])
@@ -70,28 +70,28 @@ def test_manifest_entry_outside_the_folder_is_refused_before_writing(tracked, ou
     assert not (tracked["clone"] / "data" / "images" / "cat" / "ok.png").exists(), "nothing is checked out"
 
 
-def test_manifest_md5_that_is_a_path_is_refused(tracked):  # noqa: F811
+def test_manifest_md5_that_is_a_path_is_refused(tracked):
     craft_manifest(tracked, [{"md5": "../../../../../escaped", "relpath": "cat/x.png"}])
     with pytest.raises(DataError, match="32-hex 'md5'"):
         data.pull(tracked["clone"], "data/images", tracked["cache"])
     assert not any(p.name == "escaped" for p in tracked["clone"].parent.rglob("escaped"))
 
 
-def test_case_folding_collision_is_refused(tracked):  # noqa: F811
+def test_case_folding_collision_is_refused(tracked):
     md5 = put_object(tracked["remote"], png_bytes())
     craft_manifest(tracked, [{"md5": md5, "relpath": "cat/X.png"}, {"md5": md5, "relpath": "cat/x.png"}])
     with pytest.raises(DataError, match=re.escape("collides with data/images/cat/X.png")):
         data.pull(tracked["clone"], "data/images", tracked["cache"])
 
 
-def test_file_that_is_also_a_folder_is_refused(tracked):  # noqa: F811
+def test_file_that_is_also_a_folder_is_refused(tracked):
     md5 = put_object(tracked["remote"], png_bytes())
     craft_manifest(tracked, [{"md5": md5, "relpath": "cat"}, {"md5": md5, "relpath": "cat/x.png"}])
     with pytest.raises(DataError, match="both a file and the folder"):
         data.pull(tracked["clone"], "data/images", tracked["cache"])
 
 
-def test_symlink_as_data_path_is_refused(tracked, outside):  # noqa: F811
+def test_symlink_as_data_path_is_refused(tracked, outside):
     clone = tracked["clone"]
     os.symlink(outside, clone / "imgs")
     pointer = yaml.safe_load((clone / "data" / "images.dvc").read_text())
@@ -102,7 +102,7 @@ def test_symlink_as_data_path_is_refused(tracked, outside):  # noqa: F811
     assert_untouched(outside)
 
 
-def test_symlink_on_the_way_to_data_path_is_refused(tracked, outside):  # noqa: F811
+def test_symlink_on_the_way_to_data_path_is_refused(tracked, outside):
     clone = tracked["clone"]
     os.symlink(outside, clone / "link")
     (outside / "images.dvc").write_text((clone / "data" / "images.dvc").read_text())
@@ -112,7 +112,7 @@ def test_symlink_on_the_way_to_data_path_is_refused(tracked, outside):  # noqa: 
     assert sorted(outside.iterdir()) == before
 
 
-def test_symlink_inside_the_data_folder_is_refused(tracked, outside):  # noqa: F811
+def test_symlink_inside_the_data_folder_is_refused(tracked, outside):
     clone = tracked["clone"]
     (clone / "data" / "images" / "cat").mkdir(parents=True)
     os.symlink(outside, clone / "data" / "images" / "cat" / "more")
@@ -121,7 +121,7 @@ def test_symlink_inside_the_data_folder_is_refused(tracked, outside):  # noqa: F
     assert_untouched(outside)
 
 
-def test_pointer_naming_another_output_path_is_refused(tracked, outside):  # noqa: F811
+def test_pointer_naming_another_output_path_is_refused(tracked, outside):
     pointer_file = tracked["clone"] / "data" / "images.dvc"
     pointer = yaml.safe_load(pointer_file.read_text())
     pointer["outs"][0]["path"] = os.path.relpath(outside / "images", pointer_file.parent)
@@ -131,7 +131,7 @@ def test_pointer_naming_another_output_path_is_refused(tracked, outside):  # noq
     assert_untouched(outside)
 
 
-def test_pointer_with_import_or_stage_keys_is_refused(tracked):  # noqa: F811
+def test_pointer_with_import_or_stage_keys_is_refused(tracked):
     pointer_file = tracked["clone"] / "data" / "images.dvc"
     pointer = yaml.safe_load(pointer_file.read_text())
     pointer["deps"] = [{"path": "https://example.invalid/images", "repo": {"url": "https://example.invalid/x"}}]
@@ -140,7 +140,7 @@ def test_pointer_with_import_or_stage_keys_is_refused(tracked):  # noqa: F811
         data.pull(tracked["clone"], "data/images", tracked["cache"])
 
 
-def test_pointer_that_is_a_symlink_is_refused(tracked, outside):  # noqa: F811
+def test_pointer_that_is_a_symlink_is_refused(tracked, outside):
     clone = tracked["clone"]
     real = outside / "images.dvc"
     real.write_text((clone / "data" / "images.dvc").read_text())
@@ -151,7 +151,7 @@ def test_pointer_that_is_a_symlink_is_refused(tracked, outside):  # noqa: F811
 
 
 @pytest.mark.parametrize("cache_type", ["hardlink", "symlink"])
-def test_committed_cache_link_type_is_ignored(tracked, tmp_path, cache_type):  # noqa: F811
+def test_committed_cache_link_type_is_ignored(tracked, tmp_path, cache_type):
     """A committed .dvc/config asking for links into the cache (or another site cache) is overridden."""
     clone = tracked["clone"]
     site = tmp_path / "attacker-site-cache"
@@ -166,7 +166,7 @@ def test_committed_cache_link_type_is_ignored(tracked, tmp_path, cache_type):  #
     assert not site.exists(), "DVC wrote into a folder the commit named"
 
 
-def test_bad_files_are_all_evicted_and_a_repaired_remote_heals(tracked):  # noqa: F811
+def test_bad_files_are_all_evicted_and_a_repaired_remote_heals(tracked):
     """Every mismatching object is reported and evicted; after the remote is repaired, pull succeeds."""
     import json as _json
 
@@ -190,7 +190,7 @@ def test_bad_files_are_all_evicted_and_a_repaired_remote_heals(tracked):  # noqa
     assert data.pull(tracked["clone"], "data/images", tracked["cache"]).nfiles == 12
 
 
-def test_malformed_dvc_config_is_named(tracked):  # noqa: F811
+def test_malformed_dvc_config_is_named(tracked):
     with open(tracked["clone"] / ".dvc" / "config", "a") as fh:
         fh.write("[core]\n    remote = other\n")
     with pytest.raises(DataError, match=r"\.dvc/config of the commit is invalid"):

@@ -57,7 +57,7 @@ def _refuse_stored_credentials(repo_url: str, where: str) -> None:
 def _resolve_url(watch_name: str | None, repo_url: str) -> str:
     """The URL git uses, credentials included: the watch's URL, else ``repo_url`` with ``${VAR}`` expanded."""
     if watch_name:
-        from gitops_ml.watch import get_watch  # noqa: PLC0415
+        from gitops_ml.watch import get_watch
 
         return get_watch(watch_name).url
     return os.path.expandvars(repo_url)
@@ -221,7 +221,7 @@ class GitCommitSensor(BaseSensorOperator):
         new_shas = [head_sha]
         url = self._url()
         if self.mirror_dir:
-            from gitops_ml import source, watch  # noqa: PLC0415
+            from gitops_ml import source, watch
 
             new_shas, _ = watch.new_commits(source.history(url, self.branch, Path(self.mirror_dir)),
                                             self.previous_sha or None, head_sha)

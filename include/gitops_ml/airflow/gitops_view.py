@@ -39,10 +39,10 @@ def pipeline_runs(session, offset: int, limit: int, dag_id: str = PIPELINE_DAG_I
                   run_id: str | None = None) -> tuple[int, list[dict[str, Any]]]:
     """One page of the pipeline's runs (or the one run ``run_id``), newest first, with their task
     states and XComs (four queries, none of them per run)."""
-    from airflow.models.dagrun import DagRun, DagRunNote  # noqa: PLC0415
-    from airflow.models.taskinstance import TaskInstance  # noqa: PLC0415
-    from airflow.models.xcom import XComModel  # noqa: PLC0415
-    from sqlalchemy import func, select  # noqa: PLC0415
+    from airflow.models.dagrun import DagRun, DagRunNote
+    from airflow.models.taskinstance import TaskInstance
+    from airflow.models.xcom import XComModel
+    from sqlalchemy import func, select
 
     where = [DagRun.dag_id == dag_id] + ([DagRun.run_id == run_id] if run_id is not None else [])
     total = session.scalar(select(func.count()).select_from(DagRun).where(*where)) or 0
@@ -80,8 +80,8 @@ def pipeline_runs(session, offset: int, limit: int, dag_id: str = PIPELINE_DAG_I
 
 def may_trigger(request, user) -> bool:
     """Whether Airflow's auth manager lets ``user`` trigger runs of the pipeline (the roll-back right)."""
-    from airflow.api_fastapi.app import get_auth_manager  # noqa: PLC0415
-    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails  # noqa: PLC0415
+    from airflow.api_fastapi.app import get_auth_manager
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 
     return bool(get_auth_manager().is_authorized_dag(method="POST", access_entity=DagAccessEntity.RUN,
                                                     details=DagDetails(id=PIPELINE_DAG_ID), user=user))
@@ -89,18 +89,18 @@ def may_trigger(request, user) -> bool:
 
 def require(request, user, method: str) -> None:
     """403 unless ``user`` may read (``GET``) or trigger (``POST``) the pipeline's runs."""
-    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity  # noqa: PLC0415
-    from airflow.api_fastapi.core_api.security import requires_access_dag  # noqa: PLC0415
+    from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+    from airflow.api_fastapi.core_api.security import requires_access_dag
 
     requires_access_dag(method, DagAccessEntity.RUN, param_dag_id=PIPELINE_DAG_ID)(request, user)
 
 
 def history_page(page: int, per_page: int, run_id: str | None = None) -> dict[str, Any]:
     """The history JSON of one page, from the metadata DB (a read-only session) and the other stores."""
-    from airflow.utils.session import create_session  # noqa: PLC0415
+    from airflow.utils.session import create_session
 
-    from gitops_ml import history  # noqa: PLC0415
-    from gitops_ml.config import Settings  # noqa: PLC0415
+    from gitops_ml import history
+    from gitops_ml.config import Settings
 
     per_page = max(1, min(MAX_PER_PAGE, per_page))
     page = max(1, page)
@@ -124,7 +124,7 @@ def user_name(user) -> str:
 
 def add_routes(app, airflow_user) -> None:
     """The page, its JSON and the deploy action on the plugin's FastAPI ``app`` (behind ``airflow_user``)."""
-    User = Annotated[Any, Depends(airflow_user)]  # noqa: N806 - a type alias, local to the app
+    User = Annotated[Any, Depends(airflow_user)]  # a type alias, local to the app
     @app.get("/static/gitops.svg")
     def gitops_icon():
         return Response(ICON.read_bytes(), media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
@@ -157,9 +157,9 @@ def add_routes(app, airflow_user) -> None:
             body = await request.json()
         except ValueError:
             return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
-        from gitops_ml import rollback  # noqa: PLC0415
-        from gitops_ml.config import Settings  # noqa: PLC0415
-        from gitops_ml.errors import GitopsMLError  # noqa: PLC0415
+        from gitops_ml import rollback
+        from gitops_ml.config import Settings
+        from gitops_ml.errors import GitopsMLError
 
         if not isinstance(body, dict):
             return JSONResponse({"error": "expected a JSON object with model_version"}, status_code=400)

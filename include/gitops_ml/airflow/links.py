@@ -30,7 +30,7 @@ _bearer = HTTPBearer(auto_error=False)
 
 async def airflow_user(request: Request, bearer: HTTPAuthorizationCredentials | None = Depends(_bearer)):
     """The Airflow user of the request (Airflow's ``get_user``: bearer token, else session cookie)."""
-    from airflow.api_fastapi.core_api.security import get_user  # noqa: PLC0415
+    from airflow.api_fastapi.core_api.security import get_user
 
     return await get_user(request, None, bearer)
 
@@ -40,11 +40,11 @@ def create_app() -> FastAPI:
 
     @app.get("/runs/{dag_id}/{run_id}/mlflow")
     def mlflow_run(dag_id: str, run_id: str, request: Request, user=Depends(airflow_user)):
-        from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity  # noqa: PLC0415
-        from airflow.api_fastapi.core_api.security import requires_access_dag  # noqa: PLC0415
+        from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
+        from airflow.api_fastapi.core_api.security import requires_access_dag
 
-        from gitops_ml import registry  # noqa: PLC0415
-        from gitops_ml.errors import InputError  # noqa: PLC0415
+        from gitops_ml import registry
+        from gitops_ml.errors import InputError
 
         requires_access_dag("GET", DagAccessEntity.RUN)(request, user)  # 403 unless the user may read its runs
         settings = Settings.from_env()
@@ -63,10 +63,10 @@ def create_app() -> FastAPI:
     @app.post("/webhooks/{watch_name}")
     async def push_webhook(watch_name: str, request: Request):
         """No Airflow login (forges cannot log in): headers checked, then the body streamed up to the limit."""
-        from starlette.concurrency import run_in_threadpool  # noqa: PLC0415
+        from starlette.concurrency import run_in_threadpool
 
-        from gitops_ml import webhooks  # noqa: PLC0415
-        from gitops_ml.airflow import webhook  # noqa: PLC0415
+        from gitops_ml import webhooks
+        from gitops_ml.airflow import webhook
 
         headers = dict(request.headers)
         refused = await run_in_threadpool(webhook.check_headers, watch_name, headers)
@@ -83,7 +83,7 @@ def create_app() -> FastAPI:
     def serving(user=Depends(airflow_user)):
         return RedirectResponse(Settings.from_env().serving_url + "/version")
 
-    from gitops_ml.airflow import gitops_view  # noqa: PLC0415
+    from gitops_ml.airflow import gitops_view
 
     gitops_view.add_routes(app, airflow_user)  # the GitOps page, its JSON and the roll-back action
     return app

@@ -68,8 +68,8 @@ def _masked(value: Any, mask: Callable[[str], str]) -> Any:
 def line_document(labels: dict[str, Any], offset: int, raw: str,
                   redactor: Callable[[str], str] | None = None) -> dict[str, Any]:
     """One line of Airflow's JSON task log file as our ECS document (a line that is not JSON is kept as text)."""
-    from gitops_ml import logs  # noqa: PLC0415
-    from gitops_ml.refs import redact  # noqa: PLC0415
+    from gitops_ml import logs
+    from gitops_ml.refs import redact
 
     def mask(text: str) -> str:
         return redact(redactor(text) if redactor else text)
@@ -112,9 +112,9 @@ def uploads_task_log_file() -> bool:
     """True in a task process whose supervisor will ship the task's log file through
     :class:`EcsElasticsearchLogIO` (a worker with ``remote_logging`` on), False in-process (``dag.test()``)."""
     try:
-        from airflow.sdk.execution_time import task_runner  # noqa: PLC0415
-        from airflow.sdk.execution_time.supervisor import InProcessSupervisorComms  # noqa: PLC0415
-        from airflow.sdk.log import load_remote_log_handler  # noqa: PLC0415
+        from airflow.sdk.execution_time import task_runner
+        from airflow.sdk.execution_time.supervisor import InProcessSupervisorComms
+        from airflow.sdk.log import load_remote_log_handler
     except ImportError:
         return False
     comms = getattr(task_runner, "SUPERVISOR_COMMS", None)
@@ -158,9 +158,9 @@ class EcsElasticsearchLogIO(ElasticsearchRemoteLogIO):
         local = Path(path) if Path(path).is_absolute() else self.base_log_folder / path
         if not local.is_file():
             return
-        from gitops_ml import logs  # noqa: PLC0415
-        from gitops_ml.airflow.steps import _airflow_masker  # noqa: PLC0415
-        from gitops_ml.config import Settings  # noqa: PLC0415
+        from gitops_ml import logs
+        from gitops_ml.airflow.steps import _airflow_masker
+        from gitops_ml.config import Settings
 
         home = Settings.from_env().home
         labels, wait = logs.saved_labels(home, {"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": ti.run_id,

@@ -37,9 +37,9 @@ def with_outcome(note: str | None, outcome: str) -> str:
 
 
 def _outcome_of(dag_run, session) -> str | None:
-    from airflow.models.xcom import XComModel  # noqa: PLC0415
+    from airflow.models.xcom import XComModel
 
-    from gitops_ml.history import note_lines  # noqa: PLC0415
+    from gitops_ml.history import note_lines
 
     rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key=OUTCOME_KEY)).all()
     values = [(row.timestamp, XComModel.deserialize_value(row)) for row in rows]
@@ -66,8 +66,8 @@ def on_dag_run_failed(dag_run, msg: str) -> None:
 def _annotate(dag_run) -> None:
     if dag_run.dag_id != PIPELINE_DAG_ID:
         return
-    from sqlalchemy import select  # noqa: PLC0415
-    from sqlalchemy.orm import object_session  # noqa: PLC0415
+    from sqlalchemy import select
+    from sqlalchemy.orm import object_session
 
     try:
         session = object_session(dag_run)
@@ -76,8 +76,8 @@ def _annotate(dag_run) -> None:
             if outcome:
                 dag_run.note = with_outcome(dag_run.note, outcome)
             return
-        from airflow.models.dagrun import DagRun  # noqa: PLC0415
-        from airflow.utils.session import create_session  # noqa: PLC0415
+        from airflow.models.dagrun import DagRun
+        from airflow.utils.session import create_session
 
         with create_session() as own:  # a detached run (``dag.test()``): our own short transaction
             attached = own.scalar(select(DagRun).where(DagRun.id == dag_run.id))

@@ -45,7 +45,7 @@ _last_prune = 0.0
 
 async def read_body(request: Any, limit: int) -> bytes:
     """The request body, streamed; ``WebhookTooLarge`` as soon as it exceeds ``limit`` bytes."""
-    from gitops_ml import webhooks  # noqa: PLC0415
+    from gitops_ml import webhooks
 
     body = bytearray()
     async for chunk in request.stream():
@@ -65,10 +65,10 @@ def claim_delivery(provider: str, delivery_id: str, record: dict[str, Any]) -> d
     Atomic across processes: the INSERT of the Variable fails on its unique key when another
     request (here, in another API server, or before a restart) has claimed the id already.
     """
-    from airflow.models import Variable  # noqa: PLC0415
-    from airflow.utils.session import create_session  # noqa: PLC0415
-    from sqlalchemy import select  # noqa: PLC0415
-    from sqlalchemy.exc import IntegrityError  # noqa: PLC0415
+    from airflow.models import Variable
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
+    from sqlalchemy.exc import IntegrityError
 
     key = _delivery_key(provider, delivery_id)
     value = {**record, "received_at": datetime.now(UTC).isoformat(timespec="seconds")}
@@ -91,9 +91,9 @@ def claim_delivery(provider: str, delivery_id: str, record: dict[str, Any]) -> d
 
 def release_delivery(provider: str, delivery_id: str) -> None:
     """Forget a claimed delivery that was not handled, so its redelivery is."""
-    from airflow.models import Variable  # noqa: PLC0415
-    from airflow.utils.session import create_session  # noqa: PLC0415
-    from sqlalchemy import delete  # noqa: PLC0415
+    from airflow.models import Variable
+    from airflow.utils.session import create_session
+    from sqlalchemy import delete
 
     with create_session() as session:
         session.execute(delete(Variable).where(Variable.key == _delivery_key(provider, delivery_id)))
@@ -105,9 +105,9 @@ def _prune_deliveries() -> None:
     if time.monotonic() - _last_prune < _PRUNE_EVERY:
         return
     _last_prune = time.monotonic()
-    from airflow.models import Variable  # noqa: PLC0415
-    from airflow.utils.session import create_session  # noqa: PLC0415
-    from sqlalchemy import select  # noqa: PLC0415
+    from airflow.models import Variable
+    from airflow.utils.session import create_session
+    from sqlalchemy import select
 
     cutoff = datetime.now(UTC) - DELIVERY_RETENTION
     with create_session() as session:
@@ -122,12 +122,12 @@ def _prune_deliveries() -> None:
 
 def create_pipeline_run(request: dict[str, Any]) -> bool:
     """Create one pipeline run from a run request (see ``runs.run_requests``); False if it exists."""
-    from airflow.api.common.trigger_dag import trigger_dag  # noqa: PLC0415
-    from airflow.exceptions import DagRunAlreadyExists  # noqa: PLC0415
-    from airflow.utils.types import DagRunTriggeredByType, DagRunType  # noqa: PLC0415
-    from sqlalchemy.exc import IntegrityError  # noqa: PLC0415
+    from airflow.api.common.trigger_dag import trigger_dag
+    from airflow.exceptions import DagRunAlreadyExists
+    from airflow.utils.types import DagRunTriggeredByType, DagRunType
+    from sqlalchemy.exc import IntegrityError
 
-    from gitops_ml import runs  # noqa: PLC0415
+    from gitops_ml import runs
 
     try:
         trigger_dag(runs.PIPELINE_DAG_ID, triggered_by=DagRunTriggeredByType.REST_API, run_type=DagRunType.MANUAL,
@@ -140,8 +140,8 @@ def create_pipeline_run(request: dict[str, Any]) -> bool:
 
 def check_headers(watch_name: str, headers: dict[str, str]) -> tuple[int, dict[str, Any]] | None:
     """(HTTP status, JSON body) when the request can be refused before reading its body, else None."""
-    from gitops_ml import watch, webhooks  # noqa: PLC0415
-    from gitops_ml.errors import InputError  # noqa: PLC0415
+    from gitops_ml import watch, webhooks
+    from gitops_ml.errors import InputError
 
     try:
         watched = watch.get_watch(watch_name)
@@ -160,7 +160,7 @@ def check_headers(watch_name: str, headers: dict[str, str]) -> tuple[int, dict[s
 
 def verify_on_branch(watched, cache_dir, commit_sha: str) -> tuple[int, dict[str, Any]] | None:
     """Fetch the watched branch; (status, error) unless ``commit_sha`` is its head or on it."""
-    from gitops_ml import source  # noqa: PLC0415
+    from gitops_ml import source
 
     history = source.history(watched.url, watched.branch, cache_dir)
     head = history.head(watched.branch)
@@ -178,7 +178,7 @@ def verify_on_branch(watched, cache_dir, commit_sha: str) -> tuple[int, dict[str
 
 def handle_push(watch_name: str, headers: dict[str, str], body: bytes) -> tuple[int, dict[str, Any]]:
     """(HTTP status, JSON body) for one webhook delivery (the body already read within the limit)."""
-    from gitops_ml import watch, webhooks  # noqa: PLC0415
+    from gitops_ml import watch, webhooks
 
     refused = check_headers(watch_name, headers)
     if refused:
@@ -209,8 +209,8 @@ def handle_push(watch_name: str, headers: dict[str, str], body: bytes) -> tuple[
 
 
 def _start_runs(watched, event) -> tuple[int, dict[str, Any]]:
-    from gitops_ml import runs  # noqa: PLC0415
-    from gitops_ml.errors import GitopsMLError, InputError  # noqa: PLC0415
+    from gitops_ml import runs
+    from gitops_ml.errors import GitopsMLError, InputError
 
     settings = runs.settings_for(watched)
     try:
