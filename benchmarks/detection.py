@@ -48,7 +48,7 @@ import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
 
 import httpx
@@ -274,7 +274,7 @@ def environment() -> dict:
     from importlib.metadata import version
 
     airflow_version = version("apache-airflow")
-    return {"date": datetime.now(timezone.utc).strftime("%Y-%m-%d %H:%M UTC"), "cores": os.cpu_count(),
+    return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "cores": os.cpu_count(),
             "load_avg_at_start": os.getloadavg(), "platform": platform.platform(),
             "python": platform.python_version(), "airflow": airflow_version,
             "git": subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip(),

@@ -23,8 +23,8 @@ from pathlib import Path, PurePosixPath
 
 import yaml
 
-from gitops_ml.images import FORMATS as IMAGE_FORMATS
 from gitops_ml.errors import DataError
+from gitops_ml.images import FORMATS as IMAGE_FORMATS
 from gitops_ml.refs import redact
 
 log = logging.getLogger(__name__)

@@ -40,9 +40,10 @@ import sys
 import threading
 import time
 import traceback
+from collections.abc import Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Iterator
+from typing import Any
 
 from gitops_ml.errors import DataError, DownloadRefused, ModelCodeError, ModelCodeTimeout
 

@@ -41,7 +41,7 @@ class Commit:
         return asdict(self)
 
     @classmethod
-    def from_dict(cls, data: dict) -> "Commit":
+    def from_dict(cls, data: dict) -> Commit:
         return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 

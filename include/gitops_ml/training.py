@@ -21,9 +21,9 @@ from typing import Any
 
 os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
 
+import keras
 import numpy as np
 import tensorflow as tf
-import keras
 
 from gitops_ml import images, model_code
 from gitops_ml.data import ImageIndex
@@ -418,7 +418,7 @@ def evaluate(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray | Iterab
         recall = np.where(confusion.sum(axis=1) > 0, true_pos / confusion.sum(axis=1), 0.0)
     return {
         "accuracy": float(true_pos.sum() / max(1, len(y))),
-        "n_test": int(len(y)),
+        "n_test": len(y),
         "precision": {c: float(p) for c, p in zip(class_names, precision)},
         "recall": {c: float(r) for c, r in zip(class_names, recall)},
         "confusion_matrix": confusion.tolist(),

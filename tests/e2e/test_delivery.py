@@ -15,8 +15,8 @@ from PIL import Image
 
 from gitops_ml import demo, pipeline, registry, trace, training
 from gitops_ml.errors import DeployError
-from tests.helpers import git
 from tests.e2e.test_dag import all_versions, load_dag, run_note, task_states
+from tests.helpers import git
 
 pytestmark = pytest.mark.e2e
 

@@ -9,8 +9,8 @@ import time
 import pytest
 
 from gitops_ml import logs
-from tests.helpers import BIN
 from tests.e2e.test_dag import load_dag, task_states
+from tests.helpers import BIN
 
 pytestmark = pytest.mark.e2e
 

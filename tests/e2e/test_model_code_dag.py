@@ -5,7 +5,6 @@ every kind of bad model code fails the train task with nothing registered and no
 pretrained weights pinned by DVC; an unsigned commit's model code never runs under ``enforce``."""
 
 import base64
-import io
 import subprocess
 
 import httpx
@@ -15,8 +14,8 @@ import yaml
 
 from gitops_ml import demo, model_code, registry, source, trace
 from tests.conftest import ServerProcess
-from tests.helpers import commit_file, git
 from tests.e2e.test_dag import all_versions, load_dag, run_note, task_states
+from tests.helpers import commit_file, git
 
 pytestmark = pytest.mark.e2e
 

@@ -15,8 +15,8 @@ import pytest
 from gitops_ml import demo, flow, records, registry
 from gitops_ml.config import Settings
 from tests.conftest import ServerProcess
-from tests.helpers import commit_file, free_port, git
 from tests.e2e.test_dag import load_dag, task_states
+from tests.helpers import commit_file, free_port, git
 
 pytestmark = pytest.mark.e2e
 

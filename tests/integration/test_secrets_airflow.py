@@ -15,8 +15,8 @@ import uuid
 
 import pytest
 
-from tests.helpers import commit_file, git
 from tests.git_http import GitHttpServer
+from tests.helpers import commit_file, git
 
 pytestmark = pytest.mark.integration
 

@@ -19,8 +19,8 @@ import pytest
 from gitops_ml import git_auth, source
 from gitops_ml.airflow.git_sensor import GitCommitSensor, GitCommitTrigger, GitRemoteError, ahead_of, head_of
 from gitops_ml.errors import GitopsMLError
-from tests.helpers import commit_file, git
 from tests.git_http import GitHttpServer
+from tests.helpers import commit_file, git
 
 pytestmark = pytest.mark.integration
 

@@ -20,8 +20,8 @@ import pytest
 from gitops_ml import stack
 from gitops_ml.airflow.client import AirflowClient
 from gitops_ml.config import Settings
-from tests.helpers import commit_file, free_port, git
 from tests.git_http import GitHttpServer
+from tests.helpers import commit_file, free_port, git
 
 pytestmark = pytest.mark.integration
 

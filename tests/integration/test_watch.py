@@ -11,8 +11,8 @@ import pytest
 from gitops_ml import watch
 from gitops_ml.airflow.git_sensor import GitCommitSensor, GitCommitTrigger, GitRemoteError, head_of
 from gitops_ml.errors import InvalidRef
-from tests.helpers import commit_file, git
 from tests.git_http import GitHttpServer
+from tests.helpers import commit_file, git
 
 pytestmark = pytest.mark.integration
 

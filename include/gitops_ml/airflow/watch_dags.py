@@ -6,7 +6,7 @@ very same watcher.
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import dag, task
@@ -18,7 +18,7 @@ from gitops_ml.watch import Watch
 # A start date in the past: without one, Airflow 3.3.2's @continuous timetable gives the first run a
 # zero-length data interval and computes the next run with the same logical date, so the scheduler
 # logs "run already exists; skipping dagrun creation" forever and the watcher never runs again.
-START_DATE = datetime(2026, 1, 1, tzinfo=timezone.utc)
+START_DATE = datetime(2026, 1, 1, tzinfo=UTC)
 
 
 def watcher_dag(watch: Watch, *, dag_id: str | None = None, deferrable: bool = True, doc_md: str | None = None,
