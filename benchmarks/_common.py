@@ -18,8 +18,13 @@ def fresh_home(prefix: str, serve_port: int) -> Path:
     """A new ``GITOPS_ML_HOME`` under ``benchmarks/out`` with embedded defaults, exported to this process."""
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     home = Path(tempfile.mkdtemp(prefix=prefix, dir=OUT_DIR))
-    os.environ.update({"GITOPS_ML_HOME": str(home), "GITOPS_ML_REPO_URL": str(home / "demo-repo"),
-                       "GITOPS_ML_SERVING_URL": f"http://127.0.0.1:{serve_port}"})
+    os.environ.update(
+        {
+            "GITOPS_ML_HOME": str(home),
+            "GITOPS_ML_REPO_URL": str(home / "demo-repo"),
+            "GITOPS_ML_SERVING_URL": f"http://127.0.0.1:{serve_port}",
+        }
+    )
     for key in ("MLFLOW_TRACKING_URI", "GITOPS_ML_ARTIFACT_ROOT"):
         os.environ.pop(key, None)
     return home

@@ -34,7 +34,6 @@ from benchmarks._common import OUT_DIR, free_port, fresh_home
 TASKS = ["resolve_commit", "prepare_workspace", "pull_data", "train", "evaluate", "register", "deploy", "record"]
 
 
-
 def ts(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
@@ -81,12 +80,19 @@ def main() -> None:
             steps = {t: ts(tis[t]["end_date"]) - ts(tis[t]["start_date"]) for t in TASKS}
             total = t_served - t_commit
             training = registry.find_training_run(settings, run["dag_run_id"])
-            row = {"commit_sha": commit_sha, "total_s": total, "trigger_s": t_created - t_commit, **steps,
-                   "scheduling_overhead_s": total - (t_created - t_commit) - sum(steps.values()),
-                   "train_peak_rss_mb": training.metrics.get("train_peak_rss_mb"), "warmup": i == 0}
+            row = {
+                "commit_sha": commit_sha,
+                "total_s": total,
+                "trigger_s": t_created - t_commit,
+                **steps,
+                "scheduling_overhead_s": total - (t_created - t_commit) - sum(steps.values()),
+                "train_peak_rss_mb": training.metrics.get("train_peak_rss_mb"),
+                "warmup": i == 0,
+            }
             rows.append(row)
-            print(f"{'warm-up' if i == 0 else 'run ' + str(i)}: {commit_sha[:12]} served after {total:.1f} s",
-                  flush=True)
+            print(
+                f"{'warm-up' if i == 0 else 'run ' + str(i)}: {commit_sha[:12]} served after {total:.1f} s", flush=True
+            )
         # Revert of the last commit: same inputs as the one before, so its version is reused, not retrained.
         import git
 
@@ -97,12 +103,21 @@ def main() -> None:
         run = client.wait_for_run(client.trigger_commit(revert_sha)["dag_run_id"], timeout=900)
         served_version = httpx.get(urls["serving"] + "/version").json()
         revert_s = time.time() - t_revert
-        reverted = {"revert_sha": revert_sha, "seconds": revert_s, "state": run["state"],
-                    "serving_commit": served_version["commit_sha"], "expected_commit": previous_sha,
-                    "skipped": sorted(t["task_id"] for t in client.task_instances(run["dag_run_id"])
-                                      if t["state"] == "skipped")}
-        print(f"revert {revert_sha[:12]}: serving the model of {served_version['commit_sha'][:12]} after "
-              f"{revert_s:.1f} s, skipped {reverted['skipped']}", flush=True)
+        reverted = {
+            "revert_sha": revert_sha,
+            "seconds": revert_s,
+            "state": run["state"],
+            "serving_commit": served_version["commit_sha"],
+            "expected_commit": previous_sha,
+            "skipped": sorted(
+                t["task_id"] for t in client.task_instances(run["dag_run_id"]) if t["state"] == "skipped"
+            ),
+        }
+        print(
+            f"revert {revert_sha[:12]}: serving the model of {served_version['commit_sha'][:12]} after "
+            f"{revert_s:.1f} s, skipped {reverted['skipped']}",
+            flush=True,
+        )
         # A burst: two commits back to back, the newer triggered first (the worst order for the
         # convergence rule); measured until the head serves and until both runs have settled.
         t_burst = time.time()
@@ -113,41 +128,62 @@ def main() -> None:
         settled = [client.wait_for_run(r["dag_run_id"], timeout=900) for r in burst_runs]
         t_settled = time.time()
         final = httpx.get(urls["serving"] + "/version").json()["commit_sha"]
-        burst = {"older": older, "newer": newer, "head_served_s": t_head_served - t_burst,
-                 "settled_s": t_settled - t_burst, "states": [r["state"] for r in settled],
-                 "final_serving_is_head": final == newer, "older_note": settled[1].get("note")}
-        print(f"burst of 2: head served after {burst['head_served_s']:.1f} s, both runs settled after "
-              f"{burst['settled_s']:.1f} s, head still serving: {burst['final_serving_is_head']}", flush=True)
+        burst = {
+            "older": older,
+            "newer": newer,
+            "head_served_s": t_head_served - t_burst,
+            "settled_s": t_settled - t_burst,
+            "states": [r["state"] for r in settled],
+            "final_serving_is_head": final == newer,
+            "older_note": settled[1].get("note"),
+        }
+        print(
+            f"burst of 2: head served after {burst['head_served_s']:.1f} s, both runs settled after "
+            f"{burst['settled_s']:.1f} s, head still serving: {burst['final_serving_is_head']}",
+            flush=True,
+        )
         baseline = []
         for i in range(args.runs):
             commit_sha = demo.bump_param(repo, "train.learning_rate", round(0.002 + 0.0001 * (i + 1), 5))
             t0 = time.time()
-            subprocess.run([str(Path(sys.executable).parent / "gitops-ml"), "run", commit_sha], check=True,
-                           capture_output=True, env={**os.environ, **stack.airflow_env(settings)})
+            subprocess.run(
+                [str(Path(sys.executable).parent / "gitops-ml"), "run", commit_sha],
+                check=True,
+                capture_output=True,
+                env={**os.environ, **stack.airflow_env(settings)},
+            )
             baseline.append(wait_served(urls["serving"], commit_sha) - t0)
             print(f"baseline {i + 1}: {commit_sha[:12]} served after {baseline[-1]:.1f} s", flush=True)
     finally:
         stack.down(settings)
 
     measured = [r for r in rows if not r["warmup"]]
-    med = {k: statistics.median(r[k] for r in measured)
-           for k in ["total_s", "trigger_s", *TASKS, "scheduling_overhead_s", "train_peak_rss_mb"]}
+    med = {
+        k: statistics.median(r[k] for r in measured)
+        for k in ["total_s", "trigger_s", *TASKS, "scheduling_overhead_s", "train_peak_rss_mb"]
+    }
     base = statistics.median(baseline)
     print(f"\ncommit-to-serving, median of {len(measured)} runs (after 1 warm-up), 2 cores, no GPU")
     print(f"{'step':28} {'seconds':>9}")
     for key in ["trigger_s", *TASKS, "scheduling_overhead_s"]:
         print(f"{key.removesuffix('_s'):28} {med[key]:9.2f}")
     print(f"{'total (commit -> /version)':28} {med['total_s']:9.2f}")
-    print(f"\nbaseline `gitops-ml run SHA` (no Airflow): {base:.2f} s; ratio airflow/baseline = "
-          f"{med['total_s'] / base:.2f}")
+    print(
+        f"\nbaseline `gitops-ml run SHA` (no Airflow): {base:.2f} s; ratio airflow/baseline = "
+        f"{med['total_s'] / base:.2f}"
+    )
     print(f"peak RSS of the train task: {med['train_peak_rss_mb']:.0f} MB")
-    print(f"revert of the last commit: previous model serving again after {reverted['seconds']:.1f} s "
-          f"(reused, skipped: {', '.join(reverted['skipped'])})")
-    print(f"burst of 2 commits (newer run first): head served after {burst['head_served_s']:.1f} s, both settled "
-          f"after {burst['settled_s']:.1f} s, final serving = head: {burst['final_serving_is_head']}")
-    (out_dir / "commit_to_serving.json").write_text(json.dumps({"runs": rows, "baseline_s": baseline,
-                                                               "median": med, "revert": reverted,
-                                                               "burst": burst}, indent=2))
+    print(
+        f"revert of the last commit: previous model serving again after {reverted['seconds']:.1f} s "
+        f"(reused, skipped: {', '.join(reverted['skipped'])})"
+    )
+    print(
+        f"burst of 2 commits (newer run first): head served after {burst['head_served_s']:.1f} s, both settled "
+        f"after {burst['settled_s']:.1f} s, final serving = head: {burst['final_serving_is_head']}"
+    )
+    (out_dir / "commit_to_serving.json").write_text(
+        json.dumps({"runs": rows, "baseline_s": baseline, "median": med, "revert": reverted, "burst": burst}, indent=2)
+    )
 
 
 if __name__ == "__main__":

@@ -19,7 +19,9 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parents[1]
 HEAVY = ["tensorflow", "keras", "mlflow", "dvc", "git", "sklearn"]
 
-PROBE = f"HEAVY = {HEAVY!r}\n" + """
+PROBE = (
+    f"HEAVY = {HEAVY!r}\n"
+    + """
 import json, runpy, sys, time
 t0 = time.perf_counter()
 import airflow.sdk
@@ -28,16 +30,27 @@ runpy.run_path(sys.argv[1])
 t2 = time.perf_counter()
 print(json.dumps({"sdk": t1 - t0, "dag": t2 - t1, "heavy": [m for m in HEAVY if m in sys.modules]}))
 """
+)
 
 
 def measure(dag_file: Path, runs: int) -> dict:
     samples = []
     for _ in range(runs):
-        out = subprocess.run([sys.executable, "-c", PROBE, str(dag_file)], check=True, capture_output=True,
-                             text=True, cwd=ROOT).stdout.strip().splitlines()[-1]
+        out = (
+            subprocess.run(
+                [sys.executable, "-c", PROBE, str(dag_file)], check=True, capture_output=True, text=True, cwd=ROOT
+            )
+            .stdout.strip()
+            .splitlines()[-1]
+        )
         samples.append(json.loads(out))
-    return {"file": dag_file.name, "dag_s": statistics.median(s["dag"] for s in samples),
-            "sdk_s": statistics.median(s["sdk"] for s in samples), "heavy": samples[0]["heavy"], "runs": runs}
+    return {
+        "file": dag_file.name,
+        "dag_s": statistics.median(s["dag"] for s in samples),
+        "sdk_s": statistics.median(s["sdk"] for s in samples),
+        "heavy": samples[0]["heavy"],
+        "runs": runs,
+    }
 
 
 def main() -> None:
@@ -47,8 +60,10 @@ def main() -> None:
     print(f"{'DAG file':34} {'parse (median)':>15} {'import airflow.sdk':>19} {'ratio':>7}  heavy imports")
     for dag_file in sorted((ROOT / "dags").glob("*.py")):
         r = measure(dag_file, args.runs)
-        print(f"{r['file']:34} {r['dag_s'] * 1000:12.1f} ms {r['sdk_s'] * 1000:16.1f} ms "
-              f"{r['dag_s'] / r['sdk_s']:7.3f}  {', '.join(r['heavy']) or 'none'}")
+        print(
+            f"{r['file']:34} {r['dag_s'] * 1000:12.1f} ms {r['sdk_s'] * 1000:16.1f} ms "
+            f"{r['dag_s'] / r['sdk_s']:7.3f}  {', '.join(r['heavy']) or 'none'}"
+        )
 
 
 if __name__ == "__main__":

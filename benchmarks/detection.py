@@ -98,8 +98,9 @@ def make_repo(path: Path) -> str:
 
 def push(repo: Path, i: int) -> tuple[str, float]:
     """Commit a ``params.yaml`` change (a model input: the watcher plans ``train``); (sha, wall time)."""
-    (repo / "params.yaml").write_text(f"# benchmark repository {repo.name}\n"
-                                      f"train:\n  learning_rate: {0.001 + 0.00001 * i:.5f}\n")
+    (repo / "params.yaml").write_text(
+        f"# benchmark repository {repo.name}\ntrain:\n  learning_rate: {0.001 + 0.00001 * i:.5f}\n"
+    )
     git(repo, "commit", "-qam", f"bench push {i}")
     t_push = time.time()
     return git(repo, "rev-parse", "HEAD"), t_push
@@ -135,8 +136,7 @@ class Api(AirflowClient):
         self._http.patch(f"/api/v2/dags/{dag_id}", json={"is_paused": paused}).raise_for_status()
 
     def sensors(self, dag_id: str, *states: str, **params) -> list[dict]:
-        query = [("task_id", "wait_for_commit"), *(("state", s) for s in states),
-                 *((k, v) for k, v in params.items())]
+        query = [("task_id", "wait_for_commit"), *(("state", s) for s in states), *((k, v) for k, v in params.items())]
         response = self._http.get(f"/api/v2/dags/{dag_id}/dagRuns/~/taskInstances", params=query)
         response.raise_for_status()
         return response.json()["task_instances"]
@@ -166,8 +166,9 @@ def wait_armed(api: Api, dag_id: str, timeout: float = 300) -> None:
     wait_until(lambda: bool(api.sensors(dag_id, state)), timeout, f"{dag_id} not waiting again", every=0.25)
 
 
-def measure_polling(base_url: str, dag_id: str, repo: Path, pushes: int, interval: float, seed: int,
-                    label: str, offset: int) -> list[dict]:
+def measure_polling(
+    base_url: str, dag_id: str, repo: Path, pushes: int, interval: float, seed: int, label: str, offset: int
+) -> list[dict]:
     api = Api(base_url)
     rng = random.Random(seed)
     rows = []
@@ -176,16 +177,23 @@ def measure_polling(base_url: str, dag_id: str, repo: Path, pushes: int, interva
         pause = rng.uniform(0, interval)
         time.sleep(pause)
         sha, t_push = push(repo, offset + i)
-        t_run = wait_until(lambda: api.run_exists(sha, dag_id.split("__", 1)[1]), interval + 240,
-                           f"{label}: no run for {sha}")
+        t_run = wait_until(
+            lambda: api.run_exists(sha, dag_id.split("__", 1)[1]), interval + 240, f"{label}: no run for {sha}"
+        )
         done = api.sensors(dag_id, "success", order_by="-end_date", limit=1)
         t_sensor = ts(done[0]["end_date"]) if done else None
-        row = {"sha": sha, "latency_s": t_run - t_push, "pause_s": pause,
-               "sensor_done_s": (t_sensor - t_push) if t_sensor and t_sensor > t_push else None}
+        row = {
+            "sha": sha,
+            "latency_s": t_run - t_push,
+            "pause_s": pause,
+            "sensor_done_s": (t_sensor - t_push) if t_sensor and t_sensor > t_push else None,
+        }
         row["after_sensor_s"] = (t_run - t_sensor) if row["sensor_done_s"] is not None else None
         rows.append(row)
-        log(f"{label} push {i + 1}/{pushes}: {sha[:10]} detected after {row['latency_s']:.2f} s "
-            f"(sensor done +{row['sensor_done_s'] or float('nan'):.2f} s)")
+        log(
+            f"{label} push {i + 1}/{pushes}: {sha[:10]} detected after {row['latency_s']:.2f} s "
+            f"(sensor done +{row['sensor_done_s'] or float('nan'):.2f} s)"
+        )
     return rows
 
 
@@ -197,21 +205,42 @@ def measure_webhook(base_url: str, watch_name: str, repo: Path, pushes: int, see
     for i in range(pushes):
         before = git(repo, "rev-parse", "HEAD")
         sha, t_push = push(repo, offset + i)
-        body = json.dumps({"ref": "refs/heads/main", "before": before, "after": sha,
-                           "repository": {"clone_url": str(repo)}, "commits": [{"id": sha}]}).encode()
+        body = json.dumps(
+            {
+                "ref": "refs/heads/main",
+                "before": before,
+                "after": sha,
+                "repository": {"clone_url": str(repo)},
+                "commits": [{"id": sha}],
+            }
+        ).encode()
         digest = hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
-        response = hook.post(f"/gitops-ml/webhooks/{watch_name}", content=body, headers={
-            "X-GitHub-Event": "push", "X-Hub-Signature-256": f"sha256={digest}",
-            "Content-Type": "application/json"})
+        response = hook.post(
+            f"/gitops-ml/webhooks/{watch_name}",
+            content=body,
+            headers={
+                "X-GitHub-Event": "push",
+                "X-Hub-Signature-256": f"sha256={digest}",
+                "Content-Type": "application/json",
+            },
+        )
         t_response = time.time()
         if response.status_code != 202:
             raise RuntimeError(f"webhook answered {response.status_code}: {response.text[:300]}")
         t_run = wait_until(lambda: api.run_exists(sha, watch_name), 120, f"webhook: no run for {sha}")
         created = response.json().get("created", [])
-        rows.append({"sha": sha, "latency_s": t_run - t_push, "response_s": t_response - t_push,
-                     "created_by_webhook": run_id_for(sha, watch=watch_name) in created})
-        log(f"webhook push {i + 1}/{pushes}: {sha[:10]} run exists after {rows[-1]['latency_s']:.2f} s "
-            f"(HTTP 202 after {rows[-1]['response_s']:.2f} s, created by webhook: {rows[-1]['created_by_webhook']})")
+        rows.append(
+            {
+                "sha": sha,
+                "latency_s": t_run - t_push,
+                "response_s": t_response - t_push,
+                "created_by_webhook": run_id_for(sha, watch=watch_name) in created,
+            }
+        )
+        log(
+            f"webhook push {i + 1}/{pushes}: {sha[:10]} run exists after {rows[-1]['latency_s']:.2f} s "
+            f"(HTTP 202 after {rows[-1]['response_s']:.2f} s, created by webhook: {rows[-1]['created_by_webhook']})"
+        )
         time.sleep(rng.uniform(0, 2))
     return rows
 
@@ -229,19 +258,25 @@ def sample_slots(api: Api, dag_ids: list[str], seconds: int) -> dict:
         for key in pool:
             pool[key].append(data[key])
         time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
-    return {"per_dag": {d: {s: statistics.mean(v) for s, v in states.items()} for d, states in samples.items()},
-            "default_pool": {k: statistics.mean(v) for k, v in pool.items()}, "samples": seconds}
+    return {
+        "per_dag": {d: {s: statistics.mean(v) for s, v in states.items()} for d, states in samples.items()},
+        "default_pool": {k: statistics.mean(v) for k, v in pool.items()},
+        "samples": seconds,
+    }
 
 
-def run_pair(base_url: str, phase: str, ours: tuple[str, Path], poke: tuple[str, Path], pushes: int,
-             interval: float, seed: int) -> dict[str, list[dict]]:
+def run_pair(
+    base_url: str, phase: str, ours: tuple[str, Path], poke: tuple[str, Path], pushes: int, interval: float, seed: int
+) -> dict[str, list[dict]]:
     """Ours and the poke baseline measured side by side (one thread each, separate repositories)."""
     with ThreadPoolExecutor(2) as pool:
         futures = {
-            "ours": pool.submit(measure_polling, base_url, OURS + ours[0], ours[1], pushes, interval, seed,
-                                f"{phase} ours", 1000),
-            "poke": pool.submit(measure_polling, base_url, POKE + poke[0], poke[1], pushes, interval, seed + 1,
-                                f"{phase} poke", 1000),
+            "ours": pool.submit(
+                measure_polling, base_url, OURS + ours[0], ours[1], pushes, interval, seed, f"{phase} ours", 1000
+            ),
+            "poke": pool.submit(
+                measure_polling, base_url, POKE + poke[0], poke[1], pushes, interval, seed + 1, f"{phase} poke", 1000
+            ),
         }
         try:
             return {k: f.result() for k, f in futures.items()}
@@ -266,19 +301,30 @@ def start_watchers(api: Api, watches: dict[str, tuple[str, Path, str]], names: l
 
 
 def summary(values: list[float]) -> dict:
-    return {"n": len(values), "median": statistics.median(values), "p95": pctl(values, 95),
-            "min": min(values), "max": max(values), "mean": statistics.mean(values)}
+    return {
+        "n": len(values),
+        "median": statistics.median(values),
+        "p95": pctl(values, 95),
+        "min": min(values),
+        "max": max(values),
+        "mean": statistics.mean(values),
+    }
 
 
 def environment() -> dict:
     from importlib.metadata import version
 
     airflow_version = version("apache-airflow")
-    return {"date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"), "cores": os.cpu_count(),
-            "load_avg_at_start": os.getloadavg(), "platform": platform.platform(),
-            "python": platform.python_version(), "airflow": airflow_version,
-            "git": subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip(),
-            "command": "python -m benchmarks.detection " + " ".join(sys.argv[1:])}
+    return {
+        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
+        "cores": os.cpu_count(),
+        "load_avg_at_start": os.getloadavg(),
+        "platform": platform.platform(),
+        "python": platform.python_version(),
+        "airflow": airflow_version,
+        "git": subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip(),
+        "command": "python -m benchmarks.detection " + " ".join(sys.argv[1:]),
+    }
 
 
 def main() -> None:
@@ -313,12 +359,15 @@ def main() -> None:
 
     entries, watches = [], {}
     fast = f"{args.fast_interval:g}".replace(".", "_")
-    for name, interval in [("defer", None), ("poke", None), (f"defer{fast}", args.fast_interval),
-                           (f"poke{fast}", args.fast_interval)]:
+    for name, interval in [
+        ("defer", None),
+        ("poke", None),
+        (f"defer{fast}", args.fast_interval),
+        (f"poke{fast}", args.fast_interval),
+    ]:
         repo = home / "repos" / name
         head = make_repo(repo)
-        entry = {"name": name, "repo_url": str(repo), "branch": "main", "policy": "every",
-                 "retrain_schedule": None}
+        entry = {"name": name, "repo_url": str(repo), "branch": "main", "policy": "every", "retrain_schedule": None}
         if interval is not None:  # the 30 s entries leave poll_interval out: the default
             entry["poll_interval"] = interval
         entries.append(entry)
@@ -327,15 +376,23 @@ def main() -> None:
     config.write_text(json.dumps({"repositories": entries}, indent=2))  # JSON is YAML
 
     port = free_port()
-    env = {**stack.airflow_env(settings, port, project_root=project),
-           "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # each phase unpauses only its watchers
-           "GITOPS_ML_WATCH_CONFIG": str(config), "GITOPS_ML_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    env = {
+        **stack.airflow_env(settings, port, project_root=project),
+        "AIRFLOW__CORE__DAGS_ARE_PAUSED_AT_CREATION": "True",  # each phase unpauses only its watchers
+        "GITOPS_ML_WATCH_CONFIG": str(config),
+        "GITOPS_ML_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }
     base_url = f"http://127.0.0.1:{port}"
-    print(f"stack: `airflow standalone` on {base_url}, DAGs folder {project / 'dags'}, "
-          f"watch config {config}, state {home}")
-    print(f"default poll interval {default_interval:g} s; plan: {args.pushes} + {args.pushes} pushes at "
-          f"{default_interval:g} s, {args.idle} s idle sampling, {args.webhook_pushes} webhook pushes, "
-          f"{args.fast_pushes} + {args.fast_pushes} pushes at {args.fast_interval:g} s", flush=True)
+    print(
+        f"stack: `airflow standalone` on {base_url}, DAGs folder {project / 'dags'}, "
+        f"watch config {config}, state {home}"
+    )
+    print(
+        f"default poll interval {default_interval:g} s; plan: {args.pushes} + {args.pushes} pushes at "
+        f"{default_interval:g} s, {args.idle} s idle sampling, {args.webhook_pushes} webhook pushes, "
+        f"{args.fast_pushes} + {args.fast_pushes} pushes at {args.fast_interval:g} s",
+        flush=True,
+    )
 
     results: dict = {"environment": env_info, "args": vars(args), "default_interval_s": default_interval}
     t_start = time.monotonic()
@@ -349,8 +406,15 @@ def main() -> None:
         log(f"Airflow up after {time.monotonic() - t_start:.0f} s; {PIPELINE_DAG_ID} paused")
 
         start_watchers(api, watches, ["defer", "poke"])
-        results["default"] = run_pair(base_url, f"{default_interval:g}s", ("defer", watches["defer"][1]),
-                                      ("poke", watches["poke"][1]), args.pushes, default_interval, args.seed)
+        results["default"] = run_pair(
+            base_url,
+            f"{default_interval:g}s",
+            ("defer", watches["defer"][1]),
+            ("poke", watches["poke"][1]),
+            args.pushes,
+            default_interval,
+            args.seed,
+        )
         wait_armed(api, watches["defer"][0])
         wait_armed(api, watches["poke"][0])
         log(f"idle: sampling task instances and default_pool for {args.idle} s")
@@ -358,15 +422,21 @@ def main() -> None:
         log(f"idle: {json.dumps(results['idle'])}")
         api.stop_watcher(watches["poke"][0])
         if args.webhook_pushes:
-            results["webhook"] = measure_webhook(base_url, "defer", watches["defer"][1], args.webhook_pushes,
-                                                 args.seed + 2, 2000)
+            results["webhook"] = measure_webhook(
+                base_url, "defer", watches["defer"][1], args.webhook_pushes, args.seed + 2, 2000
+            )
         api.stop_watcher(watches["defer"][0])
         if args.fast_pushes:
             start_watchers(api, watches, [f"defer{fast}", f"poke{fast}"])
-            results["fast"] = run_pair(base_url, f"{args.fast_interval:g}s",
-                                       (f"defer{fast}", watches[f"defer{fast}"][1]),
-                                       (f"poke{fast}", watches[f"poke{fast}"][1]), args.fast_pushes,
-                                       args.fast_interval, args.seed + 3)
+            results["fast"] = run_pair(
+                base_url,
+                f"{args.fast_interval:g}s",
+                (f"defer{fast}", watches[f"defer{fast}"][1]),
+                (f"poke{fast}", watches[f"poke{fast}"][1]),
+                args.fast_pushes,
+                args.fast_interval,
+                args.seed + 3,
+            )
             api.stop_watcher(watches[f"defer{fast}"][0])
             api.stop_watcher(watches[f"poke{fast}"][0])
     finally:
@@ -393,10 +463,12 @@ def report(results: dict, args, default_interval: float) -> None:
         s = summary([r["latency_s"] for r in data])
         sensor = [r["sensor_done_s"] for r in data if r.get("sensor_done_s") is not None]
         after = [r["after_sensor_s"] for r in data if r.get("after_sensor_s") is not None]
-        ratio = (f"{s['median'] / base['median']:.2f} / {s['p95'] / base['p95']:.2f}" if base else "1 (baseline)")
-        split = (f"{statistics.median(sensor):.1f} + {statistics.median(after):.1f}" if sensor and after else "-")
-        rows.append(f"| {label} | {interval} | {s['n']} | {s['median']:.2f} | {s['p95']:.2f} | "
-                    f"{s['min']:.2f} / {s['max']:.2f} | {split} | {ratio} |")
+        ratio = f"{s['median'] / base['median']:.2f} / {s['p95'] / base['p95']:.2f}" if base else "1 (baseline)"
+        split = f"{statistics.median(sensor):.1f} + {statistics.median(after):.1f}" if sensor and after else "-"
+        rows.append(
+            f"| {label} | {interval} | {s['n']} | {s['median']:.2f} | {s['p95']:.2f} | "
+            f"{s['min']:.2f} / {s['max']:.2f} | {split} | {ratio} |"
+        )
         return s
 
     default = f"{default_interval:g} s (default)"
@@ -408,8 +480,10 @@ def report(results: dict, args, default_interval: float) -> None:
         fast_base = add("baseline: poke-mode sensor", f"{args.fast_interval:g} s", results["fast"]["poke"], None)
         add("ours: deferrable sensor", f"{args.fast_interval:g} s", results["fast"]["ours"], fast_base)
     print("\nCommit detection latency: commit in the watched repository -> run commit__<sha> exists (seconds)\n")
-    print("| watcher | poll interval | pushes | median | p95 | min / max | sensor done + rest (medians) "
-          "| ratio vs baseline (median / p95) |")
+    print(
+        "| watcher | poll interval | pushes | median | p95 | min / max | sensor done + rest (medians) "
+        "| ratio vs baseline (median / p95) |"
+    )
     print("|---|---|---|---|---|---|---|---|")
     print("\n".join(rows))
     idle = results["idle"]
@@ -419,13 +493,17 @@ def report(results: dict, args, default_interval: float) -> None:
     for dag_id, states in idle["per_dag"].items():
         print(f"| `{dag_id}` | {states['running']:.2f} | {states['deferred']:.2f} |")
     pool = idle["default_pool"]
-    print(f"\ndefault_pool (both watchers together): occupied {pool['occupied_slots']:.2f}, "
-          f"running {pool['running_slots']:.2f}, deferred {pool['deferred_slots']:.2f}")
+    print(
+        f"\ndefault_pool (both watchers together): occupied {pool['occupied_slots']:.2f}, "
+        f"running {pool['running_slots']:.2f}, deferred {pool['deferred_slots']:.2f}"
+    )
     if results.get("webhook"):
         created = sum(r["created_by_webhook"] for r in results["webhook"])
         response = statistics.median(r["response_s"] for r in results["webhook"])
-        print(f"webhook: {created}/{len(results['webhook'])} runs created by the webhook itself; "
-              f"HTTP 202 median {response:.2f} s after the commit")
+        print(
+            f"webhook: {created}/{len(results['webhook'])} runs created by the webhook itself; "
+            f"HTTP 202 median {response:.2f} s after the commit"
+        )
 
 
 if __name__ == "__main__":

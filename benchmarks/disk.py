@@ -46,8 +46,11 @@ def change_data(repo: Path, remote: str, seed: int) -> str:
 
     images = repo / "data" / "images"
     rng = np.random.default_rng(seed)
-    for target in (sorted((images / "3").glob("0*.png"))[0], sorted((images / "5").glob("0*.png"))[0],
-                   images / "7" / "extra.png"):
+    for target in (
+        sorted((images / "3").glob("0*.png"))[0],
+        sorted((images / "5").glob("0*.png"))[0],
+        images / "7" / "extra.png",
+    ):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(target)
     data.track_and_push(repo, "data/images", "storage", remote)
     import git
@@ -65,8 +68,15 @@ def main() -> None:
     OUT_DIR.mkdir(parents=True, exist_ok=True)
     base = Path(tempfile.mkdtemp(prefix="disk-", dir=OUT_DIR))
     repo, remote = base / "demo-repo", str(base / "dvc-remote")
-    os.environ.update({"GITOPS_ML_HOME": str(base / "off"), "GITOPS_ML_REPO_URL": str(repo),
-                       "GITOPS_ML_KEEP_WORKTREES": "-1", "TF_CPP_MIN_LOG_LEVEL": "2", "GIT_PYTHON_REFRESH": "quiet"})
+    os.environ.update(
+        {
+            "GITOPS_ML_HOME": str(base / "off"),
+            "GITOPS_ML_REPO_URL": str(repo),
+            "GITOPS_ML_KEEP_WORKTREES": "-1",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "GIT_PYTHON_REFRESH": "quiet",
+        }
+    )
     for key in ("MLFLOW_TRACKING_URI", "GITOPS_ML_ARTIFACT_ROOT", "GITOPS_ML_KEEP_FAILED_HOURS"):
         os.environ.pop(key, None)
 
@@ -77,9 +87,13 @@ def main() -> None:
     demo.bump_param(repo, "train.epochs", args.epochs, f"train {args.epochs} epochs")
     off = Settings.from_env()
     on_home = base / "on"
-    on = off.with_overrides(home=on_home, tracking_uri=f"sqlite:///{on_home / 'mlflow' / 'mlflow.db'}",
-                            artifact_root=str(on_home / "mlflow" / "artifacts"), keep_worktrees=5,
-                            keep_failed_hours=24.0)
+    on = off.with_overrides(
+        home=on_home,
+        tracking_uri=f"sqlite:///{on_home / 'mlflow' / 'mlflow.db'}",
+        artifact_root=str(on_home / "mlflow" / "artifacts"),
+        keep_worktrees=5,
+        keep_failed_hours=24.0,
+    )
     homes = {"off": off, "on": on}
     for settings in homes.values():
         registry.experiment_id(settings)
@@ -105,43 +119,68 @@ def main() -> None:
             row[f"{name}:total"] = du_kib(settings.home)
             row[f"{name}:trees"] = sum(1 for p in (settings.home / "work").iterdir() if len(p.name) == 40)
         rows.append(row)
-        print(f"commit {i:2d} {sha[:12]}  off: {row['off:trees']:2d} trees, total {row['off:total'] / 1024:6.1f} MiB"
-              f"   on: {row['on:trees']:2d} trees, total {row['on:total'] / 1024:6.1f} MiB", flush=True)
+        print(
+            f"commit {i:2d} {sha[:12]}  off: {row['off:trees']:2d} trees, total {row['off:total'] / 1024:6.1f} MiB"
+            f"   on: {row['on:trees']:2d} trees, total {row['on:total'] / 1024:6.1f} MiB",
+            flush=True,
+        )
 
     def mib(kib: int) -> str:
         return f"{kib / 1024:.1f}"
 
     print()
-    print(f"Disk after each commit (MiB, du -sk), {args.commits} commits of the digits demo, "
-          f"wall time {time.monotonic() - started:.0f} s")
+    print(
+        f"Disk after each commit (MiB, du -sk), {args.commits} commits of the digits demo, "
+        f"wall time {time.monotonic() - started:.0f} s"
+    )
     print()
-    print("| commit | off: work trees | off: work | off: dvc-cache | off: site cache | off: total "
-          "| on: work trees | on: work | on: dvc-cache | on: site cache | on: total |")
+    print(
+        "| commit | off: work trees | off: work | off: dvc-cache | off: site cache | off: total "
+        "| on: work trees | on: work | on: dvc-cache | on: site cache | on: total |"
+    )
     print("|---|---|---|---|---|---|---|---|---|---|---|")
     for row in rows:
         cells = [str(row["commit"])]
         for name in ("off", "on"):
-            cells += [str(row[f"{name}:trees"]), mib(row[f"{name}:work"]), mib(row[f"{name}:dvc-cache"]),
-                      mib(row[f"{name}:dvc-cache-site"]), mib(row[f"{name}:total"])]
+            cells += [
+                str(row[f"{name}:trees"]),
+                mib(row[f"{name}:work"]),
+                mib(row[f"{name}:dvc-cache"]),
+                mib(row[f"{name}:dvc-cache-site"]),
+                mib(row[f"{name}:total"]),
+            ]
         print("| " + " | ".join(cells) + " |")
     marks = [r for r in rows if r["commit"] in (5, 10, args.commits)] or rows[-1:]
     print()
-    print("| after commit | " + " | ".join(f"{part} off / on" for part in ("work", "dvc-cache", "dvc-cache-site", "total"))
-          + " |")
+    print(
+        "| after commit | "
+        + " | ".join(f"{part} off / on" for part in ("work", "dvc-cache", "dvc-cache-site", "total"))
+        + " |"
+    )
     print("|---|---|---|---|---|")
     for row in marks:
-        print(f"| {row['commit']} | " + " | ".join(f"{mib(row[f'off:{part}'])} / {mib(row[f'on:{part}'])}"
-                                                for part in ("work", "dvc-cache", "dvc-cache-site", "total")) + " |")
+        print(
+            f"| {row['commit']} | "
+            + " | ".join(
+                f"{mib(row[f'off:{part}'])} / {mib(row[f'on:{part}'])}"
+                for part in ("work", "dvc-cache", "dvc-cache-site", "total")
+            )
+            + " |"
+        )
     first, last = rows[len(rows) // 2 - 1], rows[-1]
     span = max(last["commit"] - first["commit"], 1)
     growth = {name: (last[f"{name}:total"] - first[f"{name}:total"]) / span / 1024 for name in ("off", "on")}
-    print(f"\ntotal growth per commit over commits {first['commit']}-{last['commit']}: off {growth['off']:.2f} MiB, "
-          f"on {growth['on']:.2f} MiB; total after {last['commit']} commits: on/off = "
-          f"{last['on:total'] / last['off:total']:.2f}")
+    print(
+        f"\ntotal growth per commit over commits {first['commit']}-{last['commit']}: off {growth['off']:.2f} MiB, "
+        f"on {growth['on']:.2f} MiB; total after {last['commit']} commits: on/off = "
+        f"{last['on:total'] / last['off:total']:.2f}"
+    )
     if seconds["off"]:
-        print(f"run without training (resolve, prepare, pull_data, finish), median seconds: off "
-              f"{statistics.median(seconds['off']):.2f}, on {statistics.median(seconds['on']):.2f} "
-              f"('on' includes the cleanup at the end of each run)")
+        print(
+            f"run without training (resolve, prepare, pull_data, finish), median seconds: off "
+            f"{statistics.median(seconds['off']):.2f}, on {statistics.median(seconds['on']):.2f} "
+            f"('on' includes the cleanup at the end of each run)"
+        )
     print(f"\nhomes kept under {base}")
 
 

@@ -42,17 +42,22 @@ def main() -> int:
 
     home = fresh_home("gitops-page-", free_port())
     airflow_home = Path(tempfile.mkdtemp(prefix="airflow-", dir=home))
-    os.environ.update({
-        "AIRFLOW_HOME": str(airflow_home), "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"), "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
-        "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "bench:viewer",
-        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
-        "AIRFLOW__API_AUTH__JWT_SECRET": "benchmark-jwt-secret-0123456789abcdef0123456789abcdef0123",
-        "GITOPS_ML_REPO_URL": str(home / "model-repo"), "GIT_PYTHON_REFRESH": "quiet",
-    })
+    os.environ.update(
+        {
+            "AIRFLOW_HOME": str(airflow_home),
+            "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+            "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+            "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+            "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
+            "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "bench:viewer",
+            "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
+            "AIRFLOW__API_AUTH__JWT_SECRET": "benchmark-jwt-secret-0123456789abcdef0123456789abcdef0123",
+            "GITOPS_ML_REPO_URL": str(home / "model-repo"),
+            "GIT_PYTHON_REFRESH": "quiet",
+        }
+    )
     (home / "passwords.json").write_text('{"bench": "bench-password"}')
     airflow = str(Path(sys.executable).parent / "airflow")
     subprocess.run([airflow, "db", "migrate"], check=True, capture_output=True)
@@ -66,12 +71,19 @@ def main() -> int:
     settings = Settings.from_env()
     started = time.monotonic()
     seeded = seed(settings, args.commits)
-    print(f"seeded {args.commits} commits (runs, task instances, XComs, model versions, records) in "
-          f"{time.monotonic() - started:.1f} s; champion version {seeded['champion']}", flush=True)
+    print(
+        f"seeded {args.commits} commits (runs, task instances, XComs, model versions, records) in "
+        f"{time.monotonic() - started:.1f} s; champion version {seeded['champion']}",
+        flush=True,
+    )
 
     port = free_port()
-    server = subprocess.Popen([sys.executable, "-c", _SERVER.format(port=port)], env=os.environ,
-                              stdout=subprocess.DEVNULL, stderr=open(home / "api.log", "wb"))
+    server = subprocess.Popen(
+        [sys.executable, "-c", _SERVER.format(port=port)],
+        env=os.environ,
+        stdout=subprocess.DEVNULL,
+        stderr=open(home / "api.log", "wb"),
+    )
     try:
         base = f"http://127.0.0.1:{port}"
         deadline = time.monotonic() + 120
@@ -82,7 +94,8 @@ def main() -> int:
             except httpx.HTTPError:
                 time.sleep(0.5)
         token = httpx.post(base + "/auth/token", json={"username": "bench", "password": "bench-password"}).json()[
-            "access_token"]
+            "access_token"
+        ]
         http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60)
         last_page = -(-args.commits // 25)
         targets = {
@@ -123,14 +136,20 @@ def main() -> int:
     for name, timings in medians.items():
         ordered = sorted(timings)
         p90 = ordered[max(0, int(0.9 * len(ordered)) - 1)]
-        print(f"{name:45s} {1000 * statistics.median(ordered):10.1f} {1000 * p90:8.1f} "
-              f"{statistics.median(ordered) / baseline:10.2f}")
-    print(f"\nAPI-server CPU per history request (page 1): {1000 * cpu_per_history:.1f} ms "
-          f"(all requests above: {cpu_all:.1f} s)")
+        print(
+            f"{name:45s} {1000 * statistics.median(ordered):10.1f} {1000 * p90:8.1f} "
+            f"{statistics.median(ordered) / baseline:10.2f}"
+        )
+    print(
+        f"\nAPI-server CPU per history request (page 1): {1000 * cpu_per_history:.1f} ms "
+        f"(all requests above: {cpu_all:.1f} s)"
+    )
     for label, interval in (("idle", IDLE_POLL_S), ("a run going", RUNNING_POLL_S)):
         rate = 1 / interval
-        print(f"one open page, {label}: {rate:.3f} requests/s -> {100 * rate * cpu_per_history:.2f} % of one core "
-              f"({int(1 / (rate * cpu_per_history))} open pages to fill one core)")
+        print(
+            f"one open page, {label}: {rate:.3f} requests/s -> {100 * rate * cpu_per_history:.2f} % of one core "
+            f"({int(1 / (rate * cpu_per_history))} open pages to fill one core)"
+        )
     return 0
 
 

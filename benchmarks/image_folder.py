@@ -56,7 +56,7 @@ def make_image(picture: np.ndarray, rng: np.random.Generator) -> tuple[Image.Ima
     crop_w = int(width * rng.uniform(0.3, 1.0))
     top = int(rng.integers(0, height - crop_h + 1))
     left = int(rng.integers(0, width - crop_w + 1))
-    crop = picture[top:top + crop_h, left:left + crop_w].astype(np.float32)
+    crop = picture[top : top + crop_h, left : left + crop_w].astype(np.float32)
     gain = rng.uniform(0.7, 1.3, size=3).astype(np.float32)
     offset = rng.uniform(-30, 30, size=3).astype(np.float32)
     shifted = np.clip(crop * gain + offset, 0, 255).astype(np.uint8)
@@ -84,8 +84,17 @@ def folder(count: int, out: Path = DEFAULT_OUT, log=print) -> Path:
         return target
     shutil.rmtree(target, ignore_errors=True)
     bigger = sorted((p for p in Path(out).glob("n*") if p != target), key=lambda p: -len(list(p.glob("*/*.jpg"))))
-    donor = next((p for p in bigger if (m := _marker(p)) and m["seed"] == SEED and m["count"] >= count
-                  and (m["min_side"], m["max_side"]) == (MIN_SIDE, MAX_SIDE)), None)
+    donor = next(
+        (
+            p
+            for p in bigger
+            if (m := _marker(p))
+            and m["seed"] == SEED
+            and m["count"] >= count
+            and (m["min_side"], m["max_side"]) == (MIN_SIDE, MAX_SIDE)
+        ),
+        None,
+    )
     pictures = sources()
     names = list(pictures)
     started = time.monotonic()

@@ -59,23 +59,28 @@ def child(pipeline: str, folder: Path, epochs: int, side: int) -> dict:
     cache = None
     if pipeline == "ours":
         index = data.scan_images(folder, "images")
-        p = params.validate({"image": {"height": side, "width": side, "channels": 3},
-                             "train": {"epochs": epochs, "batch_size": BATCH, "learning_rate": 0.001,
-                                       "seed": SEED}})
+        p = params.validate(
+            {
+                "image": {"height": side, "width": side, "channels": 3},
+                "train": {"epochs": epochs, "batch_size": BATCH, "learning_rate": 0.001, "seed": SEED},
+            }
+        )
         cache_dir = tempfile.mkdtemp(prefix="pixel-cache-", dir=folder.parent)
         cache = training.PixelCache(index.files, training.input_shape(p), cache_dir)
         ds = training.make_dataset(index.files, index.labels, p, shuffle=True, cache=cache)
     else:
-        ds = keras.utils.image_dataset_from_directory(folder, image_size=(side, side), batch_size=BATCH,
-                                                      shuffle=True, seed=SEED, verbose=False)
+        ds = keras.utils.image_dataset_from_directory(
+            folder, image_size=(side, side), batch_size=BATCH, shuffle=True, seed=SEED, verbose=False
+        )
     build_seconds = time.perf_counter() - started
     per_epoch = []
     for _ in range(epochs):
         started, cpu_started, seen = time.perf_counter(), time.process_time(), 0
         for x, _labels in ds:
             seen += int(x.shape[0])
-        per_epoch.append({"images": seen, "seconds": time.perf_counter() - started,
-                          "cpu_seconds": time.process_time() - cpu_started})
+        per_epoch.append(
+            {"images": seen, "seconds": time.perf_counter() - started, "cpu_seconds": time.process_time() - cpu_started}
+        )
     result = {"build_seconds": build_seconds, "epochs": per_epoch, "rss_after_imports_kib": rss_after_imports}
     if cache is not None:
         result["cache_disk_bytes"] = cache.disk_bytes()
@@ -86,8 +91,19 @@ def child(pipeline: str, folder: Path, epochs: int, side: int) -> dict:
 
 def measure(pipeline: str, folder: Path, epochs: int, side: int) -> dict:
     """Run ``child`` in a fresh interpreter; add its peak RSS as the kernel counted it."""
-    cmd = [sys.executable, "-m", "benchmarks.input_pipeline", "--child", pipeline, "--folder", str(folder),
-           "--epochs", str(epochs), "--side", str(side)]
+    cmd = [
+        sys.executable,
+        "-m",
+        "benchmarks.input_pipeline",
+        "--child",
+        pipeline,
+        "--folder",
+        str(folder),
+        "--epochs",
+        str(epochs),
+        "--side",
+        str(side),
+    ]
     proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
     out = proc.stdout.read()
     _, status, usage = os.wait4(proc.pid, 0)
@@ -121,18 +137,25 @@ def main() -> None:
             for pipeline in PIPELINES if run % 2 == 0 else PIPELINES[::-1]:
                 result = measure(pipeline, folder, args.epochs, args.side)
                 rows.setdefault((size, pipeline), []).append(result)
-                rates = ", ".join(f"{e['images'] / e['seconds']:.0f} ({e['cpu_seconds'] / e['images'] * 1000:.2f} "
-                                  "CPU ms/image)" for e in result["epochs"])
-                print(f"{size:>6} {pipeline:<8} run {run + 1}: images/s per epoch {rates}; "
-                      f"peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB", flush=True)
+                rates = ", ".join(
+                    f"{e['images'] / e['seconds']:.0f} ({e['cpu_seconds'] / e['images'] * 1000:.2f} CPU ms/image)"
+                    for e in result["epochs"]
+                )
+                print(
+                    f"{size:>6} {pipeline:<8} run {run + 1}: images/s per epoch {rates}; "
+                    f"peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB",
+                    flush=True,
+                )
 
     def median_rate(size, pipeline, epoch):
-        return statistics.median(r["epochs"][epoch]["images"] / r["epochs"][epoch]["seconds"]
-                                 for r in rows[(size, pipeline)])
+        return statistics.median(
+            r["epochs"][epoch]["images"] / r["epochs"][epoch]["seconds"] for r in rows[(size, pipeline)]
+        )
 
     def median_cpu_ms(size, pipeline, epoch):
-        return statistics.median(r["epochs"][epoch]["cpu_seconds"] / r["epochs"][epoch]["images"] * 1000
-                                 for r in rows[(size, pipeline)])
+        return statistics.median(
+            r["epochs"][epoch]["cpu_seconds"] / r["epochs"][epoch]["images"] * 1000 for r in rows[(size, pipeline)]
+        )
 
     def median_mib(size, pipeline, key):
         return statistics.median(r[key] for r in rows[(size, pipeline)]) / 1024
@@ -145,16 +168,24 @@ def main() -> None:
     for size in args.sizes:
         for pipeline in PIPELINES:
             build = statistics.median(r["build_seconds"] for r in rows[(size, pipeline)])
-            rates = " | ".join(f"{median_rate(size, pipeline, e):.0f} ({median_cpu_ms(size, pipeline, e):.2f})"
-                               for e in range(args.epochs))
-            print(f"| {size:,} | {pipeline} | {build:.1f} | {rates} | "
-                  f"{median_mib(size, pipeline, 'peak_rss_kib'):.0f} | "
-                  f"{median_mib(size, pipeline, 'rss_after_imports_kib'):.0f} |")
-        ratios = " | ".join(f"{median_rate(size, 'ours', e) / median_rate(size, 'baseline', e):.2f}x "
-                            f"({median_cpu_ms(size, 'ours', e) / median_cpu_ms(size, 'baseline', e):.2f}x)"
-                            for e in range(args.epochs))
-        print(f"| {size:,} | ratio ours/baseline | | {ratios} | "
-              f"{median_mib(size, 'ours', 'peak_rss_kib') / median_mib(size, 'baseline', 'peak_rss_kib'):.2f} | |")
+            rates = " | ".join(
+                f"{median_rate(size, pipeline, e):.0f} ({median_cpu_ms(size, pipeline, e):.2f})"
+                for e in range(args.epochs)
+            )
+            print(
+                f"| {size:,} | {pipeline} | {build:.1f} | {rates} | "
+                f"{median_mib(size, pipeline, 'peak_rss_kib'):.0f} | "
+                f"{median_mib(size, pipeline, 'rss_after_imports_kib'):.0f} |"
+            )
+        ratios = " | ".join(
+            f"{median_rate(size, 'ours', e) / median_rate(size, 'baseline', e):.2f}x "
+            f"({median_cpu_ms(size, 'ours', e) / median_cpu_ms(size, 'baseline', e):.2f}x)"
+            for e in range(args.epochs)
+        )
+        print(
+            f"| {size:,} | ratio ours/baseline | | {ratios} | "
+            f"{median_mib(size, 'ours', 'peak_rss_kib') / median_mib(size, 'baseline', 'peak_rss_kib'):.2f} | |"
+        )
     if len(args.sizes) > 1:
         small, large = min(args.sizes), max(args.sizes)
         for pipeline in PIPELINES:

@@ -30,38 +30,86 @@ from gitops_ml import logs
 from tests.es_node import ElasticsearchNode
 
 SHA = "b" * 40
-ERROR_DETAIL = [{"exc_type": "ValueError", "exc_value": "bad batch", "exc_notes": [], "syntax_error": None,
-                 "is_cause": False, "frames": [{"filename": f"/srv/app/module_{i}.py", "lineno": 10 + i,
-                                                "name": f"step_{i}"} for i in range(12)]}]
+ERROR_DETAIL = [
+    {
+        "exc_type": "ValueError",
+        "exc_value": "bad batch",
+        "exc_notes": [],
+        "syntax_error": None,
+        "is_cause": False,
+        "frames": [{"filename": f"/srv/app/module_{i}.py", "lineno": 10 + i, "name": f"step_{i}"} for i in range(12)],
+    }
+]
 
 
 def write_task_log(path: Path, lines: int) -> None:
     """A task log file as Airflow 3.3's supervisor writes it: one JSON object per line."""
-    ids = {"task_id": "train", "ti_id": "01a2225f-4224-7919-a990-d2fa910fb5bf", "dag_id": "bench", "map_index": -1,
-           "run_id": "bench", "try_number": 1}
+    ids = {
+        "task_id": "train",
+        "ti_id": "01a2225f-4224-7919-a990-d2fa910fb5bf",
+        "dag_id": "bench",
+        "map_index": -1,
+        "run_id": "bench",
+        "try_number": 1,
+    }
     with open(path, "w", encoding="utf-8") as fh:
         for i in range(lines):
             ts = f"2026-11-28T10:{i // 600000 % 60:02d}:{i // 10000 % 60:02d}.{i % 10000:04d}00Z"
             kind = i % 10
             if i % 1000 == 999:
-                line = {"timestamp": ts, "level": "error", "event": "Task failed with exception", "logger": "task",
-                        **ids, "error_detail": ERROR_DETAIL}
+                line = {
+                    "timestamp": ts,
+                    "level": "error",
+                    "event": "Task failed with exception",
+                    "logger": "task",
+                    **ids,
+                    "error_detail": ERROR_DETAIL,
+                }
             elif kind < 5:
-                line = {"timestamp": ts, "level": "info", "event": f"training step {i} loss={1.0 / (i + 1):.4f}",
-                        "logger": "gitops_ml.training", **ids, "filename": "model.py", "lineno": 88}
+                line = {
+                    "timestamp": ts,
+                    "level": "info",
+                    "event": f"training step {i} loss={1.0 / (i + 1):.4f}",
+                    "logger": "gitops_ml.training",
+                    **ids,
+                    "filename": "model.py",
+                    "lineno": 88,
+                }
             elif kind < 7:
-                line = {"timestamp": ts, "level": "info", "event": f"{i}/1875 [=====>....] - loss: 0.31",
-                        "logger": "task.stdout"}
+                line = {
+                    "timestamp": ts,
+                    "level": "info",
+                    "event": f"{i}/1875 [=====>....] - loss: 0.31",
+                    "logger": "task.stdout",
+                }
             elif kind < 8:
-                line = {"timestamp": ts, "level": "error", "event": "I tensorflow/core/util/port.cc:153] oneDNN on",
-                        "logger": "task.stderr"}
+                line = {
+                    "timestamp": ts,
+                    "level": "error",
+                    "event": "I tensorflow/core/util/port.cc:153] oneDNN on",
+                    "logger": "task.stderr",
+                }
             elif kind < 9:
-                line = {"timestamp": ts, "level": "warning", "event": "UserWarning: Do not pass an input_shape",
-                        "logger": "py.warnings", **ids, "category": "UserWarning", "filename": "layer.py",
-                        "lineno": 93}
+                line = {
+                    "timestamp": ts,
+                    "level": "warning",
+                    "event": "UserWarning: Do not pass an input_shape",
+                    "logger": "py.warnings",
+                    **ids,
+                    "category": "UserWarning",
+                    "filename": "layer.py",
+                    "lineno": 93,
+                }
             else:
-                line = {"timestamp": ts, "level": "info", "event": "Task instance state updated", "logger": "task",
-                        **ids, "filename": "task_runner.py", "lineno": 1073}
+                line = {
+                    "timestamp": ts,
+                    "level": "info",
+                    "event": "Task instance state updated",
+                    "logger": "task",
+                    **ids,
+                    "filename": "task_runner.py",
+                    "lineno": 1073,
+                }
             fh.write(json.dumps(line, separators=(",", ":")) + "\n")
 
 
@@ -105,12 +153,19 @@ def main() -> None:
         result = logs.ship(home, client)
         file_shipped = time.perf_counter() - started
         assert result["shipped"] == args.file_lines, result
-        assert client.count(index=logs.LOGS_INDEX, query={"term": {"labels.task_id": "file"}})["count"] == args.file_lines
-        print(f"task log file of {args.file_lines} lines: documents + spool in {converted:.1f} s, "
-              f"shipped in {file_shipped:.1f} s", flush=True)
+        assert (
+            client.count(index=logs.LOGS_INDEX, query={"term": {"labels.task_id": "file"}})["count"] == args.file_lines
+        )
+        print(
+            f"task log file of {args.file_lines} lines: documents + spool in {converted:.1f} s, "
+            f"shipped in {file_shipped:.1f} s",
+            flush=True,
+        )
 
-        sample = [logs.document({**labels, "task_id": "single"}, i, "INFO", "bench", f"line {i}")
-                  for i in range(args.baseline_docs)]
+        sample = [
+            logs.document({**labels, "task_id": "single"}, i, "INFO", "bench", f"line {i}")
+            for i in range(args.baseline_docs)
+        ]
         started = time.perf_counter()
         for doc in sample:
             client.index(index="bench-single", id=doc["_id"], document={k: v for k, v in doc.items() if k != "_id"})
@@ -134,8 +189,9 @@ def main() -> None:
                 t0 = time.perf_counter()
                 log.info("running probe %d", i)
                 deadline = time.monotonic() + 30
-                while not client.count(index=logs.LOGS_INDEX,
-                                       query={"term": {"labels.task_id": f"running-{i}"}})["count"]:
+                while not client.count(index=logs.LOGS_INDEX, query={"term": {"labels.task_id": f"running-{i}"}})[
+                    "count"
+                ]:
                     if time.monotonic() > deadline:
                         raise TimeoutError(f"running probe {i} never became searchable while its task ran")
                     time.sleep(0.01)
@@ -151,20 +207,32 @@ def main() -> None:
     print(f"| ship (bulk, 2,000 per request) | {args.docs} | {shipped:.1f} | {args.docs / shipped:,.0f} |")
     print(f"| ours end to end (spool + ship) | {args.docs} | {spooled + shipped:.1f} | {ours:,.0f} |")
     whole = converted + file_shipped
-    print(f"| task log file -> documents + spool (fsync once) | {args.file_lines} | {converted:.1f} | "
-          f"{args.file_lines / converted:,.0f} |")
-    print(f"| task log file documents: ship | {args.file_lines} | {file_shipped:.1f} | "
-          f"{args.file_lines / file_shipped:,.0f} |")
-    print(f"| task log file end to end (every line a task writes) | {args.file_lines} | {whole:.1f} | "
-          f"{args.file_lines / whole:,.0f} |")
+    print(
+        f"| task log file -> documents + spool (fsync once) | {args.file_lines} | {converted:.1f} | "
+        f"{args.file_lines / converted:,.0f} |"
+    )
+    print(
+        f"| task log file documents: ship | {args.file_lines} | {file_shipped:.1f} | "
+        f"{args.file_lines / file_shipped:,.0f} |"
+    )
+    print(
+        f"| task log file end to end (every line a task writes) | {args.file_lines} | {whole:.1f} | "
+        f"{args.file_lines / whole:,.0f} |"
+    )
     print(f"| baseline: one request per document | {args.baseline_docs} | {single:.1f} | {baseline:,.0f} |")
-    print(f"\nratio ours / baseline: {ours / baseline:.1f}x (task log file path: "
-          f"{args.file_lines / whole / baseline:.1f}x)")
-    print(f"log line -> searchable (ship at task end + refresh): median {statistics.median(delays) * 1000:.0f} ms, "
-          f"max {max(delays) * 1000:.0f} ms over 20")
-    print(f"log line -> searchable while its task still runs (live flush every "
-          f"{os.environ.get('GITOPS_ML_LOG_FLUSH_SECONDS', '1')} s + ES refresh): median "
-          f"{statistics.median(running) * 1000:.0f} ms, max {max(running) * 1000:.0f} ms over 10")
+    print(
+        f"\nratio ours / baseline: {ours / baseline:.1f}x (task log file path: "
+        f"{args.file_lines / whole / baseline:.1f}x)"
+    )
+    print(
+        f"log line -> searchable (ship at task end + refresh): median {statistics.median(delays) * 1000:.0f} ms, "
+        f"max {max(delays) * 1000:.0f} ms over 20"
+    )
+    print(
+        f"log line -> searchable while its task still runs (live flush every "
+        f"{os.environ.get('GITOPS_ML_LOG_FLUSH_SECONDS', '1')} s + ES refresh): median "
+        f"{statistics.median(running) * 1000:.0f} ms, max {max(running) * 1000:.0f} ms over 10"
+    )
 
 
 if __name__ == "__main__":

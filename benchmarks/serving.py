@@ -48,7 +48,6 @@ wrk.headers["Content-Type"] = os.getenv("CONTENT_TYPE")
 """
 
 
-
 def wait(url: str, timeout: float = 180) -> None:
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline:
@@ -83,17 +82,27 @@ def tree_peak_rss_mb(pid: int) -> float:
 
 
 def wrk(url: str, body: Path, content_type: str, connections: int, seconds: int, script: Path) -> dict:
-    out = subprocess.run(["wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{seconds}s", "--latency",
-                          "-s", str(script), url], capture_output=True, text=True, check=True,
-                         env={**os.environ, "BODY_FILE": str(body), "CONTENT_TYPE": content_type}).stdout
+    out = subprocess.run(
+        ["wrk", f"-t{min(connections, 2)}", f"-c{connections}", f"-d{seconds}s", "--latency", "-s", str(script), url],
+        capture_output=True,
+        text=True,
+        check=True,
+        env={**os.environ, "BODY_FILE": str(body), "CONTENT_TYPE": content_type},
+    ).stdout
+
     def pct(label: str) -> float:
         value, unit = re.search(rf"^\s+{label}%\s+([\d.]+)(us|ms|s)\s*$", out, re.M).groups()
         return float(value) * {"us": 0.001, "ms": 1.0, "s": 1000.0}[unit]
+
     non_2xx = re.search(r"Non-2xx or 3xx responses: (\d+)", out)
     errors = re.search(r"Socket errors: (.*)", out)
-    return {"rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)), "p50_ms": pct("50"),
-            "p99_ms": pct("99"), "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
-            "socket_errors": errors.group(1) if errors else ""}
+    return {
+        "rps": float(re.search(r"Requests/sec:\s+([\d.]+)", out).group(1)),
+        "p50_ms": pct("50"),
+        "p99_ms": pct("99"),
+        "non_2xx": int(non_2xx.group(1)) if non_2xx else 0,
+        "socket_errors": errors.group(1) if errors else "",
+    }
 
 
 def worst_case_body() -> bytes:
@@ -132,20 +141,28 @@ def good_request_beside_worst_case(url: str, good: bytes, rounds: int = 7) -> di
             assert http.post(url, content=good, headers={"content-type": "image/png"}).status_code == 200
             beside.append((time.perf_counter() - started) * 1000)
             sender.join()
-    return {"alone_ms": statistics.median(alone), "beside_worst_ms": statistics.median(beside),
-            "beside_worst_max_ms": max(beside), "worst_s": statistics.median(worst_s)}
+    return {
+        "alone_ms": statistics.median(alone),
+        "beside_worst_ms": statistics.median(beside),
+        "beside_worst_max_ms": max(beside),
+        "worst_s": statistics.median(worst_s),
+    }
 
 
 def comparison_table(table: dict, ours: str, baseline: str, ours_label: str, baseline_label: str) -> None:
     """Markdown rows: requests/s of ``ours`` and ``baseline`` per batch and client count, their ratio, latencies."""
-    print(f"\n| batch | clients | {ours_label} req/s | {baseline_label} req/s | ratio | {ours_label} p50 / p99 ms | "
-          f"{baseline_label} p50 / p99 ms |")
+    print(
+        f"\n| batch | clients | {ours_label} req/s | {baseline_label} req/s | ratio | {ours_label} p50 / p99 ms | "
+        f"{baseline_label} p50 / p99 ms |"
+    )
     print("|---|---|---|---|---|---|---|")
     for batch in (1, 32):
         for clients in (1, 8):
             o, b = table[(ours, batch, clients)], table[(baseline, batch, clients)]
-            print(f"| {batch} | {clients} | {o['rps']:.0f} | {b['rps']:.1f} | {o['rps'] / b['rps']:.2f}x | "
-                  f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} | {b['p50_ms']:.2f} / {b['p99_ms']:.2f} |")
+            print(
+                f"| {batch} | {clients} | {o['rps']:.0f} | {b['rps']:.1f} | {o['rps'] / b['rps']:.2f}x | "
+                f"{o['p50_ms']:.2f} / {o['p99_ms']:.2f} | {b['p50_ms']:.2f} / {b['p99_ms']:.2f} |"
+            )
 
 
 def main() -> None:
@@ -168,10 +185,22 @@ def main() -> None:
     keras_path = settings.with_overrides(model_name=f"{settings.model_name}-keras-path")
     version = registry.get_version(settings, result["model_version"])
     model, meta = registry.load_model(settings, version)
-    logged = registry.log_training(keras_path, "keras-path", {}, {}, model, {}, meta,
-                                   np.zeros((1, meta["height"], meta["width"], meta["channels"]), np.float32))
-    old = registry.register(keras_path, logged["run_id"], logged["model_uri"],
-                            {**registry.version_tags(version), "commit_sha": info["commit_sha"]})
+    logged = registry.log_training(
+        keras_path,
+        "keras-path",
+        {},
+        {},
+        model,
+        {},
+        meta,
+        np.zeros((1, meta["height"], meta["width"], meta["channels"]), np.float32),
+    )
+    old = registry.register(
+        keras_path,
+        logged["run_id"],
+        logged["model_uri"],
+        {**registry.version_tags(version), "commit_sha": info["commit_sha"]},
+    )
     registry.set_alias(keras_path, str(old.version))
     keras_port = free_port()
     os.environ["MLFLOW_TRACKING_URI"] = settings.tracking_uri
@@ -184,29 +213,67 @@ def main() -> None:
     arrays = [(np.asarray(Image.open(p), dtype=np.float32) / 255.0)[..., None].tolist() for p in images]
     bodies = {
         ("ours", 1): (pngs[0], "image/png"),
-        ("ours", 32): (json.dumps({"images": [base64.b64encode(b).decode() for b in pngs]}).encode(),
-                       "application/json"),
+        ("ours", 32): (
+            json.dumps({"images": [base64.b64encode(b).decode() for b in pngs]}).encode(),
+            "application/json",
+        ),
         ("ours-keras", 1): (pngs[0], "image/png"),
-        ("ours-keras", 32): (json.dumps({"images": [base64.b64encode(b).decode() for b in pngs]}).encode(),
-                             "application/json"),
+        ("ours-keras", 32): (
+            json.dumps({"images": [base64.b64encode(b).decode() for b in pngs]}).encode(),
+            "application/json",
+        ),
         ("mlflow", 1): (json.dumps({"inputs": arrays[:1]}).encode(), "application/json"),
         ("mlflow", 32): (json.dumps({"inputs": arrays}).encode(), "application/json"),
     }
     script = out_dir / "post.lua"
     script.write_text(LUA)
     servers = {
-        "ours": (subprocess.Popen([str(BIN / "gitops-ml"), "serve", "--port", str(ours_port)],
-                                  stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True),
-                 f"http://127.0.0.1:{ours_port}", "/predict", "/health"),
-        "ours-keras": (subprocess.Popen([str(BIN / "gitops-ml"), "serve", "--port", str(keras_port)],
-                                        env={**os.environ, "GITOPS_ML_MODEL_NAME": keras_path.model_name},
-                                        stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True),
-                       f"http://127.0.0.1:{keras_port}", "/predict", "/health"),
-        "mlflow": (subprocess.Popen([str(BIN / "mlflow"), "models", "serve", "-m",
-                                     f"models:/{settings.model_name}/{result['model_version']}",
-                                     "--env-manager", "local", "-h", "127.0.0.1", "-p", str(mlflow_port)],
-                                    stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL, start_new_session=True),
-                   f"http://127.0.0.1:{mlflow_port}", "/invocations", "/ping"),
+        "ours": (
+            subprocess.Popen(
+                [str(BIN / "gitops-ml"), "serve", "--port", str(ours_port)],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            ),
+            f"http://127.0.0.1:{ours_port}",
+            "/predict",
+            "/health",
+        ),
+        "ours-keras": (
+            subprocess.Popen(
+                [str(BIN / "gitops-ml"), "serve", "--port", str(keras_port)],
+                env={**os.environ, "GITOPS_ML_MODEL_NAME": keras_path.model_name},
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            ),
+            f"http://127.0.0.1:{keras_port}",
+            "/predict",
+            "/health",
+        ),
+        "mlflow": (
+            subprocess.Popen(
+                [
+                    str(BIN / "mlflow"),
+                    "models",
+                    "serve",
+                    "-m",
+                    f"models:/{settings.model_name}/{result['model_version']}",
+                    "--env-manager",
+                    "local",
+                    "-h",
+                    "127.0.0.1",
+                    "-p",
+                    str(mlflow_port),
+                ],
+                stdout=subprocess.DEVNULL,
+                stderr=subprocess.DEVNULL,
+                start_new_session=True,
+            ),
+            f"http://127.0.0.1:{mlflow_port}",
+            "/invocations",
+            "/ping",
+        ),
     }
     rows = []
     try:
@@ -224,15 +291,21 @@ def main() -> None:
                 for connections in (1, 8):
                     r = wrk(base + path, body_file, ctype, connections, args.seconds, script)
                     rows.append({"server": name, "batch": batch, "clients": connections, **r})
-                    print(f"{name:10} batch {batch:2} clients {connections}: {r['rps']:8.1f} req/s "
-                          f"({r['rps'] * batch:8.1f} images/s)  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
-                          f"non-2xx {r['non_2xx']}", flush=True)
+                    print(
+                        f"{name:10} batch {batch:2} clients {connections}: {r['rps']:8.1f} req/s "
+                        f"({r['rps'] * batch:8.1f} images/s)  p50 {r['p50_ms']:7.2f} ms  p99 {r['p99_ms']:7.2f} ms  "
+                        f"non-2xx {r['non_2xx']}",
+                        flush=True,
+                    )
             if name == "ours":
                 fairness = good_request_beside_worst_case(base + path, bodies[("ours", 1)][0])
                 rows.append({"server": name, "fairness": fairness})
-                print(f"ours good request alone {fairness['alone_ms']:.1f} ms, beside a worst-case request "
-                      f"{fairness['beside_worst_ms']:.1f} ms (max {fairness['beside_worst_max_ms']:.1f} ms); "
-                      f"the worst-case request took {fairness['worst_s']:.2f} s", flush=True)
+                print(
+                    f"ours good request alone {fairness['alone_ms']:.1f} ms, beside a worst-case request "
+                    f"{fairness['beside_worst_ms']:.1f} ms (max {fairness['beside_worst_max_ms']:.1f} ms); "
+                    f"the worst-case request took {fairness['worst_s']:.2f} s",
+                    flush=True,
+                )
             rows.append({"server": name, "peak_rss_mb": tree_peak_rss_mb(proc.pid)})
     finally:
         for proc, *_ in servers.values():
@@ -246,11 +319,15 @@ def main() -> None:
     print("\nserving artifact (TF SavedModel, no model code) vs the previous path (Keras model + tf.function):")
     comparison_table(table, "ours", "ours-keras", "artifact", "Keras path")
     fair = next(r["fairness"] for r in rows if "fairness" in r)
-    print(f"\ngood request (batch 1) alone {fair['alone_ms']:.1f} ms; while a worst-case request (64 MP) is in "
-          f"flight {fair['beside_worst_ms']:.1f} ms median, {fair['beside_worst_max_ms']:.1f} ms max; "
-          f"worst-case request {fair['worst_s']:.2f} s")
-    print(f"\npeak RSS: ours {rss['ours']:.0f} MB (Keras path {rss['ours-keras']:.0f} MB), "
-          f"mlflow models serve {rss['mlflow']:.0f} MB")
+    print(
+        f"\ngood request (batch 1) alone {fair['alone_ms']:.1f} ms; while a worst-case request (64 MP) is in "
+        f"flight {fair['beside_worst_ms']:.1f} ms median, {fair['beside_worst_max_ms']:.1f} ms max; "
+        f"worst-case request {fair['worst_s']:.2f} s"
+    )
+    print(
+        f"\npeak RSS: ours {rss['ours']:.0f} MB (Keras path {rss['ours-keras']:.0f} MB), "
+        f"mlflow models serve {rss['mlflow']:.0f} MB"
+    )
     (out_dir / "serving.json").write_text(json.dumps(rows, indent=2))
 
 

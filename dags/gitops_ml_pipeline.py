@@ -40,14 +40,22 @@ def _record_failure(context):
     params={
         "commit_sha": Param(None, type=["null", "string"], description="Commit to build (default: branch head)"),
         # No credentials in a run conf (it is stored in the Airflow DB and shown in the UI): use a watch name.
-        "repo_url": Param(None, type=["null", "string"], pattern=r"^(?![^/]*://[^/]*@)",
-                          description="Model repository without credentials (default: GITOPS_ML_REPO_URL); "
-                                      "a repository that needs credentials is named by its watch"),
+        "repo_url": Param(
+            None,
+            type=["null", "string"],
+            pattern=r"^(?![^/]*://[^/]*@)",
+            description="Model repository without credentials (default: GITOPS_ML_REPO_URL); "
+            "a repository that needs credentials is named by its watch",
+        ),
         "branch": Param(None, type=["null", "string"], description="Tracked branch (default: GITOPS_ML_BRANCH)"),
         "watch": Param(None, type=["null", "string"], description="Watched repository name (watch configuration)"),
         "trigger": Param(None, type=["null", "string"], description="push | webhook | schedule | manual"),
-        "decision": Param(None, type=["null", "string"], enum=[None, "train", "no_retrain", "rejected"],
-                          description="Set by the watcher: no_retrain / rejected record the reason and run nothing"),
+        "decision": Param(
+            None,
+            type=["null", "string"],
+            enum=[None, "train", "no_retrain", "rejected"],
+            description="Set by the watcher: no_retrain / rejected record the reason and run nothing",
+        ),
         "reason": Param(None, type=["null", "string"], description="Why the watcher decided so"),
         "signature_warning": Param(None, type=["null", "string"], description="Signature policy warn: the reason"),
     },

@@ -27,14 +27,30 @@ class GitopsMLPlugin(AirflowPlugin):
     fastapi_apps = [{"app": create_app(), "url_prefix": "/gitops-ml", "name": "gitops-ml links"}]
     global_operator_extra_links = [MLflowRunLink(), ServingVersionLink()]
     external_views = [
-        {"name": "GitOps", "href": "/gitops-ml/ui", "destination": "nav", "url_route": "gitops",
-         "nav_top_level": True, "icon": "/gitops-ml/static/gitops.svg"},
-        {"name": "GitOps", "href": "/gitops-ml/ui?dag_id={DAG_ID}", "destination": "dag", "url_route": "gitops-dag",
-         "icon": "/gitops-ml/static/gitops.svg"},
+        {
+            "name": "GitOps",
+            "href": "/gitops-ml/ui",
+            "destination": "nav",
+            "url_route": "gitops",
+            "nav_top_level": True,
+            "icon": "/gitops-ml/static/gitops.svg",
+        },
+        {
+            "name": "GitOps",
+            "href": "/gitops-ml/ui?dag_id={DAG_ID}",
+            "destination": "dag",
+            "url_route": "gitops-dag",
+            "icon": "/gitops-ml/static/gitops.svg",
+        },
         {"name": "MLflow", "href": _MLFLOW_UI, "destination": "nav", "category": "gitops-ml"},
         {"name": "Served model", "href": "/gitops-ml/serving", "destination": "nav", "category": "gitops-ml"},
         # MLflow refuses to be framed (X-Frame-Options), so the run's tab is the GitOps row of its
         # commit, with the MLflow run, version and logs links.
-        {"name": "GitOps of this commit", "href": "/gitops-ml/ui?run_id={RUN_ID}", "destination": "dag_run",
-         "url_route": "gitops-run", "icon": "/gitops-ml/static/gitops.svg"},
+        {
+            "name": "GitOps of this commit",
+            "href": "/gitops-ml/ui?run_id={RUN_ID}",
+            "destination": "dag_run",
+            "url_route": "gitops-run",
+            "icon": "/gitops-ml/static/gitops.svg",
+        },
     ]

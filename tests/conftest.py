@@ -18,17 +18,19 @@ import pytest
 from tests.helpers import BIN, ROOT, free_port, git
 
 _AIRFLOW_HOME = Path(tempfile.mkdtemp(prefix="gitops-ml-airflow-"))
-os.environ.update({
-    "AIRFLOW_HOME": str(_AIRFLOW_HOME),
-    "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
-    "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
-    "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
-    "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
-    "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
-    "TF_CPP_MIN_LOG_LEVEL": "2",
-    "GIT_PYTHON_REFRESH": "quiet",
-    "NO_PROXY": "127.0.0.1,localhost",
-})
+os.environ.update(
+    {
+        "AIRFLOW_HOME": str(_AIRFLOW_HOME),
+        "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
+        "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
+        "AIRFLOW__CORE__LOAD_EXAMPLES": "False",
+        "AIRFLOW__CORE__UNIT_TEST_MODE": "False",
+        "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{_AIRFLOW_HOME / 'airflow.db'}",
+        "TF_CPP_MIN_LOG_LEVEL": "2",
+        "GIT_PYTHON_REFRESH": "quiet",
+        "NO_PROXY": "127.0.0.1,localhost",
+    }
+)
 for _key in [k for k in os.environ if k.startswith("GITOPS_ML_") or k == "MLFLOW_TRACKING_URI"]:
     del os.environ[_key]
 
@@ -54,8 +56,12 @@ def demo_repo(demo_template, tmp_path) -> dict:
     config = repo / ".dvc" / "config"
     config.write_text(config.read_text().replace(str(base / "dvc-remote"), str(remote)))
     git(repo, "commit", "-qam", "Point the DVC remote at this test's copy")
-    return {"path": repo, "remote": remote, "commit_sha": git(repo, "rev-parse", "HEAD"),
-            "data_hash": demo_template["data_hash"]}
+    return {
+        "path": repo,
+        "remote": remote,
+        "commit_sha": git(repo, "rev-parse", "HEAD"),
+        "data_hash": demo_template["data_hash"],
+    }
 
 
 @pytest.fixture
@@ -90,7 +96,10 @@ class ServerProcess:
         self.log_path = log_path
         self.proc = subprocess.Popen(
             [str(BIN / "gitops-ml"), "serve", "--host", "127.0.0.1", "--port", port],
-            env={**os.environ}, stdout=open(log_path, "wb"), stderr=subprocess.STDOUT)
+            env={**os.environ},
+            stdout=open(log_path, "wb"),
+            stderr=subprocess.STDOUT,
+        )
         import httpx
 
         deadline = time.monotonic() + 240  # TensorFlow's import alone takes a minute on a loaded 2-core machine

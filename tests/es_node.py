@@ -27,8 +27,11 @@ from tests.helpers import free_port
 VERSION = "8.19.21"
 ARTIFACT = f"org.elasticsearch.distribution.integ-test-zip:elasticsearch:{VERSION}:zip"
 # As root, Elasticsearch runs as another user, who must be able to read the cache: keep it out of /root.
-_DEFAULT_CACHE = (Path("/var/cache/gitops-ml/elasticsearch") if os.geteuid() == 0
-                  else Path.home() / ".cache" / "gitops-ml" / "elasticsearch")
+_DEFAULT_CACHE = (
+    Path("/var/cache/gitops-ml/elasticsearch")
+    if os.geteuid() == 0
+    else Path.home() / ".cache" / "gitops-ml" / "elasticsearch"
+)
 CACHE = Path(os.environ.get("GITOPS_ML_ES_CACHE") or _DEFAULT_CACHE)
 USER = "gitops-es"
 
@@ -45,11 +48,22 @@ def distribution() -> Path:
     home = CACHE / f"elasticsearch-{VERSION}"
     if (home / "bin" / "elasticsearch").exists():
         return home
-    archive = (Path.home() / ".m2" / "repository" / "org" / "elasticsearch" / "distribution" / "integ-test-zip"
-               / "elasticsearch" / VERSION / f"elasticsearch-{VERSION}.zip")
+    archive = (
+        Path.home()
+        / ".m2"
+        / "repository"
+        / "org"
+        / "elasticsearch"
+        / "distribution"
+        / "integ-test-zip"
+        / "elasticsearch"
+        / VERSION
+        / f"elasticsearch-{VERSION}.zip"
+    )
     if not archive.exists():
-        subprocess.run(["mvn", "-q", "-B", "dependency:get", f"-Dartifact={ARTIFACT}", "-Dtransitive=false"],
-                       check=True)
+        subprocess.run(
+            ["mvn", "-q", "-B", "dependency:get", f"-Dartifact={ARTIFACT}", "-Dtransitive=false"], check=True
+        )
     CACHE.mkdir(parents=True, exist_ok=True, mode=0o755)
     with zipfile.ZipFile(archive) as zf:
         zf.extractall(CACHE)
@@ -79,31 +93,48 @@ class ElasticsearchNode:
             f"cluster.name: gitops-ml-test\nnode.name: node-1\nnetwork.host: 127.0.0.1\nhttp.port: {self.port}\n"
             f"transport.port: {free_port()}\ndiscovery.type: single-node\nxpack.security.enabled: false\n"
             f"path.data: {self.workdir / 'data'}\npath.logs: {self.workdir / 'logs'}\n"
-            "cluster.routing.allocation.disk.threshold_enabled: false\naction.destructive_requires_name: false\n")
+            "cluster.routing.allocation.disk.threshold_enabled: false\naction.destructive_requires_name: false\n"
+        )
         (self.config / "jvm.options.d").mkdir(exist_ok=True)
         (self.config / "jvm.options.d" / "heap.options").write_text("-Xms512m\n-Xmx512m\n")
         if self.as_root:
             try:
                 pwd.getpwnam(USER)
             except KeyError:
-                subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER],
-                               check=True)
+                subprocess.run(
+                    ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", USER], check=True
+                )
             subprocess.run(["chown", "-R", f"{USER}:", str(self.workdir)], check=True)
 
     def start(self, timeout: float = 120) -> ElasticsearchNode:
-        env = {**os.environ, "ES_JAVA_HOME": java_home(), "ES_PATH_CONF": str(self.config),
-               "ES_JAVA_OPTS": "-Xms512m -Xmx512m"}
+        env = {
+            **os.environ,
+            "ES_JAVA_HOME": java_home(),
+            "ES_PATH_CONF": str(self.config),
+            "ES_JAVA_OPTS": "-Xms512m -Xmx512m",
+        }
         argv = [str(self.home / "bin" / "elasticsearch")]
         if self.as_root:
-            argv = ["runuser", "-u", USER, "--", "env", f"ES_JAVA_HOME={env['ES_JAVA_HOME']}",
-                    f"ES_PATH_CONF={self.config}", "ES_JAVA_OPTS=-Xms512m -Xmx512m", *argv]
+            argv = [
+                "runuser",
+                "-u",
+                USER,
+                "--",
+                "env",
+                f"ES_JAVA_HOME={env['ES_JAVA_HOME']}",
+                f"ES_PATH_CONF={self.config}",
+                "ES_JAVA_OPTS=-Xms512m -Xmx512m",
+                *argv,
+            ]
         log = open(self.workdir / "stdout.log", "ab")
         self.proc = subprocess.Popen(argv, env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"Elasticsearch exited with {self.proc.returncode}: "
-                                   f"{(self.workdir / 'stdout.log').read_text()[-3000:]}")
+                raise RuntimeError(
+                    f"Elasticsearch exited with {self.proc.returncode}: "
+                    f"{(self.workdir / 'stdout.log').read_text()[-3000:]}"
+                )
             try:
                 health = httpx.get(f"{self.url}/_cluster/health", timeout=2)
                 if health.status_code == 200 and health.json()["status"] in ("green", "yellow"):

@@ -91,20 +91,33 @@ class GitHttpServer:
                 body = self._read_body()
                 parts = urlsplit(self.path)
                 env = {key: value for key, value in os.environ.items() if not key.startswith("GIT_")}
-                env.update({
-                    "GIT_PROJECT_ROOT": str(server.root), "GIT_HTTP_EXPORT_ALL": "1",
-                    "GIT_CONFIG_NOSYSTEM": "1", "GIT_CONFIG_GLOBAL": os.devnull,
-                    "PATH_INFO": parts.path, "QUERY_STRING": parts.query, "REQUEST_METHOD": self.command,
-                    "CONTENT_TYPE": self.headers.get("Content-Type", ""), "CONTENT_LENGTH": str(len(body)),
-                    "REMOTE_ADDR": self.client_address[0], "SERVER_PROTOCOL": "HTTP/1.0",
-                })
+                env.update(
+                    {
+                        "GIT_PROJECT_ROOT": str(server.root),
+                        "GIT_HTTP_EXPORT_ALL": "1",
+                        "GIT_CONFIG_NOSYSTEM": "1",
+                        "GIT_CONFIG_GLOBAL": os.devnull,
+                        "PATH_INFO": parts.path,
+                        "QUERY_STRING": parts.query,
+                        "REQUEST_METHOD": self.command,
+                        "CONTENT_TYPE": self.headers.get("Content-Type", ""),
+                        "CONTENT_LENGTH": str(len(body)),
+                        "REMOTE_ADDR": self.client_address[0],
+                        "SERVER_PROTOCOL": "HTTP/1.0",
+                    }
+                )
                 if server.username is not None:
                     env["REMOTE_USER"] = server.username
                 for name, value in self.headers.items():  # Git-Protocol (v2), Content-Encoding (gzip)...
                     if name.lower() not in ("authorization", "content-type", "content-length"):
                         env["HTTP_" + name.upper().replace("-", "_")] = value
-                proc = subprocess.run(["git", "-c", "http.receivepack=true", "http-backend"],
-                                      input=body, env=env, capture_output=True, check=False)
+                proc = subprocess.run(
+                    ["git", "-c", "http.receivepack=true", "http-backend"],
+                    input=body,
+                    env=env,
+                    capture_output=True,
+                    check=False,
+                )
                 server.last_stderr = proc.stderr
                 head, payload = _split_cgi(proc.stdout)
                 status, headers = 200, []
@@ -131,7 +144,7 @@ def _split_cgi(output: bytes) -> tuple[bytes, bytes]:
     """Split a CGI response into headers and body at the first blank line (CRLF or LF line ends)."""
     crlf, lf = output.find(b"\r\n\r\n"), output.find(b"\n\n")
     if crlf != -1 and (lf == -1 or crlf < lf):
-        return output[:crlf], output[crlf + 4:]
+        return output[:crlf], output[crlf + 4 :]
     if lf != -1:
-        return output[:lf], output[lf + 2:]
+        return output[:lf], output[lf + 2 :]
     return output, b""

@@ -41,8 +41,9 @@ def make_repository(path: Path, count: int) -> list[str]:
             stream.append(b"from :%d\n" % (n - 1))
         stream.append(b"M 644 inline params.yaml\ndata %d\n%s\n" % (len(content), content))
     subprocess.run(["git", "fast-import", "--quiet"], input=b"".join(stream), cwd=path, check=True)
-    return subprocess.run(["git", "rev-list", "--reverse", "main"], cwd=path, check=True, capture_output=True,
-                          text=True).stdout.split()
+    return subprocess.run(
+        ["git", "rev-list", "--reverse", "main"], cwd=path, check=True, capture_output=True, text=True
+    ).stdout.split()
 
 
 def seed(settings: Settings, count: int, failed_every: int = 10) -> dict:
@@ -70,60 +71,150 @@ def seed(settings: Settings, count: int, failed_every: int = 10) -> dict:
         accuracy = 0.5 if failed else 0.95
         compared = previous_promoted  # the champion this commit was judged against
         run_id = f"commit__{sha}"
-        tags = registry.lineage_tags({
-            "commit_sha": sha, "branch": "main", "repo_url": settings.repo_url, "data_hash": f"{n:032x}",
-            "airflow_dag_id": "gitops_ml_pipeline", "airflow_run_id": run_id, "code_hash": "c0de",
-            "test_accuracy": accuracy, "gate": "failed" if failed else "passed",
-            "gate_reasons": "accuracy 0.5000 is below gate.min_accuracy 0.8" if failed else None,
-            "gate_compared_with": previous_promoted,
-            **({} if failed else {"deploy_outcome": "promoted", "deployed_at": "2026-11-01T00:00:00Z",
-                                  "served_for_commit": sha, "replaced_version": previous_promoted})})
+        tags = registry.lineage_tags(
+            {
+                "commit_sha": sha,
+                "branch": "main",
+                "repo_url": settings.repo_url,
+                "data_hash": f"{n:032x}",
+                "airflow_dag_id": "gitops_ml_pipeline",
+                "airflow_run_id": run_id,
+                "code_hash": "c0de",
+                "test_accuracy": accuracy,
+                "gate": "failed" if failed else "passed",
+                "gate_reasons": "accuracy 0.5000 is below gate.min_accuracy 0.8" if failed else None,
+                "gate_compared_with": previous_promoted,
+                **(
+                    {}
+                    if failed
+                    else {
+                        "deploy_outcome": "promoted",
+                        "deployed_at": "2026-11-01T00:00:00Z",
+                        "served_for_commit": sha,
+                        "replaced_version": previous_promoted,
+                    }
+                ),
+            }
+        )
         version = mlc.create_model_version(settings.model_name, source=str(repo), tags=tags)
         number = str(version.version)
-        summary = (f"NOT PROMOTED: version {number} failed the gate: accuracy 0.5000 is below gate.min_accuracy 0.8"
-                   if failed else f"PROMOTED: version {number} replaced version {compared}")
+        summary = (
+            f"NOT PROMOTED: version {number} failed the gate: accuracy 0.5000 is below gate.min_accuracy 0.8"
+            if failed
+            else f"PROMOTED: version {number} replaced version {compared}"
+        )
         if not failed:
             champion, previous_promoted = number, number
         start = base + timedelta(minutes=2 * n)
-        run_rows.append({"dag_id": "gitops_ml_pipeline", "run_id": run_id, "run_type": "manual",
-                         "state": "success",
-                         "conf": {"commit_sha": sha, "trigger": "push", "watch": "default"},
-                         "run_after": start, "queued_at": start, "start_date": start,
-                         "end_date": start + timedelta(seconds=65), "logical_date": None})
+        run_rows.append(
+            {
+                "dag_id": "gitops_ml_pipeline",
+                "run_id": run_id,
+                "run_type": "manual",
+                "state": "success",
+                "conf": {"commit_sha": sha, "trigger": "push", "watch": "default"},
+                "run_after": start,
+                "queued_at": start,
+                "start_date": start,
+                "end_date": start + timedelta(seconds=65),
+                "logical_date": None,
+            }
+        )
         for i, task in enumerate(TASKS):
             skipped = failed and task in ("deploy", "record")
-            ti_rows.append({"id": uuid.uuid4(), "task_id": task, "dag_id": "gitops_ml_pipeline", "run_id": run_id,
-                            "map_index": -1, "try_number": 1, "pool": "default_pool", "pool_slots": 1,
-                            "state": "skipped" if skipped else "success",
-                            "start_date": start + timedelta(seconds=8 * i),
-                            "end_date": start + timedelta(seconds=8 * i + 7)})
-        commit = {"repo_url": settings.repo_url, "branch": "main", "commit_sha": sha,
-                  "message": f"Tune the model, step {n}", "author": "Ada Lovelace", "committed_at": start.isoformat()}
-        xcom_values.append((run_id, start, {
-            "resolve_commit": {"commit": commit, "existing_version": None},
-            "prepare_workspace": {"reuse_version": None, "inputs_hash": f"{n:032x}"},
-            "train": {"run_id": uuid.uuid4().hex, "experiment_id": "1"},
-            "evaluate": {"test_accuracy": accuracy, "champion_accuracy": 0.95 if compared else None,
-                         "champion_version": compared,
-                         "gate_passed": not failed, "gate_reasons": [tags["gitops_ml.gate_reasons"]] if failed else []},
-            "register": {"model_version": number, "gate_passed": not failed},
-        }, summary))
-        doc = records.outcome_record(sha, run_id, "pipeline", "not_promoted" if failed else "success", summary=summary,
-                               gate="failed" if failed else "passed", deployed=not failed, promoted=not failed,
-                               model=f"{settings.model_name} version {number}", replaced_version=compared)
+            ti_rows.append(
+                {
+                    "id": uuid.uuid4(),
+                    "task_id": task,
+                    "dag_id": "gitops_ml_pipeline",
+                    "run_id": run_id,
+                    "map_index": -1,
+                    "try_number": 1,
+                    "pool": "default_pool",
+                    "pool_slots": 1,
+                    "state": "skipped" if skipped else "success",
+                    "start_date": start + timedelta(seconds=8 * i),
+                    "end_date": start + timedelta(seconds=8 * i + 7),
+                }
+            )
+        commit = {
+            "repo_url": settings.repo_url,
+            "branch": "main",
+            "commit_sha": sha,
+            "message": f"Tune the model, step {n}",
+            "author": "Ada Lovelace",
+            "committed_at": start.isoformat(),
+        }
+        xcom_values.append(
+            (
+                run_id,
+                start,
+                {
+                    "resolve_commit": {"commit": commit, "existing_version": None},
+                    "prepare_workspace": {"reuse_version": None, "inputs_hash": f"{n:032x}"},
+                    "train": {"run_id": uuid.uuid4().hex, "experiment_id": "1"},
+                    "evaluate": {
+                        "test_accuracy": accuracy,
+                        "champion_accuracy": 0.95 if compared else None,
+                        "champion_version": compared,
+                        "gate_passed": not failed,
+                        "gate_reasons": [tags["gitops_ml.gate_reasons"]] if failed else [],
+                    },
+                    "register": {"model_version": number, "gate_passed": not failed},
+                },
+                summary,
+            )
+        )
+        doc = records.outcome_record(
+            sha,
+            run_id,
+            "pipeline",
+            "not_promoted" if failed else "success",
+            summary=summary,
+            gate="failed" if failed else "passed",
+            deployed=not failed,
+            promoted=not failed,
+            model=f"{settings.model_name} version {number}",
+            replaced_version=compared,
+        )
         records.write(settings.records_dir, doc)
     registry.set_alias(settings, champion)
     with create_session() as session:
         session.execute(DagRun.__table__.insert(), run_rows)
         session.execute(TaskInstance.__table__.insert(), ti_rows)
-        ids = dict(session.execute(DagRun.__table__.select().with_only_columns(DagRun.run_id, DagRun.id)
-                                   .where(DagRun.dag_id == "gitops_ml_pipeline")).all())
+        ids = dict(
+            session.execute(
+                DagRun.__table__.select()
+                .with_only_columns(DagRun.run_id, DagRun.id)
+                .where(DagRun.dag_id == "gitops_ml_pipeline")
+            ).all()
+        )
         xcoms = []
         for run_id, at, values, summary in xcom_values:
             for task, value in values.items():
-                xcoms.append({"dag_run_id": ids[run_id], "task_id": task, "map_index": -1, "key": "return_value",
-                              "dag_id": "gitops_ml_pipeline", "run_id": run_id, "value": value, "timestamp": at})
-            xcoms.append({"dag_run_id": ids[run_id], "task_id": "record", "map_index": -1, "key": "gitops_ml_outcome",
-                          "dag_id": "gitops_ml_pipeline", "run_id": run_id, "value": summary, "timestamp": at})
+                xcoms.append(
+                    {
+                        "dag_run_id": ids[run_id],
+                        "task_id": task,
+                        "map_index": -1,
+                        "key": "return_value",
+                        "dag_id": "gitops_ml_pipeline",
+                        "run_id": run_id,
+                        "value": value,
+                        "timestamp": at,
+                    }
+                )
+            xcoms.append(
+                {
+                    "dag_run_id": ids[run_id],
+                    "task_id": "record",
+                    "map_index": -1,
+                    "key": "gitops_ml_outcome",
+                    "dag_id": "gitops_ml_pipeline",
+                    "run_id": run_id,
+                    "value": summary,
+                    "timestamp": at,
+                }
+            )
         session.execute(XComModel.__table__.insert(), xcoms)
     return {"shas": shas, "champion": champion}

@@ -1,14 +1,14 @@
 """``gitops-ml``: the one command-line entry point.
 
-    gitops-ml init-demo PATH            create the demo model repository (digits + DVC)
-    gitops-ml serve                     run the model server (champion alias)
-    gitops-ml run [SHA] --local         run the pipeline in this process, without Airflow
-    gitops-ml trigger [SHA] [--wait]    start the Airflow run ``commit__<sha>``
-    gitops-ml stack up|down             start/stop Airflow, MLflow UI and the server (embedded)
-    gitops-ml trace SHA|VERSION         commit -> run -> model version -> deploys -> serving now
-    gitops-ml logs SHA [--task T]       a commit's log lines (Elasticsearch or the local spool)
-    gitops-ml demo                      init (once), start the stack, commit, follow the run, predict
-    gitops-ml gc [--dry-run]            remove old work trees and DVC cache objects no one needs
+gitops-ml init-demo PATH            create the demo model repository (digits + DVC)
+gitops-ml serve                     run the model server (champion alias)
+gitops-ml run [SHA] --local         run the pipeline in this process, without Airflow
+gitops-ml trigger [SHA] [--wait]    start the Airflow run ``commit__<sha>``
+gitops-ml stack up|down             start/stop Airflow, MLflow UI and the server (embedded)
+gitops-ml trace SHA|VERSION         commit -> run -> model version -> deploys -> serving now
+gitops-ml logs SHA [--task T]       a commit's log lines (Elasticsearch or the local spool)
+gitops-ml demo                      init (once), start the stack, commit, follow the run, predict
+gitops-ml gc [--dry-run]            remove old work trees and DVC cache objects no one needs
 """
 
 from __future__ import annotations
@@ -66,8 +66,12 @@ def _airflow_url(args, settings: Settings) -> str:
     from gitops_ml import stack
     from gitops_ml.airflow.client import DEFAULT_URL
 
-    return (getattr(args, "airflow_url", None) or settings.airflow_api_url
-            or stack.recorded_urls(settings).get("airflow") or DEFAULT_URL)
+    return (
+        getattr(args, "airflow_url", None)
+        or settings.airflow_api_url
+        or stack.recorded_urls(settings).get("airflow")
+        or DEFAULT_URL
+    )
 
 
 def cmd_trigger(args) -> int:
@@ -81,8 +85,11 @@ def cmd_trigger(args) -> int:
     run = client.trigger_commit(commit.commit_sha, conf={**conf, "trigger": "manual"}, rerun=args.rerun, watch=watch)
     print(f"run {run['dag_run_id']} for commit {commit.commit_sha} of {commit.repo_url}: {run['state']}")
     if args.wait:
-        run = client.wait_for_run(run["dag_run_id"], timeout=args.timeout,
-                                  on_change=lambda task, state: print(f"  {task}: {state}", flush=True))
+        run = client.wait_for_run(
+            run["dag_run_id"],
+            timeout=args.timeout,
+            on_change=lambda task, state: print(f"  {task}: {state}", flush=True),
+        )
         print(f"run {run['dag_run_id']}: {run['state']}")
         return 0 if run["state"] == "success" else 1
     return 0
@@ -100,9 +107,11 @@ def cmd_stack(args) -> int:
         for name, url in urls.items():
             print(f"{name}: {url}")
         print(f"repository: {where}")
-        print(f"the stack deploys to GITOPS_ML_SERVING_URL={exported.serving_url}, links to "
-              f"GITOPS_ML_MLFLOW_UI_URL={exported.mlflow_ui_url}; `gitops-ml trigger` finds Airflow at "
-              f"{urls['airflow']} (or set AIRFLOW_API_URL)")
+        print(
+            f"the stack deploys to GITOPS_ML_SERVING_URL={exported.serving_url}, links to "
+            f"GITOPS_ML_MLFLOW_UI_URL={exported.mlflow_ui_url}; `gitops-ml trigger` finds Airflow at "
+            f"{urls['airflow']} (or set AIRFLOW_API_URL)"
+        )
     else:
         stopped = stack.down(settings)
         print("stopped: " + (", ".join(stopped) if stopped else "nothing was running"))
@@ -116,8 +125,11 @@ def cmd_demo(args) -> int:
     settings = _settings(args)
     repo_path = stack.demo_repo_path(settings)
     if settings.repo_url and Path(settings.repo_url).resolve() != repo_path.resolve():
-        print(f"gitops-ml: error: `gitops-ml demo` commits to the demo repository {repo_path}, but "
-              f"GITOPS_ML_REPO_URL (or --repo-url) names another one; unset it for the demo", file=sys.stderr)
+        print(
+            f"gitops-ml: error: `gitops-ml demo` commits to the demo repository {repo_path}, but "
+            f"GITOPS_ML_REPO_URL (or --repo-url) names another one; unset it for the demo",
+            file=sys.stderr,
+        )
         return 2
     if not (repo_path / ".git").exists():
         info = demo.init_demo(repo_path, str(settings.home / "dvc-remote"))
@@ -139,8 +151,9 @@ def cmd_demo(args) -> int:
     watch = conf.pop("watch", None)
     run = client.trigger_commit(commit_sha, conf={**conf, "trigger": "manual"}, watch=watch)
     print(f"Airflow run {run['dag_run_id']} ... following it", flush=True)
-    run = client.wait_for_run(run["dag_run_id"], timeout=1800,
-                              on_change=lambda task, state: print(f"  {task}: {state}", flush=True))
+    run = client.wait_for_run(
+        run["dag_run_id"], timeout=1800, on_change=lambda task, state: print(f"  {task}: {state}", flush=True)
+    )
     if run["state"] != "success":
         print(f"run {run['dag_run_id']} ended {run['state']}; see {urls['airflow']}", file=sys.stderr)
         return 1
@@ -153,8 +166,10 @@ def cmd_demo(args) -> int:
     print(f"commit SHA:      {commit_sha}")
     print(f"model version:   {prediction.get('model_version')} of {settings.model_name}")
     print(f"serving URL:     {urls['serving']}  (served commit {prediction.get('commit_sha')})")
-    print(f"prediction:      {sample.relative_to(settings.work_dir / commit_sha)} -> "
-          f"class {prediction['predictions'][0]['class']}")
+    print(
+        f"prediction:      {sample.relative_to(settings.work_dir / commit_sha)} -> "
+        f"class {prediction['predictions'][0]['class']}"
+    )
     print(f"Airflow UI:      {urls['airflow']}/dags/{PIPELINE_DAG_ID}/runs/{run['dag_run_id']}")
     print(f"MLflow UI:       {urls['mlflow']}")
     print(f"GitOps page:     {urls['airflow']}/plugin/gitops  (every commit, what serves now, roll back)")
@@ -183,8 +198,7 @@ def cmd_logs(args) -> int:
         return 2
     docs = logs.search(settings.home, args.commit_sha, task_id=args.task, level=args.level)
     for d in docs:
-        print(f"{d['@timestamp']} {d['labels'].get('task_id', '-'):18} {d['log']['level'].upper():8} "
-              f"{d['message']}")
+        print(f"{d['@timestamp']} {d['labels'].get('task_id', '-'):18} {d['log']['level'].upper():8} {d['message']}")
     if not docs:
         print(f"no log lines for commit {args.commit_sha}", file=sys.stderr)
     return 0
@@ -197,8 +211,10 @@ def cmd_watch(args) -> int:
     watches = watch.load_watches()
     if args.action == "list":
         for w in watches:
-            print(f"{w.name:16} {w.safe_url} [{w.branch}] policy={w.policy} signatures={w.signatures} "
-                  f"poll={w.poll_interval:g}s retrain={w.retrain_schedule}")
+            print(
+                f"{w.name:16} {w.safe_url} [{w.branch}] policy={w.policy} signatures={w.signatures} "
+                f"poll={w.poll_interval:g}s retrain={w.retrain_schedule}"
+            )
         if not watches:
             print(f"no watched repository (configure {watch.config_path()} or GITOPS_ML_REPO_URL)", file=sys.stderr)
         return 0
@@ -261,8 +277,9 @@ def build_parser() -> argparse.ArgumentParser:
 
     p = with_repo(sub.add_parser("trigger", help="start the Airflow run for a commit"))
     p.add_argument("commit_sha", nargs="?")
-    p.add_argument("--airflow-url", help="default: AIRFLOW_API_URL, else the stack `stack up` started, "
-                                         "else http://127.0.0.1:8080")
+    p.add_argument(
+        "--airflow-url", help="default: AIRFLOW_API_URL, else the stack `stack up` started, else http://127.0.0.1:8080"
+    )
     p.add_argument("--wait", action="store_true")
     p.add_argument("--rerun", action="store_true", help="start another run even if this commit has one")
     p.add_argument("--watch", help="a watched repository by name (its URL, branch, model and run ids)")
@@ -294,8 +311,11 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--since", help="plan the commits after this SHA (default: only the head)")
     p.set_defaults(func=cmd_watch)
 
-    p = sub.add_parser("gc", help="remove old work trees (GITOPS_ML_KEEP_WORKTREES, GITOPS_ML_KEEP_FAILED_HOURS) "
-                                  "and the DVC cache objects they no longer need")
+    p = sub.add_parser(
+        "gc",
+        help="remove old work trees (GITOPS_ML_KEEP_WORKTREES, GITOPS_ML_KEEP_FAILED_HOURS) "
+        "and the DVC cache objects they no longer need",
+    )
     p.add_argument("--dry-run", action="store_true", help="only say what would be removed")
     p.set_defaults(func=cmd_gc)
 
@@ -309,8 +329,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
-    logging.basicConfig(level=logging.DEBUG if args.verbose else logging.INFO,
-                        format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    logging.basicConfig(
+        level=logging.DEBUG if args.verbose else logging.INFO, format="%(asctime)s %(levelname)s %(name)s: %(message)s"
+    )
     try:
         # Airflow, Keras, Matplotlib and MLflow, imported by some commands and by the processes the
         # stack starts, would otherwise create their files in the user's home.

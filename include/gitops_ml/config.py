@@ -31,22 +31,32 @@ class Settings(BaseSettings):
     Secrets are left out of ``repr``.
     """
 
-    model_config = SettingsConfigDict(env_prefix=ENV_PREFIX, env_ignore_empty=True,
-                                      frozen=True, validate_by_name=True, extra="forbid")
+    model_config = SettingsConfigDict(
+        env_prefix=ENV_PREFIX, env_ignore_empty=True, frozen=True, validate_by_name=True, extra="forbid"
+    )
 
-    home: Path = Field(default_factory=lambda: Path.home() / ".gitops-ml",
-                       description="root of all local state (git mirrors, work trees, MLflow store, logs)")
+    home: Path = Field(
+        default_factory=lambda: Path.home() / ".gitops-ml",
+        description="root of all local state (git mirrors, work trees, MLflow store, logs)",
+    )
     repo_url: str = Field("", description="model repository to track (any URL git understands)")
     branch: str = Field("main", description="tracked branch")
     model_name: str = Field("gitops-ml-classifier", description="registered model name in MLflow")
-    tracking_uri: str = Field("", validation_alias="MLFLOW_TRACKING_URI", validate_default=True,
-                              description="MLflow tracking URI (default: SQLite file under home)")
-    artifact_root: str = Field("", validate_default=True,
-                               description="where MLflow stores artifacts for experiments we create")
-    experiment_name: str = Field("gitops-ml", validation_alias="GITOPS_ML_EXPERIMENT",
-                                 description="MLflow experiment holding the training runs")
-    serving_url: str = Field("http://127.0.0.1:8765",
-                             description="base URL of the running `gitops-ml serve` (comma-separated for several)")
+    tracking_uri: str = Field(
+        "",
+        validation_alias="MLFLOW_TRACKING_URI",
+        validate_default=True,
+        description="MLflow tracking URI (default: SQLite file under home)",
+    )
+    artifact_root: str = Field(
+        "", validate_default=True, description="where MLflow stores artifacts for experiments we create"
+    )
+    experiment_name: str = Field(
+        "gitops-ml", validation_alias="GITOPS_ML_EXPERIMENT", description="MLflow experiment holding the training runs"
+    )
+    serving_url: str = Field(
+        "http://127.0.0.1:8765", description="base URL of the running `gitops-ml serve` (comma-separated for several)"
+    )
     serving_token: str = Field("", repr=False, description="shared secret for the server's /admin endpoints")
     trusted_proxies: str = Field("", description="comma-separated reverse proxies whose X-Forwarded-For is read")
     deploy_timeout: float = Field(120.0, description="seconds the deploy step waits for /version to report the SHA")
@@ -62,15 +72,19 @@ class Settings(BaseSettings):
     es_url: str = Field("", validation_alias="ES_URL", description="Elasticsearch for logs and run records")
     es_api_key: str = Field("", validation_alias="ES_API_KEY", repr=False, description="API key for es_url")
     es_username: str = Field("", validation_alias="ES_USERNAME", description="basic-auth user for es_url")
-    es_password: str = Field("", validation_alias="ES_PASSWORD", repr=False,
-                             description="basic-auth password for es_url")
+    es_password: str = Field(
+        "", validation_alias="ES_PASSWORD", repr=False, description="basic-auth password for es_url"
+    )
     es_ca_certs: str = Field("", validation_alias="ES_CA_CERTS", description="CA bundle for an https es_url")
-    airflow_api_url: str = Field("", validation_alias="AIRFLOW_API_URL",
-                                 description="Airflow REST API that `gitops-ml trigger` and `demo` call")
-    airflow_api_username: str = Field("", validation_alias="AIRFLOW_API_USERNAME",
-                                      description="user for Airflow's /auth/token")
-    airflow_api_password: str = Field("", validation_alias="AIRFLOW_API_PASSWORD", repr=False,
-                                      description="password for Airflow's /auth/token")
+    airflow_api_url: str = Field(
+        "", validation_alias="AIRFLOW_API_URL", description="Airflow REST API that `gitops-ml trigger` and `demo` call"
+    )
+    airflow_api_username: str = Field(
+        "", validation_alias="AIRFLOW_API_USERNAME", description="user for Airflow's /auth/token"
+    )
+    airflow_api_password: str = Field(
+        "", validation_alias="AIRFLOW_API_PASSWORD", repr=False, description="password for Airflow's /auth/token"
+    )
 
     @field_validator("home")
     @classmethod
@@ -102,7 +116,9 @@ class Settings(BaseSettings):
         except ValidationError as exc:
             problems = "; ".join(
                 f"{env_name(str(e['loc'][0]))} must be {e['msg'].lower().removeprefix('input should be ')}, "
-                f"got {e['input']!r}" for e in exc.errors(include_url=False))
+                f"got {e['input']!r}"
+                for e in exc.errors(include_url=False)
+            )
             raise SettingsError(f"environment: {problems}") from None
 
     def with_overrides(self, **overrides: object) -> Settings:

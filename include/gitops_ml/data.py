@@ -86,8 +86,10 @@ def inside(repo_root: Path, relpath: str, what: str) -> Path:
     for part in rel.parts:
         path = path / part
         if path.is_symlink():
-            raise DataError(f"{what} {relpath!r}: {path.relative_to(root).as_posix()} is a symbolic link "
-                            "(links could lead outside the work tree; commit the real folder)")
+            raise DataError(
+                f"{what} {relpath!r}: {path.relative_to(root).as_posix()} is a symbolic link "
+                "(links could lead outside the work tree; commit the real folder)"
+            )
     if not path.resolve().is_relative_to(root):
         raise DataError(f"{what} {relpath!r} resolves outside the work tree")
     return path
@@ -112,14 +114,18 @@ def read_pointer(repo_root: Path, data_path: str) -> tuple[str, dict]:
         raise DataError(f"DVC pointer {pointer} is malformed: {exc!r}") from None
     extra = sorted(set(content) - _POINTER_KEYS)
     if extra:
-        raise DataError(f"DVC pointer {pointer} has unsupported key(s) {', '.join(map(str, extra))}: "
-                        "only a `dvc add` pointer (outs) is allowed, no imports or stages")
+        raise DataError(
+            f"DVC pointer {pointer} has unsupported key(s) {', '.join(map(str, extra))}: "
+            "only a `dvc add` pointer (outs) is allowed, no imports or stages"
+        )
     if len(outs) != 1 or not isinstance(out, dict):
         raise DataError(f"DVC pointer {pointer} must have exactly one output, got {len(outs)}")
     expected_path = PurePosixPath(data_path).name
     if out.get("path") != expected_path:
-        raise DataError(f"DVC pointer {pointer}: outs[0].path must be {expected_path!r} (the folder next to the "
-                        f"pointer), got {out.get('path')!r}")
+        raise DataError(
+            f"DVC pointer {pointer}: outs[0].path must be {expected_path!r} (the folder next to the "
+            f"pointer), got {out.get('path')!r}"
+        )
     if not isinstance(md5, str) or not md5.endswith(".dir"):
         raise DataError(f"DVC pointer {pointer} must track a directory (md5 ending in .dir), got {md5!r}")
     if not _DIR_MD5_RE.fullmatch(md5):
@@ -151,22 +157,34 @@ def check_manifest(raw: bytes, data_path: str, dir_md5: str) -> dict[str, str]:
         if not isinstance(relpath, str) or not isinstance(md5, str) or not _MD5_RE.fullmatch(md5):
             raise DataError(f"{where}: needs a 'relpath' string and a 32-hex 'md5', got {entry!r:.200}")
         parts = relpath.split("/")
-        if (not relpath or relpath.startswith("/") or "\\" in relpath or "\x00" in relpath
-                or any(p in ("", ".", "..") for p in parts) or ":" in parts[0]):
-            raise DataError(f"{where}: path {relpath!r} would be written outside {data_path} "
-                            "(absolute, '..', '.', empty component or backslash)")
+        if (
+            not relpath
+            or relpath.startswith("/")
+            or "\\" in relpath
+            or "\x00" in relpath
+            or any(p in ("", ".", "..") for p in parts)
+            or ":" in parts[0]
+        ):
+            raise DataError(
+                f"{where}: path {relpath!r} would be written outside {data_path} "
+                "(absolute, '..', '.', empty component or backslash)"
+            )
         key = relpath.casefold()
         if key in folded:
-            raise DataError(f"{where}: {data_path}/{relpath} collides with {data_path}/{folded[key]} "
-                            "(same name, or same name on a case-insensitive file system)")
+            raise DataError(
+                f"{where}: {data_path}/{relpath} collides with {data_path}/{folded[key]} "
+                "(same name, or same name on a case-insensitive file system)"
+            )
         folded[key] = relpath
         expected[relpath] = md5
     for relpath in expected:
         parent = relpath.rsplit("/", 1)[0].casefold() if "/" in relpath else None
         while parent:
             if parent in folded:
-                raise DataError(f"directory manifest {dir_md5} of {data_path}: {data_path}/{folded[parent]} is "
-                                f"both a file and the folder of {data_path}/{relpath}")
+                raise DataError(
+                    f"directory manifest {dir_md5} of {data_path}: {data_path}/{folded[parent]} is "
+                    f"both a file and the folder of {data_path}/{relpath}"
+                )
             parent = parent.rsplit("/", 1)[0] if "/" in parent else None
     return expected
 
@@ -179,11 +197,17 @@ def _open_repo(repo_root: Path, cache_dir: Path):
     # work tree is linked to the cache, is ours.  Plain copies: no symlink or hard link into the cache.
     cache_dir = Path(cache_dir)
     try:
-        return Repo(str(repo_root), config={
-            "cache": {"dir": str(cache_dir), "type": "copy"},
-            "core": {"site_cache_dir": str(cache_dir.with_name(cache_dir.name + "-site")),
-                     "analytics": False, "check_update": False},
-        })
+        return Repo(
+            str(repo_root),
+            config={
+                "cache": {"dir": str(cache_dir), "type": "copy"},
+                "core": {
+                    "site_cache_dir": str(cache_dir.with_name(cache_dir.name + "-site")),
+                    "analytics": False,
+                    "check_update": False,
+                },
+            },
+        )
     except ConfigError as exc:
         raise DataError(f".dvc/config of the commit is invalid: {redact(str(exc))}") from None
 
@@ -211,11 +235,14 @@ def _stage_manifest(repo, data_path: str, dir_md5: str, cache_dir: Path) -> dict
         except DataError:
             raise
         except FileNotFoundError:
-            raise DataError(f"dvc pull of {data_path}.dvc ({dir_md5}) failed: the directory manifest is missing "
-                            f"from the remote; missing from remote: {data_path} (directory manifest {dir_md5})") from None
+            raise DataError(
+                f"dvc pull of {data_path}.dvc ({dir_md5}) failed: the directory manifest is missing "
+                f"from the remote; missing from remote: {data_path} (directory manifest {dir_md5})"
+            ) from None
         except Exception as exc:  # noqa: BLE001 - any remote type; the message names the manifest
-            raise DataError(f"could not read directory manifest {dir_md5} of {data_path} from the DVC remote: "
-                            f"{redact(str(exc))}") from None
+            raise DataError(
+                f"could not read directory manifest {dir_md5} of {data_path} from the DVC remote: {redact(str(exc))}"
+            ) from None
     expected = check_manifest(raw, data_path, dir_md5)
     if not from_cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -239,8 +266,10 @@ def _refuse_links(data_root: Path, data_path: str) -> None:
             st = path.lstat()
             if stat.S_ISLNK(st.st_mode) or (stat.S_ISREG(st.st_mode) and st.st_nlink > 1):
                 kind = "symbolic link" if stat.S_ISLNK(st.st_mode) else "hard link"
-                raise DataError(f"{data_path}/{path.relative_to(data_root).as_posix()} is a {kind}: the data "
-                                "folder may only hold files DVC checks out (links could write outside the work tree)")
+                raise DataError(
+                    f"{data_path}/{path.relative_to(data_root).as_posix()} is a {kind}: the data "
+                    "folder may only hold files DVC checks out (links could write outside the work tree)"
+                )
 
 
 def pull(repo_root: Path, data_path: str, cache_dir: Path) -> DataSnapshot:
@@ -287,8 +316,9 @@ def pull(repo_root: Path, data_path: str, cache_dir: Path) -> DataSnapshot:
         shutil.rmtree(data_root, ignore_errors=True)
         raise
     log.info("pulled %s: %d files match DVC hash %s", data_path, nfiles, dir_md5)
-    return DataSnapshot(path=str(repo_root / data_path), data_hash=dir_md5.removesuffix(".dir"),
-                        nfiles=nfiles, pointer=pointer)
+    return DataSnapshot(
+        path=str(repo_root / data_path), data_hash=dir_md5.removesuffix(".dir"), nfiles=nfiles, pointer=pointer
+    )
 
 
 def check_remote(repo_root: Path, cache_dir: Path) -> str:
@@ -310,8 +340,10 @@ def check_remote(repo_root: Path, cache_dir: Path) -> str:
         except Exception as exc:  # noqa: BLE001 - any remote type; the message names the remote
             raise DataError(f"{where} is not reachable: {redact(str(exc))}") from None
         if not found:
-            raise DataError(f"{where} holds nothing at {odb.path}: the bucket or folder is missing, "
-                            "or nothing was pushed (`dvc push`)")
+            raise DataError(
+                f"{where} holds nothing at {odb.path}: the bucket or folder is missing, "
+                "or nothing was pushed (`dvc push`)"
+            )
         return f"{where}: reachable, holds data"
     finally:
         repo.close()
@@ -325,8 +357,9 @@ def _missing_in_remote(repo, data_path: str, dir_md5: str) -> list[str]:
         if not odb.fs.exists(manifest):
             return [f"{data_path} (directory manifest {dir_md5})"]
         entries = json.loads(odb.fs.cat_file(manifest))
-        return [f"{data_path}/{e['relpath']} ({e['md5']})" for e in entries
-                if not odb.fs.exists(odb.oid_to_path(e["md5"]))]
+        return [
+            f"{data_path}/{e['relpath']} ({e['md5']})" for e in entries if not odb.fs.exists(odb.oid_to_path(e["md5"]))
+        ]
     except Exception as exc:  # noqa: BLE001 - only used to enrich an error message
         log.warning("could not list missing objects of %s: %s", data_path, exc)
         return []
@@ -350,21 +383,27 @@ def verify(repo_root: Path, data_path: str, dir_md5: str, cache_dir: Path) -> in
         raise DataError(f"{data_path}/{extra[0]} is not part of DVC hash {dir_md5} ({len(extra)} unexpected file(s))")
     missing = [relpath for relpath in sorted(expected) if not (root / relpath).is_file()]
     if missing:
-        raise DataError(f"{data_path}/{missing[0]} is missing after dvc pull (expected md5 {expected[missing[0]]}; "
-                        f"{len(missing)} file(s) missing)")
-    bad = [(relpath, md5, actual) for relpath, md5 in sorted(expected.items())
-           if (actual := _md5(root / relpath)) != md5]
+        raise DataError(
+            f"{data_path}/{missing[0]} is missing after dvc pull (expected md5 {expected[missing[0]]}; "
+            f"{len(missing)} file(s) missing)"
+        )
+    bad = [
+        (relpath, md5, actual) for relpath, md5 in sorted(expected.items()) if (actual := _md5(root / relpath)) != md5
+    ]
     if bad:
         for _, md5, _ in bad:  # never let a later run trust a corrupted object: evict every one
             cached = _cache_object(cache_dir, md5)
             if cached.is_file() and _md5(cached) != md5:
                 os.chmod(cached, 0o644)
                 cached.unlink()
-        listed = "; ".join(f"{data_path}/{r} does not match its DVC hash: expected md5 {m}, got {a}"
-                           for r, m, a in bad[:20])
+        listed = "; ".join(
+            f"{data_path}/{r} does not match its DVC hash: expected md5 {m}, got {a}" for r, m, a in bad[:20]
+        )
         more = f" and {len(bad) - 20} more" if len(bad) > 20 else ""
-        raise DataError(f"{listed}{more} ({len(bad)} bad file(s); their objects were evicted from the cache, "
-                        "the next pull fetches them again from the remote)")
+        raise DataError(
+            f"{listed}{more} ({len(bad)} bad file(s); their objects were evicted from the cache, "
+            "the next pull fetches them again from the remote)"
+        )
     return len(expected)
 
 

@@ -94,15 +94,22 @@ def init_demo(path: Path, remote_url: str, branch: str = "main", limit_per_class
     (path / "README.md").write_text(
         "# gitops-ml demo model repository\n\nHandwritten digits (scikit-learn) tracked with DVC in "
         "`data/images.dvc`, the Keras model in `model/model.py`. Edit `params.yaml` or the model and commit: "
-        "gitops-ml retrains and deploys.\n")
+        "gitops-ml retrains and deploys.\n"
+    )
     (path / "model").mkdir()
     (path / "model" / "model.py").write_text(DEMO_MODEL)
     count = write_digits(path / "data" / "images", limit_per_class)
     data_hash = data.track_and_push(path, "data/images", "storage", remote_url)
     commit_sha = commit_all(path, f"Add {count} digit images tracked with DVC, params.yaml and model/model.py")
     log.info("demo repository %s: commit %s, %d images, data hash %s", path, commit_sha, count, data_hash)
-    return {"path": str(path), "commit_sha": commit_sha, "images": count, "data_hash": data_hash,
-            "dvc_remote": remote_url, "branch": branch}
+    return {
+        "path": str(path),
+        "commit_sha": commit_sha,
+        "images": count,
+        "data_hash": data_hash,
+        "dvc_remote": remote_url,
+        "branch": branch,
+    }
 
 
 def bump_param(path: Path, key: str, value, message: str | None = None) -> str:

@@ -69,8 +69,12 @@ def check_watch_file() -> tuple[Check, list]:
         return Check("watch file", "FAIL", str(exc), f"correct {path} (GITOPS_ML_WATCH_CONFIG)"), []
     where = str(path) if path.is_file() else "GITOPS_ML_REPO_URL (no watch file)"
     if not watches:
-        return Check("watch file", "FAIL", f"{where}: no repository is watched",
-                     f"list repositories in {path} (GITOPS_ML_WATCH_CONFIG) or set GITOPS_ML_REPO_URL"), []
+        return Check(
+            "watch file",
+            "FAIL",
+            f"{where}: no repository is watched",
+            f"list repositories in {path} (GITOPS_ML_WATCH_CONFIG) or set GITOPS_ML_REPO_URL",
+        ), []
     return Check("watch file", "OK", f"{where}: {', '.join(w.name for w in watches)}"), watches
 
 
@@ -82,8 +86,11 @@ def check_airflow_api(url: str | None) -> Check:
         from gitops_ml.airflow.client import AirflowClient  # noqa: PLC0415
 
         health = _http_json(url.rstrip("/") + "/api/v2/monitor/health")
-        bad = [f"{part} {state.get('status')}" for part, state in health.items()
-               if isinstance(state, dict) and state.get("status") not in ("healthy", None)]
+        bad = [
+            f"{part} {state.get('status')}"
+            for part, state in health.items()
+            if isinstance(state, dict) and state.get("status") not in ("healthy", None)
+        ]
         if bad:
             raise RuntimeError(f"{url}: {', '.join(bad)}")
         AirflowClient(url, timeout=TIMEOUT, retry_seconds=0).get_run("gitops-ml-doctor")  # a token and a read
@@ -114,8 +121,12 @@ def check_metadata_db(url: str | None) -> Check:
 def check_broker(url: str | None, executor: str) -> Check:
     if not url:
         if executor == "CeleryExecutor":
-            return Check("broker", "FAIL", "AIRFLOW__CORE__EXECUTOR is CeleryExecutor but no broker is set",
-                         "set AIRFLOW__CELERY__BROKER_URL")
+            return Check(
+                "broker",
+                "FAIL",
+                "AIRFLOW__CORE__EXECUTOR is CeleryExecutor but no broker is set",
+                "set AIRFLOW__CELERY__BROKER_URL",
+            )
         return _skip("broker", f"executor {executor or 'default'}; set AIRFLOW__CELERY__BROKER_URL for Celery")
 
     def probe() -> str:
@@ -139,6 +150,7 @@ def _mlflow_auth() -> tuple[dict[str, str], tuple[str, str] | None]:
 def check_mlflow(settings: Settings) -> list[Check]:
     uri = settings.tracking_uri
     if not uri.startswith(("http://", "https://")):
+
         def local() -> str:
             path = Path(uri.removeprefix("sqlite:///")) if uri.startswith("sqlite:") else Path(uri)
             path.parent.mkdir(parents=True, exist_ok=True)
@@ -146,9 +158,10 @@ def check_mlflow(settings: Settings) -> list[Check]:
                 raise PermissionError(f"{path.parent} is not writable")
             return f"{uri} (local store, one machine only)"
 
-        return [_run("mlflow", "set MLFLOW_TRACKING_URI", local),
-                _run("artifact store", "set GITOPS_ML_ARTIFACT_ROOT",
-                     lambda: f"{settings.artifact_root} (local folder)")]
+        return [
+            _run("mlflow", "set MLFLOW_TRACKING_URI", local),
+            _run("artifact store", "set GITOPS_ML_ARTIFACT_ROOT", lambda: f"{settings.artifact_root} (local folder)"),
+        ]
     headers, auth = _mlflow_auth()
     base = uri.rstrip("/")
 
@@ -161,10 +174,15 @@ def check_mlflow(settings: Settings) -> list[Check]:
         listed = _http_json(f"{base}/api/2.0/mlflow-artifacts/artifacts", auth, headers)
         return f"{uri} (proxied): {len(listed.get('files', []))} top-level entr(ies) listed"
 
-    return [_run("mlflow", "set MLFLOW_TRACKING_URI (and MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN)", tracking),
-            _run("artifact store", "fix the MLflow server's --artifacts-destination bucket and its credentials "
-                                   "(MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY on the server)",
-                 artifacts)]
+    return [
+        _run("mlflow", "set MLFLOW_TRACKING_URI (and MLFLOW_TRACKING_USERNAME/PASSWORD or TOKEN)", tracking),
+        _run(
+            "artifact store",
+            "fix the MLflow server's --artifacts-destination bucket and its credentials "
+            "(MLFLOW_S3_ENDPOINT_URL, AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY on the server)",
+            artifacts,
+        ),
+    ]
 
 
 def check_elasticsearch() -> Check:
@@ -190,6 +208,7 @@ def check_elasticsearch() -> Check:
 def check_replicas(urls: list[str], model_name: str, variable: str) -> list[Check]:
     checks = []
     for url in urls:
+
         def probe(url: str = url) -> str:
             _http_json(f"{url}/health")
             response = httpx.get(f"{url}/version", timeout=TIMEOUT)
@@ -210,8 +229,10 @@ def check_repository(watch, settings: Settings) -> list[Check]:
     from gitops_ml import data, source  # noqa: PLC0415
     from gitops_ml.airflow.git_sensor import head_of  # noqa: PLC0415
 
-    fix_git = (f"check repo_url and branch of watch {watch.name!r} and the variables its ${{VAR}} credentials "
-               "name (set where the triggerer and the workers run)")
+    fix_git = (
+        f"check repo_url and branch of watch {watch.name!r} and the variables its ${{VAR}} credentials "
+        "name (set where the triggerer and the workers run)"
+    )
     git_check = _run(f"git {watch.name}", fix_git, lambda: _head(head_of, watch))
     if git_check.status != "OK":
         return [git_check, Check(f"dvc remote {watch.name}", "SKIP", "needs the Git remote", "fix the Git check first")]
@@ -223,8 +244,10 @@ def check_repository(watch, settings: Settings) -> list[Check]:
             workdir = source.checkout(watch.url, commit.commit_sha, cache / "git", cache / "work")
             return f"{data.check_remote(workdir, cache / 'dvc-cache')} (at commit {commit.commit_sha})"
 
-    fix_dvc = (f"the default DVC remote in .dvc/config of watch {watch.name!r} (bucket, endpointurl) and the "
-               "workers' credentials for it (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)")
+    fix_dvc = (
+        f"the default DVC remote in .dvc/config of watch {watch.name!r} (bucket, endpointurl) and the "
+        "workers' credentials for it (e.g. AWS_ACCESS_KEY_ID, AWS_SECRET_ACCESS_KEY)"
+    )
     return [git_check, _run(f"dvc remote {watch.name}", fix_dvc, dvc)]
 
 
@@ -238,19 +261,21 @@ def _head(head_of, watch) -> str:
 def run(settings: Settings | None = None) -> list[Check]:
     settings = settings or Settings.from_env()
     watch_check, watches = check_watch_file()
-    checks = [watch_check,
-              check_airflow_api(settings.airflow_api_url or None),
-              check_metadata_db(os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")),
-              check_broker(os.environ.get("AIRFLOW__CELERY__BROKER_URL"),
-                           os.environ.get("AIRFLOW__CORE__EXECUTOR", "")),
-              *check_mlflow(settings),
-              check_elasticsearch()]
+    checks = [
+        watch_check,
+        check_airflow_api(settings.airflow_api_url or None),
+        check_metadata_db(os.environ.get("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")),
+        check_broker(os.environ.get("AIRFLOW__CELERY__BROKER_URL"), os.environ.get("AIRFLOW__CORE__EXECUTOR", "")),
+        *check_mlflow(settings),
+        check_elasticsearch(),
+    ]
     replicas: dict[str, tuple[str, str]] = {}
     for watch in watches:
         if watch.serving_url:
             for url in Settings(home=settings.home, serving_url=watch.serving_url).serving_urls:
-                replicas.setdefault(url, (watch.model_name or settings.model_name,
-                                          f"serving_url of watch {watch.name!r}"))
+                replicas.setdefault(
+                    url, (watch.model_name or settings.model_name, f"serving_url of watch {watch.name!r}")
+                )
     if not replicas or any(not w.serving_url for w in watches):
         for url in settings.serving_urls:
             replicas.setdefault(url, (settings.model_name, "GITOPS_ML_SERVING_URL"))
@@ -266,5 +291,6 @@ def report(checks: list[Check]) -> tuple[str, int]:
     failed = [c for c in checks if c.status == "FAIL"]
     counts = {status: sum(c.status == status for c in checks) for status in ("OK", "SKIP", "FAIL")}
     summary = f"{counts['OK']} ok, {counts['SKIP']} skipped (not configured), {counts['FAIL']} failed" + (
-        f": {', '.join(c.name for c in failed)}" if failed else "")
+        f": {', '.join(c.name for c in failed)}" if failed else ""
+    )
     return "\n".join([*(c.line() for c in checks), summary]), 1 if failed else 0

@@ -31,8 +31,20 @@ from gitops_ml.config import Settings
 from gitops_ml.errors import GitopsMLError, InputError
 from gitops_ml.payloads import RunConf
 
-__all__ = ["STEPS", "Skip", "check_gate", "finish", "lineage", "record_failure", "refuse_conf_credentials",
-           "reused_version", "run_local", "settings_for", "skip_training", "start"]
+__all__ = [
+    "STEPS",
+    "Skip",
+    "check_gate",
+    "finish",
+    "lineage",
+    "record_failure",
+    "refuse_conf_credentials",
+    "reused_version",
+    "run_local",
+    "settings_for",
+    "skip_training",
+    "start",
+]
 
 log = logging.getLogger(__name__)
 
@@ -69,9 +81,11 @@ def refuse_conf_credentials(repo_url: str | None) -> None:
     from gitops_ml.refs import redact_url  # noqa: PLC0415
 
     if repo_url and redact_url(repo_url) != repo_url:
-        raise InputError(f"run conf repo_url {redact_url(repo_url)} carries credentials: they would be stored in the "
-                         "Airflow DB and shown in the UI; configure the repository as a watch (its URL may read "
-                         "${TOKEN} from the environment) and pass the watch name instead")
+        raise InputError(
+            f"run conf repo_url {redact_url(repo_url)} carries credentials: they would be stored in the "
+            "Airflow DB and shown in the UI; configure the repository as a watch (its URL may read "
+            "${TOKEN} from the environment) and pass the watch name instead"
+        )
 
 
 def start(settings: Settings, conf: RunConf, run_id: str, dag_id: str) -> dict[str, Any] | Skip:
@@ -83,14 +97,19 @@ def start(settings: Settings, conf: RunConf, run_id: str, dag_id: str) -> dict[s
     decision = conf.decision or "train"
     if decision in ("no_retrain", "rejected"):  # the watcher decided: record it against the SHA, run nothing
         reason = conf.reason or decision
-        log.log(logging.WARNING if decision == "rejected" else logging.INFO, "commit %s: %s", commit["commit_sha"],
-                reason)
+        log.log(
+            logging.WARNING if decision == "rejected" else logging.INFO, "commit %s: %s", commit["commit_sha"], reason
+        )
         pipeline.record(settings, commit, run_id, "watch", decision, reason=reason)
-        pipeline.write_note(settings, commit, {"gitops_ml_run": run_id, "decision": decision, "reason": reason,
-                                               "deployed": False})
-        return Skip(f"commit {commit['commit_sha']}: {reason}",
-                    f"REJECTED commit {commit['commit_sha']}: {reason}" if decision == "rejected"
-                    else f"NO RETRAIN NEEDED: {reason.removeprefix('no retrain needed: ')}")
+        pipeline.write_note(
+            settings, commit, {"gitops_ml_run": run_id, "decision": decision, "reason": reason, "deployed": False}
+        )
+        return Skip(
+            f"commit {commit['commit_sha']}: {reason}",
+            f"REJECTED commit {commit['commit_sha']}: {reason}"
+            if decision == "rejected"
+            else f"NO RETRAIN NEEDED: {reason.removeprefix('no retrain needed: ')}",
+        )
     if resolved.get("signature_warning"):  # checked again at resolve, whatever the run conf says
         log.warning("commit %s: signature policy warn: %s", commit["commit_sha"], resolved["signature_warning"])
         pipeline.record(settings, commit, run_id, "signature", "warning", reason=resolved["signature_warning"])
@@ -109,20 +128,33 @@ def skip_training(resolved: dict[str, Any], prepared: dict[str, Any]) -> Skip | 
     existing = reused_version(resolved, prepared)
     if not existing:
         return None
-    why = ("this commit is already registered" if resolved.get("existing_version")
-           else "a version with the same data, params and model code exists")
+    why = (
+        "this commit is already registered"
+        if resolved.get("existing_version")
+        else "a version with the same data, params and model code exists"
+    )
     return Skip(f"commit {resolved['commit']['commit_sha']}: {why} as model version {existing}: nothing to train")
 
 
 def lineage(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[str, Any]) -> dict[str, Any]:
     """The lineage tags of the MLflow run and the model version of this run."""
-    return pipeline.lineage(resolved["commit"], pulled["data_hash"], resolved["lineage"]["airflow_dag_id"],
-                            resolved["lineage"]["airflow_run_id"], prepared["inputs_hash"],
-                            prepared.get("model_code_hash"))
+    return pipeline.lineage(
+        resolved["commit"],
+        pulled["data_hash"],
+        resolved["lineage"]["airflow_dag_id"],
+        resolved["lineage"]["airflow_run_id"],
+        prepared["inputs_hash"],
+        prepared.get("model_code_hash"),
+    )
 
 
-def check_gate(settings: Settings, resolved: dict[str, Any], prepared: dict[str, Any],
-               registered: dict[str, Any] | None, run_id: str) -> tuple[str, Skip | None]:
+def check_gate(
+    settings: Settings,
+    resolved: dict[str, Any],
+    prepared: dict[str, Any],
+    registered: dict[str, Any] | None,
+    run_id: str,
+) -> tuple[str, Skip | None]:
     """The gate rule: the version to deploy (registered now, or reused), and a ``Skip`` of the deploy
     when it failed the evaluation gate (the run's outcome is then recorded here)."""
     commit = resolved["commit"]
@@ -132,29 +164,42 @@ def check_gate(settings: Settings, resolved: dict[str, Any], prepared: dict[str,
     else:  # reused: registered by an earlier run of this commit or of one with the same inputs
         reused = reused_version(resolved, prepared)
         if reused is None:
-            raise GitopsMLError(f"commit {commit['commit_sha']}: no model version was registered and none can be "
-                                "reused: nothing to deploy")
+            raise GitopsMLError(
+                f"commit {commit['commit_sha']}: no model version was registered and none can be "
+                "reused: nothing to deploy"
+            )
         model_version = reused
         gate_passed, reasons = pipeline.gate_of(settings, model_version)
     if gate_passed:
         return model_version, None
     outcome = pipeline.finish(settings, commit, run_id, model_version, None, reused=not registered)
-    return model_version, Skip(f"NOT PROMOTED: model version {model_version} of commit {commit['commit_sha']} failed "
-                               f"the evaluation gate ({reasons}); the serving model is unchanged", outcome["summary"],
-                               outcome)
+    return model_version, Skip(
+        f"NOT PROMOTED: model version {model_version} of commit {commit['commit_sha']} failed "
+        f"the evaluation gate ({reasons}); the serving model is unchanged",
+        outcome["summary"],
+        outcome,
+    )
 
 
-def finish(settings: Settings, resolved: dict[str, Any], prepared: dict[str, Any], deployed: dict[str, Any] | None,
-           run_id: str) -> dict[str, Any] | Skip:
+def finish(
+    settings: Settings, resolved: dict[str, Any], prepared: dict[str, Any], deployed: dict[str, Any] | None, run_id: str
+) -> dict[str, Any] | Skip:
     """The final record and Git note of a run that deployed (see ``pipeline.finish``)."""
     if not deployed:
         return Skip("nothing deployed: the deploy step recorded the outcome")
-    return pipeline.finish(settings, resolved["commit"], run_id, deployed["model_version"], deployed,
-                           reused=bool(reused_version(resolved, prepared)))
+    return pipeline.finish(
+        settings,
+        resolved["commit"],
+        run_id,
+        deployed["model_version"],
+        deployed,
+        reused=bool(reused_version(resolved, prepared)),
+    )
 
 
-def record_failure(settings: Settings, commit: dict[str, Any] | None, commit_sha: str | None, run_id: str,
-                   step: str, reason: str) -> str:
+def record_failure(
+    settings: Settings, commit: dict[str, Any] | None, commit_sha: str | None, run_id: str, step: str, reason: str
+) -> str:
     """The failure rule: record the failed step and its reason against the SHA (when known), write the
     Git note (when the commit was resolved), mark the work tree failed; return the run note's sentence."""
     from gitops_ml import retention  # noqa: PLC0415
@@ -162,14 +207,21 @@ def record_failure(settings: Settings, commit: dict[str, Any] | None, commit_sha
     target = commit or {"commit_sha": commit_sha or "unknown"}
     pipeline.record(settings, target, run_id, step, "failure", reason=reason)
     if commit:
-        pipeline.write_note(settings, commit, {"gitops_ml_run": run_id, "failed_step": step, "reason": reason,
-                                               "deployed": False})
+        pipeline.write_note(
+            settings, commit, {"gitops_ml_run": run_id, "failed_step": step, "reason": reason, "deployed": False}
+        )
     retention.after_run(settings, target["commit_sha"], failed=True, run_id=run_id)  # never raises
     return f"FAILED in step {step}: {reason}"
 
 
-def run_local(settings: Settings, commit_sha: str | None = None, run_id: str = "local", dag_id: str = "local",
-              deploy_model: bool = True, conf: RunConf | dict[str, Any] | None = None) -> dict[str, Any]:
+def run_local(
+    settings: Settings,
+    commit_sha: str | None = None,
+    run_id: str = "local",
+    dag_id: str = "local",
+    deploy_model: bool = True,
+    conf: RunConf | dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Run every step in this process, in order, with the rules the Airflow tasks apply (for the CLI and
     tests).  ``conf`` is a run conf as the DAG takes it (``commit_sha`` wins over its own); without
     ``deploy_model`` a version that passed the gate is registered but not deployed."""
@@ -184,9 +236,11 @@ def run_local(settings: Settings, commit_sha: str | None = None, run_id: str = "
         raise
 
 
-def _run_steps(settings: Settings, conf: RunConf, run_id: str, dag_id: str, deploy_model: bool,
-               progress: dict[str, Any]) -> dict[str, Any]:
+def _run_steps(
+    settings: Settings, conf: RunConf, run_id: str, dag_id: str, deploy_model: bool, progress: dict[str, Any]
+) -> dict[str, Any]:
     """The body of ``run_local``; ``progress`` names the step running and the commit once resolved."""
+
     def at(step: str) -> None:
         progress["step"] = step
 
@@ -213,8 +267,9 @@ def _run_steps(settings: Settings, conf: RunConf, run_id: str, dag_id: str, depl
         evaluated = pipeline.evaluate(settings, commit, prepared["params"], trained)
         at("register")
         registered = pipeline.register(settings, trained, evaluated, run_lineage)
-        result.update(registered, test_accuracy=evaluated["test_accuracy"], mlflow_run_id=trained["run_id"],
-                      reused=False)
+        result.update(
+            registered, test_accuracy=evaluated["test_accuracy"], mlflow_run_id=trained["run_id"], reused=False
+        )
     at("deploy")
     model_version, not_promoted = check_gate(settings, resolved, prepared, registered, run_id)
     result.update(model_version=model_version, gate_passed=not_promoted is None)

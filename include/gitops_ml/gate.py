@@ -21,14 +21,18 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, rules: d
         low = {c: round(r, 4) for c, r in challenger["recall"].items() if r < floor}
         checks["classes_below_recall_floor"] = low
         if low:
-            reasons.append(f"recall below gate.min_class_recall {floor} for class(es) "
-                           + ", ".join(f"{c} ({r})" for c, r in sorted(low.items())))
+            reasons.append(
+                f"recall below gate.min_class_recall {floor} for class(es) "
+                + ", ".join(f"{c} ({r})" for c, r in sorted(low.items()))
+            )
     if champion is not None:
         drop = champion["accuracy"] - challenger["accuracy"]
         checks.update(champion_accuracy=champion["accuracy"], accuracy_drop=drop)
         if drop > rules["max_accuracy_drop"]:
-            reasons.append(f"accuracy {challenger['accuracy']:.4f} is {drop:.4f} below the champion's "
-                           f"{champion['accuracy']:.4f} (gate.max_accuracy_drop {rules['max_accuracy_drop']})")
+            reasons.append(
+                f"accuracy {challenger['accuracy']:.4f} is {drop:.4f} below the champion's "
+                f"{champion['accuracy']:.4f} (gate.max_accuracy_drop {rules['max_accuracy_drop']})"
+            )
     return {"passed": not reasons, "reasons": reasons, "checks": checks}
 
 

@@ -20,8 +20,10 @@ USERNAME_ENV = "GITOPS_ML_GIT_USERNAME"
 PASSWORD_ENV = "GITOPS_ML_GIT_PASSWORD"
 # Runs in git's shell (``!`` helper); answers only "get", so "store"/"erase" do nothing.
 # The values never appear in the helper's text: it reads them from its own environment.
-_HELPER = ('!f() { test "$1" = get || return 0; '
-           f'printf "username=%s\\npassword=%s\\n" "${USERNAME_ENV}" "${PASSWORD_ENV}"; }}; f')
+_HELPER = (
+    '!f() { test "$1" = get || return 0; '
+    f'printf "username=%s\\npassword=%s\\n" "${USERNAME_ENV}" "${PASSWORD_ENV}"; }}; f'
+)
 _SCHEMES_WITH_SECRETS = ("http", "https", "ftp", "ftps")
 
 
@@ -35,8 +37,11 @@ def split_credentials(url: str) -> tuple[str, str | None, str | None]:
         return url, None, None
     userinfo, host = parts.netloc.rsplit("@", 1)
     user, _, password = userinfo.partition(":")
-    return (urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)),
-            unquote(user), unquote(password) if password or ":" in userinfo else None)
+    return (
+        urlunsplit((parts.scheme, host, parts.path, parts.query, parts.fragment)),
+        unquote(user),
+        unquote(password) if password or ":" in userinfo else None,
+    )
 
 
 def git_command(url: str, base_env: dict[str, str] | None = None) -> tuple[str, dict[str, str]]:
@@ -51,10 +56,18 @@ def git_command(url: str, base_env: dict[str, str] | None = None) -> tuple[str, 
     if user is None:
         return url, env
     count = int(env.get("GIT_CONFIG_COUNT", "0") or 0)
-    env.update({f"GIT_CONFIG_KEY_{count}": "credential.helper", f"GIT_CONFIG_VALUE_{count}": "",
-                f"GIT_CONFIG_KEY_{count + 1}": "credential.helper", f"GIT_CONFIG_VALUE_{count + 1}": _HELPER,
-                "GIT_CONFIG_COUNT": str(count + 2),
-                USERNAME_ENV: user, PASSWORD_ENV: password or "", "GIT_TERMINAL_PROMPT": "0"})
+    env.update(
+        {
+            f"GIT_CONFIG_KEY_{count}": "credential.helper",
+            f"GIT_CONFIG_VALUE_{count}": "",
+            f"GIT_CONFIG_KEY_{count + 1}": "credential.helper",
+            f"GIT_CONFIG_VALUE_{count + 1}": _HELPER,
+            "GIT_CONFIG_COUNT": str(count + 2),
+            USERNAME_ENV: user,
+            PASSWORD_ENV: password or "",
+            "GIT_TERMINAL_PROMPT": "0",
+        }
+    )
     return safe, env
 
 

@@ -62,8 +62,11 @@ def commit_url(repo_url: str | None, commit_sha: str) -> str | None:
     if parts.scheme not in ("http", "https") or parts.hostname not in _BROWSABLE_HOSTS or "@" in parts.netloc:
         return None
     path = parts.path.removesuffix(".git").rstrip("/")
-    separator = "/-/commit/" if parts.hostname == "gitlab.com" else ("/commits/" if parts.hostname == "bitbucket.org"
-                                                                     else "/commit/")
+    separator = (
+        "/-/commit/"
+        if parts.hostname == "gitlab.com"
+        else ("/commits/" if parts.hostname == "bitbucket.org" else "/commit/")
+    )
     return f"https://{parts.hostname}{path}{separator}{commit_sha}"
 
 
@@ -92,11 +95,17 @@ def decision_of(run: dict[str, Any], outcome: dict[str, Any] | None, on_branch: 
     if on_branch is False:
         return {"kind": "force_pushed", "text": "force-pushed away", "detail": "no longer on the branch"}
     if outcome and outcome.get("superseded_by"):
-        return {"kind": "superseded", "text": f"superseded by {outcome['superseded_by'][:10]}",
-                "detail": outcome.get("summary", "")}
+        return {
+            "kind": "superseded",
+            "text": f"superseded by {outcome['superseded_by'][:10]}",
+            "detail": outcome.get("summary", ""),
+        }
     if run.get("state") in ("running", "queued"):
-        current = [t for t in TASK_ORDER if (tasks.get(t) or {}).get("state") in ("running", "queued", "deferred",
-                                                                                   "up_for_retry")]
+        current = [
+            t
+            for t in TASK_ORDER
+            if (tasks.get(t) or {}).get("state") in ("running", "queued", "deferred", "up_for_retry")
+        ]
         return {"kind": "running", "text": f"running: {current[0]}" if current else run["state"], "detail": ""}
     failed = [t for t in TASK_ORDER if (tasks.get(t) or {}).get("state") in ("failed", "upstream_failed")]
     if run.get("state") == "failed" or sentence.startswith("FAILED"):
@@ -122,14 +131,22 @@ def gate_of(run: dict[str, Any], tags: dict[str, str]) -> dict[str, Any] | None:
     if not evaluated and not tags.get("gate"):
         return None
     passed = evaluated.get("gate_passed") if evaluated else tags.get("gate") == "passed"
-    reasons = evaluated.get("gate_reasons") if evaluated else [r for r in (tags.get("gate_reasons") or "").split("; ")
-                                                                if r]
-    accuracy = evaluated.get("test_accuracy") if evaluated else (float(tags["test_accuracy"])
-                                                                  if tags.get("test_accuracy") else None)
-    return {"passed": bool(passed), "reasons": list(reasons or []), "challenger_accuracy": accuracy,
-            "champion_accuracy": evaluated.get("champion_accuracy"),
-            "champion_version": evaluated.get("champion_version") or tags.get("gate_compared_with"),
-            "recall_floor": tags.get("min_class_recall")}
+    reasons = (
+        evaluated.get("gate_reasons") if evaluated else [r for r in (tags.get("gate_reasons") or "").split("; ") if r]
+    )
+    accuracy = (
+        evaluated.get("test_accuracy")
+        if evaluated
+        else (float(tags["test_accuracy"]) if tags.get("test_accuracy") else None)
+    )
+    return {
+        "passed": bool(passed),
+        "reasons": list(reasons or []),
+        "challenger_accuracy": accuracy,
+        "champion_accuracy": evaluated.get("champion_accuracy"),
+        "champion_version": evaluated.get("champion_version") or tags.get("gate_compared_with"),
+        "recall_floor": tags.get("min_class_recall"),
+    }
 
 
 def note_lines(xcom: dict[str, Any]) -> list[str]:
@@ -141,41 +158,68 @@ def note_lines(xcom: dict[str, Any]) -> list[str]:
         lines.append(f"decision: reused version {reused} (same data, params and model code), not retrained")
     evaluated = xcom.get("evaluate") or {}
     if evaluated.get("test_accuracy") is not None:
-        against = (f" against champion version {evaluated['champion_version']}'s "
-                   f"{evaluated['champion_accuracy']:.4f}" if evaluated.get("champion_accuracy") is not None
-                   else " (no champion to compare with)")
+        against = (
+            f" against champion version {evaluated['champion_version']}'s {evaluated['champion_accuracy']:.4f}"
+            if evaluated.get("champion_accuracy") is not None
+            else " (no champion to compare with)"
+        )
         verdict = "passed" if evaluated.get("gate_passed") else "FAILED"
         lines.append(f"decision: trained; gate {verdict}: test accuracy {evaluated['test_accuracy']:.4f}{against}")
     return lines
 
 
-def deploy_of(version: dict[str, Any] | None, outcome: dict[str, Any] | None, champion: str | None,
-              manual: dict[str, Any] | None) -> dict[str, Any] | None:
+def deploy_of(
+    version: dict[str, Any] | None, outcome: dict[str, Any] | None, champion: str | None, manual: dict[str, Any] | None
+) -> dict[str, Any] | None:
     """promoted / not promoted / rolled back (and why) / superseded / serving, of the run's model version."""
     tags = (version or {}).get("tags") or {}
     number = (version or {}).get("version")
     serving = number is not None and number == champion
     if manual is not None:
-        return {"kind": "manual", "text": f"{manual['action']} by {manual['by']}", "serving": serving,
-                "detail": manual.get("reason") or ""}
+        return {
+            "kind": "manual",
+            "text": f"{manual['action']} by {manual['by']}",
+            "serving": serving,
+            "detail": manual.get("reason") or "",
+        }
     if tags.get("deploy_outcome") == "rolled_back" or tags.get("rollback_reason"):
-        return {"kind": "rolled_back", "text": "rolled back", "serving": serving,
-                "detail": tags.get("rollback_reason") or ""}
+        return {
+            "kind": "rolled_back",
+            "text": "rolled back",
+            "serving": serving,
+            "detail": tags.get("rollback_reason") or "",
+        }
     if outcome and outcome.get("superseded_by"):
-        return {"kind": "superseded", "text": "not deployed (superseded)", "serving": serving,
-                "detail": outcome.get("summary", "")}
+        return {
+            "kind": "superseded",
+            "text": "not deployed (superseded)",
+            "serving": serving,
+            "detail": outcome.get("summary", ""),
+        }
     if outcome and outcome.get("gate") == "failed" and not outcome.get("deployed"):
-        return {"kind": "not_promoted", "text": "NOT PROMOTED", "serving": serving,
-                "detail": outcome.get("summary", "")}
+        return {
+            "kind": "not_promoted",
+            "text": "NOT PROMOTED",
+            "serving": serving,
+            "detail": outcome.get("summary", ""),
+        }
     if outcome and outcome.get("promoted"):
         replaced = outcome.get("replaced_version")
-        return {"kind": "promoted", "text": "promoted", "serving": serving,
-                "detail": f"replaced version {replaced}" if replaced else "first model served"}
+        return {
+            "kind": "promoted",
+            "text": "promoted",
+            "serving": serving,
+            "detail": f"replaced version {replaced}" if replaced else "first model served",
+        }
     if outcome and outcome.get("deployed"):
         return {"kind": "serving", "text": "serving (already champion)", "serving": serving, "detail": ""}
     if tags.get("gate") == "failed":
-        return {"kind": "not_promoted", "text": "NOT PROMOTED", "serving": serving,
-                "detail": tags.get("gate_reasons") or ""}
+        return {
+            "kind": "not_promoted",
+            "text": "NOT PROMOTED",
+            "serving": serving,
+            "detail": tags.get("gate_reasons") or "",
+        }
     if tags.get("deploy_outcome") == "promoted":
         return {"kind": "promoted", "text": "promoted", "serving": serving, "detail": ""}
     return None
@@ -183,38 +227,63 @@ def deploy_of(version: dict[str, Any] | None, outcome: dict[str, Any] | None, ch
 
 def last_manual_action(docs: list[dict[str, Any]], model_version: str | None) -> dict[str, Any] | None:
     """The newest manual rollback/promotion (``gitops_ml.rollback``) recorded for ``model_version``."""
-    manual = [d for d in docs if d["event"]["action"] == "deploy" and d.get("manual")
-              and str(d.get("model_version")) == str(model_version)]
+    manual = [
+        d
+        for d in docs
+        if d["event"]["action"] == "deploy" and d.get("manual") and str(d.get("model_version")) == str(model_version)
+    ]
     if not manual:
         return None
     doc = max(manual, key=lambda d: d["@timestamp"])
-    return {"action": doc["manual"].get("action", "rolled back"), "by": doc["manual"].get("by", "?"),
-            "at": doc["@timestamp"], "reason": doc.get("reason")}
+    return {
+        "action": doc["manual"].get("action", "rolled back"),
+        "by": doc["manual"].get("by", "?"),
+        "at": doc["@timestamp"],
+        "reason": doc.get("reason"),
+    }
 
 
-def links_of(settings: Settings, run: dict[str, Any], commit_sha: str | None, repo_url: str | None,
-             version: dict[str, Any] | None, mlflow_run_id: str | None, experiment_id: str | None,
-             kibana_url: str | None) -> dict[str, str | None]:
+def links_of(
+    settings: Settings,
+    run: dict[str, Any],
+    commit_sha: str | None,
+    repo_url: str | None,
+    version: dict[str, Any] | None,
+    mlflow_run_id: str | None,
+    experiment_id: str | None,
+    kibana_url: str | None,
+) -> dict[str, str | None]:
     ui = settings.mlflow_ui_url.rstrip("/")
     logs = None
     if commit_sha and kibana_url:
         query = quote(f'labels.commit_sha : "{commit_sha}"')
-        logs = (f"{kibana_url.rstrip('/')}/app/discover#/view/gitops-ml-log-lines"
-                f"?_a=(query:(language:kuery,query:'{query}'))")
+        logs = (
+            f"{kibana_url.rstrip('/')}/app/discover#/view/gitops-ml-log-lines"
+            f"?_a=(query:(language:kuery,query:'{query}'))"
+        )
     return {
         "airflow_run": f"/dags/{run.get('dag_id') or PIPELINE_DAG_ID}/runs/{quote(run['run_id'], safe='')}",
-        "mlflow_run": (f"{ui}/#/experiments/{experiment_id}/runs/{mlflow_run_id}"
-                       if mlflow_run_id and experiment_id else None),
-        "mlflow_version": (f"{ui}/#/models/{quote(settings.model_name)}/versions/{version['version']}"
-                           if version else None),
+        "mlflow_run": (
+            f"{ui}/#/experiments/{experiment_id}/runs/{mlflow_run_id}" if mlflow_run_id and experiment_id else None
+        ),
+        "mlflow_version": (
+            f"{ui}/#/models/{quote(settings.model_name)}/versions/{version['version']}" if version else None
+        ),
         "logs": logs,
         "logs_command": f"gitops-ml logs {commit_sha}" if commit_sha else None,
         "commit": commit_url(repo_url, commit_sha) if commit_sha else None,
     }
 
 
-def row(settings: Settings, run: dict[str, Any], docs: list[dict[str, Any]], versions: dict[str, dict[str, Any]],
-        champion: str | None, commit_info: dict[str, Any] | None, kibana_url: str | None = None) -> dict[str, Any]:
+def row(
+    settings: Settings,
+    run: dict[str, Any],
+    docs: list[dict[str, Any]],
+    versions: dict[str, dict[str, Any]],
+    champion: str | None,
+    commit_info: dict[str, Any] | None,
+    kibana_url: str | None = None,
+) -> dict[str, Any]:
     """One history row: the commit, its run (task by task), decision, gate, model version, deploy, links."""
     xcom = run.get("xcom") or {}
     commit_sha = commit_sha_of(run)
@@ -222,18 +291,24 @@ def row(settings: Settings, run: dict[str, Any], docs: list[dict[str, Any]], ver
     info = {**(commit_info or {}), **{k: v for k, v in resolved_commit.items() if v}}
     final = _final_record(docs, run["run_id"])
     outcome = final if final is not None else None
-    model_version = ((xcom.get("register") or {}).get("model_version")
-                     or (xcom.get("prepare_workspace") or {}).get("reuse_version")
-                     or ((xcom.get("resolve_commit") or {}).get("existing_version"))
-                     or _version_number((outcome or {}).get("model")))
+    model_version = (
+        (xcom.get("register") or {}).get("model_version")
+        or (xcom.get("prepare_workspace") or {}).get("reuse_version")
+        or ((xcom.get("resolve_commit") or {}).get("existing_version"))
+        or _version_number((outcome or {}).get("model"))
+    )
     version = versions.get(str(model_version)) if model_version else None
     tags = (version or {}).get("tags") or {}
     trained = xcom.get("train") or {}
     mlflow_run_id = trained.get("run_id") or (version or {}).get("run_id")
     manual = last_manual_action(docs, model_version)
     tasks = [{"task_id": t, **(run.get("tasks") or {}).get(t, {"state": None})} for t in TASK_ORDER]
-    may_roll_back = bool(version) and str(model_version) != champion and (
-        tags.get("deploy_outcome") == "promoted" or bool(tags.get("deployed_at"))) and tags.get("gate") != "failed"
+    may_roll_back = (
+        bool(version)
+        and str(model_version) != champion
+        and (tags.get("deploy_outcome") == "promoted" or bool(tags.get("deployed_at")))
+        and tags.get("gate") != "failed"
+    )
     return {
         "commit_sha": commit_sha,
         "short_sha": (commit_sha or "")[:10],
@@ -241,9 +316,16 @@ def row(settings: Settings, run: dict[str, Any], docs: list[dict[str, Any]], ver
         "author": info.get("author") or "",
         "committed_at": info.get("committed_at"),
         "on_branch": (commit_info or {}).get("on_branch"),
-        "run": {"run_id": run["run_id"], "state": run.get("state"), "start_date": run.get("start_date"),
-                "end_date": run.get("end_date"), "duration_s": _seconds(run.get("start_date"), run.get("end_date")),
-                "note": run.get("note") or "", "trigger": (run.get("conf") or {}).get("trigger"), "tasks": tasks},
+        "run": {
+            "run_id": run["run_id"],
+            "state": run.get("state"),
+            "start_date": run.get("start_date"),
+            "end_date": run.get("end_date"),
+            "duration_s": _seconds(run.get("start_date"), run.get("end_date")),
+            "note": run.get("note") or "",
+            "trigger": (run.get("conf") or {}).get("trigger"),
+            "tasks": tasks,
+        },
         "decision": decision_of(run, outcome, (commit_info or {}).get("on_branch")),
         "gate": gate_of(run, tags),
         "model_version": str(model_version) if model_version else None,
@@ -251,14 +333,22 @@ def row(settings: Settings, run: dict[str, Any], docs: list[dict[str, Any]], ver
         "deploy": deploy_of(version, outcome, champion, manual),
         "summary": (outcome or {}).get("summary") or xcom.get("outcome") or "",
         "can_roll_back": may_roll_back,
-        "links": links_of(settings, run, commit_sha, resolved_commit.get("repo_url") or settings.repo_url, version,
-                          mlflow_run_id, trained.get("experiment_id") or (version or {}).get("experiment_id"),
-                          kibana_url),
+        "links": links_of(
+            settings,
+            run,
+            commit_sha,
+            resolved_commit.get("repo_url") or settings.repo_url,
+            version,
+            mlflow_run_id,
+            trained.get("experiment_id") or (version or {}).get("experiment_id"),
+            kibana_url,
+        ),
     }
 
 
 def replica_versions(settings: Settings, timeout: float = REPLICA_TIMEOUT) -> list[dict[str, Any]]:
     """Each serving replica's ``/version`` (concurrently, short timeout): what it serves, or why not known."""
+
     def ask(url: str) -> dict[str, Any]:
         try:
             response = httpx.get(url + "/version", timeout=timeout)
@@ -277,8 +367,9 @@ def replica_versions(settings: Settings, timeout: float = REPLICA_TIMEOUT) -> li
         return list(pool.map(ask, urls))
 
 
-def now_serving(champion: dict[str, Any] | None, replicas: list[dict[str, Any]],
-                commit_info: dict[str, Any] | None) -> dict[str, Any]:
+def now_serving(
+    champion: dict[str, Any] | None, replicas: list[dict[str, Any]], commit_info: dict[str, Any] | None
+) -> dict[str, Any]:
     """The champion alias (desired) beside every replica's ``/version`` (observed); a replica that
     disagrees with the alias (other version, other commit, nothing, unreachable) is flagged."""
     tags = (champion or {}).get("tags") or {}
@@ -287,8 +378,12 @@ def now_serving(champion: dict[str, Any] | None, replicas: list[dict[str, Any]],
     checked = []
     for replica in replicas:
         serving = replica.get("serving") or {}
-        agrees = (replica.get("reachable") and version is not None
-                  and str(serving.get("model_version")) == str(version) and serving.get("commit_sha") == served_for)
+        agrees = (
+            replica.get("reachable")
+            and version is not None
+            and str(serving.get("model_version")) == str(version)
+            and serving.get("commit_sha") == served_for
+        )
         checked.append({**replica, "agrees": bool(agrees) if champion else not serving})
     info = commit_info or {}
     return {
@@ -307,9 +402,20 @@ def now_serving(champion: dict[str, Any] | None, replicas: list[dict[str, Any]],
     }
 
 
-def build(settings: Settings, runs: list[dict[str, Any]], total: int, page: int, per_page: int, *,
-          versions: dict[str, dict[str, Any]], champion: dict[str, Any] | None, replicas: list[dict[str, Any]],
-          commits: dict[str, dict[str, Any]], records_of, kibana_url: str | None = None) -> dict[str, Any]:
+def build(
+    settings: Settings,
+    runs: list[dict[str, Any]],
+    total: int,
+    page: int,
+    per_page: int,
+    *,
+    versions: dict[str, dict[str, Any]],
+    champion: dict[str, Any] | None,
+    replicas: list[dict[str, Any]],
+    commits: dict[str, dict[str, Any]],
+    records_of,
+    kibana_url: str | None = None,
+) -> dict[str, Any]:
     """The whole page: one section per watched repository (the runs' ``watch``), each with its rows.
 
     ``records_of(commit_sha)`` returns the run records of a commit; ``commits`` maps a SHA to what
@@ -322,18 +428,28 @@ def build(settings: Settings, runs: list[dict[str, Any]], total: int, page: int,
         docs = records_of(commit_sha) if commit_sha else []
         name = (run.get("conf") or {}).get("watch") or "default"
         sections.setdefault(name, []).append(
-            row(settings, run, docs, versions, champion_number, commits.get(commit_sha or ""), kibana_url))
-    serving = now_serving(champion, replicas, commits.get((champion or {}).get("tags", {}).get("served_for_commit")
-                                                          or (champion or {}).get("tags", {}).get("commit_sha") or ""))
+            row(settings, run, docs, versions, champion_number, commits.get(commit_sha or ""), kibana_url)
+        )
+    serving = now_serving(
+        champion,
+        replicas,
+        commits.get(
+            (champion or {}).get("tags", {}).get("served_for_commit")
+            or (champion or {}).get("tags", {}).get("commit_sha")
+            or ""
+        ),
+    )
     return {
         "model_name": settings.model_name,
         "actions": manual_actions(champion),
         "repository": redact_url(settings.repo_url) if settings.repo_url else None,
         "branch": settings.branch,
         "now_serving": serving,
-        "sections": [{"watch": name, "rows": rows} for name, rows in sections.items()] or
-                    [{"watch": "default", "rows": []}],
-        "page": page, "per_page": per_page, "total": total,
+        "sections": [{"watch": name, "rows": rows} for name, rows in sections.items()]
+        or [{"watch": "default", "rows": []}],
+        "page": page,
+        "per_page": per_page,
+        "total": total,
         "pages": max(1, -(-total // per_page)),
         "running": any(r.get("state") in ("running", "queued") for r in runs),
     }
@@ -344,10 +460,17 @@ def manual_actions(champion: dict[str, Any] | None) -> list[dict[str, Any]]:
     tags = (champion or {}).get("tags") or {}
     if not tags.get("manual_deploy_at"):
         return []
-    return [{"action": tags.get("manual_deploy_action") or "rolled back", "by": tags.get("manual_deploy_by") or "?",
-             "at": tags["manual_deploy_at"], "model_version": str(champion["version"]),
-             "commit_sha": tags.get("served_for_commit") or tags.get("commit_sha"),
-             "replaced_version": tags.get("replaced_version"), "reason": tags.get("manual_deploy_reason")}]
+    return [
+        {
+            "action": tags.get("manual_deploy_action") or "rolled back",
+            "by": tags.get("manual_deploy_by") or "?",
+            "at": tags["manual_deploy_at"],
+            "model_version": str(champion["version"]),
+            "commit_sha": tags.get("served_for_commit") or tags.get("commit_sha"),
+            "replaced_version": tags.get("replaced_version"),
+            "reason": tags.get("manual_deploy_reason"),
+        }
+    ]
 
 
 def records_reader(settings: Settings, commit_shas: list[str], es_client=None):
@@ -371,8 +494,9 @@ def records_reader(settings: Settings, commit_shas: list[str], es_client=None):
     return records_of
 
 
-def collect(settings: Settings, runs: list[dict[str, Any]], total: int, page: int, per_page: int,
-            kibana_url: str | None = None) -> dict[str, Any]:
+def collect(
+    settings: Settings, runs: list[dict[str, Any]], total: int, page: int, per_page: int, kibana_url: str | None = None
+) -> dict[str, Any]:
     """Build the page from the real stores: the registry (champion and the page's versions), the
     replicas, Git (message/author, still on the branch) and the run records."""
     from gitops_ml import registry, source  # noqa: PLC0415 - mlflow and git are heavy
@@ -381,9 +505,11 @@ def collect(settings: Settings, runs: list[dict[str, Any]], total: int, page: in
     wanted = set()
     for run in runs:
         xcom = run.get("xcom") or {}
-        for value in ((xcom.get("register") or {}).get("model_version"),
-                      (xcom.get("prepare_workspace") or {}).get("reuse_version"),
-                      (xcom.get("resolve_commit") or {}).get("existing_version")):
+        for value in (
+            (xcom.get("register") or {}).get("model_version"),
+            (xcom.get("prepare_workspace") or {}).get("reuse_version"),
+            (xcom.get("resolve_commit") or {}).get("existing_version"),
+        ):
             if value:
                 wanted.add(str(value))
     versions = registry.version_summaries(settings, wanted)
@@ -392,8 +518,23 @@ def collect(settings: Settings, runs: list[dict[str, Any]], total: int, page: in
     shas = {s for s in (commit_sha_of(r) for r in runs) if s}
     if champion is not None:
         shas.add(champion["tags"].get("served_for_commit") or champion["tags"].get("commit_sha") or "")
-    commits = source.describe_commits(settings.repo_url, settings.branch, settings.git_cache_dir,
-                                      sorted(s for s in shas if s)) if settings.repo_url else {}
-    return build(settings, runs, total, page, per_page, versions=versions, champion=champion,
-                 replicas=replica_versions(settings), commits=commits,
-                 records_of=records_reader(settings, sorted(s for s in shas if s)), kibana_url=kibana_url)
+    commits = (
+        source.describe_commits(
+            settings.repo_url, settings.branch, settings.git_cache_dir, sorted(s for s in shas if s)
+        )
+        if settings.repo_url
+        else {}
+    )
+    return build(
+        settings,
+        runs,
+        total,
+        page,
+        per_page,
+        versions=versions,
+        champion=champion,
+        replicas=replica_versions(settings),
+        commits=commits,
+        records_of=records_reader(settings, sorted(s for s in shas if s)),
+        kibana_url=kibana_url,
+    )

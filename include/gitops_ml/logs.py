@@ -54,26 +54,39 @@ TEMPLATE = {
     "template": {
         "settings": {"number_of_shards": 1, "number_of_replicas": 0},
         "mappings": {
-            "dynamic_templates": [{"labels_as_keyword": {"path_match": "labels.*",
-                                                         "mapping": {"type": "keyword"}}}],
+            "dynamic_templates": [{"labels_as_keyword": {"path_match": "labels.*", "mapping": {"type": "keyword"}}}],
             "properties": {
                 "@timestamp": {"type": "date"},
                 "message": {"type": "text"},
                 "log": {"properties": {"level": {"type": "keyword"}, "logger": {"type": "keyword"}}},
                 "service": {"properties": {"name": {"type": "keyword"}}},
-                "event": {"properties": {"dataset": {"type": "keyword"}, "action": {"type": "keyword"},
-                                         "outcome": {"type": "keyword"}}},
+                "event": {
+                    "properties": {
+                        "dataset": {"type": "keyword"},
+                        "action": {"type": "keyword"},
+                        "outcome": {"type": "keyword"},
+                    }
+                },
                 "labels": {"properties": {k: {"type": "keyword"} for k in LABEL_KEYS}},
                 "log_id": {"type": "keyword"},
                 "offset": {"type": "long"},
-                "gitops_ml": {"properties": {"truncated": {"type": "boolean"},
-                                             "original_bytes": {"type": "long"},
-                                             # Airflow's structured traceback and the line's other
-                                             # fields, kept for the UI's rendering, not indexed
-                                             "error_detail": {"type": "object", "enabled": False},
-                                             "fields": {"type": "object", "enabled": False}}},
-                "error": {"properties": {"type": {"type": "keyword"}, "message": {"type": "text"},
-                                         "stack_trace": {"type": "text"}}},
+                "gitops_ml": {
+                    "properties": {
+                        "truncated": {"type": "boolean"},
+                        "original_bytes": {"type": "long"},
+                        # Airflow's structured traceback and the line's other
+                        # fields, kept for the UI's rendering, not indexed
+                        "error_detail": {"type": "object", "enabled": False},
+                        "fields": {"type": "object", "enabled": False},
+                    }
+                },
+                "error": {
+                    "properties": {
+                        "type": {"type": "keyword"},
+                        "message": {"type": "text"},
+                        "stack_trace": {"type": "text"},
+                    }
+                },
                 "test_accuracy": {"type": "float"},
                 "model_version": {"type": "keyword"},
                 "deployed": {"type": "boolean"},
@@ -109,9 +122,17 @@ def segment_name(labels: dict[str, Any]) -> str:
     return "".join(c if c.isalnum() or c in "-_." else "_" for c in "__".join(str(p) for p in parts))
 
 
-def document(labels: dict[str, Any], offset: int, level: str, logger: str, message: Any,
-             created: float | None = None, timestamp: str | None = None,
-             error: dict[str, Any] | None = None, extra: dict[str, Any] | None = None) -> dict[str, Any]:
+def document(
+    labels: dict[str, Any],
+    offset: int,
+    level: str,
+    logger: str,
+    message: Any,
+    created: float | None = None,
+    timestamp: str | None = None,
+    error: dict[str, Any] | None = None,
+    extra: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """One ECS log document; ``_id`` is a function of run, task, try and offset only.
 
     ``timestamp`` (ISO 8601, kept as written) wins over ``created`` (epoch seconds); ``error`` is
@@ -119,13 +140,15 @@ def document(labels: dict[str, Any], offset: int, level: str, logger: str, messa
     labels = {k: str(v) for k, v in labels.items() if v is not None}
     text, truncated, size = _clean_text(message)
     # The provider's default ``log_id_template``: {dag_id}-{task_id}-{run_id}-{map_index}-{try_number}
-    log_id = f"{labels.get('dag_id', '-')}-{labels.get('task_id', '-')}-{labels.get('run_id', '-')}-" \
-             f"{labels.get('map_index', '-1')}-{labels.get('try_number', '1')}"
+    log_id = (
+        f"{labels.get('dag_id', '-')}-{labels.get('task_id', '-')}-{labels.get('run_id', '-')}-"
+        f"{labels.get('map_index', '-1')}-{labels.get('try_number', '1')}"
+    )
     doc_id = hashlib.sha256(f"{log_id}|{offset}".encode()).hexdigest()[:40]
     doc: dict[str, Any] = {
         "_id": doc_id,
-        "@timestamp": timestamp or (datetime.fromtimestamp(created, UTC).isoformat() if created
-                                    else datetime.now(UTC).isoformat()),
+        "@timestamp": timestamp
+        or (datetime.fromtimestamp(created, UTC).isoformat() if created else datetime.now(UTC).isoformat()),
         "log": {"level": level.lower(), "logger": logger},
         "message": text,
         "service": {"name": "gitops-ml"},
@@ -146,8 +169,9 @@ def document(labels: dict[str, Any], offset: int, level: str, logger: str, messa
 class SpoolHandler(logging.Handler):
     """Appends every record as an ECS document to this task try's spool segment (fsync'd per line)."""
 
-    def __init__(self, home: Path, labels: dict[str, Any], redactor: Callable[[str], str] | None = None,
-                 suffix: str = ".jsonl"):
+    def __init__(
+        self, home: Path, labels: dict[str, Any], redactor: Callable[[str], str] | None = None, suffix: str = ".jsonl"
+    ):
         super().__init__(level=logging.INFO)
         self.labels = dict(labels)
         self.redactor = redactor  # e.g. Airflow's secrets masker: connection passwords, masked variables
@@ -182,9 +206,14 @@ def shipping_configured() -> bool:
 
 
 @contextmanager
-def capture(home: Path, labels: dict[str, Any], ship_after: bool = True,
-            ship_wait_seconds: float = 0.0, redactor: Callable[[str], str] | None = None,
-            shipped_by_supervisor: bool = False) -> Iterator[SpoolHandler]:
+def capture(
+    home: Path,
+    labels: dict[str, Any],
+    ship_after: bool = True,
+    ship_wait_seconds: float = 0.0,
+    redactor: Callable[[str], str] | None = None,
+    shipped_by_supervisor: bool = False,
+) -> Iterator[SpoolHandler]:
     """Spool every log line of the block with ``labels``; ship the spool afterwards (best effort,
     retrying for up to ``ship_wait_seconds`` while Elasticsearch is unreachable).
 
@@ -226,8 +255,12 @@ def _labels_path(home: Path, labels: dict[str, Any]) -> Path:
 def _save_labels(home: Path, labels: dict[str, Any], ship_wait_seconds: float) -> None:
     path = _labels_path(home, labels)
     tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps({"labels": {k: v for k, v in labels.items() if v is not None},
-                               "ship_wait_seconds": ship_wait_seconds}), encoding="utf-8")
+    tmp.write_text(
+        json.dumps(
+            {"labels": {k: v for k, v in labels.items() if v is not None}, "ship_wait_seconds": ship_wait_seconds}
+        ),
+        encoding="utf-8",
+    )
     os.replace(tmp, path)
 
 
@@ -289,15 +322,25 @@ class LiveFlusher(threading.Thread):
                 with open(self.path, encoding="utf-8", errors="replace") as fh:
                     fh.seek(self.position)
                     chunk = fh.read()
-                complete = chunk[:chunk.rfind("\n") + 1]  # never a half-written line
+                complete = chunk[: chunk.rfind("\n") + 1]  # never a half-written line
                 docs = [json.loads(line) for line in complete.splitlines() if line.strip()]
                 if docs and not template_ready:
                     install_template(client)  # before the first document creates the index
                     template_ready = True
                 if docs:
-                    helpers.bulk(client, ({"_index": LOGS_INDEX, "_id": d["_id"],
-                                           "_source": {k: v for k, v in d.items() if k != "_id"}}
-                                          for d in docs), raise_on_error=False, raise_on_exception=False)
+                    helpers.bulk(
+                        client,
+                        (
+                            {
+                                "_index": LOGS_INDEX,
+                                "_id": d["_id"],
+                                "_source": {k: v for k, v in d.items() if k != "_id"},
+                            }
+                            for d in docs
+                        ),
+                        raise_on_error=False,
+                        raise_on_exception=False,
+                    )
                 self.position += len(complete.encode("utf-8"))
             except (OSError, ValueError):
                 continue  # nothing spooled yet, or a line being written: next round
@@ -374,8 +417,12 @@ def es_client(url: str | None = None):
 
 def install_template(client) -> None:
     """Create or update the index template (idempotent: the same body every time)."""
-    client.indices.put_index_template(name=TEMPLATE_NAME, index_patterns=TEMPLATE["index_patterns"],
-                                      priority=TEMPLATE["priority"], template=TEMPLATE["template"])
+    client.indices.put_index_template(
+        name=TEMPLATE_NAME,
+        index_patterns=TEMPLATE["index_patterns"],
+        priority=TEMPLATE["priority"],
+        template=TEMPLATE["template"],
+    )
 
 
 def _segments(home: Path) -> list[Path]:
@@ -440,8 +487,15 @@ def ship(home: Path, client=None) -> dict[str, int]:
     shipped = kept = 0
     for segment in _segments(home):
         docs = read_segment(segment)
-        actions = ({"_op_type": "index", "_index": d.get("_index", LOGS_INDEX), "_id": d["_id"],
-                    "_source": {k: v for k, v in d.items() if k not in ("_id", "_index")}} for d in docs)
+        actions = (
+            {
+                "_op_type": "index",
+                "_index": d.get("_index", LOGS_INDEX),
+                "_id": d["_id"],
+                "_source": {k: v for k, v in d.items() if k not in ("_id", "_index")},
+            }
+            for d in docs
+        )
         ok, errors = helpers.bulk(client, actions, raise_on_error=False, raise_on_exception=False, chunk_size=2000)
         if errors:  # a list of the refused actions (a count only with stats_only=True)
             assert isinstance(errors, list)
@@ -454,15 +508,20 @@ def ship(home: Path, client=None) -> dict[str, int]:
     return {"shipped": shipped, "kept": kept, "dropped": dropped}
 
 
-def search(home: Path, commit_sha: str, task_id: str | None = None, level: str | None = None,
-           client=None, size: int = 10_000) -> list[dict[str, Any]]:
+def search(
+    home: Path, commit_sha: str, task_id: str | None = None, level: str | None = None, client=None, size: int = 10_000
+) -> list[dict[str, Any]]:
     """A commit's log documents in order, from Elasticsearch or (without it) from the spool."""
     client = client or es_client()
     if client is None:
         docs = [d for p in _segments(home) for d in read_segment(p) if "_index" not in d]
-        docs = [d for d in docs if d["labels"].get("commit_sha", "").startswith(commit_sha)
-                and (task_id is None or d["labels"].get("task_id") == task_id)
-                and (level is None or d["log"]["level"] == level.lower())]
+        docs = [
+            d
+            for d in docs
+            if d["labels"].get("commit_sha", "").startswith(commit_sha)
+            and (task_id is None or d["labels"].get("task_id") == task_id)
+            and (level is None or d["log"]["level"] == level.lower())
+        ]
         return sorted(docs, key=lambda d: (d["@timestamp"], d["offset"]))
     field = "labels.commit_sha"
     filters: list[dict] = [{"prefix": {field: commit_sha}} if len(commit_sha) < 40 else {"term": {field: commit_sha}}]
@@ -470,8 +529,13 @@ def search(home: Path, commit_sha: str, task_id: str | None = None, level: str |
         filters.append({"term": {"labels.task_id": task_id}})
     if level:
         filters.append({"term": {"log.level": level.lower()}})
-    response = client.search(index=f"{LOGS_INDEX}*", query={"bool": {"filter": filters}}, size=size,
-                             sort=[{"@timestamp": "asc"}, {"offset": "asc"}], ignore_unavailable=True)
+    response = client.search(
+        index=f"{LOGS_INDEX}*",
+        query={"bool": {"filter": filters}},
+        size=size,
+        sort=[{"@timestamp": "asc"}, {"offset": "asc"}],
+        ignore_unavailable=True,
+    )
     return [{"_id": hit["_id"], **hit["_source"]} for hit in response["hits"]["hits"]]
 
 
@@ -481,8 +545,12 @@ def run_records(commit_shas: list[str], client=None, size: int = 10_000) -> dict
     client = client or es_client()
     if client is None or not commit_shas:
         return {}
-    response = client.search(index=f"{RUNS_INDEX}*", query={"terms": {"labels.commit_sha": list(commit_shas)}},
-                             size=size, ignore_unavailable=True)
+    response = client.search(
+        index=f"{RUNS_INDEX}*",
+        query={"terms": {"labels.commit_sha": list(commit_shas)}},
+        size=size,
+        ignore_unavailable=True,
+    )
     found: dict[str, list[dict[str, Any]]] = {}
     for hit in response["hits"]["hits"]:
         doc = {"_id": hit["_id"], **hit["_source"]}

@@ -51,9 +51,11 @@ DEFAULT_MODULE = "model.model"
 DEFAULT_TIMEOUT_MINUTES = 360
 MAX_FILES = 500
 MAX_BYTES = 16 * 1024 * 1024
-TRACK_WITH_DVC = ("downloads at training time are not reproducible: track the file (e.g. pretrained weights) "
-                  "with DVC in a folder of the repository (`dvc add weights`), name that folder in params.yaml "
-                  "model.weights and load it from there")
+TRACK_WITH_DVC = (
+    "downloads at training time are not reproducible: track the file (e.g. pretrained weights) "
+    "with DVC in a folder of the repository (`dvc add weights`), name that folder in params.yaml "
+    "model.weights and load it from there"
+)
 _MODULE_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*(\.[A-Za-z_][A-Za-z0-9_]*){0,9}", re.ASCII)
 
 
@@ -110,14 +112,18 @@ def locate(workdir: str | Path, model_params: dict[str, Any] | None) -> ModelCod
     configured = (model_params or {}).get("module")
     module = configured if configured is not None else DEFAULT_MODULE
     if not isinstance(module, str) or not _MODULE_NAME.fullmatch(module):
-        raise ModelCodeError(f"params.yaml: model.module must be a dotted Python module name relative to the "
-                             f"repository root (e.g. model.model), got {module!r}")
+        raise ModelCodeError(
+            f"params.yaml: model.module must be a dotted Python module name relative to the "
+            f"repository root (e.g. model.model), got {module!r}"
+        )
     path, rel = _module_file(root, module)
     if path is None:
         if configured is None:
             return None
-        raise ModelCodeError(f"params.yaml: model.module {module!r}: neither {rel} nor "
-                             f"{rel.removesuffix('.py')}/__init__.py exists in the commit")
+        raise ModelCodeError(
+            f"params.yaml: model.module {module!r}: neither {rel} nor "
+            f"{rel.removesuffix('.py')}/__init__.py exists in the commit"
+        )
     _jail(root, rel, "model.module file")
     top = module.split(".")[0]
     if (root / top).is_dir():
@@ -129,8 +135,10 @@ def locate(workdir: str | Path, model_params: dict[str, Any] | None) -> ModelCod
                 full = Path(dirpath) / name
                 rel_file = full.relative_to(root).as_posix()
                 if full.is_symlink():
-                    raise ModelCodeError(f"{rel_file} is a symbolic link: commit the model code itself "
-                                         "(links could lead outside the work tree)")
+                    raise ModelCodeError(
+                        f"{rel_file} is a symbolic link: commit the model code itself "
+                        "(links could lead outside the work tree)"
+                    )
                 if name.endswith(".py"):
                     files.append(rel_file)
     else:
@@ -161,8 +169,11 @@ _IMPORTED_ROOTS: set[str] = set()
 def _forget(top_level: str) -> None:
     """Drop ``top_level`` and every module imported from a work tree from ``sys.modules``."""
     for name, module in list(sys.modules.items()):
-        if name == top_level or name.startswith(top_level + ".") or any(
-                _from_tree(module, root) for root in _IMPORTED_ROOTS):
+        if (
+            name == top_level
+            or name.startswith(top_level + ".")
+            or any(_from_tree(module, root) for root in _IMPORTED_ROOTS)
+        ):
             del sys.modules[name]
     importlib.invalidate_caches()
 
@@ -177,8 +188,10 @@ def _refuse_shadowing(code: ModelCode) -> None:
         spec = importlib.util.find_spec(top)
         installed = spec is not None and spec.origin is not None and not spec.origin.startswith(code.root + os.sep)
     if installed or top in sys.stdlib_module_names or top == "gitops_ml":
-        raise ModelCodeError(f"model code package {top!r} ({code.origin}) has the name of an installed module: "
-                             "rename it (and model.module in params.yaml)")
+        raise ModelCodeError(
+            f"model code package {top!r} ({code.origin}) has the name of an installed module: "
+            "rename it (and model.module in params.yaml)"
+        )
 
 
 def where(exc: BaseException, root: str) -> str:
@@ -204,9 +217,11 @@ def describe(exc: BaseException, code: ModelCode, doing: str) -> ModelCodeError:
     if isinstance(exc, ModuleNotFoundError) and exc.name:
         missing = exc.name.split(".")[0]
         if not (Path(code.root) / missing).exists() and not (Path(code.root) / f"{missing}.py").exists():
-            return ModelCodeError(f"{place}: imports package {missing!r}, which is not installed on the workers; "
-                                  "model code can use the packages of gitops-ml's environment (TensorFlow, Keras, "
-                                  "NumPy, ...) and modules committed in the repository")
+            return ModelCodeError(
+                f"{place}: imports package {missing!r}, which is not installed on the workers; "
+                "model code can use the packages of gitops-ml's environment (TensorFlow, Keras, "
+                "NumPy, ...) and modules committed in the repository"
+            )
     return ModelCodeError(f"{place}: {type(exc).__name__} while {doing}: {exc}")
 
 
@@ -218,6 +233,7 @@ def _guarded_connect(original):
         if getattr(_NO_NETWORK, "active", False) and self.family in (socket.AF_INET, socket.AF_INET6):
             raise DownloadRefused(f"model code may not open network connections (tried {address!r}): {TRACK_WITH_DVC}")
         return original(self, address, *args)
+
     return connect
 
 
@@ -265,8 +281,10 @@ def time_limit(minutes: float, what: str) -> Iterator[None]:
     def on_alarm(signum, frame):
         if outer_deadline is not None and time.monotonic() >= outer_deadline and callable(previous):
             previous(signum, frame)
-        raise ModelCodeTimeout(f"{what} did not finish within train.timeout_minutes = {minutes:g} "
-                               f"(params.yaml): stopped after {time.monotonic() - start:.0f} s")
+        raise ModelCodeTimeout(
+            f"{what} did not finish within train.timeout_minutes = {minutes:g} "
+            f"(params.yaml): stopped after {time.monotonic() - start:.0f} s"
+        )
 
     previous = signal.signal(signal.SIGALRM, on_alarm)
     first = min(seconds, outer_left) if outer_left > 0 else seconds

@@ -63,8 +63,12 @@ class TrainParams(_Section):
     learning_rate: Number = Field(gt=0, lt=10, description="a number > 0")
     seed: StrictInt = Field(ge=0, description="an integer >= 0")
     test_fraction: Number = Field(0.2, gt=0, lt=1, description="a number between 0 and 1")
-    timeout_minutes: Number = Field(360, gt=0, le=10_080, description="a number of minutes from 0 to 10080 "
-                                    "(training, with the model code, stops after it)")
+    timeout_minutes: Number = Field(
+        360,
+        gt=0,
+        le=10_080,
+        description="a number of minutes from 0 to 10080 (training, with the model code, stops after it)",
+    )
 
 
 class GateParams(_Section):
@@ -104,8 +108,9 @@ class _PlainLoader(yaml.SafeLoader):
     def compose_node(self, parent, index):  # see the class docstring
         if self.check_event(yaml.AliasEvent):
             event = self.peek_event()
-            raise ParamsError(f"{PARAMS_FILE}: YAML aliases (*{event.anchor}) are not allowed, "
-                              f"line {event.start_mark.line + 1}")
+            raise ParamsError(
+                f"{PARAMS_FILE}: YAML aliases (*{event.anchor}) are not allowed, line {event.start_mark.line + 1}"
+            )
         return super().compose_node(parent, index)
 
 
@@ -130,7 +135,7 @@ def _field(loc: tuple) -> tuple[tuple, Any]:
             return loc, None
         info = model.model_fields[part]
         if not _is_section(info.annotation):
-            return loc[:depth + 1], info
+            return loc[: depth + 1], info
         model = info.annotation
     return loc, info
 
@@ -181,15 +186,21 @@ def validate(raw: Any, source: str = PARAMS_FILE) -> dict:
 def _check_model_keys(model: dict[str, Any], source: str) -> None:
     """``model.module`` and ``model.weights``, the keys of the free-form ``model:`` section gitops-ml reads."""
     module = model.get("module")
-    if module is not None and not (isinstance(module, str) and module and all(
-            part.isidentifier() and part.isascii() for part in module.split("."))):
-        raise ParamsError(f"{source}: model.module must be a dotted Python module name relative to the repository "
-                          f"root (e.g. model.model), got {module!r} ({_type_name(module)})")
+    if module is not None and not (
+        isinstance(module, str) and module and all(part.isidentifier() and part.isascii() for part in module.split("."))
+    ):
+        raise ParamsError(
+            f"{source}: model.module must be a dotted Python module name relative to the repository "
+            f"root (e.g. model.model), got {module!r} ({_type_name(module)})"
+        )
     weights = model.get("weights")
-    if weights is not None and not (isinstance(weights, str) and weights and not Path(weights).is_absolute()
-                                    and ".." not in Path(weights).parts):
-        raise ParamsError(f"{source}: model.weights must be a relative path inside the repository (a folder "
-                          f"tracked with DVC), got {weights!r} ({_type_name(weights)})")
+    if weights is not None and not (
+        isinstance(weights, str) and weights and not Path(weights).is_absolute() and ".." not in Path(weights).parts
+    ):
+        raise ParamsError(
+            f"{source}: model.weights must be a relative path inside the repository (a folder "
+            f"tracked with DVC), got {weights!r} ({_type_name(weights)})"
+        )
 
 
 def load(repo_root: Path) -> dict:

@@ -46,17 +46,31 @@ def resolve(settings: Settings, commit_sha: str | None, watch_name: str | None =
     commit = source.resolve_commit(settings.repo_url, settings.branch, commit_sha, settings.git_cache_dir)
     signature_warning = None
     if policy is not None and policy.signatures != "off":
-        verdict = watch.signature_verdict(policy, source.mirror_path(settings.repo_url, settings.git_cache_dir),
-                                          commit.commit_sha, settings.git_cache_dir / "gnupg")
+        verdict = watch.signature_verdict(
+            policy,
+            source.mirror_path(settings.repo_url, settings.git_cache_dir),
+            commit.commit_sha,
+            settings.git_cache_dir / "gnupg",
+        )
         if verdict.action == "reject":
-            raise SignatureRejected(f"REJECTED commit {commit.commit_sha}: signature policy enforce of watch "
-                                    f"{policy.name!r}: {verdict.message}; nothing was built")
+            raise SignatureRejected(
+                f"REJECTED commit {commit.commit_sha}: signature policy enforce of watch "
+                f"{policy.name!r}: {verdict.message}; nothing was built"
+            )
         signature_warning = verdict.message if verdict.action == "warn" else None
     existing = registry.find_version(settings, commit.commit_sha)
-    log.info("commit %s on %s of %s: %s", commit.commit_sha, commit.branch, commit.repo_url,
-             f"already registered as version {existing.version}" if existing else "not registered yet")
-    return {"commit": commit.to_dict(), "existing_version": str(existing.version) if existing else None,
-            "signature_warning": signature_warning}
+    log.info(
+        "commit %s on %s of %s: %s",
+        commit.commit_sha,
+        commit.branch,
+        commit.repo_url,
+        f"already registered as version {existing.version}" if existing else "not registered yet",
+    )
+    return {
+        "commit": commit.to_dict(),
+        "existing_version": str(existing.version) if existing else None,
+        "signature_warning": signature_warning,
+    }
 
 
 def code_hash() -> str:
@@ -74,8 +88,9 @@ def code_hash() -> str:
     return digest.hexdigest()[:16]
 
 
-def inputs_hash(params: dict[str, Any], data_hash: str, model_code_hash: str | None = None,
-                weights_hash: str | None = None) -> str:
+def inputs_hash(
+    params: dict[str, Any], data_hash: str, model_code_hash: str | None = None, weights_hash: str | None = None
+) -> str:
     """Everything a model version depends on: data, params, the commit's model code files and the
     DVC-pinned weights they load, our training code and the TF/Keras versions (not the commit itself)."""
     inputs: dict[str, Any] = {"data_hash": data_hash, "params": params, "code": code_hash()}
@@ -123,15 +138,27 @@ def prepare(settings: Settings, commit: dict[str, Any]) -> dict[str, Any]:
     except data.DataError as exc:
         raise data.DataError(f"commit {commit_sha}: {exc}") from None
     code = locate_model_code(commit, workdir, params)
-    digest = inputs_hash(params, pointer["md5"].removesuffix(".dir"), code.code_hash if code else None,
-                         weights_pointer["md5"].removesuffix(".dir") if weights_pointer else None)
+    digest = inputs_hash(
+        params,
+        pointer["md5"].removesuffix(".dir"),
+        code.code_hash if code else None,
+        weights_pointer["md5"].removesuffix(".dir") if weights_pointer else None,
+    )
     reusable = registry.find_version_by_tag(settings, "inputs_hash", digest)
     if reusable is not None:
-        log.info("commit %s has the same data, params and model code as model version %s (commit %s): reusing it",
-                 commit_sha, reusable.version, registry.version_tags(reusable).get("commit_sha"))
-    return {"workdir": str(workdir), "params": params, "inputs_hash": digest,
-            "model_code_hash": code.code_hash if code else None,
-            "reuse_version": str(reusable.version) if reusable is not None else None}
+        log.info(
+            "commit %s has the same data, params and model code as model version %s (commit %s): reusing it",
+            commit_sha,
+            reusable.version,
+            registry.version_tags(reusable).get("commit_sha"),
+        )
+    return {
+        "workdir": str(workdir),
+        "params": params,
+        "inputs_hash": digest,
+        "model_code_hash": code.code_hash if code else None,
+        "reuse_version": str(reusable.version) if reusable is not None else None,
+    }
 
 
 def pull_data(settings: Settings, commit: dict[str, Any], workdir: str, params: dict[str, Any]) -> dict[str, Any]:
@@ -146,10 +173,20 @@ def pull_data(settings: Settings, commit: dict[str, Any], workdir: str, params: 
     except data.DataError as exc:
         raise data.DataError(f"commit {commit_sha}: {exc}") from None
     counts = {name: index.labels.count(i) for i, name in enumerate(index.class_names)}
-    log.info("commit %s: %d images in %d classes %s, data hash %s", commit_sha, len(index.files),
-             len(index.class_names), counts, snapshot.data_hash)
-    return {**snapshot.to_dict(), "class_names": index.class_names, "class_counts": counts,
-            "weights_hash": weights.data_hash if weights else None}
+    log.info(
+        "commit %s: %d images in %d classes %s, data hash %s",
+        commit_sha,
+        len(index.files),
+        len(index.class_names),
+        counts,
+        snapshot.data_hash,
+    )
+    return {
+        **snapshot.to_dict(),
+        "class_names": index.class_names,
+        "class_counts": counts,
+        "weights_hash": weights.data_hash if weights else None,
+    }
 
 
 def work_tree(settings: Settings, commit: dict[str, Any], fresh: bool = False) -> Path:
@@ -183,15 +220,29 @@ def ensure_workspace(settings: Settings, commit: dict[str, Any], params: dict[st
     return str(data_dir)
 
 
-def lineage(commit: dict[str, Any], data_hash: str, dag_id: str | None, run_id: str | None,
-            inputs_digest: str | None = None, model_code_hash: str | None = None) -> dict[str, Any]:
-    return {"commit_sha": commit["commit_sha"], "branch": commit["branch"], "repo_url": commit["repo_url"],
-            "data_hash": data_hash, "airflow_dag_id": dag_id, "airflow_run_id": run_id, "inputs_hash": inputs_digest,
-            "model_code_hash": model_code_hash}
+def lineage(
+    commit: dict[str, Any],
+    data_hash: str,
+    dag_id: str | None,
+    run_id: str | None,
+    inputs_digest: str | None = None,
+    model_code_hash: str | None = None,
+) -> dict[str, Any]:
+    return {
+        "commit_sha": commit["commit_sha"],
+        "branch": commit["branch"],
+        "repo_url": commit["repo_url"],
+        "data_hash": data_hash,
+        "airflow_dag_id": dag_id,
+        "airflow_run_id": run_id,
+        "inputs_hash": inputs_digest,
+        "model_code_hash": model_code_hash,
+    }
 
 
-def train(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
-          run_lineage: dict[str, Any]) -> dict[str, Any]:
+def train(
+    settings: Settings, commit: dict[str, Any], params: dict[str, Any], run_lineage: dict[str, Any]
+) -> dict[str, Any]:
     """Train on the pulled data (with the commit's model code, if any, imported here only) and log the
     run to MLflow: params, curves, the Keras model, the code-free serving artifact, the model code."""
     import tempfile
@@ -212,30 +263,62 @@ def train(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
         **registry.git_source_tags(commit["commit_sha"], commit["branch"], commit["repo_url"]),
         **registry.lineage_tags(run_lineage),
     }
-    meta = {"class_names": index.class_names, "height": h, "width": w, "channels": c,
-            "n_train": len(parts.train), "n_test": len(parts.test)}
+    meta = {
+        "class_names": index.class_names,
+        "height": h,
+        "width": w,
+        "channels": c,
+        "n_train": len(parts.train),
+        "n_test": len(parts.test),
+    }
     with tempfile.TemporaryDirectory(prefix="gitops-ml-serving-") as serving_dir:
         try:
-            training.export_serving(model, Path(serving_dir) / "model",
-                                    training.load_arrays([index.files[i] for i in parts.test[:8]], params))
+            training.export_serving(
+                model,
+                Path(serving_dir) / "model",
+                training.load_arrays([index.files[i] for i in parts.test[:8]], params),
+            )
         except ModelCodeError as exc:
             raise ModelCodeError(f"commit {commit['commit_sha']}: {exc}") from None
         logged = registry.log_training(
-            settings, f"train-{commit['commit_sha'][:12]}", run_tags, params_mod.flatten(params), model, history,
-            {**meta, "model_code_hash": code.code_hash if code else None}, example,
+            settings,
+            f"train-{commit['commit_sha'][:12]}",
+            run_tags,
+            params_mod.flatten(params),
+            model,
+            history,
+            {**meta, "model_code_hash": code.code_hash if code else None},
+            example,
             serving_dir=str(Path(serving_dir) / "model"),
-            code_files={f: str(Path(code.root) / f) for f in code.files} if code else None)
+            code_files={f: str(Path(code.root) / f) for f in code.files} if code else None,
+        )
     peak_rss_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024  # Linux: KiB
-    registry.log_evaluation(settings, logged["run_id"], {"train_seconds": seconds, "train_peak_rss_mb": peak_rss_mb},
-                            {}, {"history.json": history})
-    log.info("commit %s: trained %d epochs in %.1f s, final accuracy %.4f, MLflow run %s", commit["commit_sha"],
-             len(history.get("loss", [])), seconds, history.get("accuracy", [float("nan")])[-1], logged["run_id"])
-    return {**logged, "train_seconds": round(seconds, 3), "train_peak_rss_mb": round(peak_rss_mb, 1),
-            "final_train_accuracy": history["accuracy"][-1]}
+    registry.log_evaluation(
+        settings,
+        logged["run_id"],
+        {"train_seconds": seconds, "train_peak_rss_mb": peak_rss_mb},
+        {},
+        {"history.json": history},
+    )
+    log.info(
+        "commit %s: trained %d epochs in %.1f s, final accuracy %.4f, MLflow run %s",
+        commit["commit_sha"],
+        len(history.get("loss", [])),
+        seconds,
+        history.get("accuracy", [float("nan")])[-1],
+        logged["run_id"],
+    )
+    return {
+        **logged,
+        "train_seconds": round(seconds, 3),
+        "train_peak_rss_mb": round(peak_rss_mb, 1),
+        "final_train_accuracy": history["accuracy"][-1],
+    }
 
 
-def evaluate(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
-             trained: dict[str, Any]) -> dict[str, Any]:
+def evaluate(
+    settings: Settings, commit: dict[str, Any], params: dict[str, Any], trained: dict[str, Any]
+) -> dict[str, Any]:
     """Score challenger and champion on the same held-out images of this commit; apply the gate.
 
     Logs both models' metrics, confusion matrices and learning curves side by side, and a
@@ -247,21 +330,28 @@ def evaluate(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
     parts = training.split(index, params["train"]["test_fraction"])
     test_files = [index.files[i] for i in parts.test]
     y = [index.labels[i] for i in parts.test]
-    challenger = training.evaluate(registry.load_predictor(settings, trained["run_id"], trained["model_uri"]),
-                                   training.image_batches(test_files, params), y, index.class_names)
+    challenger = training.evaluate(
+        registry.load_predictor(settings, trained["run_id"], trained["model_uri"]),
+        training.image_batches(test_files, params),
+        y,
+        index.class_names,
+    )
     champion_version, champion, champion_history, note = None, None, None, None
     current = registry.get_alias(settings)
     if current is not None:
         champion_version = str(current.version)
         meta = registry.load_run_json(settings, current.run_id, registry.META_ARTIFACT)
         if list(meta["class_names"]) != index.class_names:
-            note = (f"champion version {champion_version} predicts classes {meta['class_names']}, this commit has "
-                    f"{index.class_names}: compared on absolute thresholds only")
+            note = (
+                f"champion version {champion_version} predicts classes {meta['class_names']}, this commit has "
+                f"{index.class_names}: compared on absolute thresholds only"
+            )
             champion = None
         else:
             shape = {"image": {"height": meta["height"], "width": meta["width"], "channels": meta["channels"]}}
-            predict = registry.load_predictor(settings, current.run_id,
-                                              f"models:/{settings.model_name}/{current.version}")
+            predict = registry.load_predictor(
+                settings, current.run_id, f"models:/{settings.model_name}/{current.version}"
+            )
             champion = training.evaluate(predict, training.image_batches(test_files, shape), y, index.class_names)
             champion_history = registry.load_run_json(settings, current.run_id, "evaluation/history.json")
     decision = gate.decide(challenger, champion, params["gate"])
@@ -271,55 +361,92 @@ def evaluate(settings: Settings, commit: dict[str, Any], params: dict[str, Any],
     metrics.update({f"test_recall_{c}": v for c, v in challenger["recall"].items()})
     metrics.update({f"test_precision_{c}": v for c, v in challenger["precision"].items()})
     if champion is not None:
-        metrics.update(champion_test_accuracy=champion["accuracy"],
-                       accuracy_delta=challenger["accuracy"] - champion["accuracy"])
+        metrics.update(
+            champion_test_accuracy=champion["accuracy"], accuracy_delta=challenger["accuracy"] - champion["accuracy"]
+        )
     short = commit["commit_sha"][:12]
     panels = [(f"challenger {short}", challenger["confusion_matrix"])]
-    curves = [(f"challenger {short}",
-               registry.load_run_json(settings, trained["run_id"], "evaluation/history.json") or {})]
+    curves = [
+        (f"challenger {short}", registry.load_run_json(settings, trained["run_id"], "evaluation/history.json") or {})
+    ]
     if champion is not None:
         panels.append((f"champion v{champion_version}", champion["confusion_matrix"]))
         if champion_history:
             curves.append((f"champion v{champion_version}", champion_history))
-    smoke = {"files": [os.path.relpath(f, settings.work_dir / commit["commit_sha"]) for f in test_files[:16]],
-             "images": [base64.b64encode(Path(f).read_bytes()).decode() for f in test_files[:16]],
-             "classes": [index.class_names[p] for p in challenger["predictions"][:16]]}
+    smoke = {
+        "files": [os.path.relpath(f, settings.work_dir / commit["commit_sha"]) for f in test_files[:16]],
+        "images": [base64.b64encode(Path(f).read_bytes()).decode() for f in test_files[:16]],
+        "classes": [index.class_names[p] for p in challenger["predictions"][:16]],
+    }
     registry.log_evaluation(
-        settings, trained["run_id"], metrics,
-        {"confusion_matrix.png": training.confusion_matrices_png(panels, index.class_names),
-         "learning_curves.png": training.learning_curves_png(curves)},
-        {"evaluation.json": {"challenger": _without_predictions(challenger),
-                             "champion": _without_predictions(champion) if champion else None,
-                             "champion_version": champion_version, "gate": decision},
-         "smoke_sample.json": smoke},
+        settings,
+        trained["run_id"],
+        metrics,
+        {
+            "confusion_matrix.png": training.confusion_matrices_png(panels, index.class_names),
+            "learning_curves.png": training.learning_curves_png(curves),
+        },
+        {
+            "evaluation.json": {
+                "challenger": _without_predictions(challenger),
+                "champion": _without_predictions(champion) if champion else None,
+                "champion_version": champion_version,
+                "gate": decision,
+            },
+            "smoke_sample.json": smoke,
+        },
     )
-    log.info("commit %s: test accuracy %.4f on %d images (champion %s: %s); %s", commit["commit_sha"],
-             challenger["accuracy"], challenger["n_test"], champion_version or "none",
-             f"{champion['accuracy']:.4f}" if champion else "n/a", gate.summary(decision, champion_version))
-    return {"test_accuracy": challenger["accuracy"], "n_test": challenger["n_test"],
-            "champion_version": champion_version, "champion_accuracy": champion["accuracy"] if champion else None,
-            "gate_passed": decision["passed"], "gate_reasons": decision["reasons"]}
+    log.info(
+        "commit %s: test accuracy %.4f on %d images (champion %s: %s); %s",
+        commit["commit_sha"],
+        challenger["accuracy"],
+        challenger["n_test"],
+        champion_version or "none",
+        f"{champion['accuracy']:.4f}" if champion else "n/a",
+        gate.summary(decision, champion_version),
+    )
+    return {
+        "test_accuracy": challenger["accuracy"],
+        "n_test": challenger["n_test"],
+        "champion_version": champion_version,
+        "champion_accuracy": champion["accuracy"] if champion else None,
+        "gate_passed": decision["passed"],
+        "gate_reasons": decision["reasons"],
+    }
 
 
 def _without_predictions(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "predictions"}
 
 
-def register(settings: Settings, trained: dict[str, Any], evaluated: dict[str, Any],
-             run_lineage: dict[str, Any]) -> dict[str, Any]:
+def register(
+    settings: Settings, trained: dict[str, Any], evaluated: dict[str, Any], run_lineage: dict[str, Any]
+) -> dict[str, Any]:
     """Register the model version with lineage tags; the same commit never gets a second version."""
     from gitops_ml import registry
 
-    tags = {**run_lineage, "code_hash": code_hash(), "test_accuracy": round(evaluated["test_accuracy"], 6),
-            "gate": "passed" if evaluated["gate_passed"] else "failed",
-            "gate_reasons": "; ".join(evaluated["gate_reasons"]) or None,
-            "gate_compared_with": evaluated["champion_version"]}
+    tags = {
+        **run_lineage,
+        "code_hash": code_hash(),
+        "test_accuracy": round(evaluated["test_accuracy"], 6),
+        "gate": "passed" if evaluated["gate_passed"] else "failed",
+        "gate_reasons": "; ".join(evaluated["gate_reasons"]) or None,
+        "gate_compared_with": evaluated["champion_version"],
+    }
     version = registry.register(settings, trained["run_id"], trained["model_uri"], tags)
     registry.set_alias(settings, str(version.version), registry.CHALLENGER)
-    log.info("commit %s: model %s version %s (alias %s)", run_lineage["commit_sha"], settings.model_name,
-             version.version, registry.CHALLENGER)
-    return {"model_version": str(version.version), "gate_passed": evaluated["gate_passed"],
-            "gate_reasons": evaluated["gate_reasons"]}
+    log.info(
+        "commit %s: model %s version %s (alias %s)",
+        run_lineage["commit_sha"],
+        settings.model_name,
+        version.version,
+        registry.CHALLENGER,
+    )
+    return {
+        "model_version": str(version.version),
+        "gate_passed": evaluated["gate_passed"],
+        "gate_reasons": evaluated["gate_reasons"],
+    }
 
 
 def superseded_by(settings: Settings, commit: dict[str, Any]) -> str | None:
@@ -332,14 +459,16 @@ def superseded_by(settings: Settings, commit: dict[str, Any]) -> str | None:
     from gitops_ml import registry
 
     serving = registry.serving_commit(settings)
-    if serving and source.newer_on_branch(settings.repo_url, commit["branch"], settings.git_cache_dir,
-                                          commit["commit_sha"], serving):
+    if serving and source.newer_on_branch(
+        settings.repo_url, commit["branch"], settings.git_cache_dir, commit["commit_sha"], serving
+    ):
         return serving
     return None
 
 
-def deploy_intent(settings: Settings, model_version: str, run_id: str,
-                  tags: dict[str, str] | None = None) -> dict[str, str] | None:
+def deploy_intent(
+    settings: Settings, model_version: str, run_id: str, tags: dict[str, str] | None = None
+) -> dict[str, str] | None:
     """Write down, before anything moves, that ``run_id`` is about to promote ``model_version``
     over the current champion; return the intent a crashed earlier run left unfinished, if any.
 
@@ -358,13 +487,23 @@ def deploy_intent(settings: Settings, model_version: str, run_id: str,
         if tags.get("deploy_pending") == "true":
             return {"run_id": tags.get("deploy_pending_run", ""), "replaces": tags.get("deploy_pending_replaces", "")}
         return None
-    registry.set_version_tags(settings, model_version, {"deploy_pending": "true", "deploy_pending_run": run_id,
-                                                        "deploy_pending_replaces": current_version or ""})
+    registry.set_version_tags(
+        settings,
+        model_version,
+        {"deploy_pending": "true", "deploy_pending_run": run_id, "deploy_pending_replaces": current_version or ""},
+    )
     return None
 
 
-def deploy(settings: Settings, commit: dict[str, Any], model_version: str, params: dict[str, Any],
-           run_id: str = "local", converge: bool = True, manual: dict[str, Any] | None = None) -> dict[str, Any]:
+def deploy(
+    settings: Settings,
+    commit: dict[str, Any],
+    model_version: str,
+    params: dict[str, Any],
+    run_id: str = "local",
+    converge: bool = True,
+    manual: dict[str, Any] | None = None,
+) -> dict[str, Any]:
     """Promote ``model_version`` to champion and converge the server on it (see ``gitops_ml.deploy``).
 
     Every promotion and rollback is recorded: MLflow version tags, a deploy record against
@@ -379,12 +518,22 @@ def deploy(settings: Settings, commit: dict[str, Any], model_version: str, param
     newer = superseded_by(settings, commit) if converge else None
     if newer:
         current = registry.get_alias(settings)
-        log.warning("NOT DEPLOYED: commit %s is older than commit %s, which is already serving on branch %s; "
-                    "model version %s stays registered", commit["commit_sha"], newer, commit["branch"], model_version)
-        record(settings, commit, run_id, "deploy", "superseded", model_version=str(model_version),
-               superseded_by=newer)
-        return {"model_version": str(model_version), "changed": False, "superseded_by": newer,
-                "previous_version": str(current.version) if current is not None else None, "watch": None}
+        log.warning(
+            "NOT DEPLOYED: commit %s is older than commit %s, which is already serving on branch %s; "
+            "model version %s stays registered",
+            commit["commit_sha"],
+            newer,
+            commit["branch"],
+            model_version,
+        )
+        record(settings, commit, run_id, "deploy", "superseded", model_version=str(model_version), superseded_by=newer)
+        return {
+            "model_version": str(model_version),
+            "changed": False,
+            "superseded_by": newer,
+            "previous_version": str(current.version) if current is not None else None,
+            "watch": None,
+        }
     tags = registry.version_tags(registry.get_version(settings, model_version))
     unfinished = deploy_intent(settings, model_version, run_id, tags)
     # The revision this version is about to serve for: servers report it (a reused version serves a newer commit).
@@ -392,32 +541,62 @@ def deploy(settings: Settings, commit: dict[str, Any], model_version: str, param
     try:
         result = deploy_mod.deploy(settings, model_version, params.get("deploy"))
     except deploy_mod.DeployError as exc:
-        registry.set_version_tags(settings, model_version, {"served_for_commit": tags.get("served_for_commit"),
-                                                            "deploy_outcome": "rolled_back", "rolled_back_at": now,
-                                                            "rollback_reason": str(exc)[:4000],
-                                                            "deploy_pending": "false"})
+        registry.set_version_tags(
+            settings,
+            model_version,
+            {
+                "served_for_commit": tags.get("served_for_commit"),
+                "deploy_outcome": "rolled_back",
+                "rolled_back_at": now,
+                "rollback_reason": str(exc)[:4000],
+                "deploy_pending": "false",
+            },
+        )
         record(settings, commit, run_id, "deploy", "rolled_back", model_version=str(model_version), reason=str(exc))
         raise
     if unfinished is not None:  # the alias moved in a run that died before it could say so
-        log.warning("model version %s was promoted by run %s, which stopped before recording it: recording it now",
-                    model_version, unfinished["run_id"])
-        result = {**result, "changed": True, "previous_version": unfinished["replaces"] or None,
-                  "recovered_from_run": unfinished["run_id"]}
+        log.warning(
+            "model version %s was promoted by run %s, which stopped before recording it: recording it now",
+            model_version,
+            unfinished["run_id"],
+        )
+        result = {
+            **result,
+            "changed": True,
+            "previous_version": unfinished["replaces"] or None,
+            "recovered_from_run": unfinished["run_id"],
+        }
     if result["changed"]:
-        registry.set_version_tags(settings, model_version, {"deploy_outcome": "promoted", "deployed_at": now,
-                                                            "replaced_version": result["previous_version"],
-                                                            "deploy_pending": "false"})
+        registry.set_version_tags(
+            settings,
+            model_version,
+            {
+                "deploy_outcome": "promoted",
+                "deployed_at": now,
+                "replaced_version": result["previous_version"],
+                "deploy_pending": "false",
+            },
+        )
         if result["previous_version"]:
-            registry.set_version_tags(settings, result["previous_version"], {"replaced_by": str(model_version),
-                                                                             "replaced_at": now})
-    record(settings, commit, run_id, "deploy", "promoted" if result["changed"] else "unchanged",
-           model_version=str(model_version), previous_version=result["previous_version"], watch=result["watch"],
-           recovered_from_run=result.get("recovered_from_run"), **({"manual": manual} if manual else {}))
+            registry.set_version_tags(
+                settings, result["previous_version"], {"replaced_by": str(model_version), "replaced_at": now}
+            )
+    record(
+        settings,
+        commit,
+        run_id,
+        "deploy",
+        "promoted" if result["changed"] else "unchanged",
+        model_version=str(model_version),
+        previous_version=result["previous_version"],
+        watch=result["watch"],
+        recovered_from_run=result.get("recovered_from_run"),
+        **({"manual": manual} if manual else {}),
+    )
     return {"model_version": str(model_version), **result}
 
 
-def record(settings: Settings, commit: dict[str, Any], run_id: str, step: str, outcome: str,
-           **fields: Any) -> None:
+def record(settings: Settings, commit: dict[str, Any], run_id: str, step: str, outcome: str, **fields: Any) -> None:
     """Write the structured record of a step outcome (see ``records``) and queue it for Elasticsearch."""
     from gitops_ml import logs
 
@@ -429,8 +608,9 @@ def record(settings: Settings, commit: dict[str, Any], run_id: str, step: str, o
 def write_note(settings: Settings, commit: dict[str, Any], outcome: dict[str, Any]) -> None:
     """Write the run's outcome onto the commit as a Git note (``refs/notes/gitops-ml``); never fails the run."""
     try:
-        source.write_note(settings.repo_url, commit["commit_sha"], settings.git_cache_dir, outcome,
-                          push=settings.push_notes)
+        source.write_note(
+            settings.repo_url, commit["commit_sha"], settings.git_cache_dir, outcome, push=settings.push_notes
+        )
     except Exception as exc:  # noqa: BLE001 - the outcome is recorded elsewhere too
         log.warning("could not write the Git note on commit %s: %s", commit["commit_sha"], source.redact(str(exc)))
 
@@ -443,8 +623,14 @@ def gate_of(settings: Settings, model_version: str) -> tuple[bool, str]:
     return tags.get("gate") != "failed", tags.get("gate_reasons", "")
 
 
-def outcome_of(settings: Settings, commit: dict[str, Any], run_id: str, model_version: str | None,
-               deployed: dict[str, Any] | None, reused: bool) -> dict[str, Any]:
+def outcome_of(
+    settings: Settings,
+    commit: dict[str, Any],
+    run_id: str,
+    model_version: str | None,
+    deployed: dict[str, Any] | None,
+    reused: bool,
+) -> dict[str, Any]:
     """What the Git note and the final record say about one run of one commit, with ``summary``:
     the one sentence a user reads first (also the end of the Airflow run note)."""
     from gitops_ml import registry
@@ -477,29 +663,46 @@ def summary(model_version: str | None, outcome: dict[str, Any]) -> str:
     """One sentence per outcome: PROMOTED / SERVING / NOT PROMOTED / NOT DEPLOYED, naming version and SHA."""
     built = f" (reused, built from commit {outcome['reused_from_commit']})" if outcome.get("reused_from_commit") else ""
     if outcome.get("superseded_by"):
-        return (f"NOT DEPLOYED: version {model_version}{built} is older than commit {outcome['superseded_by']}, "
-                "which is already serving")
+        return (
+            f"NOT DEPLOYED: version {model_version}{built} is older than commit {outcome['superseded_by']}, "
+            "which is already serving"
+        )
     if outcome.get("gate") == "failed" and not outcome.get("deployed"):
         return f"NOT PROMOTED: version {model_version}{built} failed the gate: {outcome.get('gate_reasons') or '?'}"
     if outcome.get("promoted"):
-        replaced = (f"replaced version {outcome['replaced_version']}" if outcome.get("replaced_version")
-                    else "is the first model served")
+        replaced = (
+            f"replaced version {outcome['replaced_version']}"
+            if outcome.get("replaced_version")
+            else "is the first model served"
+        )
         return f"PROMOTED: version {model_version}{built} {replaced}"
     if outcome.get("deployed"):
         return f"SERVING: version {model_version}{built} (already the champion)"
     return f"NOT DEPLOYED: version {model_version}{built}"
 
 
-def finish(settings: Settings, commit: dict[str, Any], run_id: str, model_version: str | None,
-           deployed: dict[str, Any] | None, reused: bool) -> dict[str, Any]:
+def finish(
+    settings: Settings,
+    commit: dict[str, Any],
+    run_id: str,
+    model_version: str | None,
+    deployed: dict[str, Any] | None,
+    reused: bool,
+) -> dict[str, Any]:
     """Final record and Git note of a run that did not fail."""
     outcome = outcome_of(settings, commit, run_id, model_version, deployed, reused)
     log.info("commit %s: run %s finished: %s", commit["commit_sha"], run_id, outcome["summary"])
-    record(settings, commit, run_id, "pipeline",
-           "success" if outcome["deployed"] else ("superseded" if outcome["superseded_by"] else "not_promoted"),
-           **outcome)
+    record(
+        settings,
+        commit,
+        run_id,
+        "pipeline",
+        "success" if outcome["deployed"] else ("superseded" if outcome["superseded_by"] else "not_promoted"),
+        **outcome,
+    )
     write_note(settings, commit, outcome)
     from gitops_ml import retention
+
     retention.after_run(settings, commit["commit_sha"], failed=False, run_id=run_id)  # never raises: logs a warning
     return outcome
 

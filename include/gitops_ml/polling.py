@@ -18,9 +18,12 @@ def poll(observe: Callable[[], T], done: Callable[[T], bool], seconds: float, ev
     Returns the last result and whether it was done.  An exception of ``observe`` is
     not retried: it propagates at once.
     """
-    result = Retrying(stop=stop_after_delay(seconds), wait=wait_fixed(every),
-                      retry=retry_if_result(lambda observed: not done(observed)),
-                      retry_error_callback=_last_result)(observe)
+    result = Retrying(
+        stop=stop_after_delay(seconds),
+        wait=wait_fixed(every),
+        retry=retry_if_result(lambda observed: not done(observed)),
+        retry_error_callback=_last_result,
+    )(observe)
     return result, done(result)
 
 

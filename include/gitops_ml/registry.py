@@ -30,12 +30,41 @@ from gitops_ml.config import Settings
 from gitops_ml.errors import RegistryError
 from gitops_ml.polling import poll
 
-__all__ = ["CHALLENGER", "CHAMPION", "META_ARTIFACT", "MODEL_ARTIFACT", "MODEL_CODE_ARTIFACT", "SERVING_ARTIFACT",
-           "TAG_PREFIX", "ModelVersion", "TrainingRun", "champion_summary", "experiment_id", "find_training_run",
-           "find_version", "find_version_by_tag", "get_alias", "get_run", "get_version", "git_source_tags",
-           "lineage_tags", "load_logged_model", "load_model", "load_predictor", "load_run_json", "log_evaluation",
-           "log_training", "register", "run_url", "served_for", "serving_commit", "set_alias", "set_version_tags",
-           "version_summaries", "version_tags"]
+__all__ = [
+    "CHALLENGER",
+    "CHAMPION",
+    "META_ARTIFACT",
+    "MODEL_ARTIFACT",
+    "MODEL_CODE_ARTIFACT",
+    "SERVING_ARTIFACT",
+    "TAG_PREFIX",
+    "ModelVersion",
+    "TrainingRun",
+    "champion_summary",
+    "experiment_id",
+    "find_training_run",
+    "find_version",
+    "find_version_by_tag",
+    "get_alias",
+    "get_run",
+    "get_version",
+    "git_source_tags",
+    "lineage_tags",
+    "load_logged_model",
+    "load_model",
+    "load_predictor",
+    "load_run_json",
+    "log_evaluation",
+    "log_training",
+    "register",
+    "run_url",
+    "served_for",
+    "serving_commit",
+    "set_alias",
+    "set_version_tags",
+    "version_summaries",
+    "version_tags",
+]
 
 log = logging.getLogger(__name__)
 
@@ -83,15 +112,25 @@ class TrainingRun:
 
 def _model_version(found) -> ModelVersion:
     created = found.creation_timestamp
-    return ModelVersion(name=found.name, version=str(found.version), run_id=found.run_id or "",
-                        source=found.source or "", status=found.status, tags=dict(found.tags or {}),
-                        aliases=tuple(found.aliases or ()),
-                        created=datetime.fromtimestamp(created / 1000, UTC) if created else None)
+    return ModelVersion(
+        name=found.name,
+        version=str(found.version),
+        run_id=found.run_id or "",
+        source=found.source or "",
+        status=found.status,
+        tags=dict(found.tags or {}),
+        aliases=tuple(found.aliases or ()),
+        created=datetime.fromtimestamp(created / 1000, UTC) if created else None,
+    )
 
 
 def _training_run(run) -> TrainingRun:
-    return TrainingRun(run_id=run.info.run_id, experiment_id=run.info.experiment_id, tags=dict(run.data.tags),
-                       metrics=dict(run.data.metrics))
+    return TrainingRun(
+        run_id=run.info.run_id,
+        experiment_id=run.info.experiment_id,
+        tags=dict(run.data.tags),
+        metrics=dict(run.data.metrics),
+    )
 
 
 def client(settings: Settings) -> MlflowClient:
@@ -124,9 +163,12 @@ def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:
 
 def git_source_tags(commit_sha: str, branch: str, repo_url: str) -> dict[str, str]:
     """MLflow's standard source tags of a run built from a Git commit (``mlflow.source.git.*``)."""
-    return {mlflow_tags.MLFLOW_GIT_COMMIT: commit_sha, mlflow_tags.MLFLOW_GIT_BRANCH: branch,
-            mlflow_tags.MLFLOW_GIT_REPO_URL: repo_url,
-            mlflow_tags.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB)}
+    return {
+        mlflow_tags.MLFLOW_GIT_COMMIT: commit_sha,
+        mlflow_tags.MLFLOW_GIT_BRANCH: branch,
+        mlflow_tags.MLFLOW_GIT_REPO_URL: repo_url,
+        mlflow_tags.MLFLOW_SOURCE_TYPE: SourceType.to_string(SourceType.JOB),
+    }
 
 
 def _ready_versions_tagged(settings: Settings, key: str, value: str) -> list[ModelVersion]:
@@ -154,10 +196,18 @@ def find_version_by_tag(settings: Settings, key: str, value: str) -> ModelVersio
     return versions[0] if versions else None
 
 
-def log_training(settings: Settings, run_name: str, run_tags: dict[str, str], params: dict[str, Any],
-                 model, history: dict[str, list[float]], meta: dict[str, Any],
-                 input_example, serving_dir: str | None = None,
-                 code_files: dict[str, str] | None = None) -> dict[str, str]:
+def log_training(
+    settings: Settings,
+    run_name: str,
+    run_tags: dict[str, str],
+    params: dict[str, Any],
+    model,
+    history: dict[str, list[float]],
+    meta: dict[str, Any],
+    input_example,
+    serving_dir: str | None = None,
+    code_files: dict[str, str] | None = None,
+) -> dict[str, str]:
     """Create the MLflow run of one training: params, per-epoch metrics, the Keras model, metadata,
     the code-free serving artifact (``serving_dir``, under ``serving_model/``) and the model code
     (``code_files``: repository path -> local file, under ``model_code/``).
@@ -182,7 +232,9 @@ def log_training(settings: Settings, run_name: str, run_tags: dict[str, str], pa
             for step, value in enumerate(values):
                 mlflow.log_metric(key, value, step=step)
         info = mlflow.keras.log_model(
-            model, name=MODEL_ARTIFACT, signature=signature,
+            model,
+            name=MODEL_ARTIFACT,
+            signature=signature,
             pip_requirements=[f"tensorflow-cpu=={_version('tensorflow-cpu')}", f"keras=={_version('keras')}"],
         )
         mlflow.log_dict(meta, META_ARTIFACT)
@@ -201,8 +253,9 @@ def _version(package: str) -> str:
     return version(package)
 
 
-def log_evaluation(settings: Settings, run_id: str, metrics: dict[str, float],
-                   images: dict[str, bytes], artifacts: dict[str, Any]) -> None:
+def log_evaluation(
+    settings: Settings, run_id: str, metrics: dict[str, float], images: dict[str, bytes], artifacts: dict[str, Any]
+) -> None:
     """Add evaluation metrics, plots (PNG) and JSON artifacts to an existing run."""
     mlc = client(settings)
     for key, value in metrics.items():
@@ -215,8 +268,9 @@ def log_evaluation(settings: Settings, run_id: str, metrics: dict[str, float],
         mlc.log_artifacts(run_id, tmp, artifact_path="evaluation")
 
 
-def register(settings: Settings, run_id: str, model_uri: str, lineage: dict[str, Any],
-             timeout: float = 300.0) -> ModelVersion:
+def register(
+    settings: Settings, run_id: str, model_uri: str, lineage: dict[str, Any], timeout: float = 300.0
+) -> ModelVersion:
     """Register ``model_uri`` as a version of ``settings.model_name`` with lineage tags; idempotent.
 
     A version that exists for the same commit and data hash is returned unchanged.  A version
@@ -231,17 +285,27 @@ def register(settings: Settings, run_id: str, model_uri: str, lineage: dict[str,
         mlc.get_registered_model(settings.model_name)
     except MlflowException:
         try:
-            mlc.create_registered_model(settings.model_name,
-                                        description="Registered by gitops-ml, one version per commit.")
+            mlc.create_registered_model(
+                settings.model_name, description="Registered by gitops-ml, one version per commit."
+            )
         except MlflowException:
             pass  # created meanwhile
     # A logged model (``models:/m-...``) is named by its id too: a tracking server refuses the source without it.
     model_id = model_uri.removeprefix("models:/") if model_uri.startswith("models:/m-") else None
-    created = mlc.create_model_version(settings.model_name, source=model_uri, run_id=run_id,
-                                       tags=lineage_tags(lineage), model_id=model_id,
-                                       description=f"commit {lineage['commit_sha']}")
-    version, _ = poll(lambda: mlc.get_model_version(settings.model_name, created.version),
-                      lambda found: found.status != "PENDING_REGISTRATION", timeout, 0.5)
+    created = mlc.create_model_version(
+        settings.model_name,
+        source=model_uri,
+        run_id=run_id,
+        tags=lineage_tags(lineage),
+        model_id=model_id,
+        description=f"commit {lineage['commit_sha']}",
+    )
+    version, _ = poll(
+        lambda: mlc.get_model_version(settings.model_name, created.version),
+        lambda found: found.status != "PENDING_REGISTRATION",
+        timeout,
+        0.5,
+    )
     if version.status != "READY":
         mlc.delete_model_version(settings.model_name, version.version)
         raise RegistryError(f"model version for commit {lineage['commit_sha']} ended {version.status}; deleted")
@@ -338,15 +402,20 @@ def find_training_run(settings: Settings, airflow_run_id: str) -> TrainingRun | 
     from gitops_ml.errors import InputError  # noqa: PLC0415
 
     if not isinstance(airflow_run_id, str) or not re.fullmatch(r"[A-Za-z0-9_.~:+-]{1,250}", airflow_run_id):
-        raise InputError(f"invalid Airflow run id {str(airflow_run_id)[:80]!r}: expected 1 to 250 letters, "
-                         "digits or any of _ . ~ : + -")
+        raise InputError(
+            f"invalid Airflow run id {str(airflow_run_id)[:80]!r}: expected 1 to 250 letters, "
+            "digits or any of _ . ~ : + -"
+        )
     mlc = client(settings)
     experiment = mlc.get_experiment_by_name(settings.experiment_name)
     if experiment is None:
         return None
-    runs = mlc.search_runs([experiment.experiment_id],
-                           filter_string=f"tags.`{TAG_PREFIX}airflow_run_id` = '{airflow_run_id}'",
-                           max_results=1, order_by=["attributes.start_time DESC"])
+    runs = mlc.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.`{TAG_PREFIX}airflow_run_id` = '{airflow_run_id}'",
+        max_results=1,
+        order_by=["attributes.start_time DESC"],
+    )
     found = _training_run(runs[0]) if runs else None
     if found is not None and found.tags.get(f"{TAG_PREFIX}airflow_run_id") != airflow_run_id:
         return None  # belt and braces: only an exact match is ever returned
@@ -380,9 +449,15 @@ def served_for(version: ModelVersion) -> str | None:
 def _summary(version: ModelVersion, experiment: str | None) -> dict[str, Any]:
     """A model version as plain values (what the GitOps page shows)."""
     created_at = round(version.created.timestamp() * 1000) if version.created else None  # ms, as MLflow
-    return {"version": version.version, "run_id": version.run_id, "experiment_id": experiment,
-            "status": version.status, "created_at": created_at, "tags": version_tags(version),
-            "aliases": list(version.aliases)}
+    return {
+        "version": version.version,
+        "run_id": version.run_id,
+        "experiment_id": experiment,
+        "status": version.status,
+        "created_at": created_at,
+        "tags": version_tags(version),
+        "aliases": list(version.aliases),
+    }
 
 
 def champion_summary(settings: Settings) -> dict[str, Any] | None:
@@ -398,8 +473,10 @@ def version_summaries(settings: Settings, numbers: set[str]) -> dict[str, dict[s
     wanted = {str(n) for n in numbers if str(n).isdigit()}
     if not wanted:
         return {}
-    query = (f"name = '{settings.model_name}' and version_number >= {min(map(int, wanted))} "
-             f"and version_number <= {max(map(int, wanted))}")
+    query = (
+        f"name = '{settings.model_name}' and version_number >= {min(map(int, wanted))} "
+        f"and version_number <= {max(map(int, wanted))}"
+    )
     try:
         found = client(settings).search_model_versions(query, max_results=10000)
     except MlflowException as exc:

@@ -94,8 +94,13 @@ class _GitFailed(Exception):
 def _git(git_dir: Path, *args: str) -> str:
     """Run ``git -C git_dir ...`` (the git CLI, as ``gitops_ml.signatures`` does: GitPython stays in ``source``)."""
     try:
-        done = subprocess.run(["git", "-C", str(git_dir), *args], capture_output=True, timeout=300,
-                              env={**os.environ, "GIT_TERMINAL_PROMPT": "0"}, check=False)
+        done = subprocess.run(
+            ["git", "-C", str(git_dir), *args],
+            capture_output=True,
+            timeout=300,
+            env={**os.environ, "GIT_TERMINAL_PROMPT": "0"},
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise _GitFailed(f"git {args[0]} in {git_dir}: {exc}") from None
     if done.returncode != 0:
@@ -109,8 +114,8 @@ class Report:
 
     dry_run: bool
     enabled: bool = True
-    kept: dict[str, str] = field(default_factory=dict)        # commit_sha -> why
-    removed: dict[str, str] = field(default_factory=dict)     # commit_sha -> why
+    kept: dict[str, str] = field(default_factory=dict)  # commit_sha -> why
+    removed: dict[str, str] = field(default_factory=dict)  # commit_sha -> why
     worktree_bytes_freed: int = 0
     cache_objects_kept: int = 0
     cache_objects_removed: int = 0
@@ -123,12 +128,17 @@ class Report:
         if not self.enabled:
             return "retention is off (GITOPS_ML_KEEP_WORKTREES < 0): nothing removed"
         verb = "would remove" if self.dry_run else "removed"
-        cache = (f"DVC cache left as it is ({self.cache_skipped})" if self.cache_skipped else
-                 f"{verb} {self.cache_objects_removed} DVC cache objects ({_mb(self.cache_bytes_freed)}), "
-                 f"kept {self.cache_objects_kept}")
-        return (f"{verb} {len(self.removed)} work tree(s) ({_mb(self.worktree_bytes_freed)}), kept "
-                f"{len(self.kept)}; {cache}; {verb} {self.site_entries_removed} DVC site-cache entries"
-                + (f" (site cache left as it is: {self.site_skipped})" if self.site_skipped else ""))
+        cache = (
+            f"DVC cache left as it is ({self.cache_skipped})"
+            if self.cache_skipped
+            else f"{verb} {self.cache_objects_removed} DVC cache objects ({_mb(self.cache_bytes_freed)}), "
+            f"kept {self.cache_objects_kept}"
+        )
+        return (
+            f"{verb} {len(self.removed)} work tree(s) ({_mb(self.worktree_bytes_freed)}), kept "
+            f"{len(self.kept)}; {cache}; {verb} {self.site_entries_removed} DVC site-cache entries"
+            + (f" (site cache left as it is: {self.site_skipped})" if self.site_skipped else "")
+        )
 
     def render(self) -> str:
         lines = [self.summary()]
@@ -149,6 +159,7 @@ def _check_settings(settings: Settings) -> None:
 
 
 # --- paths -----------------------------------------------------------------------------------
+
 
 def _inside_home(settings: Settings, path: Path, what: str) -> Path:
     """``path`` resolved, refusing a symbolic link or anything outside the resolved home."""
@@ -200,6 +211,7 @@ def _disk_usage(path: Path) -> int:
 
 # --- end marks and activity -----------------------------------------------------------------
 
+
 def _admin_dir(tree: Path) -> Path | None:
     """The work tree's Git admin folder (``<mirror>/worktrees/<name>``), from its ``.git`` file."""
     gitfile = tree / ".git"
@@ -236,8 +248,9 @@ def _last_activity(tree: Path) -> float:
     return max(times, default=0.0)
 
 
-def mark_finished(settings: Settings, commit_sha: str, failed: bool, run_id: str | None = None,
-                  now: float | None = None) -> Path | None:
+def mark_finished(
+    settings: Settings, commit_sha: str, failed: bool, run_id: str | None = None, now: float | None = None
+) -> Path | None:
     """Write the end mark of the run of ``commit_sha`` on this home; None (nothing written) for a SHA
     that is not a full one or a commit without a work tree here (failed before checkout, or checked out
     on another worker)."""
@@ -248,9 +261,14 @@ def mark_finished(settings: Settings, commit_sha: str, failed: bool, run_id: str
     now = time.time() if now is None else now
     state_dir = _state_dir(settings)
     state_dir.mkdir(parents=True, exist_ok=True)
-    mark = {"commit_sha": commit_sha, "outcome": "failed" if failed else "finished", "run_id": run_id,
-            "finished_at": datetime.fromtimestamp(now, UTC).isoformat(), "finished_at_epoch": now,
-            "worktree": _fingerprint(_work_dir(settings) / commit_sha)}
+    mark = {
+        "commit_sha": commit_sha,
+        "outcome": "failed" if failed else "finished",
+        "run_id": run_id,
+        "finished_at": datetime.fromtimestamp(now, UTC).isoformat(),
+        "finished_at_epoch": now,
+        "worktree": _fingerprint(_work_dir(settings) / commit_sha),
+    }
     path = state_dir / f"{commit_sha}.json"
     tmp = state_dir / f".{commit_sha}.{os.getpid()}.tmp"
     tmp.write_text(json.dumps(mark, sort_keys=True))
@@ -272,8 +290,10 @@ def _read_mark(state_dir: Path, commit_sha: str) -> dict[str, Any] | None:
 
 # --- which work trees go ----------------------------------------------------------------------
 
-def _decide(settings: Settings, trees: dict[str, Path], state_dir: Path, now: float
-            ) -> tuple[dict[str, str], dict[str, str]]:
+
+def _decide(
+    settings: Settings, trees: dict[str, Path], state_dir: Path, now: float
+) -> tuple[dict[str, str], dict[str, str]]:
     """(keep, remove): commit SHA -> reason, for every work tree."""
     keep: dict[str, str] = {}
     remove: dict[str, str] = {}
@@ -307,6 +327,7 @@ def _decide(settings: Settings, trees: dict[str, Path], state_dir: Path, now: fl
 
 # --- git -----------------------------------------------------------------------------------------
 
+
 def _mirrors(settings: Settings) -> list[Path]:
     cache = settings.git_cache_dir
     if not cache.is_dir() or cache.is_symlink():
@@ -325,7 +346,7 @@ def _registered_trees(mirrors: list[Path]) -> dict[Path, Path]:
             continue
         for item in listing.split("\0"):
             if item.startswith("worktree "):
-                owner[Path(item[len("worktree "):]).resolve()] = mirror
+                owner[Path(item[len("worktree ") :]).resolve()] = mirror
     return owner
 
 
@@ -393,8 +414,9 @@ def _commit_hashes(mirror: Path, commit_sha: str) -> set[str]:
         if kind != "blob" or mode == "120000" or not (name.endswith(".dvc") or name == "dvc.lock"):
             continue
         if int(size) > MAX_POINTER_BYTES:
-            log.warning("commit %s: %s is over %d bytes, not read as a DVC pointer", commit_sha, path,
-                        MAX_POINTER_BYTES)
+            log.warning(
+                "commit %s: %s is over %d bytes, not read as a DVC pointer", commit_sha, path, MAX_POINTER_BYTES
+            )
             continue
         try:
             _walk_md5(yaml.safe_load(_git(mirror, "cat-file", "blob", oid)), found, set())
@@ -417,8 +439,14 @@ def _manifest_entries(cache_dir: Path, dir_md5: str) -> set[str]:
         return set()
     if not isinstance(entries, list):
         return set()
-    return {e["md5"] for e in entries if isinstance(e, dict) and isinstance(e.get("md5"), str)
-            and _MD5_RE.fullmatch(e["md5"]) and not e["md5"].endswith(".dir")}
+    return {
+        e["md5"]
+        for e in entries
+        if isinstance(e, dict)
+        and isinstance(e.get("md5"), str)
+        and _MD5_RE.fullmatch(e["md5"])
+        and not e["md5"].endswith(".dir")
+    }
 
 
 def _object_path(cache_dir: Path, md5: str) -> Path:
@@ -433,8 +461,9 @@ def _model_commits(settings: Settings) -> list[tuple[str, str | None]]:
     try:
         names |= {w.model_name for w in watch.load_watches() if w.model_name}
     except GitopsMLError as exc:
-        log.warning("watch configuration unreadable (%s): keeping the DVC data of model %s only", exc,
-                    settings.model_name)
+        log.warning(
+            "watch configuration unreadable (%s): keeping the DVC data of model %s only", exc, settings.model_name
+        )
     commits = []
     for name in sorted(names):
         model_settings = settings.with_overrides(model_name=name)
@@ -452,8 +481,9 @@ def _model_commits(settings: Settings) -> list[tuple[str, str | None]]:
     return commits
 
 
-def _needed_objects(settings: Settings, cache_dir: Path, tree_commits: dict[str, Path | None],
-                    mirrors: list[Path]) -> set[str]:
+def _needed_objects(
+    settings: Settings, cache_dir: Path, tree_commits: dict[str, Path | None], mirrors: list[Path]
+) -> set[str]:
     """Every cache object (md5, ``.dir`` included) the retained work trees and the model versions need."""
     from gitops_ml.source import mirror_path  # noqa: PLC0415
 
@@ -498,8 +528,11 @@ def _site_entries(settings: Settings, cache_dir: Path) -> dict[str, Path]:
     if not site_repos.is_dir() or site_repos.is_symlink():
         return {}
     _inside_home(settings, site_repos, "DVC site cache")
-    return {e.name: Path(e.path) for e in os.scandir(site_repos)
-            if _SITE_ENTRY_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)}
+    return {
+        e.name: Path(e.path)
+        for e in os.scandir(site_repos)
+        if _SITE_ENTRY_RE.fullmatch(e.name) and e.is_dir(follow_symlinks=False)
+    }
 
 
 def _site_entry_of(tree: Path, cache_dir: Path) -> str | None:
@@ -516,6 +549,7 @@ def _site_entry_of(tree: Path, cache_dir: Path) -> str | None:
 
 
 # --- the collector ------------------------------------------------------------------------------
+
 
 def collect(settings: Settings, dry_run: bool = False, now: float | None = None) -> Report:
     """Remove the work trees that are no longer kept, then trim the DVC cache and site cache.

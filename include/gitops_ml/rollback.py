@@ -53,8 +53,9 @@ def deploy_version(settings: Settings, model_version: Any, user: str, reason: st
         raise RollbackRefused(f"model version {model_version} of {settings.model_name} does not exist") from None
     tags = registry.version_tags(target)
     if tags.get("gate") == "failed":
-        raise RollbackRefused(f"model version {model_version} failed its gate ({tags.get('gate_reasons') or '?'}); "
-                              "it is never deployed")
+        raise RollbackRefused(
+            f"model version {model_version} failed its gate ({tags.get('gate_reasons') or '?'}); it is never deployed"
+        )
     if not tags.get("commit_sha"):
         raise RollbackRefused(f"model version {model_version} has no gitops_ml.commit_sha tag: not built by gitops-ml")
     current = registry.get_alias(settings)
@@ -64,24 +65,66 @@ def deploy_version(settings: Settings, model_version: Any, user: str, reason: st
     action = "rolled back" if ever_served else "promoted"
     previous = str(current.version) if current is not None else None
     why = (reason or "").strip()[:500]
-    commit = {"commit_sha": tags["commit_sha"], "branch": tags.get("branch") or settings.branch,
-              "repo_url": tags.get("repo_url") or settings.repo_url}
+    commit = {
+        "commit_sha": tags["commit_sha"],
+        "branch": tags.get("branch") or settings.branch,
+        "repo_url": tags.get("repo_url") or settings.repo_url,
+    }
     run_id = _run_id(user)
     manual = {"action": action, "by": user, "replaced_version": previous}
-    deployed = pipeline.deploy(settings, commit, model_version, {"deploy": {"watch_seconds": 0}}, run_id,
-                               converge=False, manual={**manual, "reason": why or None})
+    deployed = pipeline.deploy(
+        settings,
+        commit,
+        model_version,
+        {"deploy": {"watch_seconds": 0}},
+        run_id,
+        converge=False,
+        manual={**manual, "reason": why or None},
+    )
     now = time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime())
-    registry.set_version_tags(settings, model_version, {"manual_deploy_by": user, "manual_deploy_at": now,
-                                                        "manual_deploy_action": action,
-                                                        "manual_deploy_reason": why or None})
+    registry.set_version_tags(
+        settings,
+        model_version,
+        {
+            "manual_deploy_by": user,
+            "manual_deploy_at": now,
+            "manual_deploy_action": action,
+            "manual_deploy_reason": why or None,
+        },
+    )
     if previous:
-        registry.set_version_tags(settings, previous, {
-            "deploy_outcome": "rolled_back", "rolled_back_at": now,
-            "rollback_reason": f"{action} by {user} to version {model_version}" + (f": {why}" if why else "")})
-    summary = (f"{action.upper()} by {user}: version {model_version} (commit {commit['commit_sha']}) serves"
-               + (f", replacing version {previous}" if previous else ""))
-    pipeline.write_note(settings, commit, {"gitops_ml_run": run_id, "manual_deploy": manual, "reason": why or None,
-                                           "model": f"{settings.model_name} version {model_version}",
-                                           "deployed": True, "summary": summary, "at": now})
-    return {"model_version": model_version, "commit_sha": commit["commit_sha"], "previous_version": previous,
-            "action": action, "by": user, "run_id": run_id, "summary": summary, "serving": deployed.get("serving")}
+        registry.set_version_tags(
+            settings,
+            previous,
+            {
+                "deploy_outcome": "rolled_back",
+                "rolled_back_at": now,
+                "rollback_reason": f"{action} by {user} to version {model_version}" + (f": {why}" if why else ""),
+            },
+        )
+    summary = f"{action.upper()} by {user}: version {model_version} (commit {commit['commit_sha']}) serves" + (
+        f", replacing version {previous}" if previous else ""
+    )
+    pipeline.write_note(
+        settings,
+        commit,
+        {
+            "gitops_ml_run": run_id,
+            "manual_deploy": manual,
+            "reason": why or None,
+            "model": f"{settings.model_name} version {model_version}",
+            "deployed": True,
+            "summary": summary,
+            "at": now,
+        },
+    )
+    return {
+        "model_version": model_version,
+        "commit_sha": commit["commit_sha"],
+        "previous_version": previous,
+        "action": action,
+        "by": user,
+        "run_id": run_id,
+        "summary": summary,
+        "serving": deployed.get("serving"),
+    }

@@ -19,9 +19,22 @@ if TYPE_CHECKING:
     from gitops_ml.config import Settings
     from gitops_ml.watch import Watch
 
-__all__ = ["DEFAULT_WATCH", "PIPELINE_DAG_ID", "RUN_ID_PREFIX", "plan_retrain", "plan_runs", "record_plan",
-           "retrain_dag_id", "retrain_request", "retrain_run_id", "run_id_for", "run_note", "run_requests",
-           "settings_for", "watch_dag_id"]
+__all__ = [
+    "DEFAULT_WATCH",
+    "PIPELINE_DAG_ID",
+    "RUN_ID_PREFIX",
+    "plan_retrain",
+    "plan_runs",
+    "record_plan",
+    "retrain_dag_id",
+    "retrain_request",
+    "retrain_run_id",
+    "run_id_for",
+    "run_note",
+    "run_requests",
+    "settings_for",
+    "watch_dag_id",
+]
 
 log = logging.getLogger(__name__)
 
@@ -63,16 +76,19 @@ def settings_for(watch: Watch) -> Settings:
     model servers."""
     from gitops_ml.config import Settings  # noqa: PLC0415
 
-    return Settings.from_env().with_overrides(repo_url=watch.url, branch=watch.branch, model_name=watch.model_name,
-                                              serving_url=watch.serving_url)
+    return Settings.from_env().with_overrides(
+        repo_url=watch.url, branch=watch.branch, model_name=watch.model_name, serving_url=watch.serving_url
+    )
 
 
 def run_note(decision: dict[str, Any], trigger: str) -> str:
     """The note a planned run starts with (the first thing the Airflow UI shows of it): why it exists."""
     sha = decision["commit_sha"]
-    head = {"train": f"{trigger}: build commit {sha}",
-            "no_retrain": f"NO RETRAIN NEEDED for commit {sha}",
-            "rejected": f"REJECTED commit {sha}"}[decision["action"]]
+    head = {
+        "train": f"{trigger}: build commit {sha}",
+        "no_retrain": f"NO RETRAIN NEEDED for commit {sha}",
+        "rejected": f"REJECTED commit {sha}",
+    }[decision["action"]]
     note = f"{head}: {decision['reason']}"
     if decision.get("warning"):
         note += f"\n\nWARNING (signature policy warn): {decision['warning']}"
@@ -80,8 +96,14 @@ def run_note(decision: dict[str, Any], trigger: str) -> str:
 
 
 def _conf(decision: dict[str, Any], watch_name: str, branch: str, trigger: str) -> dict[str, Any]:
-    conf = {"commit_sha": decision["commit_sha"], "watch": watch_name, "branch": branch,
-            "trigger": trigger, "decision": decision["action"], "reason": decision["reason"]}
+    conf = {
+        "commit_sha": decision["commit_sha"],
+        "watch": watch_name,
+        "branch": branch,
+        "trigger": trigger,
+        "decision": decision["action"],
+        "reason": decision["reason"],
+    }
     if decision.get("warning"):
         conf["signature_warning"] = decision["warning"]
     return conf
@@ -94,19 +116,31 @@ def run_requests(watch_name: str, branch: str, plan: dict[str, Any], trigger: st
     first task records the decision and skips the rest, so every commit shows up in the UI under its
     SHA with the reason as the run note. ``superseded`` commits get no run (recorded by ``record_plan``).
     """
-    return [{"trigger_run_id": run_id_for(decision["commit_sha"], watch=watch_name),
-             "conf": _conf(decision, watch_name, branch, trigger), "note": run_note(decision, trigger)}
-            for decision in plan["decisions"] if decision["action"] != "superseded"]
+    return [
+        {
+            "trigger_run_id": run_id_for(decision["commit_sha"], watch=watch_name),
+            "conf": _conf(decision, watch_name, branch, trigger),
+            "note": run_note(decision, trigger),
+        }
+        for decision in plan["decisions"]
+        if decision["action"] != "superseded"
+    ]
 
 
 def retrain_request(watch: Watch, plan: dict[str, Any], when: datetime) -> dict[str, Any]:
     """The run request of a scheduled retraining of the head (``plan`` from the head alone)."""
     decision = plan["decisions"][0]
     if decision["action"] != "rejected":
-        decision = {**decision, "action": "train",
-                    "reason": f"scheduled retraining ({watch.retrain_schedule}) of the head of {watch.branch!r}"}
-    return {"trigger_run_id": retrain_run_id(decision["commit_sha"], when, watch.name),
-            "conf": _conf(decision, watch.name, watch.branch, "schedule"), "note": run_note(decision, "schedule")}
+        decision = {
+            **decision,
+            "action": "train",
+            "reason": f"scheduled retraining ({watch.retrain_schedule}) of the head of {watch.branch!r}",
+        }
+    return {
+        "trigger_run_id": retrain_run_id(decision["commit_sha"], when, watch.name),
+        "conf": _conf(decision, watch.name, watch.branch, "schedule"),
+        "note": run_note(decision, "schedule"),
+    }
 
 
 def record_plan(settings: Settings, plan: dict[str, Any], run_id: str) -> None:
@@ -117,21 +151,43 @@ def record_plan(settings: Settings, plan: dict[str, Any], run_id: str) -> None:
         if decision["action"] == "superseded":
             commit = {"commit_sha": decision["commit_sha"]}
             log.info("commit %s skipped: %s", decision["commit_sha"], decision["reason"])
-            pipeline.record(settings, commit, run_id, "watch", "superseded", reason=decision["reason"],
-                            superseded_by=decision["superseded_by"])
-            pipeline.write_note(settings, commit, {"gitops_ml_run": None, "decision": "superseded",
-                                                   "superseded_by": decision["superseded_by"]})
+            pipeline.record(
+                settings,
+                commit,
+                run_id,
+                "watch",
+                "superseded",
+                reason=decision["reason"],
+                superseded_by=decision["superseded_by"],
+            )
+            pipeline.write_note(
+                settings,
+                commit,
+                {"gitops_ml_run": None, "decision": "superseded", "superseded_by": decision["superseded_by"]},
+            )
     if plan.get("force_push"):
         removed = plan["force_push"]["removed"]
-        log.warning("force-push detected on branch %r: %d commit(s) removed: %s", plan["branch"], len(removed),
-                    ", ".join(removed))
-        pipeline.record(settings, {"commit_sha": plan["head_sha"]}, run_id, "watch", "force_push",
-                        reason=f"force-push removed {len(removed)} commit(s) from branch {plan['branch']!r}",
-                        removed_commits=removed, previous_sha=plan["previous_sha"])
+        log.warning(
+            "force-push detected on branch %r: %d commit(s) removed: %s",
+            plan["branch"],
+            len(removed),
+            ", ".join(removed),
+        )
+        pipeline.record(
+            settings,
+            {"commit_sha": plan["head_sha"]},
+            run_id,
+            "watch",
+            "force_push",
+            reason=f"force-push removed {len(removed)} commit(s) from branch {plan['branch']!r}",
+            removed_commits=removed,
+            previous_sha=plan["previous_sha"],
+        )
 
 
-def plan_runs(watch: Watch, settings: Settings, previous_sha: str | None, head_sha: str, run_id: str,
-              trigger: str) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+def plan_runs(
+    watch: Watch, settings: Settings, previous_sha: str | None, head_sha: str, run_id: str, trigger: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
     """Plan the commits from ``previous_sha`` to ``head_sha`` of ``watch``, record what gets no run, and
     return the plan with the run requests (the watcher and the push webhook both start runs so)."""
     from gitops_ml import watch as watch_mod  # noqa: PLC0415

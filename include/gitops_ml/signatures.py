@@ -67,8 +67,14 @@ def _git(git_dir: Path, args: list[str], sha: str, env: dict[str, str] | None = 
     base = {**os.environ, "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1", "LC_ALL": "C"}
     base.pop("GNUPGHOME", None)
     try:
-        return subprocess.run(["git", "-C", str(git_dir), *args], env={**base, **(env or {})},
-                              capture_output=True, text=True, timeout=120, check=False)
+        return subprocess.run(
+            ["git", "-C", str(git_dir), *args],
+            env={**base, **(env or {})},
+            capture_output=True,
+            text=True,
+            timeout=120,
+            check=False,
+        )
     except (OSError, subprocess.TimeoutExpired) as exc:
         raise GitopsMLError(f"could not run git to check the signature of commit {sha}: {redact(str(exc))}") from exc
 
@@ -86,9 +92,14 @@ def _gnupg_home(keyring: Path, cache: Path) -> Path:
     try:
         (staging / "gpg.conf").write_text("no-autostart\n")  # public keys only: no gpg-agent, for git's gpg too
         try:
-            done = subprocess.run(["gpg", "--batch", "--no-tty", "--import", str(keyring)], capture_output=True,
-                                  text=True, timeout=120, env={**os.environ, "GNUPGHOME": str(staging), "LC_ALL": "C"},
-                                  check=False)
+            done = subprocess.run(
+                ["gpg", "--batch", "--no-tty", "--import", str(keyring)],
+                capture_output=True,
+                text=True,
+                timeout=120,
+                env={**os.environ, "GNUPGHOME": str(staging), "LC_ALL": "C"},
+                check=False,
+            )
         except (OSError, subprocess.TimeoutExpired) as exc:
             raise GitopsMLError(f"could not run gpg to import the GPG keyring {keyring}: {exc}") from exc
         if done.returncode != 0:
@@ -103,8 +114,14 @@ def _gnupg_home(keyring: Path, cache: Path) -> Path:
     return home
 
 
-def verify_commit(git_dir: Path, commit_sha: str, *, allowed_signers: Path | None = None,
-                  gpg_keyring: Path | None = None, gnupg_home_cache: Path | None = None) -> SignatureCheck:
+def verify_commit(
+    git_dir: Path,
+    commit_sha: str,
+    *,
+    allowed_signers: Path | None = None,
+    gpg_keyring: Path | None = None,
+    gnupg_home_cache: Path | None = None,
+) -> SignatureCheck:
     """Check the signature of ``commit_sha`` in ``git_dir`` against the allowed SSH signers / GPG keys."""
     sha = validate_sha(commit_sha)
     for label, path in (("allowed signers file", allowed_signers), ("GPG keyring", gpg_keyring)):
@@ -120,8 +137,9 @@ def verify_commit(git_dir: Path, commit_sha: str, *, allowed_signers: Path | Non
     if obj.returncode != 0:
         raise GitopsMLError(f"git could not read commit {sha}: {redact(obj.stderr.strip())}")
     header = obj.stdout.split("\n\n", 1)[0]
-    sig = next((line.split(" ", 1)[1] for line in header.splitlines()
-                if line.startswith(("gpgsig ", "gpgsig-sha256 "))), None)
+    sig = next(
+        (line.split(" ", 1)[1] for line in header.splitlines() if line.startswith(("gpgsig ", "gpgsig-sha256 "))), None
+    )
     if sig is None:
         return SignatureCheck(sha, False, False, None, None, f"commit {sha} is not signed")
     kind = _HEADERS.get(sig.strip())
@@ -136,9 +154,20 @@ def verify_commit(git_dir: Path, commit_sha: str, *, allowed_signers: Path | Non
     if kind == "gpg" and gpg_keyring is None:
         return result(False, None, f"commit {sha} is signed with GPG but no GPG keyring is configured")
 
-    args = ["-c", "gpg.program=gpg", "-c", "gpg.ssh.program=ssh-keygen",
-            "-c", f"gpg.ssh.allowedSignersFile={allowed_signers or ''}",
-            "log", "-1", "--no-show-signature", f"--format={_FORMAT}", sha, "--"]
+    args = [
+        "-c",
+        "gpg.program=gpg",
+        "-c",
+        "gpg.ssh.program=ssh-keygen",
+        "-c",
+        f"gpg.ssh.allowedSignersFile={allowed_signers or ''}",
+        "log",
+        "-1",
+        "--no-show-signature",
+        f"--format={_FORMAT}",
+        sha,
+        "--",
+    ]
     if kind == "ssh":
         shown = _git(git_dir, args, sha)
     else:  # without a cache, a GNUPGHOME for this call only
@@ -157,8 +186,11 @@ def verify_commit(git_dir: Path, commit_sha: str, *, allowed_signers: Path | Non
     if status == "U":  # SSH: good signature, but no allowed signer matched (unknown or expired key)
         detail = [ln for ln in raw.strip().splitlines() if not ln.startswith(("Good ", "No principal matched"))]
         extra = f" ({redact('; '.join(detail))})" if detail else ""
-        return result(False, signer, f"commit {sha} is signed by {key_desc} which is not in the allowed signers "
-                                     f"file {allowed_signers}{extra}")
+        return result(
+            False,
+            signer,
+            f"commit {sha} is signed by {key_desc} which is not in the allowed signers file {allowed_signers}{extra}",
+        )
     reasons = {
         "B": f"commit {sha} has a BAD {label} signature: the commit or its signature was altered",
         "X": f"commit {sha} has a good {label} signature that has expired",

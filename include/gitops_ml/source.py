@@ -73,8 +73,9 @@ def fetch_mirror(repo_url: str, branch: str, cache_dir: Path) -> git.Repo:
         # All branches, so that a SHA of another branch is told apart from one that does not exist.
         repo.git.fetch("--quiet", "--no-tags", "--prune", "--", url, "+refs/heads/*:refs/heads/*", env=env)
     except git.GitCommandError as exc:
-        raise _git_error(f"fetch branch {branch!r} from {redact_url(repo_url)}", exc,
-                         (env.get(git_auth.PASSWORD_ENV),)) from None
+        raise _git_error(
+            f"fetch branch {branch!r} from {redact_url(repo_url)}", exc, (env.get(git_auth.PASSWORD_ENV),)
+        ) from None
     try:
         repo.git.rev_parse("--verify", "--quiet", f"refs/heads/{branch}")
     except git.GitCommandError:
@@ -96,9 +97,7 @@ def resolve_commit(repo_url: str, branch: str, commit_sha: str | None, cache_dir
     try:
         full_sha = repo.git.rev_parse("--verify", "--quiet", "--end-of-options", f"{wanted}^{{commit}}")
     except git.GitCommandError:
-        raise CommitNotFound(
-            f"commit {commit_sha} does not exist in {safe_url} (fetched branch {branch!r})"
-        ) from None
+        raise CommitNotFound(f"commit {commit_sha} does not exist in {safe_url} (fetched branch {branch!r})") from None
     if commit_sha and not repo.is_ancestor(full_sha, f"refs/heads/{branch}"):
         raise CommitNotOnBranch(f"commit {full_sha} is not on branch {branch!r} of {safe_url}")
     commit = repo.commit(full_sha)
@@ -138,8 +137,12 @@ def checkout(repo_url: str, commit_sha: str, cache_dir: Path, work_dir: Path) ->
 
 
 NOTES_REF = "refs/notes/gitops-ml"
-_NOTE_IDENTITY = {"GIT_AUTHOR_NAME": "gitops-ml", "GIT_AUTHOR_EMAIL": "gitops-ml@localhost",
-                  "GIT_COMMITTER_NAME": "gitops-ml", "GIT_COMMITTER_EMAIL": "gitops-ml@localhost"}
+_NOTE_IDENTITY = {
+    "GIT_AUTHOR_NAME": "gitops-ml",
+    "GIT_AUTHOR_EMAIL": "gitops-ml@localhost",
+    "GIT_COMMITTER_NAME": "gitops-ml",
+    "GIT_COMMITTER_EMAIL": "gitops-ml@localhost",
+}
 
 
 def write_note(repo_url: str, commit_sha: str, cache_dir: Path, outcome: dict, push: bool = False) -> str:
@@ -165,8 +168,9 @@ def write_note(repo_url: str, commit_sha: str, cache_dir: Path, outcome: dict, p
             try:
                 repo.git.push("--quiet", "--", url, f"{NOTES_REF}:{NOTES_REF}", env=env)
             except git.GitCommandError as exc:
-                raise _git_error(f"push the note of {commit_sha} to {redact_url(repo_url)}", exc,
-                                 (env.get(git_auth.PASSWORD_ENV),)) from None
+                raise _git_error(
+                    f"push the note of {commit_sha} to {redact_url(repo_url)}", exc, (env.get(git_auth.PASSWORD_ENV),)
+                ) from None
     return text
 
 
@@ -229,8 +233,9 @@ class History:
 
     def changed_paths(self, commit_sha: str) -> tuple[str, ...]:
         """Paths a commit changed against its first parent (every path for a root commit)."""
-        out = self._repo.git.diff_tree("--no-commit-id", "--name-only", "-r", "--root", "-m", "--first-parent",
-                                       commit_sha)
+        out = self._repo.git.diff_tree(
+            "--no-commit-id", "--name-only", "-r", "--root", "-m", "--first-parent", commit_sha
+        )
         return tuple(sorted({line for line in out.splitlines() if line}))
 
 
@@ -285,6 +290,10 @@ def describe_commits(repo_url: str, branch: str, cache_dir: Path, commit_shas: l
     described = {}
     for line in lines:
         full, author, committed_at, subject = line.split("\x1f", 3)
-        described[full] = {"message": subject, "author": author, "committed_at": committed_at,
-                           "on_branch": full in on_branch}
+        described[full] = {
+            "message": subject,
+            "author": author,
+            "committed_at": committed_at,
+            "on_branch": full in on_branch,
+        }
     return described

@@ -55,8 +55,10 @@ def locate_repository(settings: Settings) -> tuple[Settings, str]:
     demo = demo_repo_path(settings)
     if (demo / ".git").is_dir():
         return settings.with_overrides(repo_url=str(demo)), f"{demo} [{settings.branch}] (the demo repository)"
-    return settings, ("none: set GITOPS_ML_REPO_URL (a URL or a local path), write "
-                      f"{watch.config_path()}, or create the demo with `gitops-ml init-demo {demo}`")
+    return settings, (
+        "none: set GITOPS_ML_REPO_URL (a URL or a local path), write "
+        f"{watch.config_path()}, or create the demo with `gitops-ml init-demo {demo}`"
+    )
 
 
 def trigger_target(settings: Settings, watch_name: str | None = None) -> tuple[Settings, dict[str, str]]:
@@ -72,14 +74,18 @@ def trigger_target(settings: Settings, watch_name: str | None = None) -> tuple[S
 
     if watch_name:
         watched = watch.get_watch(watch_name)
-        return (settings.with_overrides(repo_url=watched.url, branch=watched.branch, model_name=watched.model_name),
-                {"watch": watched.name})
+        return (
+            settings.with_overrides(repo_url=watched.url, branch=watched.branch, model_name=watched.model_name),
+            {"watch": watched.name},
+        )
     configured = watch.load_watches() if watch.config_path().is_file() else []
     if not settings.repo_url and configured:
         chosen = [w for w in configured if w.name == DEFAULT_WATCH] or (configured if len(configured) == 1 else [])
         if not chosen:
-            raise GitopsMLError(f"several watched repositories in {watch.config_path()} "
-                                f"({', '.join(w.name for w in configured)}): choose one with --watch NAME")
+            raise GitopsMLError(
+                f"several watched repositories in {watch.config_path()} "
+                f"({', '.join(w.name for w in configured)}): choose one with --watch NAME"
+            )
         return trigger_target(settings, chosen[0].name)
     settings, where = locate_repository(settings)
     if not settings.repo_url:
@@ -91,7 +97,8 @@ def trigger_target(settings: Settings, watch_name: str | None = None) -> tuple[S
         raise GitopsMLError(
             f"the repository URL {redact_url(settings.repo_url)} carries credentials, and a run conf is stored in "
             "the Airflow database and shown in the UI: configure the repository as a watched repository "
-            f"({watch.config_path()}, credentials as ${{VAR}}) and trigger it with --watch NAME")
+            f"({watch.config_path()}, credentials as ${{VAR}}) and trigger it with --watch NAME"
+        )
     return settings, {"repo_url": settings.repo_url, "branch": settings.branch}
 
 
@@ -199,8 +206,14 @@ def start(settings: Settings, name: str, argv: list[str], env: dict[str, str]) -
     if pid:
         return pid
     with open(folder / f"{name}.log", "ab") as log_file:
-        proc = subprocess.Popen(argv, env={**os.environ, **env}, stdout=log_file, stderr=subprocess.STDOUT,
-                                stdin=subprocess.DEVNULL, start_new_session=True)
+        proc = subprocess.Popen(
+            argv,
+            env={**os.environ, **env},
+            stdout=log_file,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
     pid_file.write_text(str(proc.pid))
     return proc.pid
 
@@ -229,23 +242,31 @@ def stop(settings: Settings, name: str, timeout: float = 20.0) -> bool:
             os.killpg(pid, sig)
         except ProcessLookupError:
             return True
-        if Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.2), retry=retry_if_result(lambda gone: not gone),
-                    retry_error_callback=lambda _: False)(_gone, pid):
+        if Retrying(
+            stop=stop_after_delay(timeout),
+            wait=wait_fixed(0.2),
+            retry=retry_if_result(lambda gone: not gone),
+            retry_error_callback=lambda _: False,
+        )(_gone, pid):
             return True
     return True
 
 
 def wait_http(url: str, timeout: float, what: str, log_file: Path | None = None) -> None:
     """Wait until ``url`` answers below HTTP 500; a ``TimeoutError`` names the last problem."""
+
     def give_up(state) -> None:
         error = state.outcome.exception()
         last = str(error) if error else f"HTTP {state.outcome.result()}"
         hint = f"; see {log_file}" if log_file else ""
         raise TimeoutError(f"{what} did not answer at {url} within {timeout:.0f} s ({last}){hint}")
 
-    Retrying(stop=stop_after_delay(timeout), wait=wait_fixed(0.5),
-             retry=retry_if_exception_type(httpx.HTTPError) | retry_if_result(lambda status: status >= 500),
-             retry_error_callback=give_up)(lambda: httpx.get(url, timeout=2).status_code)
+    Retrying(
+        stop=stop_after_delay(timeout),
+        wait=wait_fixed(0.5),
+        retry=retry_if_exception_type(httpx.HTTPError) | retry_if_result(lambda status: status >= 500),
+        retry_error_callback=give_up,
+    )(lambda: httpx.get(url, timeout=2).status_code)
 
 
 def recorded_urls(settings: Settings) -> dict[str, str]:
@@ -256,14 +277,16 @@ def recorded_urls(settings: Settings) -> dict[str, str]:
         return {}
 
 
-def stack_settings(settings: Settings, airflow_port: int = 8080, mlflow_port: int = 5000,
-                   serve_port: int = 8765) -> Settings:
+def stack_settings(
+    settings: Settings, airflow_port: int = 8080, mlflow_port: int = 5000, serve_port: int = 8765
+) -> Settings:
     """The settings every process of the embedded stack gets: the repository found by
     :func:`locate_repository`, and the server and MLflow UI on the chosen ports (the deploy step
     converges the stack's own server)."""
     settings, _ = locate_repository(settings)
-    return settings.with_overrides(serving_url=f"http://127.0.0.1:{serve_port}",
-                                   mlflow_ui_url=f"http://127.0.0.1:{mlflow_port}")
+    return settings.with_overrides(
+        serving_url=f"http://127.0.0.1:{serve_port}", mlflow_ui_url=f"http://127.0.0.1:{mlflow_port}"
+    )
 
 
 def up(settings: Settings, airflow_port: int = 8080, mlflow_port: int = 5000, serve_port: int = 8765) -> dict[str, str]:
@@ -275,23 +298,47 @@ def up(settings: Settings, airflow_port: int = 8080, mlflow_port: int = 5000, se
     from gitops_ml import registry  # noqa: PLC0415
 
     folder = _stack_dir(settings)
-    urls = {"airflow": f"http://127.0.0.1:{airflow_port}", "mlflow": f"http://127.0.0.1:{mlflow_port}",
-            "serving": f"http://127.0.0.1:{serve_port}"}
+    urls = {
+        "airflow": f"http://127.0.0.1:{airflow_port}",
+        "mlflow": f"http://127.0.0.1:{mlflow_port}",
+        "serving": f"http://127.0.0.1:{serve_port}",
+    }
     running = [name for name in ("airflow", "mlflow", "serve") if _alive(folder / f"{name}.pid")]
     previous = recorded_urls(settings)
     if running and previous and previous != urls:
-        raise GitopsMLError(f"the stack of {settings.home} is already running ({', '.join(running)}) at "
-                            f"{', '.join(f'{k} {v}' for k, v in previous.items())}: "
-                            "stop it first (`gitops-ml stack down`) to use other ports")
+        raise GitopsMLError(
+            f"the stack of {settings.home} is already running ({', '.join(running)}) at "
+            f"{', '.join(f'{k} {v}' for k, v in previous.items())}: "
+            "stop it first (`gitops-ml stack down`) to use other ports"
+        )
     settings = stack_settings(settings, airflow_port, mlflow_port, serve_port)
-    env = {**airflow_env(settings, airflow_port), "GITOPS_ML_MLFLOW_UI_URL": settings.mlflow_ui_url,
-           "AIRFLOW_API_URL": urls["airflow"]}
+    env = {
+        **airflow_env(settings, airflow_port),
+        "GITOPS_ML_MLFLOW_UI_URL": settings.mlflow_ui_url,
+        "AIRFLOW_API_URL": urls["airflow"],
+    }
     registry.experiment_id(settings)  # create/migrate the MLflow store once, before any concurrent writer
     (folder / "stack.json").write_text(json.dumps({"urls": urls}, indent=2))
     start(settings, "airflow", [_bin("airflow"), "standalone"], env)
-    start(settings, "mlflow", [_bin("mlflow"), "server", "--host", "127.0.0.1", "--port", str(mlflow_port),
-                               "--backend-store-uri", settings.tracking_uri,
-                               "--default-artifact-root", settings.artifact_root, "--workers", "1"], env)
+    start(
+        settings,
+        "mlflow",
+        [
+            _bin("mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(mlflow_port),
+            "--backend-store-uri",
+            settings.tracking_uri,
+            "--default-artifact-root",
+            settings.artifact_root,
+            "--workers",
+            "1",
+        ],
+        env,
+    )
     start(settings, "serve", [_bin("gitops-ml"), "serve", "--host", "127.0.0.1", "--port", str(serve_port)], env)
     wait_http(urls["serving"] + "/health", 120, "model server", folder / "serve.log")
     wait_http(urls["mlflow"] + "/health", 120, "MLflow UI", folder / "mlflow.log")

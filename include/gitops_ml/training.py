@@ -48,6 +48,7 @@ def split(index: ImageIndex, test_fraction: float) -> Split:
     held-out images (it never trained on them unless the data moved).  Every class with
     at least two images keeps one held out.
     """
+
     def bucket(i: int) -> float:
         rel = os.path.relpath(index.files[i], index.root) if index.root else index.files[i]
         return int(hashlib.sha256(rel.encode()).hexdigest()[:8], 16) / 0xFFFFFFFF
@@ -120,8 +121,14 @@ class PixelCache:
         self._finalizer()
 
 
-def make_dataset(files: list[str], labels: list[int], params: dict, shuffle: bool,
-                 cache: PixelCache | None = None, batch_size: int | None = None) -> tf.data.Dataset:
+def make_dataset(
+    files: list[str],
+    labels: list[int],
+    params: dict,
+    shuffle: bool,
+    cache: PixelCache | None = None,
+    batch_size: int | None = None,
+) -> tf.data.Dataset:
     """Streaming ``tf.data`` pipeline: shuffle indices (seeded), batch, decode with the serving decoder, prefetch.
 
     Only file indices are shuffled, so the shuffle buffer holds integers, never images; decoded
@@ -143,7 +150,9 @@ def make_dataset(files: list[str], labels: list[int], params: dict, shuffle: boo
         ds = ds.shuffle(len(files), seed=params["train"]["seed"], reshuffle_each_iteration=True)
     ds = ds.batch(batch_size).map(
         lambda i, y: (tf.ensure_shape(tf.numpy_function(_load_batch, [i], tf.float32), (None, h, w, c)), y),
-        num_parallel_calls=PARALLEL_BATCHES, deterministic=True)
+        num_parallel_calls=PARALLEL_BATCHES,
+        deterministic=True,
+    )
     return ds.prefetch(PREFETCH_BATCHES)
 
 
@@ -163,20 +172,29 @@ def build_model(num_classes: int, params: dict) -> keras.Model:
         keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
     ]
     if min(h, w) >= 16:
-        layers += [keras.layers.MaxPooling2D(), keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
-                   keras.layers.GlobalAveragePooling2D()]
+        layers += [
+            keras.layers.MaxPooling2D(),
+            keras.layers.Conv2D(64, 3, padding="same", activation="relu"),
+            keras.layers.GlobalAveragePooling2D(),
+        ]
     else:
         layers += [keras.layers.Flatten()]
-    layers += [keras.layers.Dense(128, activation="relu"), keras.layers.Dropout(0.2),
-               keras.layers.Dense(num_classes, activation="softmax", name="probabilities")]
+    layers += [
+        keras.layers.Dense(128, activation="relu"),
+        keras.layers.Dropout(0.2),
+        keras.layers.Dense(num_classes, activation="softmax", name="probabilities"),
+    ]
     return keras.Sequential(layers, name="gitops_ml_cnn")
 
 
 def compile_if_needed(model: keras.Model, params: dict) -> keras.Model:
     """Compile an uncompiled model: Adam at ``train.learning_rate``, sparse categorical cross-entropy, accuracy."""
     if not getattr(model, "compiled", False):
-        model.compile(optimizer=keras.optimizers.Adam(params["train"]["learning_rate"]),
-                      loss="sparse_categorical_crossentropy", metrics=["accuracy"])
+        model.compile(
+            optimizer=keras.optimizers.Adam(params["train"]["learning_rate"]),
+            loss="sparse_categorical_crossentropy",
+            metrics=["accuracy"],
+        )
     return model
 
 
@@ -216,8 +234,10 @@ def running_model_code(code: model_code.ModelCode | None, params: dict) -> Itera
 def _user_model(module: Any, code: model_code.ModelCode, class_names: list[str], params: dict) -> keras.Model:
     build = getattr(module, "build_model", None)
     if not callable(build):
-        raise ModelCodeError(f"{code.origin}: defines no build_model(input_shape, class_names, params) function "
-                             "(the model code contract, see the README)")
+        raise ModelCodeError(
+            f"{code.origin}: defines no build_model(input_shape, class_names, params) function "
+            "(the model code contract, see the README)"
+        )
     try:
         model = build(input_shape(params), list(class_names), copy.deepcopy(params.get("model") or {}))
     except ModelCodeTimeout:
@@ -225,8 +245,10 @@ def _user_model(module: Any, code: model_code.ModelCode, class_names: list[str],
     except BaseException as exc:  # noqa: BLE001 - user code
         raise model_code.describe(exc, code, "calling build_model") from None
     if not isinstance(model, keras.Model):
-        raise ModelCodeError(f"{code.origin}: build_model returned {type(model).__module__}.{type(model).__qualname__}"
-                             ", not a keras.Model")
+        raise ModelCodeError(
+            f"{code.origin}: build_model returned {type(model).__module__}.{type(model).__qualname__}"
+            ", not a keras.Model"
+        )
     return model
 
 
@@ -243,13 +265,15 @@ def _user_augment(module: Any, code: model_code.ModelCode, params: dict) -> kera
     except BaseException as exc:  # noqa: BLE001 - user code
         raise model_code.describe(exc, code, "calling augment") from None
     if not isinstance(layers, (list, tuple)) or not all(isinstance(layer, keras.layers.Layer) for layer in layers):
-        raise ModelCodeError(f"{code.origin}: augment returned {type(layers).__name__}, not a list of "
-                             "keras.layers.Layer")
+        raise ModelCodeError(
+            f"{code.origin}: augment returned {type(layers).__name__}, not a list of keras.layers.Layer"
+        )
     return keras.Sequential(list(layers), name="augment") if layers else None
 
 
-def check_output(model: keras.Model, sample: np.ndarray, class_names: list[str],
-                 code: model_code.ModelCode | None = None) -> None:
+def check_output(
+    model: keras.Model, sample: np.ndarray, class_names: list[str], code: model_code.ModelCode | None = None
+) -> None:
     """The model must map a batch of images to one probability distribution over the classes.
 
     Served predictions, the gate and the smoke check read the output as probabilities, so a
@@ -263,27 +287,36 @@ def check_output(model: keras.Model, sample: np.ndarray, class_names: list[str],
         raise
     except Exception as exc:  # noqa: BLE001 - user code (call of a custom layer or model)
         place = model_code.where(exc, code.root) if code else ""
-        raise ModelCodeError(f"{place or origin}: the model fails on a batch of {len(sample)} images of shape "
-                             f"{tuple(sample.shape[1:])}: {type(exc).__name__}: {exc}") from None
+        raise ModelCodeError(
+            f"{place or origin}: the model fails on a batch of {len(sample)} images of shape "
+            f"{tuple(sample.shape[1:])}: {type(exc).__name__}: {exc}"
+        ) from None
     if isinstance(out, (dict, list, tuple)):
         raise ModelCodeError(f"{origin}: the model has {len(out)} outputs; it must have one, the class probabilities")
     out = np.asarray(out)
     expected = (len(sample), len(class_names))
     if out.shape != expected:
-        raise ModelCodeError(f"{origin}: the model's output has shape (batch, {', '.join(map(str, out.shape[1:]))}), "
-                             f"expected (batch, {len(class_names)}): one probability per class of the data "
-                             f"({', '.join(class_names[:20])})")
+        raise ModelCodeError(
+            f"{origin}: the model's output has shape (batch, {', '.join(map(str, out.shape[1:]))}), "
+            f"expected (batch, {len(class_names)}): one probability per class of the data "
+            f"({', '.join(class_names[:20])})"
+        )
     sums = out.sum(axis=1)
     if not np.all(np.isfinite(out)) or out.min() < -1e-6 or np.max(np.abs(sums - 1.0)) > 1e-3:
-        raise ModelCodeError(f"{origin}: the model's output is not a probability distribution (values from "
-                             f"{out.min():.3g} to {out.max():.3g}, rows summing to {sums.min():.3g}..{sums.max():.3g}): "
-                             "end the model with a softmax (e.g. Dense(len(class_names), activation=\"softmax\")); "
-                             "gitops-ml does not add one")
+        raise ModelCodeError(
+            f"{origin}: the model's output is not a probability distribution (values from "
+            f"{out.min():.3g} to {out.max():.3g}, rows summing to {sums.min():.3g}..{sums.max():.3g}): "
+            'end the model with a softmax (e.g. Dense(len(class_names), activation="softmax")); '
+            "gitops-ml does not add one"
+        )
 
 
-def train(index: ImageIndex, params: dict, code: model_code.ModelCode | None = None,
-          cache_dir: str | os.PathLike | None = None,
-          ) -> tuple[keras.Model, dict[str, list[float]], Split]:
+def train(
+    index: ImageIndex,
+    params: dict,
+    code: model_code.ModelCode | None = None,
+    cache_dir: str | os.PathLike | None = None,
+) -> tuple[keras.Model, dict[str, list[float]], Split]:
     """Seed everything, split, build (the commit's ``build_model`` or the built-in CNN), check, fit.
 
     With model code, every call into it runs under ``running_model_code`` and every failure is a
@@ -317,13 +350,15 @@ def train(index: ImageIndex, params: dict, code: model_code.ModelCode | None = N
             model = compile_if_needed(model, params)
             train_ds = make_dataset(files, labels, params, shuffle=True, cache=train_cache)
             if augment is not None:
-                train_ds = train_ds.map(lambda x, y: (augment(x, training=True), y),
-                                        num_parallel_calls=tf.data.AUTOTUNE)
+                train_ds = train_ds.map(
+                    lambda x, y: (augment(x, training=True), y), num_parallel_calls=tf.data.AUTOTUNE
+                )
             try:
                 fit = model.fit(
                     train_ds,
                     validation_data=make_dataset(test_files, test_labels, params, shuffle=False, cache=test_cache)
-                    if test_files else None,
+                    if test_files
+                    else None,
                     epochs=params["train"]["epochs"],
                     verbose=0,
                     callbacks=[_LogEpoch()],
@@ -371,14 +406,20 @@ def export_serving(model: keras.Model, path: str | os.PathLike, sample: np.ndarr
     code.  The artifact is checked against the Keras model on ``sample`` before it is kept.
     """
     h, w, c = model.input_shape[1:] if getattr(model, "inputs", None) else sample.shape[1:]
-    model.export(str(path), format="tf_saved_model", verbose=False,
-                 input_signature=[tf.TensorSpec((None, h, w, c), tf.float32, name="image")])
+    model.export(
+        str(path),
+        format="tf_saved_model",
+        verbose=False,
+        input_signature=[tf.TensorSpec((None, h, w, c), tf.float32, name="image")],
+    )
     expected = np.asarray(model(tf.convert_to_tensor(sample, tf.float32), training=False))
     got = load_serving(path)(sample)
     if got.shape != expected.shape or not np.allclose(got, expected, atol=1e-4):
-        raise ModelCodeError(f"the exported serving model disagrees with the trained Keras model on {len(sample)} "
-                             f"images (max difference {np.max(np.abs(got - expected)):.3g}): the model's call must "
-                             "be deterministic at inference (training=False)")
+        raise ModelCodeError(
+            f"the exported serving model disagrees with the trained Keras model on {len(sample)} "
+            f"images (max difference {np.max(np.abs(got - expected)):.3g}): the model's call must "
+            "be deterministic at inference (training=False)"
+        )
 
 
 def load_serving(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
@@ -386,8 +427,9 @@ def load_serving(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
     loaded = tf.saved_model.load(str(path))
     spec = loaded.serve.concrete_functions[0].structured_input_signature[0][0]
     # One concrete function over the restored ``serve``: no signature dispatch per call (~20% less overhead).
-    serve = tf.function(lambda batch: loaded.serve(batch),
-                        input_signature=[tf.TensorSpec((None, *spec.shape[1:]), tf.float32)]).get_concrete_function()
+    serve = tf.function(
+        lambda batch: loaded.serve(batch), input_signature=[tf.TensorSpec((None, *spec.shape[1:]), tf.float32)]
+    ).get_concrete_function()
 
     def predict(batch: np.ndarray) -> np.ndarray:
         out = serve(tf.convert_to_tensor(batch, tf.float32))
@@ -400,15 +442,20 @@ def load_serving(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
     return predict
 
 
-def evaluate(predict: Callable[[np.ndarray], np.ndarray], x: np.ndarray | Iterable[np.ndarray], y: np.ndarray,
-             class_names: list[str], batch_size: int = 256) -> dict[str, Any]:
+def evaluate(
+    predict: Callable[[np.ndarray], np.ndarray],
+    x: np.ndarray | Iterable[np.ndarray],
+    y: np.ndarray,
+    class_names: list[str],
+    batch_size: int = 256,
+) -> dict[str, Any]:
     """Accuracy, per-class precision/recall and the confusion matrix (rows: true, columns: predicted).
 
     ``x`` is one array or an iterable of batches in the order of ``y`` (``image_batches``); only
     the predicted classes are kept, so memory does not grow with the number of images.
     """
     n = len(class_names)
-    batches = (x[i:i + batch_size] for i in range(0, len(x), batch_size)) if isinstance(x, np.ndarray) else x
+    batches = (x[i : i + batch_size] for i in range(0, len(x), batch_size)) if isinstance(x, np.ndarray) else x
     predicted = np.concatenate([np.zeros(0, np.int64)] + [predict(batch).argmax(axis=1) for batch in batches])
     confusion = np.zeros((n, n), dtype=np.int64)
     np.add.at(confusion, (np.asarray(y, dtype=np.int64), predicted), 1)
@@ -449,8 +496,9 @@ def confusion_matrices_png(panels: list[tuple[str, list[list[int]]]], class_name
         ax.set_ylabel("true")
         ax.set_title(title)
         for (i, j), v in np.ndenumerate(matrix):
-            ax.text(j, i, str(v), ha="center", va="center", fontsize=7,
-                    color="white" if v > matrix.max() / 2 else "black")
+            ax.text(
+                j, i, str(v), ha="center", va="center", fontsize=7, color="white" if v > matrix.max() / 2 else "black"
+            )
     return _png(fig)
 
 

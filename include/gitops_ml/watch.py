@@ -78,8 +78,7 @@ class Watch(BaseModel):
     repo_url: str = Field(min_length=1, repr=False, description="a URL git understands")
     branch: str = Field("main", description="a branch name")
     policy: Literal["every", "latest"] = Field("every", description=f"one of {POLICIES}")
-    paths: tuple[Annotated[str, Field(min_length=1)], ...] = Field(DEFAULT_PATHS,
-                                                                 description="a list of glob patterns")
+    paths: tuple[Annotated[str, Field(min_length=1)], ...] = Field(DEFAULT_PATHS, description="a list of glob patterns")
     poll_interval: float = Field(30.0, gt=0, description="a positive number of seconds")
     sensor_timeout: float = Field(3600.0, gt=0, description="a positive number of seconds")
     retrain_schedule: str | None = Field("@weekly", description="a cron expression or preset, or null")
@@ -112,8 +111,7 @@ class Watch(BaseModel):
     @model_validator(mode="after")
     def _signers_for_a_policy(self) -> Watch:
         if self.signatures != "off" and not (self.allowed_signers or self.gpg_keyring):
-            raise ValueError(f"signatures: {self.signatures} needs 'allowed_signers' (SSH) and/or "
-                             "'gpg_keyring' (GPG)")
+            raise ValueError(f"signatures: {self.signatures} needs 'allowed_signers' (SSH) and/or 'gpg_keyring' (GPG)")
         return self
 
     @property
@@ -208,8 +206,7 @@ def get_watch(name: str, path: Path | None = None) -> Watch:
     raise WatchConfigError(f"no watched repository named {name!r} in {path or config_path()}")
 
 
-def policy_for(repo_url: str, branch: str, watch_name: str | None = None,
-               path: Path | None = None) -> Watch | None:
+def policy_for(repo_url: str, branch: str, watch_name: str | None = None, path: Path | None = None) -> Watch | None:
     """The watched repository whose rules (signature policy) apply to a run of ``repo_url``/``branch``.
 
     The watch named in the run conf, else the one with the same URL (without credentials) and
@@ -225,9 +222,11 @@ def policy_for(repo_url: str, branch: str, watch_name: str | None = None,
             return watch
     enforcing = [w.name for w in watches if w.signatures == "enforce"]
     if enforcing:
-        raise WatchConfigError(f"repository {safe} (branch {branch!r}) is not watched, and watch(es) "
-                               f"{', '.join(enforcing)} enforce commit signatures: only watched repositories "
-                               "can be built (add it to the watch configuration)")
+        raise WatchConfigError(
+            f"repository {safe} (branch {branch!r}) is not watched, and watch(es) "
+            f"{', '.join(enforcing)} enforce commit signatures: only watched repositories "
+            "can be built (add it to the watch configuration)"
+        )
     return None
 
 
@@ -239,10 +238,12 @@ def signature_verdict(watch: Watch, git_dir: Path, commit_sha: str, cache: Path 
     check = None
     if watch.signatures != "off":
         check = signatures.verify_commit(
-            Path(git_dir), commit_sha,
+            Path(git_dir),
+            commit_sha,
             allowed_signers=Path(watch.allowed_signers) if watch.allowed_signers else None,
             gpg_keyring=Path(watch.gpg_keyring) if watch.gpg_keyring else None,
-            gnupg_home_cache=cache)
+            gnupg_home_cache=cache,
+        )
     return signatures.decide(watch.signatures, check)
 
 
@@ -251,11 +252,11 @@ class Decision:
     """What happens to one new commit."""
 
     commit_sha: str
-    action: str                      # train | no_retrain | superseded | rejected
+    action: str  # train | no_retrain | superseded | rejected
     reason: str
     changed_paths: tuple[str, ...] = ()
     superseded_by: str | None = None
-    warning: str | None = None       # signature policy "warn"
+    warning: str | None = None  # signature policy "warn"
 
     def to_dict(self) -> dict[str, Any]:
         return {**asdict(self), "changed_paths": list(self.changed_paths)}
@@ -271,9 +272,14 @@ class Plan:
     force_push: dict[str, Any] | None = None  # {"removed": [...], "merge_base": sha | None}
 
     def to_dict(self) -> dict[str, Any]:
-        return {"watch": self.watch, "branch": self.branch, "previous_sha": self.previous_sha,
-                "head_sha": self.head_sha, "decisions": [d.to_dict() for d in self.decisions],
-                "force_push": self.force_push}
+        return {
+            "watch": self.watch,
+            "branch": self.branch,
+            "previous_sha": self.previous_sha,
+            "head_sha": self.head_sha,
+            "decisions": [d.to_dict() for d in self.decisions],
+            "force_push": self.force_push,
+        }
 
 
 def changed_paths(history: History, commit_sha: str) -> tuple[str, ...]:
@@ -291,8 +297,7 @@ def relevant(paths: tuple[str, ...], patterns: tuple[str, ...]) -> tuple[str, ..
     return tuple(hits)
 
 
-def new_commits(history: History, previous_sha: str | None,
-                head_sha: str) -> tuple[list[str], dict[str, Any] | None]:
+def new_commits(history: History, previous_sha: str | None, head_sha: str) -> tuple[list[str], dict[str, Any] | None]:
     """Commits that landed on the branch between ``previous_sha`` and ``head_sha``, oldest first.
 
     The first time (no previous SHA) only the head counts. When ``previous_sha`` is no longer an
@@ -303,8 +308,11 @@ def new_commits(history: History, previous_sha: str | None,
     if previous_sha == head_sha:
         return [], None
     if not history.exists(previous_sha):
-        return [head_sha], {"removed": [previous_sha], "merge_base": None,
-                            "note": "the previous head is no longer known to the mirror"}
+        return [head_sha], {
+            "removed": [previous_sha],
+            "merge_base": None,
+            "note": "the previous head is no longer known to the mirror",
+        }
     if history.is_ancestor(previous_sha, head_sha):
         return history.first_parent(f"{previous_sha}..{head_sha}", oldest_first=True), None
     base = history.merge_base(previous_sha, head_sha)
@@ -313,14 +321,20 @@ def new_commits(history: History, previous_sha: str | None,
     return added, {"removed": removed, "merge_base": base}
 
 
-def plan(watch: Watch, history: History, previous_sha: str | None, head_sha: str,
-         signature_cache: Path | None = None) -> Plan:
+def plan(
+    watch: Watch, history: History, previous_sha: str | None, head_sha: str, signature_cache: Path | None = None
+) -> Plan:
     """Decide, for every commit between ``previous_sha`` and ``head_sha``, what happens to it."""
     commits, force_push = new_commits(history, previous_sha, head_sha)
     if force_push:
-        log.warning("force-push on branch %r of %s: %d commit(s) removed from the branch (%s); "
-                    "new head %s", watch.branch, watch.safe_url, len(force_push["removed"]),
-                    ", ".join(sha[:12] for sha in force_push["removed"][:10]), head_sha)
+        log.warning(
+            "force-push on branch %r of %s: %d commit(s) removed from the branch (%s); new head %s",
+            watch.branch,
+            watch.safe_url,
+            len(force_push["removed"]),
+            ", ".join(sha[:12] for sha in force_push["removed"][:10]),
+            head_sha,
+        )
     draft: list[Decision] = []
     for commit_sha in commits:
         paths = changed_paths(history, commit_sha)
@@ -333,19 +347,36 @@ def plan(watch: Watch, history: History, previous_sha: str | None, head_sha: str
             warning = verdict.message if verdict.action == "warn" else None
         hits = relevant(paths, watch.paths)
         if previous_sha is None or hits:
-            why = (f"changed {', '.join(hits[:5])}" if hits else "first commit seen on the branch")
+            why = f"changed {', '.join(hits[:5])}" if hits else "first commit seen on the branch"
             draft.append(Decision(commit_sha, "train", why, paths, warning=warning))
         else:
-            draft.append(Decision(commit_sha, "no_retrain",
-                                  f"no retrain needed: changed only {', '.join(paths[:5]) or 'nothing'} "
-                                  f"(model inputs: {', '.join(watch.paths)})", paths, warning=warning))
+            draft.append(
+                Decision(
+                    commit_sha,
+                    "no_retrain",
+                    f"no retrain needed: changed only {', '.join(paths[:5]) or 'nothing'} "
+                    f"(model inputs: {', '.join(watch.paths)})",
+                    paths,
+                    warning=warning,
+                )
+            )
     if watch.policy == "latest":
         trains = [d for d in draft if d.action == "train"]
         if len(trains) > 1:
             newest = trains[-1].commit_sha
-            draft = [Decision(d.commit_sha, "superseded", f"superseded by {newest} (policy latest)",
-                              d.changed_paths, superseded_by=newest, warning=d.warning)
-                     if d.action == "train" and d.commit_sha != newest else d for d in draft]
+            draft = [
+                Decision(
+                    d.commit_sha,
+                    "superseded",
+                    f"superseded by {newest} (policy latest)",
+                    d.changed_paths,
+                    superseded_by=newest,
+                    warning=d.warning,
+                )
+                if d.action == "train" and d.commit_sha != newest
+                else d
+                for d in draft
+            ]
     return Plan(watch.name, watch.branch, previous_sha, head_sha, tuple(draft), force_push)
 
 

@@ -27,8 +27,17 @@ _SHA_RE = re.compile(r"^[0-9a-fA-F]{40}$")
 _ZERO_SHA = "0" * 40
 _MAX_REF_LENGTH = 1024
 # Keys of payload["repository"] / payload["project"] that hold a URL of the repository.
-_URL_KEYS = ("clone_url", "ssh_url", "git_http_url", "git_ssh_url", "http_url", "html_url", "web_url",
-             "git_url", "homepage")
+_URL_KEYS = (
+    "clone_url",
+    "ssh_url",
+    "git_http_url",
+    "git_ssh_url",
+    "http_url",
+    "html_url",
+    "web_url",
+    "git_url",
+    "homepage",
+)
 
 
 class WebhookError(InputError):
@@ -50,8 +59,10 @@ class WebhookTooLarge(WebhookError):
 
 
 def too_large() -> WebhookTooLarge:
-    return WebhookTooLarge(f"request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB "
-                           f"({MAX_BODY_BYTES} bytes); nothing more was read")
+    return WebhookTooLarge(
+        f"request body is larger than {MAX_BODY_BYTES // (1024 * 1024)} MB "
+        f"({MAX_BODY_BYTES} bytes); nothing more was read"
+    )
 
 
 @dataclass(frozen=True)
@@ -100,9 +111,11 @@ def _check_hmac(names: dict[str, str], header: str, prefix: str, body: bytes, se
 
 
 # Delivery id headers, by provider (Forgejo also sends X-Gitea-Delivery; GitHub-style ones last).
-_DELIVERY_HEADERS = {"gitea": ("X-Gitea-Delivery", "X-Forgejo-Delivery", "X-GitHub-Delivery"),
-                     "gitlab": ("X-Gitlab-Event-UUID", "X-Gitlab-Webhook-UUID"),
-                     "github": ("X-GitHub-Delivery",)}
+_DELIVERY_HEADERS = {
+    "gitea": ("X-Gitea-Delivery", "X-Forgejo-Delivery", "X-GitHub-Delivery"),
+    "gitlab": ("X-Gitlab-Event-UUID", "X-Gitlab-Webhook-UUID"),
+    "github": ("X-GitHub-Delivery",),
+}
 _DELIVERY_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,99}$")
 
 
@@ -151,8 +164,10 @@ def _known_provider(names: dict[str, str], secret: str) -> str:
     """The forge the headers name, refusing an unknown one and a server without a secret."""
     provider = detect_provider(names)
     if provider is None:
-        raise WebhookUnauthorized("unrecognised webhook: no X-Hub-Signature-256 (GitHub), "
-                                  "X-Gitea-Signature (Gitea) or X-Gitlab-Token (GitLab) header")
+        raise WebhookUnauthorized(
+            "unrecognised webhook: no X-Hub-Signature-256 (GitHub), "
+            "X-Gitea-Signature (Gitea) or X-Gitlab-Token (GitLab) header"
+        )
     if not secret:
         raise WebhookUnauthorized("no webhook secret is configured on this server, so every webhook is refused")
     return provider
@@ -260,7 +275,7 @@ def parse_push(headers: Mapping[str, str], body: bytes, secret: str) -> PushEven
     if not ref.startswith("refs/heads/"):
         raise WebhookBadRequest(f"field 'ref' must start with 'refs/heads/' or 'refs/tags/', got {ref!r}")
     try:
-        branch = validate_branch(ref[len("refs/heads/"):])
+        branch = validate_branch(ref[len("refs/heads/") :])
     except InvalidRef as exc:
         raise WebhookBadRequest(f"field 'ref': {exc}") from None
     return PushEvent(

@@ -34,11 +34,24 @@ def cluster(request):
         for name, model_name in servers.items():  # they start while Airflow does
             cluster.start_server(name, model_name, wait=False)
         cluster.watches = [
-            {"name": "digits", "repo_url": cluster.git_url("digits"), "branch": "main", "poll_interval": 1,
-             "retrain_schedule": None, "model_name": "digits",
-             "serving_url": f"{cluster.url('serve-1')},{cluster.url('serve-2')}"},
-            {"name": "digits-b", "repo_url": cluster.git_url("digits-b"), "branch": "main", "poll_interval": 1,
-             "retrain_schedule": None, "model_name": "digits-b", "serving_url": cluster.url("serve-b")},
+            {
+                "name": "digits",
+                "repo_url": cluster.git_url("digits"),
+                "branch": "main",
+                "poll_interval": 1,
+                "retrain_schedule": None,
+                "model_name": "digits",
+                "serving_url": f"{cluster.url('serve-1')},{cluster.url('serve-2')}",
+            },
+            {
+                "name": "digits-b",
+                "repo_url": cluster.git_url("digits-b"),
+                "branch": "main",
+                "poll_interval": 1,
+                "retrain_schedule": None,
+                "model_name": "digits-b",
+                "serving_url": cluster.url("serve-b"),
+            },
         ]
         cluster.start_airflow(cluster.watches)
         for name in servers:

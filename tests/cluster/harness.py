@@ -135,29 +135,55 @@ class Cluster:
 
     @property
     def s3_env(self) -> dict[str, str]:
-        return {"AWS_ACCESS_KEY_ID": "gitops-ml-test", "AWS_SECRET_ACCESS_KEY": self.secret["s3"],
-                "AWS_DEFAULT_REGION": "us-east-1"}
+        return {
+            "AWS_ACCESS_KEY_ID": "gitops-ml-test",
+            "AWS_SECRET_ACCESS_KEY": self.secret["s3"],
+            "AWS_DEFAULT_REGION": "us-east-1",
+        }
 
     def git_url(self, repo: str, token: str = "${GIT_TOKEN}") -> str:
         return f"http://gitops:{token}@127.0.0.1:{self.git_server.port}/{repo}.git"
 
     # --- processes ------------------------------------------------------------------------
-    def spawn(self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None,
-              isolate: bool = False) -> Proc:
+    def spawn(
+        self, name: str, argv: list[str], env: dict[str, str], cwd: Path | None = None, isolate: bool = False
+    ) -> Proc:
         """Start ``argv`` in its own session; ``isolate``: in a mount namespace that sees only its own folder."""
         log = self.logs / f"{name}.log"
         original = list(argv)
-        full_env = {"PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]), "LANG": "C.UTF-8",
-                    "NO_PROXY": "127.0.0.1,localhost", "no_proxy": "127.0.0.1,localhost",
-                    "TF_CPP_MIN_LOG_LEVEL": "2", "GIT_PYTHON_REFRESH": "quiet", "HOME": str(cwd or self.base),
-                    **env}
+        full_env = {
+            "PATH": os.pathsep.join([str(BIN), os.environ.get("PATH", "")]),
+            "LANG": "C.UTF-8",
+            "NO_PROXY": "127.0.0.1,localhost",
+            "no_proxy": "127.0.0.1,localhost",
+            "TF_CPP_MIN_LOG_LEVEL": "2",
+            "GIT_PYTHON_REFRESH": "quiet",
+            "HOME": str(cwd or self.base),
+            **env,
+        }
         if isolate:
             hidden = [str(p) for p in sorted(self.base.iterdir()) if p.is_dir() and p != cwd and p != self.logs]
             hide = " && ".join(f"mount -t tmpfs -o size=1m,mode=000 none {p}" for p in hidden) or "true"
-            argv = ["unshare", "--mount", "--propagation", "private", "sh", "-c",
-                    f'{hide} && exec "$@"', "isolated", *argv]
-        popen = subprocess.Popen(argv, env=full_env, cwd=str(cwd or self.base), stdout=open(log, "ab"),
-                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, start_new_session=True)
+            argv = [
+                "unshare",
+                "--mount",
+                "--propagation",
+                "private",
+                "sh",
+                "-c",
+                f'{hide} && exec "$@"',
+                "isolated",
+                *argv,
+            ]
+        popen = subprocess.Popen(
+            argv,
+            env=full_env,
+            cwd=str(cwd or self.base),
+            stdout=open(log, "ab"),
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            start_new_session=True,
+        )
         self.procs[name] = Proc(name, popen, log, original, env, cwd, isolate)
         return self.procs[name]
 
@@ -199,26 +225,65 @@ class Cluster:
         try:
             pwd.getpwnam(PG_USER)
         except KeyError:
-            subprocess.run(["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER],
-                           check=True)
+            subprocess.run(
+                ["useradd", "--system", "--no-create-home", "--shell", "/usr/sbin/nologin", PG_USER], check=True
+            )
         data = self.folder("postgres")
         pwfile = data / "pw"
         pwfile.write_text(self.secret["pg"])
         shutil.chown(data, PG_USER)
         pwfile.chmod(0o600)
         shutil.chown(pwfile, PG_USER)
-        subprocess.run(["runuser", "-u", PG_USER, "--", str(PG_BIN / "initdb"), "-D", str(data / "db"), "-U",
-                        "postgres", "--auth-host=scram-sha-256", "--auth-local=peer", f"--pwfile={pwfile}", "-E",
-                        "UTF8"], check=True, capture_output=True)
+        subprocess.run(
+            [
+                "runuser",
+                "-u",
+                PG_USER,
+                "--",
+                str(PG_BIN / "initdb"),
+                "-D",
+                str(data / "db"),
+                "-U",
+                "postgres",
+                "--auth-host=scram-sha-256",
+                "--auth-local=peer",
+                f"--pwfile={pwfile}",
+                "-E",
+                "UTF8",
+            ],
+            check=True,
+            capture_output=True,
+        )
         self.ports["pg"] = free_port()
-        self.spawn("postgres", ["runuser", "-u", PG_USER, "--", str(PG_BIN / "postgres"), "-D", str(data / "db"),
-                                "-h", "127.0.0.1", "-p", str(self.ports["pg"]), "-k", str(data),
-                                "-c", "fsync=off", "-c", "max_connections=200"], {})
+        self.spawn(
+            "postgres",
+            [
+                "runuser",
+                "-u",
+                PG_USER,
+                "--",
+                str(PG_BIN / "postgres"),
+                "-D",
+                str(data / "db"),
+                "-h",
+                "127.0.0.1",
+                "-p",
+                str(self.ports["pg"]),
+                "-k",
+                str(data),
+                "-c",
+                "fsync=off",
+                "-c",
+                "max_connections=200",
+            ],
+            {},
+        )
         import psycopg2
 
         def connect():
-            return psycopg2.connect(host="127.0.0.1", port=self.ports["pg"], user="postgres",
-                                    password=self.secret["pg"], dbname="postgres")
+            return psycopg2.connect(
+                host="127.0.0.1", port=self.ports["pg"], user="postgres", password=self.secret["pg"], dbname="postgres"
+            )
 
         conn = wait_until(connect, 60, "PostgreSQL", self.procs["postgres"].log)
         conn.autocommit = True
@@ -231,43 +296,87 @@ class Cluster:
     def start_redis(self) -> None:
         self.ports["redis"] = free_port()
         folder = self.folder("redis")
-        self.spawn("redis", ["redis-server", "--bind", "127.0.0.1", "--port", str(self.ports["redis"]),
-                             "--requirepass", self.secret["redis"], "--save", "", "--appendonly", "no",
-                             "--dir", str(folder)], {})
+        self.spawn(
+            "redis",
+            [
+                "redis-server",
+                "--bind",
+                "127.0.0.1",
+                "--port",
+                str(self.ports["redis"]),
+                "--requirepass",
+                self.secret["redis"],
+                "--save",
+                "",
+                "--appendonly",
+                "no",
+                "--dir",
+                str(folder),
+            ],
+            {},
+        )
         import redis
 
-        wait_until(lambda: redis.Redis(port=self.ports["redis"], password=self.secret["redis"]).ping(), 30,
-                   "Redis", self.procs["redis"].log)
+        wait_until(
+            lambda: redis.Redis(port=self.ports["redis"], password=self.secret["redis"]).ping(),
+            30,
+            "Redis",
+            self.procs["redis"].log,
+        )
 
     def start_s3(self) -> None:
         self.ports["s3"] = free_port()
-        self.spawn("s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.ports["s3"])], {},
-                   self.folder("s3"))
-        wait_until(lambda: httpx.get(self.url("s3"), timeout=2).status_code < 500, 60, "moto S3",
-                   self.procs["s3"].log)
+        self.spawn(
+            "s3", [str(BIN / "moto_server"), "-H", "127.0.0.1", "-p", str(self.ports["s3"])], {}, self.folder("s3")
+        )
+        wait_until(lambda: httpx.get(self.url("s3"), timeout=2).status_code < 500, 60, "moto S3", self.procs["s3"].log)
         for bucket in ("dvc", "mlflow"):
             self.s3_client().create_bucket(Bucket=bucket)
 
     def s3_client(self):
         import boto3
 
-        return boto3.client("s3", endpoint_url=self.url("s3"), aws_access_key_id=self.s3_env["AWS_ACCESS_KEY_ID"],
-                            aws_secret_access_key=self.s3_env["AWS_SECRET_ACCESS_KEY"], region_name="us-east-1")
+        return boto3.client(
+            "s3",
+            endpoint_url=self.url("s3"),
+            aws_access_key_id=self.s3_env["AWS_ACCESS_KEY_ID"],
+            aws_secret_access_key=self.s3_env["AWS_SECRET_ACCESS_KEY"],
+            region_name="us-east-1",
+        )
 
     def mlflow_argv(self) -> list[str]:
-        return [str(BIN / "mlflow"), "server", "--host", "127.0.0.1", "--port", str(self.ports["mlflow"]),
-                "--backend-store-uri", self.mlflow_db_url, "--artifacts-destination", "s3://mlflow/artifacts",
-                "--workers", "1"]
+        return [
+            str(BIN / "mlflow"),
+            "server",
+            "--host",
+            "127.0.0.1",
+            "--port",
+            str(self.ports["mlflow"]),
+            "--backend-store-uri",
+            self.mlflow_db_url,
+            "--artifacts-destination",
+            "s3://mlflow/artifacts",
+            "--workers",
+            "1",
+        ]
 
     def start_mlflow(self) -> None:
         self.ports.setdefault("mlflow", free_port())
-        self.spawn("mlflow", self.mlflow_argv(), {**self.s3_env, "MLFLOW_S3_ENDPOINT_URL": self.url("s3")},
-                   self.folder("mlflow"))
+        self.spawn(
+            "mlflow",
+            self.mlflow_argv(),
+            {**self.s3_env, "MLFLOW_S3_ENDPOINT_URL": self.url("s3")},
+            self.folder("mlflow"),
+        )
         self.wait_mlflow()
 
     def wait_mlflow(self) -> None:
-        wait_until(lambda: httpx.get(self.url("mlflow") + "/health", timeout=2).status_code == 200, 300,
-                   "MLflow server", self.procs["mlflow"].log)
+        wait_until(
+            lambda: httpx.get(self.url("mlflow") + "/health", timeout=2).status_code == 200,
+            300,
+            "MLflow server",
+            self.procs["mlflow"].log,
+        )
 
     def start_elasticsearch(self) -> None:
         from tests.es_node import ElasticsearchNode
@@ -291,9 +400,14 @@ class Cluster:
         count = demo.write_digits(work / "data" / "images", images_per_class)
         env = {**os.environ, **self.s3_env}
         dvc = str(BIN / "dvc")
-        for argv in (["init", "-q"], ["remote", "add", "-d", "s3r", f"s3://dvc/{name}"],
-                     ["remote", "modify", "s3r", "endpointurl", self.url("s3")],
-                     ["config", "core.analytics", "false"], ["add", "-q", "data/images"], ["push", "-q"]):
+        for argv in (
+            ["init", "-q"],
+            ["remote", "add", "-d", "s3r", f"s3://dvc/{name}"],
+            ["remote", "modify", "s3r", "endpointurl", self.url("s3")],
+            ["config", "core.analytics", "false"],
+            ["add", "-q", "data/images"],
+            ["push", "-q"],
+        ):
             subprocess.run([dvc, *argv], cwd=work, env=env, check=True, capture_output=True)
         commit_sha = demo.commit_all(work, f"{count} digit images tracked with DVC in S3")
         bare = self.folder("git-remotes") / f"{name}.git"
@@ -368,44 +482,99 @@ class Cluster:
         control = self.folder("control")
         self.ports["api"] = free_port()
         env = self.airflow_env(control, watches)
-        migrated = subprocess.run([str(BIN / "airflow"), "db", "migrate"], env={**os.environ, **env},
-                                  capture_output=True, text=True, cwd=control)
+        migrated = subprocess.run(
+            [str(BIN / "airflow"), "db", "migrate"],
+            env={**os.environ, **env},
+            capture_output=True,
+            text=True,
+            cwd=control,
+        )
         if migrated.returncode:
             raise RuntimeError(f"airflow db migrate failed: {migrated.stdout[-2000:]}{migrated.stderr[-3000:]}")
-        self.spawn("api-server", [str(BIN / "airflow"), "api-server", "--host", "127.0.0.1", "--port",
-                                  str(self.ports["api"]), "--workers", "1"], env, control)
+        self.spawn(
+            "api-server",
+            [
+                str(BIN / "airflow"),
+                "api-server",
+                "--host",
+                "127.0.0.1",
+                "--port",
+                str(self.ports["api"]),
+                "--workers",
+                "1",
+            ],
+            env,
+            control,
+        )
         for component in ("scheduler", "dag-processor", "triggerer"):
             argv = [str(BIN / "airflow"), component] + (["--skip-serve-logs"] if component == "triggerer" else [])
             self.spawn(component, argv, env, control)
         for worker in WORKERS:
             self.start_worker(worker, watches)
-        wait_until(lambda: httpx.get(self.url("api") + "/api/v2/monitor/health", timeout=3).json()
-                   ["scheduler"]["status"] == "healthy", 600, "Airflow", self.procs["api-server"].log)
+        wait_until(
+            lambda: (
+                httpx.get(self.url("api") + "/api/v2/monitor/health", timeout=3).json()["scheduler"]["status"]
+                == "healthy"
+            ),
+            600,
+            "Airflow",
+            self.procs["api-server"].log,
+        )
 
     def start_worker(self, worker: str, watches: list[dict]) -> Proc:
         folder = self.folder(worker)
-        env = {**self.airflow_env(folder, watches), "GITOPS_ML_TEST_HOSTNAME": worker,
-               "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.cluster.hostname.worker_hostname"}
+        env = {
+            **self.airflow_env(folder, watches),
+            "GITOPS_ML_TEST_HOSTNAME": worker,
+            "AIRFLOW__CORE__HOSTNAME_CALLABLE": "tests.cluster.hostname.worker_hostname",
+        }
         # No metadata-database access from the workers (Airflow 3: tasks go through the API).
         env.pop("AIRFLOW__DATABASE__SQL_ALCHEMY_CONN")
-        return self.spawn(worker, [str(BIN / "airflow"), "celery", "worker", "--concurrency", "1",
-                                   "--celery-hostname", f"{worker}@cluster", "--skip-serve-logs", "--without-gossip",
-                                   "--without-mingle"], env, folder, isolate=True)
+        return self.spawn(
+            worker,
+            [
+                str(BIN / "airflow"),
+                "celery",
+                "worker",
+                "--concurrency",
+                "1",
+                "--celery-hostname",
+                f"{worker}@cluster",
+                "--skip-serve-logs",
+                "--without-gossip",
+                "--without-mingle",
+            ],
+            env,
+            folder,
+            isolate=True,
+        )
 
     def start_server(self, name: str, model_name: str, wait: bool = True) -> str:
         folder = self.folder(name)
         self.ports.setdefault(name, free_port())  # the same port after a restart (watch files name it)
-        env = {"GITOPS_ML_HOME": str(folder / "home"), "GITOPS_ML_MODEL_NAME": model_name,
-               "MLFLOW_TRACKING_URI": self.url("mlflow")}
-        self.spawn(name, [str(BIN / "gitops-ml"), "serve", "--host", "127.0.0.1", "--port", str(self.ports[name])],
-                   env, folder, isolate=True)
+        env = {
+            "GITOPS_ML_HOME": str(folder / "home"),
+            "GITOPS_ML_MODEL_NAME": model_name,
+            "MLFLOW_TRACKING_URI": self.url("mlflow"),
+        }
+        self.spawn(
+            name,
+            [str(BIN / "gitops-ml"), "serve", "--host", "127.0.0.1", "--port", str(self.ports[name])],
+            env,
+            folder,
+            isolate=True,
+        )
         if wait:
             self.wait_server(name)
         return self.url(name)
 
     def wait_server(self, name: str) -> None:
-        wait_until(lambda: httpx.get(self.url(name) + "/health", timeout=2).status_code == 200, 300,
-                   f"model server {name}", self.procs[name].log)
+        wait_until(
+            lambda: httpx.get(self.url(name) + "/health", timeout=2).status_code == 200,
+            300,
+            f"model server {name}",
+            self.procs[name].log,
+        )
 
     def serving(self, name: str) -> dict | None:
         response = httpx.get(self.url(name) + "/version", timeout=10)

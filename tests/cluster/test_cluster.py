@@ -56,12 +56,19 @@ def test_a_two_repositories_pushed_at_once_run_concurrently_on_both_workers(clus
     hosts = {name: {ti["hostname"] for ti in items if ti["state"] == "success"} for name, items in tis.items()}
     assert set().union(*hosts.values()) == {"worker-a", "worker-b"}, hosts
     # At least one moment where one run's task ran on one worker while the other run's ran on the other.
-    overlapping = [(x["task_id"], x["hostname"], y["task_id"], y["hostname"])
-                   for x in tis["digits"] for y in tis["digits-b"]
-                   if x["state"] == y["state"] == "success" and x["hostname"] != y["hostname"]
-                   and when(x["start_date"]) < when(y["end_date"]) and when(y["start_date"]) < when(x["end_date"])]
-    assert overlapping, {name: [(t["task_id"], t["hostname"], t["start_date"], t["end_date"]) for t in items]
-                         for name, items in tis.items()}
+    overlapping = [
+        (x["task_id"], x["hostname"], y["task_id"], y["hostname"])
+        for x in tis["digits"]
+        for y in tis["digits-b"]
+        if x["state"] == y["state"] == "success"
+        and x["hostname"] != y["hostname"]
+        and when(x["start_date"]) < when(y["end_date"])
+        and when(y["start_date"]) < when(x["end_date"])
+    ]
+    assert overlapping, {
+        name: [(t["task_id"], t["hostname"], t["start_date"], t["end_date"]) for t in items]
+        for name, items in tis.items()
+    }
     print(f"scenario a: runs {spans}; hosts {hosts}; concurrent pairs on different workers: {len(overlapping)}")
     for server in ("serve-1", "serve-2"):
         served = cluster.serving(server)
@@ -90,9 +97,17 @@ def doctor(cluster, **changes: str) -> tuple[int, dict[str, str], str]:
 def test_doctor_passes_every_check_on_the_working_cluster(cluster, airflow):
     status, lines, output = doctor(cluster)
     print(output)
-    expected = {"watch file", "airflow api", "metadata db", "broker", "mlflow", "artifact store", "elasticsearch",
-                *(f"serving {cluster.url(s)}" for s in ("serve-1", "serve-2", "serve-b")),
-                *(f"{kind} {name}" for kind in ("git", "dvc remote") for name in ("digits", "digits-b"))}
+    expected = {
+        "watch file",
+        "airflow api",
+        "metadata db",
+        "broker",
+        "mlflow",
+        "artifact store",
+        "elasticsearch",
+        *(f"serving {cluster.url(s)}" for s in ("serve-1", "serve-2", "serve-b")),
+        *(f"{kind} {name}" for kind in ("git", "dvc remote") for name in ("digits", "digits-b")),
+    }
     assert set(lines) == expected, output
     assert status == 0 and all(v.startswith("OK ") for v in lines.values()), output
     for secret in cluster.secret.values():
@@ -106,13 +121,18 @@ def test_doctor_names_what_to_fix_in_a_broken_configuration(cluster, airflow, tm
     subprocess.run(dvc, cwd=repo["path"], check=True, capture_output=True)
     git(repo["path"], "commit", "-qam", "DVC remote in a bucket that does not exist")
     git(repo["path"], "push", "-q", "origin", "main")
-    watches = [*cluster.watches, {"name": "no-bucket", "repo_url": cluster.git_url("no-bucket"),
-                                  "retrain_schedule": None}]
+    watches = [
+        *cluster.watches,
+        {"name": "no-bucket", "repo_url": cluster.git_url("no-bucket"), "retrain_schedule": None},
+    ]
     wrong_db = cluster.airflow_db_url.replace(cluster.secret["airflow"], "wrong-password")
     unreachable = cluster.broker_url.replace(str(cluster.ports["redis"]), str(free_port()))
-    status, lines, output = doctor(cluster, AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=wrong_db,
-                                   AIRFLOW__CELERY__BROKER_URL=unreachable,
-                                   GITOPS_ML_WATCH_CONFIG=str(cluster.write_watch_file(tmp_path, watches)))
+    status, lines, output = doctor(
+        cluster,
+        AIRFLOW__DATABASE__SQL_ALCHEMY_CONN=wrong_db,
+        AIRFLOW__CELERY__BROKER_URL=unreachable,
+        GITOPS_ML_WATCH_CONFIG=str(cluster.write_watch_file(tmp_path, watches)),
+    )
     print(output)
     assert status == 1, output
     assert lines["metadata db"].startswith("FAIL") and "password authentication failed" in lines["metadata db"]
@@ -131,8 +151,9 @@ def test_doctor_names_what_to_fix_in_a_broken_configuration(cluster, airflow, tm
 def registry_settings(cluster, model_name: str = "digits"):
     from gitops_ml.config import Settings
 
-    return Settings(home=cluster.folder("developer") / "home", tracking_uri=cluster.url("mlflow"),
-                    model_name=model_name)
+    return Settings(
+        home=cluster.folder("developer") / "home", tracking_uri=cluster.url("mlflow"), model_name=model_name
+    )
 
 
 def versions_of(cluster, commit_sha: str, model_name: str = "digits") -> list:
@@ -205,8 +226,10 @@ def test_f_a_replica_down_fails_the_deploy_and_both_replicas_keep_the_previous_m
         cluster.start_server("serve-2", "digits")
     served = both_replicas_serve(cluster, previous["commit_sha"])
     assert {s["model_version"] for s in served} == {previous["model_version"]}
-    print(f"scenario f: deploy of {commit_sha} failed with serve-2 down ({states}); both replicas on version "
-          f"{previous['model_version']} of {previous['commit_sha']}")
+    print(
+        f"scenario f: deploy of {commit_sha} failed with serve-2 down ({states}); both replicas on version "
+        f"{previous['model_version']} of {previous['commit_sha']}"
+    )
 
 
 def es_documents(cluster, run_id: str, task_id: str, try_number: int) -> list[dict]:
@@ -215,16 +238,27 @@ def es_documents(cluster, run_id: str, task_id: str, try_number: int) -> list[di
     client = logs.es_client(cluster.url("es"))
     try:
         client.indices.refresh(index=f"{logs.LOGS_INDEX}*")
-        hits = client.search(index=f"{logs.LOGS_INDEX}*", size=10_000, sort=[{"offset": "asc"}],
-                             query={"term": {"log_id": f"gitops_ml_pipeline-{task_id}-{run_id}--1-{try_number}"}})
+        hits = client.search(
+            index=f"{logs.LOGS_INDEX}*",
+            size=10_000,
+            sort=[{"offset": "asc"}],
+            query={"term": {"log_id": f"gitops_ml_pipeline-{task_id}-{run_id}--1-{try_number}"}},
+        )
         return [h["_source"] for h in hits["hits"]["hits"]]
     finally:
         client.close()
 
 
 def log_file_lines(cluster, worker: str, run_id: str, task_id: str, try_number: int) -> list[str]:
-    path = (cluster.folder(worker) / "airflow" / "logs" / "dag_id=gitops_ml_pipeline" / f"run_id={run_id}"
-            / f"task_id={task_id}" / f"attempt={try_number}.log")
+    path = (
+        cluster.folder(worker)
+        / "airflow"
+        / "logs"
+        / "dag_id=gitops_ml_pipeline"
+        / f"run_id={run_id}"
+        / f"task_id={task_id}"
+        / f"attempt={try_number}.log"
+    )
     return [line for line in path.read_text().splitlines() if line.strip()]
 
 
@@ -250,11 +284,12 @@ def test_c_kill_9_of_the_worker_running_train_retries_it_on_the_other_worker(clu
             if ti["state"] != "success":
                 continue
             written = log_file_lines(cluster, ti["hostname"], run["dag_run_id"], task_id, ti["try_number"])
-            docs = wait_for(lambda: es_documents(cluster, run["dag_run_id"], task_id, ti["try_number"]),
-                            len(written))
+            docs = wait_for(lambda: es_documents(cluster, run["dag_run_id"], task_id, ti["try_number"]), len(written))
             assert [d["offset"] for d in docs] == list(range(1, len(written) + 1)), (task_id, len(docs), len(written))
-        print(f"scenario c: killed {victim} during train; retried on {survivor}, run succeeded "
-              f"{recovered:.0f} s after the kill; one model version")
+        print(
+            f"scenario c: killed {victim} during train; retried on {survivor}, run succeeded "
+            f"{recovered:.0f} s after the kill; one model version"
+        )
     finally:
         cluster.start_worker(victim, cluster.watches)
 
@@ -276,19 +311,23 @@ def test_d_scheduler_restarted_with_runs_in_flight_no_duplicate_run_no_missed_sh
     second = cluster.commit_param(repo, "train.epochs", 8)  # pushed while no scheduler runs
     time.sleep(5)
     control = cluster.folder("control")
-    cluster.spawn("scheduler", [str(BIN / "airflow"), "scheduler"], cluster.airflow_env(control, cluster.watches),
-                  control)
+    cluster.spawn(
+        "scheduler", [str(BIN / "airflow"), "scheduler"], cluster.airflow_env(control, cluster.watches), control
+    )
     runs = [finished_run(airflow, "digits", sha) for sha in (first, second)]
-    listed = airflow._check(airflow._http.get("/api/v2/dags/gitops_ml_pipeline/dagRuns", params={"limit": 100}),
-                            "list runs")["dag_runs"]
+    listed = airflow._check(
+        airflow._http.get("/api/v2/dags/gitops_ml_pipeline/dagRuns", params={"limit": 100}), "list runs"
+    )["dag_runs"]
     ids = [r["dag_run_id"] for r in listed]
     assert len(ids) == len(set(ids))
     for sha in (first, second):
         assert sum(sha in run_id for run_id in ids) == 1, ids
         assert len(versions_of(cluster, sha)) == 1
     both_replicas_serve(cluster, second)
-    print(f"scenario d: scheduler killed during {runs[0]['dag_run_id']}, {second} pushed while it was down; "
-          f"one run each, {len(ids)} pipeline runs in all")
+    print(
+        f"scenario d: scheduler killed during {runs[0]['dag_run_id']}, {second} pushed while it was down; "
+        f"one run each, {len(ids)} pipeline runs in all"
+    )
 
 
 def test_e_mlflow_restarted_during_register_is_retried_without_a_half_registered_version(cluster, airflow):
@@ -303,5 +342,7 @@ def test_e_mlflow_restarted_during_register_is_retried_without_a_half_registered
     versions = versions_of(cluster, commit_sha)
     assert len(versions) == 1 and versions[0].status == "READY", versions
     both_replicas_serve(cluster, commit_sha)
-    print(f"scenario e: MLflow killed during register (tries {register['try_number']}); one READY version "
-          f"{versions[0].version}")
+    print(
+        f"scenario e: MLflow killed during register (tries {register['try_number']}); one READY version "
+        f"{versions[0].version}"
+    )

@@ -27,8 +27,11 @@ def deployed(settings, demo_repo, server):
 def state(settings, server):
     versions = registry.client(settings).search_model_versions(f"name = '{settings.model_name}'")
     champion = registry.get_alias(settings)
-    return (sorted(str(v.version) for v in versions), str(champion.version) if champion else None,
-            server.version()["model_version"])
+    return (
+        sorted(str(v.version) for v in versions),
+        str(champion.version) if champion else None,
+        server.version()["model_version"],
+    )
 
 
 def commit_data_change(repo, change, message):
@@ -93,8 +96,9 @@ def test_bad_commits_change_nothing(settings, demo_repo, server, deployed):
     (repo / "data" / "images" / "3" / "README.txt").unlink()  # the git-ignored work tree follows the revert
 
     # 5. A class folder with no images (only a hidden placeholder).
-    sha = commit_data_change(repo, lambda d: ((d / "letters").mkdir(), (d / "letters" / ".keep").write_text("")),
-                             "add empty class")
+    sha = commit_data_change(
+        repo, lambda d: ((d / "letters").mkdir(), (d / "letters" / ".keep").write_text("")), "add empty class"
+    )
     cases.append((sha, DataError, "class folder data/images/letters has no images"))
     git(repo, "revert", "--no-edit", "HEAD")
     shutil.rmtree(repo / "data" / "images" / "letters")
@@ -103,6 +107,7 @@ def test_bad_commits_change_nothing(settings, demo_repo, server, deployed):
     def add_copy(d):
         shutil.copy(d / "7" / sorted(p.name for p in (d / "7").iterdir())[0], d / "7" / "extra.png")
         (d / "7" / "extra.png").write_bytes((d / "7" / "extra.png").read_bytes() + b"\0")
+
     sha = commit_data_change(repo, add_copy, "add one image")
     remote_object(remote, new_image_md5(repo, "7/extra.png")).unlink()
     cases.append((sha, DataError, "missing from remote 'storage': data/images/7/extra.png"))
@@ -111,6 +116,7 @@ def test_bad_commits_change_nothing(settings, demo_repo, server, deployed):
     def add_other(d):
         (d / "7" / "extra2.png").write_bytes((d / "7" / "extra.png").read_bytes() + b"\1")
         (d / "7" / "extra.png").unlink()
+
     sha = commit_data_change(repo, add_other, "add another image")
     obj = remote_object(remote, new_image_md5(repo, "7/extra2.png"))
     obj.chmod(0o644)
@@ -142,8 +148,11 @@ def test_failed_deploy_rolls_back_alias_and_server(settings, demo_repo, server, 
     model_dirs = [p for p in store.rglob("MLmodel") if version.source.rsplit("/", 1)[-1] in str(p)]
     assert model_dirs, "logged model not found in the artifact store"
     shutil.rmtree(model_dirs[0].parent)
-    with pytest.raises(DeployError, match=f"deploy of model version {challenger['model_version']}.*rolled back "
-                                          f"to version {deployed['model_version']}"):
+    with pytest.raises(
+        DeployError,
+        match=f"deploy of model version {challenger['model_version']}.*rolled back "
+        f"to version {deployed['model_version']}",
+    ):
         pipeline.deploy(settings, challenger["commit"], challenger["model_version"], {})
     assert str(registry.get_alias(settings).version) == deployed["model_version"]
     assert server.version()["commit_sha"] == demo_repo["commit_sha"]

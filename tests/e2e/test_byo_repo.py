@@ -34,12 +34,13 @@ CLASSES = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
 def readme_block(marker: str) -> str:
     """The ```bash block that follows ``<!-- marker`` in README.md, dedented."""
     text = (ROOT / "README.md").read_text()
-    found = re.search(rf"<!-- {re.escape(marker)}\b.*?-->\s*\n(?P<indent>[ \t]*)```bash\n(?P<body>.*?)\n[ \t]*```",
-                      text, re.S)
+    found = re.search(
+        rf"<!-- {re.escape(marker)}\b.*?-->\s*\n(?P<indent>[ \t]*)```bash\n(?P<body>.*?)\n[ \t]*```", text, re.S
+    )
     assert found, f"README.md has no ```bash block after a <!-- {marker} ... --> comment"
     indent = found.group("indent")
     lines = found.group("body").split("\n")
-    return "\n".join(line[len(indent):] if line.startswith(indent) else line for line in lines) + "\n"
+    return "\n".join(line[len(indent) :] if line.startswith(indent) else line for line in lines) + "\n"
 
 
 def write_images(images: Path, per_class: int = 16) -> None:
@@ -52,16 +53,24 @@ def write_images(images: Path, per_class: int = 16) -> None:
         folder.mkdir(parents=True)
         for i in range(per_class):
             size = (rng.randint(20, 48), rng.randint(20, 48))
-            pixels = [tuple(max(0, min(255, c + rng.randint(-40, 40))) for c in colour)
-                      for _ in range(size[0] * size[1])]
+            pixels = [
+                tuple(max(0, min(255, c + rng.randint(-40, 40))) for c in colour) for _ in range(size[0] * size[1])
+            ]
             image = Image.new("RGB", size)
             image.putdata(pixels)
             image.save(folder / (f"{i:03d}.jpg" if i % 2 else f"{i:03d}.png"))
 
 
 def bash(script: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=cwd, env=env,
-                          capture_output=True, text=True, timeout=900, check=False)
+    return subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=cwd,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=900,
+        check=False,
+    )
 
 
 def test_readme_walkthrough_gives_a_served_model(settings, server, tmp_path):
@@ -73,10 +82,17 @@ def test_readme_walkthrough_gives_a_served_model(settings, server, tmp_path):
 
     folder = tmp_path / "my-model"
     write_images(folder / "data" / "images")
-    env = {**os.environ, "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
-           "GIT_AUTHOR_NAME": "New User", "GIT_AUTHOR_EMAIL": "new@example.invalid",
-           "GIT_COMMITTER_NAME": "New User", "GIT_COMMITTER_EMAIL": "new@example.invalid",
-           "DVC_NO_ANALYTICS": "1", "GIT_CONFIG_GLOBAL": os.devnull, "GIT_CONFIG_NOSYSTEM": "1"}
+    env = {
+        **os.environ,
+        "PATH": os.pathsep.join([str(Path(sys.executable).parent), os.environ["PATH"]]),
+        "GIT_AUTHOR_NAME": "New User",
+        "GIT_AUTHOR_EMAIL": "new@example.invalid",
+        "GIT_COMMITTER_NAME": "New User",
+        "GIT_COMMITTER_EMAIL": "new@example.invalid",
+        "DVC_NO_ANALYTICS": "1",
+        "GIT_CONFIG_GLOBAL": os.devnull,
+        "GIT_CONFIG_NOSYSTEM": "1",
+    }
     env.pop("GITOPS_ML_REPO_URL")  # the README's block exports it
 
     made = bash(repo_block, folder, env)
@@ -87,14 +103,17 @@ def test_readme_walkthrough_gives_a_served_model(settings, server, tmp_path):
     assert any(p.is_file() for p in remote.rglob("*")), f"dvc push put nothing in {remote}"
     loaded = params.load(folder)  # the README's params.yaml is valid as written
     assert loaded["image"]["channels"] == 3
-    head = subprocess.run(["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True,
-                          check=True).stdout.strip()
-    assert subprocess.run(["git", "status", "--porcelain"], cwd=folder, capture_output=True, text=True,
-                          check=True).stdout == "", "the README's commands leave files uncommitted"
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=folder, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    assert (
+        subprocess.run(["git", "status", "--porcelain"], cwd=folder, capture_output=True, text=True, check=True).stdout
+        == ""
+    ), "the README's commands leave files uncommitted"
 
     ran = bash(run_block, folder, env)
     assert ran.returncode == 0, f"README byo-run block failed:\n{run_block}\n{ran.stdout}\n{ran.stderr[-4000:]}"
-    result = json.loads(ran.stdout[ran.stdout.index("{"):])
+    result = json.loads(ran.stdout[ran.stdout.index("{") :])
     assert result["commit"]["commit_sha"] == head
     assert result.get("gate_passed") is True, f"the README's example did not pass its own gate: {result}"
 
@@ -102,7 +121,8 @@ def test_readme_walkthrough_gives_a_served_model(settings, server, tmp_path):
     assert served is not None, "nothing is served after the README's walkthrough"
     assert served["commit_sha"] == head and sorted(served["class_names"]) == sorted(CLASSES), served
     sample = sorted((folder / "data" / "images" / "green").glob("*.png"))[0]
-    response = httpx.post(server.url + "/predict", files={"file": (sample.name, sample.read_bytes(), "image/png")},
-                          timeout=30)
+    response = httpx.post(
+        server.url + "/predict", files={"file": (sample.name, sample.read_bytes(), "image/png")}, timeout=30
+    )
     assert response.status_code == 200, response.text
     assert response.json()["predictions"][0]["class"] in CLASSES

@@ -16,8 +16,9 @@ from tests.e2e.test_watch_dags import pipeline_runs, watch_config, watcher  # no
 pytestmark = pytest.mark.e2e
 
 
-def test_burst_run_newest_first_with_a_gate_failure_converges_on_the_head(airflow_db, settings, demo_repo, server,
-                                                                          watch_config):
+def test_burst_run_newest_first_with_a_gate_failure_converges_on_the_head(
+    airflow_db, settings, demo_repo, server, watch_config
+):
     name = watch_config(policy="every")
     head = demo_repo["commit_sha"]
     assert watcher(name).test().state == "success"
@@ -46,8 +47,9 @@ def test_burst_run_newest_first_with_a_gate_failure_converges_on_the_head(airflo
 
 
 @pytest.mark.parametrize("policy", ["every", "latest"])
-def test_five_commits_pushed_at_once_through_the_webhook_converge_on_the_head(airflow_db, settings, demo_repo,
-                                                                              server, watch_config, policy):
+def test_five_commits_pushed_at_once_through_the_webhook_converge_on_the_head(
+    airflow_db, settings, demo_repo, server, watch_config, policy
+):
     """Five commits in one push, announced by a signed webhook (no poller): under ``every`` a run each, run
     newest first (the third fails its gate, the fourth reuses the second's model); under ``latest`` only the
     head's run. Either way the head serves once the runs settle."""
@@ -67,19 +69,34 @@ def test_five_commits_pushed_at_once_through_the_webhook_converge_on_the_head(ai
     assert load_dag().test(run_conf=pipeline_runs()[run_id_for(base, watch=name)].conf).state == "success"
 
     repo = demo_repo["path"]
-    shas = [demo.bump_param(repo, "gate.max_accuracy_drop", 1.0, "1: tolerate any drop"),
-            demo.bump_param(repo, "train.seed", 7, "2: another seed"),
-            demo.bump_param(repo, "gate.min_accuracy", 0.9999, "3: an impossible gate"),
-            demo.bump_param(repo, "gate.min_accuracy", 0.8, "4: back to 2's params"),
-            demo.bump_param(repo, "train.learning_rate", 0.004, "5: tune the learning rate")]
+    shas = [
+        demo.bump_param(repo, "gate.max_accuracy_drop", 1.0, "1: tolerate any drop"),
+        demo.bump_param(repo, "train.seed", 7, "2: another seed"),
+        demo.bump_param(repo, "gate.min_accuracy", 0.9999, "3: an impossible gate"),
+        demo.bump_param(repo, "gate.min_accuracy", 0.8, "4: back to 2's params"),
+        demo.bump_param(repo, "train.learning_rate", 0.004, "5: tune the learning rate"),
+    ]
     head = shas[-1]
     _sync_dags_to_db()
-    body = json.dumps({"ref": "refs/heads/main", "before": base, "after": head,
-                       "repository": {"clone_url": "https://git.example.com/m.git"}}).encode()
+    body = json.dumps(
+        {
+            "ref": "refs/heads/main",
+            "before": base,
+            "after": head,
+            "repository": {"clone_url": "https://git.example.com/m.git"},
+        }
+    ).encode()
     signature = hmac.new(b"hook-secret-1", body, hashlib.sha256).hexdigest()
-    answer = TestClient(create_app()).post(f"/webhooks/{name}", content=body, headers={
-        "X-GitHub-Event": "push", "X-GitHub-Delivery": str(uuid.uuid4()), "Content-Type": "application/json",
-        "X-Hub-Signature-256": f"sha256={signature}"})
+    answer = TestClient(create_app()).post(
+        f"/webhooks/{name}",
+        content=body,
+        headers={
+            "X-GitHub-Event": "push",
+            "X-GitHub-Delivery": str(uuid.uuid4()),
+            "Content-Type": "application/json",
+            "X-Hub-Signature-256": f"sha256={signature}",
+        },
+    )
     assert answer.status_code == 202, answer.text
     expected = shas if policy == "every" else [head]
     assert sorted(answer.json()["created"]) == sorted(run_id_for(sha, watch=name) for sha in expected)

@@ -74,8 +74,12 @@ def test_two_commits_then_same_sha_again(airflow_db, settings, demo_repo, server
 
     docs = records.read(settings.records_dir / f"{second_sha}.jsonl")
     outcomes = {(d["labels"]["run_id"], d["event"]["action"]): d["event"]["outcome"] for d in docs}
-    assert outcomes == {(run.run_id, "deploy"): "promoted", (run.run_id, "pipeline"): "success",
-                        (again.run_id, "deploy"): "unchanged", (again.run_id, "pipeline"): "success"}
+    assert outcomes == {
+        (run.run_id, "deploy"): "promoted",
+        (run.run_id, "pipeline"): "success",
+        (again.run_id, "deploy"): "unchanged",
+        (again.run_id, "pipeline"): "success",
+    }
 
 
 def test_unknown_sha_fails_at_resolve_and_records_why(airflow_db, settings, demo_repo, server):

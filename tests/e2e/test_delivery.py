@@ -53,8 +53,11 @@ class Traffic:
         with httpx.Client(timeout=10) as client:
             i = 0
             while not self._stop.is_set():
-                response = client.post(self.url + "/predict", content=self.payloads[i % len(self.payloads)],
-                                       headers={"content-type": "image/png"})
+                response = client.post(
+                    self.url + "/predict",
+                    content=self.payloads[i % len(self.payloads)],
+                    headers={"content-type": "image/png"},
+                )
                 self.statuses.append(response.status_code)
                 self.versions.add(response.headers.get("X-Model-Version"))
                 i += 1
@@ -68,8 +71,9 @@ class Traffic:
         self._thread.join(30)
 
 
-def test_gate_failure_is_not_promoted_and_noted_on_the_commit(airflow_db, settings, demo_repo, server, champion,
-                                                             monkeypatch):
+def test_gate_failure_is_not_promoted_and_noted_on_the_commit(
+    airflow_db, settings, demo_repo, server, champion, monkeypatch
+):
     monkeypatch.setenv("GITOPS_ML_PUSH_NOTES", "true")
     repo = demo_repo["path"]
     demo.bump_param(repo, "train.learning_rate", 0.00001)
@@ -107,8 +111,9 @@ def test_revert_reuses_the_previous_version_without_training(settings, demo_repo
     served = server.version()
     assert served["commit_sha"] == revert_sha and served["built_from_commit"] == demo_repo["commit_sha"]
     assert registry.serving_commit(settings) == revert_sha
-    assert result["outcome"]["summary"].startswith(f"PROMOTED: version 1 (reused, built from commit "
-                                                   f"{demo_repo['commit_sha']}) replaced version 2")
+    assert result["outcome"]["summary"].startswith(
+        f"PROMOTED: version 1 (reused, built from commit {demo_repo['commit_sha']}) replaced version 2"
+    )
     print(f"revert brought version 1 back in {seconds:.1f} s")  # measured in the benchmark, not asserted
 
 
@@ -162,19 +167,32 @@ def register_bright_image_bug(settings, demo_repo) -> tuple[dict, str]:
     base, meta = registry.load_model(settings, registry.get_version(settings, "1"))
     image = keras.Input((8, 8, 1), name="image")
     brightness = keras.layers.GlobalAveragePooling2D()(image)
-    bright = keras.layers.Dense(1, activation="relu", kernel_initializer=keras.initializers.Constant(1000.0),
-                                bias_initializer=keras.initializers.Constant(-500.0))(brightness)
+    bright = keras.layers.Dense(
+        1,
+        activation="relu",
+        kernel_initializer=keras.initializers.Constant(1000.0),
+        bias_initializer=keras.initializers.Constant(-500.0),
+    )(brightness)
     blow_up = keras.layers.Dense(10, kernel_initializer=keras.initializers.Constant(1e38))(bright)
     model = keras.Model(image, keras.layers.Add()([base(image), blow_up]))
     run_tags = registry.lineage_tags({"commit_sha": commit_sha})
-    logged = registry.log_training(settings, "bright-image-bug", run_tags, {}, model, {}, meta,
-                                   np.zeros((1, 8, 8, 1), np.float32))
+    logged = registry.log_training(
+        settings, "bright-image-bug", run_tags, {}, model, {}, meta, np.zeros((1, 8, 8, 1), np.float32)
+    )
     champion_run = registry.get_version(settings, "1").run_id
-    registry.log_evaluation(settings, logged["run_id"], {"test_accuracy": 0.98}, {},
-                            {"smoke_sample.json": registry.load_run_json(settings, champion_run,
-                                                                         "evaluation/smoke_sample.json")})
-    version = registry.register(settings, logged["run_id"], logged["model_uri"],
-                                {"commit_sha": commit_sha, "data_hash": demo_repo["data_hash"], "gate": "passed"})
+    registry.log_evaluation(
+        settings,
+        logged["run_id"],
+        {"test_accuracy": 0.98},
+        {},
+        {"smoke_sample.json": registry.load_run_json(settings, champion_run, "evaluation/smoke_sample.json")},
+    )
+    version = registry.register(
+        settings,
+        logged["run_id"],
+        logged["model_uri"],
+        {"commit_sha": commit_sha, "data_hash": demo_repo["data_hash"], "gate": "passed"},
+    )
     return commit, str(version.version)
 
 
@@ -209,17 +227,20 @@ def test_every_server_converges_or_all_roll_back(settings, demo_repo, server, ch
     from tests.conftest import ServerProcess
     from tests.helpers import free_port
 
-    second = ServerProcess(settings.with_overrides(serving_url=f"http://127.0.0.1:{free_port()}"),
-                           tmp_path / "serve2.log")
+    second = ServerProcess(
+        settings.with_overrides(serving_url=f"http://127.0.0.1:{free_port()}"), tmp_path / "serve2.log"
+    )
     # A third server whose MLflow store is not the registry's: it cannot load any version.
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
-    misconfigured = ServerProcess(settings.with_overrides(serving_url=f"http://127.0.0.1:{free_port()}"),
-                                  tmp_path / "serve3.log")
+    misconfigured = ServerProcess(
+        settings.with_overrides(serving_url=f"http://127.0.0.1:{free_port()}"), tmp_path / "serve3.log"
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
     try:
         assert second.version()["model_version"] == "1" and misconfigured.version() is None
-        challenger = pipeline.run_local(settings, demo.bump_param(demo_repo["path"], "train.seed", 5),
-                                        deploy_model=False)
+        challenger = pipeline.run_local(
+            settings, demo.bump_param(demo_repo["path"], "train.seed", 5), deploy_model=False
+        )
         both = settings.with_overrides(serving_url=f"{server.url},{second.url}")
         result = pipeline.deploy(both, challenger["commit"], challenger["model_version"], {})
         assert set(result["serving"]) == {server.url, second.url}
@@ -256,7 +277,9 @@ def test_bookkeeping_cut_short_by_a_crash_is_completed_by_the_next_run(settings,
     assert result["changed"] and result["previous_version"] == "1"
     assert result["recovered_from_run"] == "commit__crashed"
     tags = registry.version_tags(registry.get_version(settings, version))
-    assert tags["deploy_outcome"] == "promoted" and tags["replaced_version"] == "1" and tags["deploy_pending"] == "false"
+    assert (
+        tags["deploy_outcome"] == "promoted" and tags["replaced_version"] == "1" and tags["deploy_pending"] == "false"
+    )
     assert registry.version_tags(registry.get_version(settings, "1"))["replaced_by"] == version
     again = pipeline.deploy(settings, second["commit"], version, params, run_id="commit__rerun2")
     assert not again["changed"], "once recorded, a further run is unchanged"
@@ -284,8 +307,9 @@ def test_runs_finishing_out_of_order_converge_on_the_branch_head(settings, demo_
     assert git(repo, "rev-parse", "HEAD") == d
 
 
-def test_first_model_that_fails_on_one_server_leaves_every_server_serving_nothing(settings, demo_repo, server,
-                                                                                  tmp_path, monkeypatch):
+def test_first_model_that_fails_on_one_server_leaves_every_server_serving_nothing(
+    settings, demo_repo, server, tmp_path, monkeypatch
+):
     """No champion yet: server 1 switches to version 1, server 2 (wrong MLflow store) cannot load it. The
     rollback removes the alias and server 1 follows the registry (serves nothing) instead of silently
     serving a version the registry no longer names."""
@@ -294,8 +318,9 @@ def test_first_model_that_fails_on_one_server_leaves_every_server_serving_nothin
 
     first = pipeline.run_local(settings, demo_repo["commit_sha"], deploy_model=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
-    misconfigured = ServerProcess(settings.with_overrides(serving_url=f"http://127.0.0.1:{free_port()}"),
-                                  tmp_path / "serve2.log")
+    misconfigured = ServerProcess(
+        settings.with_overrides(serving_url=f"http://127.0.0.1:{free_port()}"), tmp_path / "serve2.log"
+    )
     monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
     try:
         both = settings.with_overrides(serving_url=f"{server.url},{misconfigured.url}")
@@ -303,7 +328,11 @@ def test_first_model_that_fails_on_one_server_leaves_every_server_serving_nothin
             pipeline.deploy(both, first["commit"], first["model_version"], {})
         assert registry.get_alias(settings) is None
         assert server.version() is None and misconfigured.version() is None
-        assert httpx.post(server.url + "/predict", content=digit_png(demo_repo["path"]),
-                          headers={"content-type": "image/png"}).status_code == 503
+        assert (
+            httpx.post(
+                server.url + "/predict", content=digit_png(demo_repo["path"]), headers={"content-type": "image/png"}
+            ).status_code
+            == 503
+        )
     finally:
         misconfigured.stop()

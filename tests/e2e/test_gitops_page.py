@@ -38,13 +38,28 @@ README_IMAGE = ROOT / "docs" / "img" / "gitops-page.png"
 def live_stack(settings, demo_repo, tmp_path, monkeypatch):
     """The embedded stack watching the demo repository (poll every second), no Elasticsearch."""
     config = tmp_path / "watch.yaml"
-    config.write_text(json.dumps({"repositories": [{"name": "default", "repo_url": str(demo_repo["path"]),
-                                                    "branch": "main", "poll_interval": 1,
-                                                    "retrain_schedule": None}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "repositories": [
+                    {
+                        "name": "default",
+                        "repo_url": str(demo_repo["path"]),
+                        "branch": "main",
+                        "poll_interval": 1,
+                        "retrain_schedule": None,
+                    }
+                ]
+            }
+        )
+    )
     monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))
     monkeypatch.delenv("ES_URL", raising=False)
-    ports = {"airflow_port": free_port(), "mlflow_port": free_port(),
-             "serve_port": int(settings.serving_url.rsplit(":", 1)[1])}
+    ports = {
+        "airflow_port": free_port(),
+        "mlflow_port": free_port(),
+        "serve_port": int(settings.serving_url.rsplit(":", 1)[1]),
+    }
     try:
         yield stack.up(settings, **ports)
     finally:
@@ -84,8 +99,9 @@ def row(frame, commit_sha):
 
 def wait_row(frame, commit_sha, timeout=600, **attributes):
     """Wait until the row of ``commit_sha`` carries ``attributes`` (``data-<name>`` values) after polling."""
-    selector = f"tr[data-sha='{commit_sha}']" + "".join(f"[data-{k.replace('_', '-')}='{v}']"
-                                                         for k, v in attributes.items())
+    selector = f"tr[data-sha='{commit_sha}']" + "".join(
+        f"[data-{k.replace('_', '-')}='{v}']" for k, v in attributes.items()
+    )
     frame.wait_for_selector(selector, timeout=timeout * 1000)
     return frame.locator(selector)
 
@@ -104,18 +120,29 @@ def auth_api_server(settings, live_stack, tmp_path, port) -> tuple[subprocess.Po
     """A second ``airflow api-server`` of the same stack (same DB, plugins, MLflow, server), authentication on."""
     passwords = tmp_path / "passwords.json"
     passwords.write_text(json.dumps({"vera": "viewer-password", "otto": "operator-password"}))
-    ports = {f"{name}_port": int(live_stack[key].rsplit(":", 1)[1]) for name, key in
-             (("mlflow", "mlflow"), ("serve", "serving"))}
-    env = {**os.environ, **stack.airflow_env(stack.stack_settings(settings, airflow_port=port, **ports), port),
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "vera:viewer,otto:user",
-           "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
-           "AIRFLOW__API_AUTH__JWT_SECRET": "gitops-page-test-jwt-secret-0123456789abcdef0123456789abcdef"}
+    ports = {
+        f"{name}_port": int(live_stack[key].rsplit(":", 1)[1])
+        for name, key in (("mlflow", "mlflow"), ("serve", "serving"))
+    }
+    env = {
+        **os.environ,
+        **stack.airflow_env(stack.stack_settings(settings, airflow_port=port, **ports), port),
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "vera:viewer,otto:user",
+        "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(passwords),
+        "AIRFLOW__API_AUTH__JWT_SECRET": "gitops-page-test-jwt-secret-0123456789abcdef0123456789abcdef",
+    }
     log = open(tmp_path / "auth-api.log", "wb")
-    proc = subprocess.Popen([str(BIN / "airflow"), "api-server", "--port", str(port), "--host", "127.0.0.1"],
-                            env=env, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-    stack.wait_http(f"http://127.0.0.1:{port}/api/v2/monitor/health", 120, "API server with auth",
-                    tmp_path / "auth-api.log")
+    proc = subprocess.Popen(
+        [str(BIN / "airflow"), "api-server", "--port", str(port), "--host", "127.0.0.1"],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
+    stack.wait_http(
+        f"http://127.0.0.1:{port}/api/v2/monitor/health", 120, "API server with auth", tmp_path / "auth-api.log"
+    )
     return proc, {"viewer": ("vera", "viewer-password"), "operator": ("otto", "operator-password")}
 
 
@@ -134,8 +161,9 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
     page.goto(live_stack["airflow"] + "/plugin/gitops")
     frame = frame_of(page)
     # 1. The demo's commit: trained, version 1, promoted and serving.
-    first_row = wait_row(frame, first_sha, timeout=60, run_state="success", decision="trained", version="1",
-                         deploy="promoted")
+    first_row = wait_row(
+        frame, first_sha, timeout=60, run_state="success", decision="trained", version="1", deploy="promoted"
+    )
     assert "serving" in first_row.inner_text()
     assert frame.locator("#serving-version").get_attribute("data-version") == "1"
     assert frame.locator("#serving-commit").get_attribute("data-sha") == first_sha
@@ -180,9 +208,9 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
     dark_page = dark.new_page()
     dark_page.goto(live_stack["airflow"] + "/plugin/gitops")
     dark_frame = frame_of(dark_page)
-    assert dark_page.evaluate("document.documentElement.classList.contains('dark') || "
-                              "document.documentElement.dataset.theme === 'dark'"), \
-        dark_page.evaluate("document.documentElement.outerHTML.slice(0, 300)")
+    assert dark_page.evaluate(
+        "document.documentElement.classList.contains('dark') || document.documentElement.dataset.theme === 'dark'"
+    ), dark_page.evaluate("document.documentElement.outerHTML.slice(0, 300)")
     dark_frame.wait_for_function("document.documentElement.dataset.theme === 'dark'", timeout=10_000)
     background = dark_frame.evaluate("getComputedStyle(document.body).backgroundColor")
     assert background != "rgb(255, 255, 255)", background
@@ -226,12 +254,18 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
         assert "read-only" in viewer_frame.locator(f"tr[data-sha='{second_sha}']").inner_text()
         shot(viewer_page, shots, "7-viewer-read-only")
         viewer.close()
-        refused = httpx.post(base + "/gitops-ml/api/deploy", json={"model_version": second_version},
-                             headers={"Authorization": f"Bearer {token('viewer')}"})
+        refused = httpx.post(
+            base + "/gitops-ml/api/deploy",
+            json={"model_version": second_version},
+            headers={"Authorization": f"Bearer {token('viewer')}"},
+        )
         assert refused.status_code == 403, refused.text
         assert served(live_stack["serving"])["model_version"] == "1"
-        as_form = httpx.post(base + "/gitops-ml/api/deploy", data={"model_version": second_version},
-                             headers={"Authorization": f"Bearer {token('operator')}"})
+        as_form = httpx.post(
+            base + "/gitops-ml/api/deploy",
+            data={"model_version": second_version},
+            headers={"Authorization": f"Bearer {token('operator')}"},
+        )
         assert as_form.status_code == 415  # only JSON (a cross-site form cannot send it)
     finally:
         os.killpg(proc.pid, 15)

@@ -18,6 +18,7 @@ from tests.helpers import commit_file, free_port
 def total_runs(client) -> int:
     return client._check(client._http.get("/api/v2/dags/gitops_ml_pipeline/dagRuns"), "list runs")["total_entries"]
 
+
 pytestmark = pytest.mark.e2e
 
 
@@ -27,12 +28,28 @@ def live_stack(settings, es, demo_repo, tmp_path, monkeypatch):
     and the Airflow UI reads finished tries back from it (``[logging] remote_logging``). The demo
     repository is watched (poll every second) by the watcher DAG, in the scheduler and triggerer."""
     config = tmp_path / "watch.yaml"
-    config.write_text(json.dumps({"repositories": [{"name": "default", "repo_url": str(demo_repo["path"]),
-                                                    "branch": "main", "poll_interval": 1, "retrain_schedule": None}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "repositories": [
+                    {
+                        "name": "default",
+                        "repo_url": str(demo_repo["path"]),
+                        "branch": "main",
+                        "poll_interval": 1,
+                        "retrain_schedule": None,
+                    }
+                ]
+            }
+        )
+    )
     monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))
     monkeypatch.setenv("GITOPS_ML_WEBHOOK_SECRET", "live-hook-secret")
-    ports = {"airflow_port": free_port(), "mlflow_port": free_port(),
-             "serve_port": int(settings.serving_url.rsplit(":", 1)[1])}
+    ports = {
+        "airflow_port": free_port(),
+        "mlflow_port": free_port(),
+        "serve_port": int(settings.serving_url.rsplit(":", 1)[1]),
+    }
     try:
         urls = stack.up(settings, **ports)
         yield {**urls, "ports": ports}
@@ -78,14 +95,17 @@ def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_
     assert removed, "Airflow wrote no local task log files"
     for path in removed:
         path.unlink()
-    response = client._http.get(f"/api/v2/dags/gitops_ml_pipeline/dagRuns/commit__{commit_sha}"
-                                "/taskInstances/train/logs/1", params={"full_content": "true"},
-                                headers={"Accept": "application/json"})
+    response = client._http.get(
+        f"/api/v2/dags/gitops_ml_pipeline/dagRuns/commit__{commit_sha}/taskInstances/train/logs/1",
+        params={"full_content": "true"},
+        headers={"Accept": "application/json"},
+    )
     assert response.status_code == 200, response.text
     content = response.json()["content"]
     events = [line.get("event", "") for line in content if isinstance(line, dict)]
-    assert any("Elasticsearch" in " ".join(line.get("sources", [])) for line in content if isinstance(line, dict)) \
-        or any("gitops-ml-logs" in e for e in events), content[:3]
+    assert any(
+        "Elasticsearch" in " ".join(line.get("sources", [])) for line in content if isinstance(line, dict)
+    ) or any("gitops-ml-logs" in e for e in events), content[:3]
     shipped = logs.search(settings.home, commit_sha, task_id="train", client=es[0])
     messages = [d["message"] for d in shipped]
     # Every line of the task's log file was shipped (runner lines included) and the UI shows each of them;
@@ -114,11 +134,17 @@ def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_
     client = AirflowClient(restarted["airflow"])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the watcher waits again: its sensor deferred to the new triggerer
-        latest = client._check(client._http.get("/api/v2/dags/gitops_ml_watch__default/dagRuns",
-                                                params={"order_by": "-run_after", "limit": 1}), "runs")["dag_runs"]
+        latest = client._check(
+            client._http.get(
+                "/api/v2/dags/gitops_ml_watch__default/dagRuns", params={"order_by": "-run_after", "limit": 1}
+            ),
+            "runs",
+        )["dag_runs"]
         if latest and latest[0]["state"] == "running":
-            states = {ti["task_id"]: ti["state"] for ti in client.task_instances(latest[0]["dag_run_id"],
-                                                                                  "gitops_ml_watch__default")}
+            states = {
+                ti["task_id"]: ti["state"]
+                for ti in client.task_instances(latest[0]["dag_run_id"], "gitops_ml_watch__default")
+            }
             if states.get("wait_for_commit") == "deferred":
                 break
         time.sleep(1)
@@ -130,13 +156,23 @@ def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_
     # The push webhook, served by the live API server (plugin app): a bad signature starts nothing,
     # a good one creates the run at once (a docs-only commit: recorded as "no retrain needed").
     docs_sha = commit_file(demo_repo["path"], "README.md", "how to use the model\n", "docs")
-    body = json.dumps({"ref": "refs/heads/main", "before": new_sha, "after": docs_sha,
-                       "repository": {"clone_url": "https://git.example.com/m.git"}}).encode()
+    body = json.dumps(
+        {
+            "ref": "refs/heads/main",
+            "before": new_sha,
+            "after": docs_sha,
+            "repository": {"clone_url": "https://git.example.com/m.git"},
+        }
+    ).encode()
     signature = hmac.new(b"live-hook-secret", body, hashlib.sha256).hexdigest()
     url = restarted["airflow"] + "/gitops-ml/webhooks/default"
     bad = httpx.post(url, content=body, headers={"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + "0" * 64})
-    assert bad.status_code == 401 and "X-Hub-Signature-256" in bad.json()["error"]  # (no run: tests/e2e/test_watch_dags)
-    good = httpx.post(url, content=body, headers={"X-GitHub-Event": "push", "X-Hub-Signature-256": f"sha256={signature}"})
+    assert (
+        bad.status_code == 401 and "X-Hub-Signature-256" in bad.json()["error"]
+    )  # (no run: tests/e2e/test_watch_dags)
+    good = httpx.post(
+        url, content=body, headers={"X-GitHub-Event": "push", "X-Hub-Signature-256": f"sha256={signature}"}
+    )
     assert good.status_code == 202, good.text
     created = good.json()["created"] + good.json()["existing"]  # the 1 s poller may have been first
     assert created == [f"commit__{docs_sha}"]

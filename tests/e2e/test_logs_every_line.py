@@ -30,7 +30,8 @@ DAG_ID = "gitops_ml_logs_check"
 SHA = "d" * 40
 PASSWORD = "conn-PASSWORD-5521"
 
-CHECK_DAG = '''
+CHECK_DAG = (
+    '''
 import logging
 import os
 import sys
@@ -64,10 +65,13 @@ def crash():
     inner_helper()
 
 
-with DAG("gitops_ml_logs_check", schedule=None, params={"commit_sha": "''' + SHA + '''"},
+with DAG("gitops_ml_logs_check", schedule=None, params={"commit_sha": "'''
+    + SHA
+    + """"},
          default_args={"retries": 0}) as dag:
     task(talk, task_id="talk")() >> task(crash, task_id="crash")()
-'''
+"""
+)
 
 
 @pytest.fixture
@@ -75,8 +79,10 @@ def live_airflow(tmp_path, es, monkeypatch):
     """``airflow standalone`` over a DAG folder holding only the check DAG, with ``ES_URL`` set."""
     home = tmp_path / "home"
     monkeypatch.setenv("GITOPS_ML_HOME", str(home))
-    monkeypatch.setenv("AIRFLOW_CONN_GITOPS_ML_LOGS_CHECK", json.dumps(
-        {"conn_type": "http", "host": "example.com", "login": "me", "password": PASSWORD}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_GITOPS_ML_LOGS_CHECK",
+        json.dumps({"conn_type": "http", "host": "example.com", "login": "me", "password": PASSWORD}),
+    )
     settings = Settings.from_env()
     project = tmp_path / "project"
     (project / "dags").mkdir(parents=True)
@@ -87,8 +93,9 @@ def live_airflow(tmp_path, es, monkeypatch):
     assert env.get("AIRFLOW__LOGGING__REMOTE_LOGGING") == "True"  # ES_URL set: the UI reads from Elasticsearch
     stack.start(settings, "airflow", [str(Path(sys.executable).parent / "airflow"), "standalone"], env)
     try:
-        stack.wait_http(f"http://127.0.0.1:{port}/api/v2/monitor/health", 180, "Airflow",
-                        settings.home / "stack" / "airflow.log")
+        stack.wait_http(
+            f"http://127.0.0.1:{port}/api/v2/monitor/health", 180, "Airflow", settings.home / "stack" / "airflow.log"
+        )
         yield settings, AirflowClient(f"http://127.0.0.1:{port}")
     finally:
         stack.stop(settings, "airflow")
@@ -99,14 +106,17 @@ def file_lines(path: Path) -> list[dict]:
 
 
 def ui_lines(client: AirflowClient, run_id: str, task_id: str) -> list[dict]:
-    response = client._http.get(f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1",
-                                params={"full_content": "true"}, headers={"Accept": "application/json"})
+    response = client._http.get(
+        f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1",
+        params={"full_content": "true"},
+        headers={"Accept": "application/json"},
+    )
     assert response.status_code == 200, response.text
     content = response.json()["content"]
     # Airflow's header: "::group::Log message source details", one line per source, "::endgroup::"
     end = next(i for i, line in enumerate(content) if line.get("event") == "::endgroup::")
     assert any("Elasticsearch" in line.get("event", "") for line in content[:end]), content[:end]
-    return content[end + 1:]
+    return content[end + 1 :]
 
 
 def test_every_line_of_a_task_reaches_elasticsearch_and_the_ui(live_airflow, es, tmp_path):
@@ -128,9 +138,15 @@ def test_every_line_of_a_task_reaches_elasticsearch_and_the_ui(live_airflow, es,
         deadline = time.monotonic() + 30
         while True:  # the supervisor ships right after the task's process exits
             es_client.indices.refresh(index=f"{logs.LOGS_INDEX}*")
-            docs = [h["_source"] for h in es_client.search(
-                index=f"{logs.LOGS_INDEX}*", query={"term": {"log_id": log_id}}, size=10_000,
-                sort=[{"offset": "asc"}])["hits"]["hits"]]
+            docs = [
+                h["_source"]
+                for h in es_client.search(
+                    index=f"{logs.LOGS_INDEX}*",
+                    query={"term": {"log_id": log_id}},
+                    size=10_000,
+                    sort=[{"offset": "asc"}],
+                )["hits"]["hits"]
+            ]
             if len(docs) >= len(written) or time.monotonic() > deadline:
                 break
             time.sleep(0.5)
@@ -140,8 +156,10 @@ def test_every_line_of_a_task_reaches_elasticsearch_and_the_ui(live_airflow, es,
         shown = ui_lines(client, run["dag_run_id"], task_id)
         figures[task_id] = {"file": len(written), "es": len(docs), "ui": len(shown)}
         seen[task_id] = (written, docs, shown)
-        print(f"\n{task_id}: local file {len(written)} lines, Elasticsearch {len(docs)} documents, "
-              f"UI {len(shown)} lines", flush=True)
+        print(
+            f"\n{task_id}: local file {len(written)} lines, Elasticsearch {len(docs)} documents, UI {len(shown)} lines",
+            flush=True,
+        )
     for task_id, (written, docs, shown) in seen.items():
         labels_of[task_id] = docs[0]["labels"]
         assert len(docs) == len(written) == len(shown), figures[task_id]
@@ -155,9 +173,16 @@ def test_every_line_of_a_task_reaches_elasticsearch_and_the_ui(live_airflow, es,
         if task_id == "talk":
             assert {"task.stdout", "task.stderr", "py.warnings", "tensorflow", "mlflow.tracking"} <= loggers, loggers
             messages = "\n".join(d["message"] for d in docs)
-            for expected in ("our own line", "a TensorFlow logger line", "an MLflow logger line",
-                             "a library warning", "a line on stdout", "a line on stderr",
-                             "a C-level write to fd 2", "the password is ***"):
+            for expected in (
+                "our own line",
+                "a TensorFlow logger line",
+                "an MLflow logger line",
+                "a library warning",
+                "a line on stdout",
+                "a line on stderr",
+                "a C-level write to fd 2",
+                "the password is ***",
+            ):
                 assert expected in messages, expected
         else:
             failure = [d for d in docs if "boom in our code" in d["message"]]

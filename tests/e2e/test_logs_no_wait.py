@@ -17,7 +17,8 @@ pytestmark = pytest.mark.e2e
 
 SHA = "e" * 40
 
-RECORD_DAG = '''
+RECORD_DAG = (
+    '''
 import logging
 from airflow.sdk import DAG, task
 from gitops_ml.airflow.steps import _adapter
@@ -26,9 +27,12 @@ from gitops_ml.airflow.steps import _adapter
 def record():
     logging.getLogger("gitops_ml.check").info("recording the outcome")
 
-with DAG("gitops_ml_record_wait_check", schedule=None, params={"commit_sha": "''' + SHA + '''"}) as dag:
+with DAG("gitops_ml_record_wait_check", schedule=None, params={"commit_sha": "'''
+    + SHA
+    + """"}) as dag:
     task(record, task_id="record")()
-'''
+"""
+)
 
 
 def run_record_task(tmp_path):

@@ -21,25 +21,37 @@ def test_pipeline_logs_are_queryable_by_sha(airflow_db, settings, demo_repo, ser
     assert run.state == "success", task_states(run)
     docs = logs.search(settings.home, demo_repo["commit_sha"])
     tasks = {d["labels"]["task_id"] for d in docs}
-    assert {"resolve_commit", "prepare_workspace", "pull_data", "train", "evaluate", "register", "deploy",
-            "record"} <= tasks
+    assert {
+        "resolve_commit",
+        "prepare_workspace",
+        "pull_data",
+        "train",
+        "evaluate",
+        "register",
+        "deploy",
+        "record",
+    } <= tasks
     assert all(d["labels"]["run_id"] == run.run_id and d["labels"]["dag_id"] == "gitops_ml_pipeline" for d in docs)
     assert any("epoch 12:" in d["message"] for d in docs if d["labels"]["task_id"] == "train")
     assert len({d["_id"] for d in docs}) == len(docs)
     assert logs._segments(settings.home) == []  # everything was delivered
-    runs = client.search(index=logs.RUNS_INDEX, query={"term": {"labels.commit_sha": demo_repo["commit_sha"]}},
-                         size=100)["hits"]["hits"]
+    runs = client.search(
+        index=logs.RUNS_INDEX, query={"term": {"labels.commit_sha": demo_repo["commit_sha"]}}, size=100
+    )["hits"]["hits"]
     outcomes = {(h["_source"]["event"]["action"], h["_source"]["event"]["outcome"]) for h in runs}
     assert ("pipeline", "success") in outcomes and ("deploy", "promoted") in outcomes
     final = next(h["_source"] for h in runs if h["_source"]["event"]["action"] == "pipeline")
     assert final["deployed"] is True and final["test_accuracy"] > 0.8
-    out = subprocess.run([str(BIN / "gitops-ml"), "logs", demo_repo["commit_sha"][:12], "--task", "deploy"],
-                         capture_output=True, text=True, check=True).stdout
+    out = subprocess.run(
+        [str(BIN / "gitops-ml"), "logs", demo_repo["commit_sha"][:12], "--task", "deploy"],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
     assert "serving model version 1" in out and "train" not in out.split("\n")[0]
 
 
-def test_elasticsearch_stopped_during_a_dag_run_loses_nothing(airflow_db, settings, demo_repo, server, es,
-                                                              monkeypatch):
+def test_elasticsearch_stopped_during_a_dag_run_loses_nothing(airflow_db, settings, demo_repo, server, es, monkeypatch):
     """ES goes down while `train` runs and comes back during `evaluate`: the run succeeds, the last
     task delivers what the outage held back, and the count of documents for the SHA equals the
     count of lines the tasks logged (counted by the spool handlers themselves)."""
@@ -66,6 +78,7 @@ def test_elasticsearch_stopped_during_a_dag_run_loses_nothing(airflow_db, settin
         def wait_for(task_id):
             while not any(f"__{task_id}__" in p.name for p in spool.glob("*.jsonl")):
                 time.sleep(0.05)
+
         wait_for("train")
         node.stop()
         events.append("stopped")
@@ -124,8 +137,12 @@ def test_connection_password_and_url_token_never_shipped(airflow_db, settings, e
     """A task (through our adapter) reads an Airflow connection and logs its password, its URI and a
     repository URL with a token: no document in Elasticsearch contains either secret."""
     client, _ = es
-    monkeypatch.setenv("AIRFLOW_CONN_GITOPS_ML_TEST_REPO", json.dumps(
-        {"conn_type": "http", "host": "git.example.com", "login": "deploy", "password": "conn-PASSWORD-7781"}))
+    monkeypatch.setenv(
+        "AIRFLOW_CONN_GITOPS_ML_TEST_REPO",
+        json.dumps(
+            {"conn_type": "http", "host": "git.example.com", "login": "deploy", "password": "conn-PASSWORD-7781"}
+        ),
+    )
     run = synced_dag(tmp_path, "secrets_check.py", SECRETS_DAG, "gitops_ml_secrets_check").test()
     assert run.state == "success"
     docs = logs.search(settings.home, "c" * 40, client=client)

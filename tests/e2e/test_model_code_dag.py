@@ -37,7 +37,7 @@ def build_model(input_shape, class_names, params):
     return keras.Model(inputs, outputs, name="custom_cnn")
 '''
 
-LAYERS = '''import keras
+LAYERS = """import keras
 
 
 class Brighten(keras.layers.Layer):
@@ -50,7 +50,7 @@ class Brighten(keras.layers.Layer):
 
     def get_config(self):
         return {**super().get_config(), "gain": self.gain}
-'''
+"""
 
 
 @pytest.fixture(autouse=True)
@@ -110,8 +110,7 @@ def test_model_code_change_serves_restarts_and_revert_reuses(airflow_db, setting
     served = server.version()
     assert (served["commit_sha"], served["model_version"], served["model_code_hash"]) == (custom_sha, "2", custom_hash)
     assert run_note(run).endswith("PROMOTED: version 2 replaced version 1")
-    assert f"model_code_hash: {custom_hash}" in source.read_note(settings.repo_url, custom_sha,
-                                                                       settings.git_cache_dir)
+    assert f"model_code_hash: {custom_hash}" in source.read_note(settings.repo_url, custom_sha, settings.git_cache_dir)
     chain = trace.trace(settings, custom_sha)
     assert chain["model_versions"][0]["model_code_hash"] == custom_hash
     assert f"model code {custom_hash}" in trace.render(chain)
@@ -140,35 +139,53 @@ def test_model_code_change_serves_restarts_and_revert_reuses(airflow_db, setting
         assert len(all_versions(settings)) == count
         served = restarted.version()
         assert (served["commit_sha"], served["model_version"], served["model_code_hash"]) == (
-            revert_sha, "1", demo_hash)
+            revert_sha,
+            "1",
+            demo_hash,
+        )
     finally:
         restarted.stop()
 
 
 BAD = {
-    "syntax error": ("def build_model(input_shape, class_names, params)\n    return None\n",
-                     "model/model.py, line 1: syntax error"),
-    "exception in build_model": ("def build_model(input_shape, class_names, params):\n    return 1 / 0\n",
-                                 "model/model.py, line 2, in build_model: ZeroDivisionError"),
+    "syntax error": (
+        "def build_model(input_shape, class_names, params)\n    return None\n",
+        "model/model.py, line 1: syntax error",
+    ),
+    "exception in build_model": (
+        "def build_model(input_shape, class_names, params):\n    return 1 / 0\n",
+        "model/model.py, line 2, in build_model: ZeroDivisionError",
+    ),
     "no build_model": ("def make(input_shape):\n    pass\n", "model/model.py: defines no build_model"),
-    "not a keras.Model": ("def build_model(input_shape, class_names, params):\n    return [1, 2]\n",
-                          "model/model.py: build_model returned builtins.list, not a keras.Model"),
-    "wrong output shape": ("import keras\n\ndef build_model(input_shape, class_names, params):\n"
-                           "    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),"
-                           " keras.layers.Dense(3, activation='softmax')])\n",
-                           "model/model.py: the model's output has shape (batch, 3), expected (batch, 10)"),
-    "logits": ("import keras\n\ndef build_model(input_shape, class_names, params):\n"
-               "    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),"
-               " keras.layers.Dense(10)])\n",
-               "model/model.py: the model's output is not a probability distribution"),
-    "package not installed": ("import torchvision_not_installed\n",
-                              "model/model.py, line 1, in <module>: imports package 'torchvision_not_installed', "
-                              "which is not installed"),
-    "download at run time": ("import keras\n\ndef build_model(input_shape, class_names, params):\n"
-                             "    path = keras.utils.get_file('w.h5', 'https://example.invalid/w.h5')\n",
-                             "model/model.py, line 4, in build_model: keras get_file("),
-    "never finishes": ("def build_model(input_shape, class_names, params):\n    while True:\n        pass\n",
-                       "training with model/model.py did not finish within train.timeout_minutes = 0.05"),
+    "not a keras.Model": (
+        "def build_model(input_shape, class_names, params):\n    return [1, 2]\n",
+        "model/model.py: build_model returned builtins.list, not a keras.Model",
+    ),
+    "wrong output shape": (
+        "import keras\n\ndef build_model(input_shape, class_names, params):\n"
+        "    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),"
+        " keras.layers.Dense(3, activation='softmax')])\n",
+        "model/model.py: the model's output has shape (batch, 3), expected (batch, 10)",
+    ),
+    "logits": (
+        "import keras\n\ndef build_model(input_shape, class_names, params):\n"
+        "    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),"
+        " keras.layers.Dense(10)])\n",
+        "model/model.py: the model's output is not a probability distribution",
+    ),
+    "package not installed": (
+        "import torchvision_not_installed\n",
+        "model/model.py, line 1, in <module>: imports package 'torchvision_not_installed', which is not installed",
+    ),
+    "download at run time": (
+        "import keras\n\ndef build_model(input_shape, class_names, params):\n"
+        "    path = keras.utils.get_file('w.h5', 'https://example.invalid/w.h5')\n",
+        "model/model.py, line 4, in build_model: keras get_file(",
+    ),
+    "never finishes": (
+        "def build_model(input_shape, class_names, params):\n    while True:\n        pass\n",
+        "training with model/model.py did not finish within train.timeout_minutes = 0.05",
+    ),
 }
 
 
@@ -229,15 +246,25 @@ def test_pretrained_weights_pinned_by_dvc_are_fine_tuned(airflow_db, settings, d
     for digit in range(5, 10):
         subprocess.run(["rm", "-rf", str(base_images / str(digit))], check=True)
     base_index = data.scan_images(base_images, "base-data")
-    base_params = {"image": {"height": 8, "width": 8, "channels": 1}, "model": {},
-                   "train": {"epochs": 2, "batch_size": 32, "learning_rate": 0.01, "seed": 1, "test_fraction": 0.2,
-                             "timeout_minutes": 10}}
+    base_params = {
+        "image": {"height": 8, "width": 8, "channels": 1},
+        "model": {},
+        "train": {
+            "epochs": 2,
+            "batch_size": 32,
+            "learning_rate": 0.01,
+            "seed": 1,
+            "test_fraction": 0.2,
+            "timeout_minutes": 10,
+        },
+    }
     keras.utils.set_random_seed(1)
     namespace: dict = {}
     exec(BASE_MODEL, namespace)  # the same base architecture as the model code's
     base = namespace["base_model"]((8, 8, 1))
-    head = keras.Sequential([keras.Input((8, 8, 1)), base, keras.layers.Flatten(),
-                             keras.layers.Dense(5, activation="softmax")])
+    head = keras.Sequential(
+        [keras.Input((8, 8, 1)), base, keras.layers.Flatten(), keras.layers.Dense(5, activation="softmax")]
+    )
     training.compile_if_needed(head, base_params)
     x = training.load_arrays(base_index.files, base_params)
     head.fit(x, np.asarray(base_index.labels), epochs=2, verbose=0)
@@ -260,35 +287,55 @@ def test_pretrained_weights_pinned_by_dvc_are_fine_tuned(airflow_db, settings, d
     assert server.version()["commit_sha"] == sha
 
 
-MARKER_MODEL = '''from pathlib import Path
+MARKER_MODEL = """from pathlib import Path
 
 Path({marker!r}).write_text("model code ran")
 
 
 def build_model(input_shape, class_names, params):
     Path({marker!r}).write_text("model code ran")
-'''
+"""
 
 
 def test_unsigned_model_code_never_runs_under_enforce(airflow_db, settings, demo_repo, tmp_path, monkeypatch):
     repo = demo_repo["path"]
     key = tmp_path / "alice"
-    subprocess.run(["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), "-C", "alice@example.com"],
-                   check=True)
+    subprocess.run(
+        ["ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(key), "-C", "alice@example.com"], check=True
+    )
     allowed = tmp_path / "allowed_signers"
     allowed.write_text(f"alice@example.com {(tmp_path / 'alice.pub').read_text().strip()}\n")
     config = tmp_path / "watch.yaml"
-    config.write_text(yaml.safe_dump({"repositories": [{
-        "name": "default", "repo_url": str(repo), "branch": "main", "signatures": "enforce",
-        "allowed_signers": str(allowed)}]}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "repositories": [
+                    {
+                        "name": "default",
+                        "repo_url": str(repo),
+                        "branch": "main",
+                        "signatures": "enforce",
+                        "allowed_signers": str(allowed),
+                    }
+                ]
+            }
+        )
+    )
     monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))
     marker = tmp_path / "marker"
     sha = commit_file(repo, "model/model.py", MARKER_MODEL.format(marker=str(marker)), "unsigned model code")
 
     dag = load_dag()
-    for conf in ({"commit_sha": sha}, {"commit_sha": sha, "watch": "default"},
-                 {"commit_sha": sha, "watch": "default", "decision": "rejected",
-                  "reason": f"signature policy enforce: commit {sha} is not signed"}):
+    for conf in (
+        {"commit_sha": sha},
+        {"commit_sha": sha, "watch": "default"},
+        {
+            "commit_sha": sha,
+            "watch": "default",
+            "decision": "rejected",
+            "reason": f"signature policy enforce: commit {sha} is not signed",
+        },
+    ):
         run = dag.test(run_conf=conf)
         states = task_states(run)
         assert states["train"] in ("upstream_failed", "skipped"), (conf, states)

@@ -25,6 +25,7 @@ def test_failed_run_keeps_its_work_tree_for_the_configured_time(airflow_db, sett
     mark = json.loads((settings.work_dir / retention.STATE_DIR / f"{broken}.json").read_text())
     assert mark["outcome"] == "failed" and mark["run_id"] == run.run_id
     assert trees(settings) == git_worktrees(settings) == {broken}  # kept although GITOPS_ML_KEEP_WORKTREES=0
-    report = retention.collect(settings.with_overrides(keep_worktrees=0, keep_failed_hours=2),
-                               now=time.time() + 2.1 * 3600)
+    report = retention.collect(
+        settings.with_overrides(keep_worktrees=0, keep_failed_hours=2), now=time.time() + 2.1 * 3600
+    )
     assert set(report.removed) == {broken} and trees(settings) == git_worktrees(settings) == set()

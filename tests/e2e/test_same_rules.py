@@ -25,9 +25,12 @@ MISSING = "0" * 40
 
 def use_home(monkeypatch, home) -> Settings:
     """Point every gitops-ml setting (and so the in-process Airflow tasks) at a fresh home."""
-    for key, value in {"GITOPS_ML_HOME": str(home), "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
-                       "GITOPS_ML_ARTIFACT_ROOT": str(home / "mlflow" / "artifacts"),
-                       "GITOPS_ML_SERVING_URL": f"http://127.0.0.1:{free_port()}"}.items():
+    for key, value in {
+        "GITOPS_ML_HOME": str(home),
+        "MLFLOW_TRACKING_URI": f"sqlite:///{home / 'mlflow' / 'mlflow.db'}",
+        "GITOPS_ML_ARTIFACT_ROOT": str(home / "mlflow" / "artifacts"),
+        "GITOPS_ML_SERVING_URL": f"http://127.0.0.1:{free_port()}",
+    }.items():
         monkeypatch.setenv(key, value)
     settings = Settings.from_env()
     registry.experiment_id(settings)
@@ -56,16 +59,36 @@ def test_dag_and_run_local_write_the_same_records(airflow_db, settings, demo_rep
     docs = commit_file(repo, "README.md", "notes\n", "docs only")
     watch_file = tmp_path / "watch.yaml"
     (tmp_path / "allowed_signers").write_text("")
-    watch_file.write_text(json.dumps({"repositories": [{
-        "name": "warned", "repo_url": str(repo), "branch": "main", "signatures": "warn",
-        "allowed_signers": str(tmp_path / "allowed_signers")}]}))
+    watch_file.write_text(
+        json.dumps(
+            {
+                "repositories": [
+                    {
+                        "name": "warned",
+                        "repo_url": str(repo),
+                        "branch": "main",
+                        "signatures": "warn",
+                        "allowed_signers": str(tmp_path / "allowed_signers"),
+                    }
+                ]
+            }
+        )
+    )
     scenarios = [  # (run conf, what the DAG run ends as, a watch file for this run)
         ({"commit_sha": first}, "success", False),
         ({"commit_sha": second}, "success", False),
         ({"commit_sha": reverted}, "success", False),
         ({"commit_sha": impossible}, "success", False),
-        ({"commit_sha": docs, "decision": "no_retrain", "trigger": "push",
-          "reason": "no retrain needed: changed only README.md"}, "success", False),
+        (
+            {
+                "commit_sha": docs,
+                "decision": "no_retrain",
+                "trigger": "push",
+                "reason": "no retrain needed: changed only README.md",
+            },
+            "success",
+            False,
+        ),
         ({"commit_sha": reverted, "watch": "warned"}, "success", True),
         ({"commit_sha": MISSING}, "failed", False),
     ]
@@ -96,17 +119,24 @@ def test_dag_and_run_local_write_the_same_records(airflow_db, settings, demo_rep
         finally:
             server.stop()
         assert served["commit_sha"] == reverted and served["model_version"] == "1", (mode, served)
-        written[mode] = {sha: [normalized(d, run_ids) for d in records.read(records.path_for(mode_settings.records_dir,
-                                                                                              sha))]
-                         for sha in (first, second, reverted, impossible, docs, MISSING)}
+        written[mode] = {
+            sha: [normalized(d, run_ids) for d in records.read(records.path_for(mode_settings.records_dir, sha))]
+            for sha in (first, second, reverted, impossible, docs, MISSING)
+        }
 
-    outcomes = {sha: [(d["event"]["action"], d["event"]["outcome"]) for d in docs_]
-                for sha, docs_ in written["local"].items()}
+    outcomes = {
+        sha: [(d["event"]["action"], d["event"]["outcome"]) for d in docs_] for sha, docs_ in written["local"].items()
+    }
     assert outcomes == {
         first: [("deploy", "promoted"), ("pipeline", "success")],
         second: [("deploy", "promoted"), ("pipeline", "success")],
-        reverted: [("deploy", "promoted"), ("pipeline", "success"),
-                   ("signature", "warning"), ("deploy", "unchanged"), ("pipeline", "success")],
+        reverted: [
+            ("deploy", "promoted"),
+            ("pipeline", "success"),
+            ("signature", "warning"),
+            ("deploy", "unchanged"),
+            ("pipeline", "success"),
+        ],
         impossible: [("pipeline", "not_promoted")],
         docs: [("watch", "no_retrain")],
         MISSING: [("resolve_commit", "failure")],

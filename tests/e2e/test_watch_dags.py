@@ -31,10 +31,19 @@ def watch_config(tmp_path, monkeypatch, demo_repo):
 
     def make(**fields):
         name = "t" + uuid.uuid4().hex[:10]
-        entries.append({"name": name, "repo_url": str(demo_repo["path"]), "branch": "main", "poll_interval": 0.5,
-                        "sensor_timeout": 60, **fields})
+        entries.append(
+            {
+                "name": name,
+                "repo_url": str(demo_repo["path"]),
+                "branch": "main",
+                "poll_interval": 0.5,
+                "sensor_timeout": 60,
+                **fields,
+            }
+        )
         path.write_text(json.dumps({"repositories": entries}))  # JSON is YAML
         return name
+
     return make
 
 
@@ -106,7 +115,9 @@ def test_latest_policy_runs_only_the_newest_and_records_the_rest(airflow_db, set
     burst = [model_code_commit(demo_repo["path"], f"# v{i}\n", f"model code v{i}") for i in range(5)]
     assert watcher(name).test().state == "success"
     runs = pipeline_runs()
-    assert run_id_for(burst[-1], watch=name) in runs and not any(run_id_for(sha, watch=name) in runs for sha in burst[:-1])
+    assert run_id_for(burst[-1], watch=name) in runs and not any(
+        run_id_for(sha, watch=name) in runs for sha in burst[:-1]
+    )
     for sha in burst[:-1]:
         recorded = records.read(settings.records_dir / f"{sha}.jsonl")
         assert recorded and recorded[0]["event"]["outcome"] == "superseded"
@@ -123,8 +134,11 @@ def test_waiting_sensor_defers_and_fires_on_push(airflow_db, settings, demo_repo
 
     def push_later():
         time.sleep(3)
-        pushed.append(commit_file(demo_repo["path"], "params.yaml",
-                                  (demo_repo["path"] / "params.yaml").read_text() + "# tuned\n", "tune"))
+        pushed.append(
+            commit_file(
+                demo_repo["path"], "params.yaml", (demo_repo["path"] / "params.yaml").read_text() + "# tuned\n", "tune"
+            )
+        )
 
     threading.Thread(target=push_later, daemon=True).start()
     started = time.monotonic()
@@ -158,9 +172,15 @@ def test_webhook_starts_the_run_at_once_and_the_poller_finds_it_done(airflow_db,
     watcher(name).test()  # first observation: run for the current head
     before = demo_repo["commit_sha"]
     new_sha = model_code_commit(demo_repo["path"], "# webhook\n", "model code via webhook")
-    body = json.dumps({"ref": "refs/heads/main", "before": before, "after": new_sha,
-                       "repository": {"clone_url": "https://git.example.com/m.git"},
-                       "commits": [{"id": new_sha}]}).encode()
+    body = json.dumps(
+        {
+            "ref": "refs/heads/main",
+            "before": before,
+            "after": new_sha,
+            "repository": {"clone_url": "https://git.example.com/m.git"},
+            "commits": [{"id": new_sha}],
+        }
+    ).encode()
     client = TestClient(create_app())
     bad = client.post(f"/webhooks/{name}", content=body, headers=_github(body, "wrong-secret"))
     assert bad.status_code == 401 and run_id_for(new_sha, watch=name) not in pipeline_runs()
@@ -171,8 +191,9 @@ def test_webhook_starts_the_run_at_once_and_the_poller_finds_it_done(airflow_db,
     assert good.status_code == 202, good.text
     assert good.json()["created"] == [run_id_for(new_sha, watch=name)]
     assert pipeline_runs()[run_id_for(new_sha, watch=name)].conf["trigger"] == "webhook"
-    assert client.post(f"/webhooks/{name}", content=body, headers=_github(body, "hook-secret-1")).json()["existing"] \
-        == [run_id_for(new_sha, watch=name)]
+    assert client.post(f"/webhooks/{name}", content=body, headers=_github(body, "hook-secret-1")).json()[
+        "existing"
+    ] == [run_id_for(new_sha, watch=name)]
     count = len(pipeline_runs())
     assert Variable.get(f"gitops_ml_watch__{name}__last_sha") == before
     assert watcher(name).test().state == "success"  # the poller sees the pushed SHA: already done
@@ -181,8 +202,9 @@ def test_webhook_starts_the_run_at_once_and_the_poller_finds_it_done(airflow_db,
 
 
 @pytest.mark.parametrize("decision", ["no_retrain", "rejected"])
-def test_pipeline_run_of_a_commit_not_to_train_records_why_and_runs_nothing(airflow_db, settings, demo_repo,
-                                                                           server, decision):
+def test_pipeline_run_of_a_commit_not_to_train_records_why_and_runs_nothing(
+    airflow_db, settings, demo_repo, server, decision
+):
     from tests.e2e.test_dag import load_dag, task_states
 
     reason = "only README.md changed" if decision == "no_retrain" else f"commit {demo_repo['commit_sha']} is not signed"
@@ -191,8 +213,9 @@ def test_pipeline_run_of_a_commit_not_to_train_records_why_and_runs_nothing(airf
     states = task_states(run)
     assert states.pop("resolve_commit") == "skipped" and set(states.values()) == {"skipped"}, states
     recorded = records.read(settings.records_dir / f"{demo_repo['commit_sha']}.jsonl")
-    assert [(r["event"]["action"], r["event"]["outcome"], r["reason"]) for r in recorded] == \
-        [("watch", decision, reason)]
+    assert [(r["event"]["action"], r["event"]["outcome"], r["reason"]) for r in recorded] == [
+        ("watch", decision, reason)
+    ]
     assert server.version() is None  # nothing was deployed: the server still has no model
 
 

@@ -37,8 +37,13 @@ def tracked(tmp_path):
     git(origin, "commit", "-qm", "data")
     clone = tmp_path / "clone"
     git(tmp_path, "clone", "-q", str(origin), str(clone))
-    return {"origin": origin, "clone": clone, "remote": tmp_path / "remote", "cache": tmp_path / "cache",
-            "data_hash": data_hash}
+    return {
+        "origin": origin,
+        "clone": clone,
+        "remote": tmp_path / "remote",
+        "cache": tmp_path / "cache",
+        "data_hash": data_hash,
+    }
 
 
 def remote_object(remote, md5):

@@ -15,8 +15,9 @@ COMMITS = 30
 
 @pytest.fixture
 def seeded_api(airflow_db, settings, tmp_path, monkeypatch):
-    monkeypatch.setenv("AIRFLOW__CORE__AUTH_MANAGER",
-                       "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager")
+    monkeypatch.setenv(
+        "AIRFLOW__CORE__AUTH_MANAGER", "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+    )
     monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
     monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "test-jwt-secret-of-the-gitops-view-0123456789abcdef012345")
     monkeypatch.setenv("GITOPS_ML_REPO_URL", str(tmp_path / "long-history"))
@@ -68,24 +69,35 @@ def test_history_pages_newest_first_with_decisions_gates_and_versions(seeded_api
     assert champion["on_branch"] is True and champion["run"]["duration_s"] == 65.0
     assert [t["state"] for t in champion["run"]["tasks"]] == ["success"] * 8
     assert rows[2]["can_roll_back"] is True and rows[2]["model_version"] == "28"
-    last = client.get("/gitops-ml/api/history", params={"page": 3, "per_page": 10},
-                      headers=bearer(token("viewer"))).json()
+    last = client.get(
+        "/gitops-ml/api/history", params={"page": 3, "per_page": 10}, headers=bearer(token("viewer"))
+    ).json()
     assert [r["commit_sha"] for r in last["sections"][0]["rows"]] == shas[::-1][20:]
-    one = client.get("/gitops-ml/api/history", params={"run_id": f"commit__{shas[4]}"},
-                     headers=bearer(token("viewer"))).json()
+    one = client.get(
+        "/gitops-ml/api/history", params={"run_id": f"commit__{shas[4]}"}, headers=bearer(token("viewer"))
+    ).json()
     assert [r["commit_sha"] for r in one["sections"][0]["rows"]] == [shas[4]]
-    assert client.get("/gitops-ml/api/history", params={"per_page": 101},
-                      headers=bearer(token("viewer"))).status_code == 422
-    assert client.get("/gitops-ml/api/history", params={"run_id": "x' OR 1=1"},
-                      headers=bearer(token("viewer"))).status_code == 422
+    assert (
+        client.get("/gitops-ml/api/history", params={"per_page": 101}, headers=bearer(token("viewer"))).status_code
+        == 422
+    )
+    assert (
+        client.get(
+            "/gitops-ml/api/history", params={"run_id": "x' OR 1=1"}, headers=bearer(token("viewer"))
+        ).status_code
+        == 422
+    )
     user = client.get("/gitops-ml/api/history", headers=bearer(token("user"))).json()["user"]
     assert user["may_deploy"] is True
 
 
 def test_page_needs_a_login_and_read_access(seeded_api):
     client, token, _ = seeded_api
-    for method, path in (("GET", "/gitops-ml/ui"), ("GET", "/gitops-ml/api/history"),
-                         ("POST", "/gitops-ml/api/deploy")):
+    for method, path in (
+        ("GET", "/gitops-ml/ui"),
+        ("GET", "/gitops-ml/api/history"),
+        ("POST", "/gitops-ml/api/deploy"),
+    ):
         assert client.request(method, path).status_code == 401, path
         assert client.request(method, path, headers=bearer("forged")).status_code == 403, path
         assert client.request(method, path, headers=bearer(token(None))).status_code == 403, path
@@ -102,10 +114,19 @@ def test_deploy_is_for_users_who_may_trigger_and_refuses_bad_versions(seeded_api
     assert viewer.status_code == 403
     user = bearer(token("user"))
     assert client.post("/gitops-ml/api/deploy", data={"model_version": "28"}, headers=user).status_code == 415
-    assert client.post("/gitops-ml/api/deploy", content=b"{", headers={**user, "Content-Type": "application/json"}
-                       ).status_code == 400
-    for version, expected in (("30", "failed its gate"), ("999", "does not exist"), ("29", "already the champion"),
-                              ("../1", "must be a version number"), (["1"], "must be a version number")):
+    assert (
+        client.post(
+            "/gitops-ml/api/deploy", content=b"{", headers={**user, "Content-Type": "application/json"}
+        ).status_code
+        == 400
+    )
+    for version, expected in (
+        ("30", "failed its gate"),
+        ("999", "does not exist"),
+        ("29", "already the champion"),
+        ("../1", "must be a version number"),
+        (["1"], "must be a version number"),
+    ):
         answer = client.post("/gitops-ml/api/deploy", json={"model_version": version}, headers=user)
         assert answer.status_code == 400 and expected in answer.json()["error"], (version, answer.text)
     from gitops_ml import registry
@@ -120,7 +141,10 @@ def test_plugin_views_have_url_routes_and_task_links(seeded_api):
     views = [v for p in plugins if p["name"] == "gitops_ml" for v in p["external_views"]]
     assert all(v["url_route"] for v in views if v["destination"] != "nav" or v["name"] == "GitOps"), views
     assert {(v["destination"], v["url_route"]) for v in views if v["url_route"]} == {
-        ("nav", "gitops"), ("dag", "gitops-dag"), ("dag_run", "gitops-run")}
+        ("nav", "gitops"),
+        ("dag", "gitops-dag"),
+        ("dag_run", "gitops-run"),
+    }
     from airflow.models.taskinstancekey import TaskInstanceKey
 
     from gitops_ml.airflow.extra_links import MLflowRunLink, ServingVersionLink

@@ -19,11 +19,14 @@ LINK = "/gitops-ml/runs/gitops_ml_pipeline/{run_id}/mlflow"
 @pytest.fixture
 def airflow_api(airflow_db, settings, monkeypatch):
     """Airflow's API app as the api-server builds it; ``token(role)`` signs a JWT for a simple-auth user."""
-    monkeypatch.setenv("AIRFLOW__CORE__AUTH_MANAGER",
-                       "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager")
+    monkeypatch.setenv(
+        "AIRFLOW__CORE__AUTH_MANAGER", "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager"
+    )
     monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS", "False")
     monkeypatch.setenv("AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS", "alice:viewer,nobody:none")
-    monkeypatch.setenv("AIRFLOW__API_AUTH__JWT_SECRET", "test-jwt-secret-for-the-links-test-0123456789abcdef0123456789abcdef")
+    monkeypatch.setenv(
+        "AIRFLOW__API_AUTH__JWT_SECRET", "test-jwt-secret-for-the-links-test-0123456789abcdef0123456789abcdef"
+    )
     monkeypatch.setenv("GITOPS_ML_MLFLOW_UI_URL", "http://127.0.0.1:5999")
     from airflow.api_fastapi.app import create_app, get_auth_manager
     from airflow.api_fastapi.auth.managers.simple.user import SimpleAuthManagerUser
@@ -66,8 +69,9 @@ def test_anonymous_and_unauthorized_requests_are_refused(airflow_api, settings):
         assert anonymous.status_code == 401, (path, anonymous.status_code, anonymous.text)
         forged = client.get(path, headers=_bearer("not-a-jwt"), follow_redirects=False)
         assert forged.status_code == 403, (path, forged.status_code)
-    no_role = client.get(LINK.format(run_id="commit__abc"), headers=_bearer(token("nobody", None)),
-                         follow_redirects=False)
+    no_role = client.get(
+        LINK.format(run_id="commit__abc"), headers=_bearer(token("nobody", None)), follow_redirects=False
+    )
     assert no_role.status_code == 403  # authenticated, but may not read the DAG's runs
 
 
@@ -77,8 +81,14 @@ def test_run_id_is_never_an_mlflow_filter(airflow_api, settings):
     exp = registry.experiment_id(settings)
     with mlflow.start_run(experiment_id=exp, tags={"gitops_ml.airflow_run_id": "commit__abc"}):
         mlflow.log_param("secret_param", "hunter2")
-    for run_id in ("x' OR params.secret_param = 'hunter2", "commit__abc' OR '1' = '1", "a`b", "<script>",
-                   "commit__abc%", "x" * 251):
+    for run_id in (
+        "x' OR params.secret_param = 'hunter2",
+        "commit__abc' OR '1' = '1",
+        "a`b",
+        "<script>",
+        "commit__abc%",
+        "x" * 251,
+    ):
         answer = client.get(LINK.format(run_id=run_id), headers=_bearer(token()), follow_redirects=False)
         assert answer.status_code == 400, (run_id, answer.status_code, answer.text)
         assert "invalid Airflow run id" in answer.json()["error"]
@@ -95,7 +105,10 @@ def test_webhook_needs_no_airflow_login_but_its_signature(airflow_api, settings,
     config.write_text(f"repositories:\n  - name: demo\n    repo_url: {settings.repo_url}\n")
     monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))
     monkeypatch.setenv("GITOPS_ML_WEBHOOK_SECRET", "hook-secret")
-    answer = client.post("/gitops-ml/webhooks/demo", content=b"{}",
-                         headers={"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + "0" * 64})
+    answer = client.post(
+        "/gitops-ml/webhooks/demo",
+        content=b"{}",
+        headers={"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + "0" * 64},
+    )
     assert answer.status_code == 401 and "X-Hub-Signature-256" in answer.json()["error"]  # ours, not Airflow's
     assert client.post("/gitops-ml/webhooks/nope", content=b"{}").status_code == 404

@@ -8,8 +8,15 @@ import pytest
 from gitops_ml import logs
 
 SHA = "a" * 40
-LABELS = {"commit_sha": SHA, "repo_url": "https://git.example.com/org/models.git", "branch": "main",
-          "dag_id": "gitops_ml_pipeline", "run_id": f"commit__{SHA}", "task_id": "train", "try_number": 1}
+LABELS = {
+    "commit_sha": SHA,
+    "repo_url": "https://git.example.com/org/models.git",
+    "branch": "main",
+    "dag_id": "gitops_ml_pipeline",
+    "run_id": f"commit__{SHA}",
+    "task_id": "train",
+    "try_number": 1,
+}
 log = logging.getLogger("gitops_ml.test")
 
 

@@ -14,29 +14,72 @@ from gitops_ml import logs
 from gitops_ml.airflow.remote_log import file_documents, render_traceback, structured_line
 
 SHA = "f" * 40
-LABELS = {"commit_sha": SHA, "repo_url": "https://git.example.com/org/models.git", "branch": "main",
-          "dag_id": "gitops_ml_pipeline", "run_id": f"commit__{SHA}", "task_id": "train", "map_index": -1,
-          "try_number": 1}
+LABELS = {
+    "commit_sha": SHA,
+    "repo_url": "https://git.example.com/org/models.git",
+    "branch": "main",
+    "dag_id": "gitops_ml_pipeline",
+    "run_id": f"commit__{SHA}",
+    "task_id": "train",
+    "map_index": -1,
+    "try_number": 1,
+}
 log = logging.getLogger("gitops_ml.test")
 
 ERROR_DETAIL = [
-    {"exc_type": "RuntimeError", "exc_value": "training failed", "exc_notes": [], "syntax_error": None,
-     "is_cause": False, "frames": [{"filename": "/work/include/gitops_ml/pipeline.py", "lineno": 120, "name": "train"}]},
-    {"exc_type": "ValueError", "exc_value": "bad shape", "exc_notes": [], "syntax_error": None, "is_cause": True,
-     "frames": [{"filename": "/work/include/gitops_ml/training/model.py", "lineno": 42, "name": "fit_model"}]},
+    {
+        "exc_type": "RuntimeError",
+        "exc_value": "training failed",
+        "exc_notes": [],
+        "syntax_error": None,
+        "is_cause": False,
+        "frames": [{"filename": "/work/include/gitops_ml/pipeline.py", "lineno": 120, "name": "train"}],
+    },
+    {
+        "exc_type": "ValueError",
+        "exc_value": "bad shape",
+        "exc_notes": [],
+        "syntax_error": None,
+        "is_cause": True,
+        "frames": [{"filename": "/work/include/gitops_ml/training/model.py", "lineno": 42, "name": "fit_model"}],
+    },
 ]
 FILE_LINES = [
     {"timestamp": "2026-11-28T10:00:00.000001Z", "level": "info", "event": "::group::Pre Execute", "logger": "task"},
-    {"timestamp": "2026-11-28T10:00:00.100000Z", "level": "info", "event": "epoch 1: loss 0.5",
-     "logger": "gitops_ml.training", "filename": "model.py", "lineno": 10},
-    {"timestamp": "2026-11-28T10:00:00.200000Z", "level": "warning", "event": "UserWarning: layer is slow",
-     "logger": "py.warnings", "category": "UserWarning"},
-    {"timestamp": "2026-11-28T10:00:00.300000Z", "level": "info",
-     "event": "cloning https://deploy:ghp_FILETOKEN77@git.example.com/m.git", "logger": "task.stdout"},
-    {"timestamp": "2026-11-28T10:00:00.400000Z", "level": "error", "event": "oneDNN custom operations are on",
-     "logger": "task.stderr"},
-    {"timestamp": "2026-11-28T10:00:00.500000Z", "level": "error", "event": "Task failed with exception",
-     "logger": "task", "error_detail": ERROR_DETAIL},
+    {
+        "timestamp": "2026-11-28T10:00:00.100000Z",
+        "level": "info",
+        "event": "epoch 1: loss 0.5",
+        "logger": "gitops_ml.training",
+        "filename": "model.py",
+        "lineno": 10,
+    },
+    {
+        "timestamp": "2026-11-28T10:00:00.200000Z",
+        "level": "warning",
+        "event": "UserWarning: layer is slow",
+        "logger": "py.warnings",
+        "category": "UserWarning",
+    },
+    {
+        "timestamp": "2026-11-28T10:00:00.300000Z",
+        "level": "info",
+        "event": "cloning https://deploy:ghp_FILETOKEN77@git.example.com/m.git",
+        "logger": "task.stdout",
+    },
+    {
+        "timestamp": "2026-11-28T10:00:00.400000Z",
+        "level": "error",
+        "event": "oneDNN custom operations are on",
+        "logger": "task.stderr",
+    },
+    {
+        "timestamp": "2026-11-28T10:00:00.500000Z",
+        "level": "error",
+        "event": "Task failed with exception",
+        "logger": "task",
+        "error_detail": ERROR_DETAIL,
+    },
 ]
 
 
@@ -53,6 +96,7 @@ def count(client, log_id):
 def test_every_file_line_becomes_one_document_exactly_once(es, tmp_path):
     client, _ = es
     path = write_file(tmp_path / "attempt=1.log", FILE_LINES, raw_extra=["not json: a raw line", ""])
+
     def masker(text):  # stands for Airflow's secrets masker
         return text.replace("oneDNN", "***")
 
@@ -65,8 +109,15 @@ def test_every_file_line_becomes_one_document_exactly_once(es, tmp_path):
     log_id = docs[0]["log_id"]
     assert count(client, log_id) == 7
     shipped = logs.search(tmp_path, SHA, task_id="train", client=client)
-    assert [d["log"]["logger"] for d in shipped] == ["task", "gitops_ml.training", "py.warnings", "task.stdout",
-                                                     "task.stderr", "task", "task"]
+    assert [d["log"]["logger"] for d in shipped] == [
+        "task",
+        "gitops_ml.training",
+        "py.warnings",
+        "task.stdout",
+        "task.stderr",
+        "task",
+        "task",
+    ]
     assert shipped[0]["@timestamp"] == "2026-11-28T10:00:00.000001Z"  # as written: the UI orders by it
     assert all(d["labels"]["commit_sha"] == SHA and d["service"]["name"] == "gitops-ml" for d in shipped)
     assert "ghp_FILETOKEN77" not in json.dumps(shipped)
@@ -87,7 +138,10 @@ def test_the_ui_line_of_a_document_is_the_file_line(es, tmp_path):
     shipped = logs.search(tmp_path, SHA, task_id="train", client=client)
     ui = [structured_line(d) for d in shipped]
     assert [line["event"] for line in ui] == [line["event"] for line in FILE_LINES[:3]] + [
-        "cloning https://***@git.example.com/m.git", FILE_LINES[4]["event"], "Task failed with exception"]
+        "cloning https://***@git.example.com/m.git",
+        FILE_LINES[4]["event"],
+        "Task failed with exception",
+    ]
     assert ui[5]["error_detail"] == ERROR_DETAIL  # the UI renders the traceback as it does from the file
     assert ui[1]["filename"] == "model.py" and ui[2]["category"] == "UserWarning"
 
@@ -102,8 +156,9 @@ def test_the_live_preview_is_superseded_by_the_file(es, tmp_path):
     """Under Airflow's supervisor the task's own lines are only a preview (``.live``, never shipped
     by ``ship``); the file's documents replace it, with the labels the task saved."""
     client, _ = es
-    with logs.capture(tmp_path, {**LABELS, "commit_sha": "unresolved"}, ship_wait_seconds=7,
-                      shipped_by_supervisor=True) as handler:
+    with logs.capture(
+        tmp_path, {**LABELS, "commit_sha": "unresolved"}, ship_wait_seconds=7, shipped_by_supervisor=True
+    ) as handler:
         handler.labels["commit_sha"] = SHA  # as resolve_commit does once it knows the SHA
         for i in range(10):
             log.info("preview %d", i)

@@ -18,7 +18,7 @@ pytestmark = pytest.mark.integration
 
 CLASSES = ("a", "b", "c")
 
-CUSTOM_LAYER = '''
+CUSTOM_LAYER = """
 import keras
 from model.blocks import Scale
 
@@ -34,7 +34,7 @@ def build_model(input_shape, class_names, params):
 
 def augment(params):
     return [keras.layers.RandomFlip("horizontal", seed=1)]
-'''
+"""
 
 BLOCKS = '''
 import keras
@@ -63,10 +63,20 @@ def index(tmp_path_factory):
 
 
 def small_params(**model):
-    return params.validate({"image": {"height": 12, "width": 12, "channels": 1},
-                            "train": {"epochs": 1, "batch_size": 4, "learning_rate": 0.01, "seed": 7,
-                                      "test_fraction": 0.25, **model.pop("train", {})},
-                            "model": model or None})
+    return params.validate(
+        {
+            "image": {"height": 12, "width": 12, "channels": 1},
+            "train": {
+                "epochs": 1,
+                "batch_size": 4,
+                "learning_rate": 0.01,
+                "seed": 7,
+                "test_fraction": 0.25,
+                **model.pop("train", {}),
+            },
+            "model": model or None,
+        }
+    )
 
 
 def work_tree(path, files: dict[str, str]):
@@ -84,8 +94,12 @@ def train_with(tmp_path, index, files, **model):
 
 def test_custom_layer_model_trains_exports_and_serves_without_its_code(tmp_path, index):
     (model, history, parts), code, p = train_with(
-        tmp_path, index, {"model/__init__.py": "", "model/model.py": CUSTOM_LAYER, "model/blocks.py": BLOCKS},
-        units=8, name="from_params")
+        tmp_path,
+        index,
+        {"model/__init__.py": "", "model/model.py": CUSTOM_LAYER, "model/blocks.py": BLOCKS},
+        units=8,
+        name="from_params",
+    )
     assert code.module == "model.model" and code.files == ("model/__init__.py", "model/blocks.py", "model/model.py")
     assert model.name == "from_params" and model.layers[-2].units == 8  # the model: section, as is
     assert model.compiled and len(history["loss"]) == 1  # compiled by us (uncompiled when returned)
@@ -93,14 +107,26 @@ def test_custom_layer_model_trains_exports_and_serves_without_its_code(tmp_path,
     x = training.load_arrays([index.files[i] for i in parts.test], p)
     training.export_serving(model, tmp_path / "serving", x)
     # A fresh interpreter that has no copy of the model code serves the artifact.
-    script = ("import sys, json, numpy as np\n"
-              "from gitops_ml import training\n"
-              f"predict = training.load_serving({str(tmp_path / 'serving')!r})\n"
-              f"x = np.asarray(json.loads(sys.stdin.read()), np.float32)\n"
-              "print(json.dumps(predict(x).tolist()))\n"
-              "print(json.dumps(sorted(m for m in sys.modules if m == 'model' or m.startswith('model.'))))\n")
-    out = subprocess.run([sys.executable, "-c", script], input=json.dumps(x.tolist()), capture_output=True,
-                         text=True, check=True, cwd=tmp_path).stdout.strip().splitlines()
+    script = (
+        "import sys, json, numpy as np\n"
+        "from gitops_ml import training\n"
+        f"predict = training.load_serving({str(tmp_path / 'serving')!r})\n"
+        f"x = np.asarray(json.loads(sys.stdin.read()), np.float32)\n"
+        "print(json.dumps(predict(x).tolist()))\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'model' or m.startswith('model.'))))\n"
+    )
+    out = (
+        subprocess.run(
+            [sys.executable, "-c", script],
+            input=json.dumps(x.tolist()),
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=tmp_path,
+        )
+        .stdout.strip()
+        .splitlines()
+    )
     assert json.loads(out[-1]) == []
     assert np.allclose(np.asarray(json.loads(out[-2])), model(x, training=False).numpy(), atol=1e-5)
 
@@ -108,24 +134,40 @@ def test_custom_layer_model_trains_exports_and_serves_without_its_code(tmp_path,
 def test_two_commits_in_one_process_each_get_their_own_code(tmp_path, index):
     built = []
     for name in ("first", "second"):
-        tree = work_tree(tmp_path / name, {"model/model.py": CUSTOM_LAYER.replace('"custom"', repr(name)),
-                                           "model/blocks.py": BLOCKS.replace("x * self.factor", f"x * {len(name)}")})
+        tree = work_tree(
+            tmp_path / name,
+            {
+                "model/model.py": CUSTOM_LAYER.replace('"custom"', repr(name)),
+                "model/blocks.py": BLOCKS.replace("x * self.factor", f"x * {len(name)}"),
+            },
+        )
         p = small_params()
         model, _, _ = training.train(index, p, model_code.locate(tree, p["model"]))
         built.append(model)
     assert [m.name for m in built] == ["first", "second"]
     x = np.ones((1, 12, 12, 1), np.float32)
-    assert float(built[0].layers[1](x).numpy().max()) == 5 - 1.0 and float(built[1].layers[1](x).numpy().max()) == 6 - 1.0
+    assert (
+        float(built[0].layers[1](x).numpy().max()) == 5 - 1.0 and float(built[1].layers[1](x).numpy().max()) == 6 - 1.0
+    )
 
 
 def test_model_module_names_another_module(tmp_path, index):
-    (model, _, _), code, _ = train_with(tmp_path, index, {
-        "nets/small.py": CUSTOM_LAYER.replace("from model.blocks import Scale", "from nets.blocks import Scale"),
-        "nets/blocks.py": BLOCKS}, module="nets.small")
+    (model, _, _), code, _ = train_with(
+        tmp_path,
+        index,
+        {
+            "nets/small.py": CUSTOM_LAYER.replace("from model.blocks import Scale", "from nets.blocks import Scale"),
+            "nets/blocks.py": BLOCKS,
+        },
+        module="nets.small",
+    )
     assert code.origin == "nets/small.py" and model.name == "custom"
     assert model_code.locate(tmp_path / "empty", {}) is None  # no model code: the built-in CNN
-    with pytest.raises(ModelCodeError, match=r"params.yaml: model.module 'nets.big': neither nets/big.py nor "
-                                             r"nets/big/__init__.py exists in the commit"):
+    with pytest.raises(
+        ModelCodeError,
+        match=r"params.yaml: model.module 'nets.big': neither nets/big.py nor "
+        r"nets/big/__init__.py exists in the commit",
+    ):
         model_code.locate(tmp_path / "tree", {"module": "nets.big"})
 
 
@@ -139,33 +181,51 @@ def test_code_hash_covers_every_file_of_the_package(tmp_path):
 
 
 BAD = {
-    "syntax": ("def build_model(input_shape, class_names, params)\n    return None\n",
-               r"model/model.py, line 1: syntax error: expected ':'"),
-    "raises": ("def build_model(input_shape, class_names, params):\n    units = params['units']\n",
-               r"model/model.py, line 2, in build_model: KeyError while calling build_model: 'units'"),
-    "missing": ("import keras\n\ndef make_model():\n    pass\n",
-                r"model/model.py: defines no build_model\(input_shape, class_names, params\) function"),
-    "not_a_model": ("def build_model(input_shape, class_names, params):\n    return 'a model'\n",
-                    r"model/model.py: build_model returned builtins.str, not a keras.Model"),
-    "wrong_shape": ("import keras\n\ndef build_model(input_shape, class_names, params):\n"
-                    "    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),\n"
-                    "                             keras.layers.Dense(5, activation='softmax')])\n",
-                    r"model/model.py: the model's output has shape \(batch, 5\), expected \(batch, 3\)"),
-    "logits": ("import keras\n\ndef build_model(input_shape, class_names, params):\n"
-               "    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),\n"
-               "                             keras.layers.Dense(len(class_names))])\n",
-               r"model/model.py: the model's output is not a probability distribution .*end the model with a softmax"),
-    "not_installed": ("import keras\nimport keras_hub_not_here.models\n",
-                      r"model/model.py, line 2, in <module>: imports package 'keras_hub_not_here', which is not "
-                      r"installed on the workers"),
-    "get_file": ("import keras\n\ndef build_model(input_shape, class_names, params):\n"
-                 "    keras.applications.MobileNetV2(weights='imagenet')\n",
-                 r"model/model.py, line 4, in build_model: keras get_file\(.*\) refused: downloads at training time "
-                 r"are not reproducible: track the file .* with DVC"),
-    "socket": ("import urllib.request\n\ndef build_model(input_shape, class_names, params):\n"
-               "    urllib.request.urlopen('http://127.0.0.1:9/weights.h5')\n",
-               r"model/model.py, line 4, in build_model: model code may not open network connections .*track the "
-               r"file .* with DVC"),
+    "syntax": (
+        "def build_model(input_shape, class_names, params)\n    return None\n",
+        r"model/model.py, line 1: syntax error: expected ':'",
+    ),
+    "raises": (
+        "def build_model(input_shape, class_names, params):\n    units = params['units']\n",
+        r"model/model.py, line 2, in build_model: KeyError while calling build_model: 'units'",
+    ),
+    "missing": (
+        "import keras\n\ndef make_model():\n    pass\n",
+        r"model/model.py: defines no build_model\(input_shape, class_names, params\) function",
+    ),
+    "not_a_model": (
+        "def build_model(input_shape, class_names, params):\n    return 'a model'\n",
+        r"model/model.py: build_model returned builtins.str, not a keras.Model",
+    ),
+    "wrong_shape": (
+        "import keras\n\ndef build_model(input_shape, class_names, params):\n"
+        "    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),\n"
+        "                             keras.layers.Dense(5, activation='softmax')])\n",
+        r"model/model.py: the model's output has shape \(batch, 5\), expected \(batch, 3\)",
+    ),
+    "logits": (
+        "import keras\n\ndef build_model(input_shape, class_names, params):\n"
+        "    return keras.Sequential([keras.Input(input_shape), keras.layers.Flatten(),\n"
+        "                             keras.layers.Dense(len(class_names))])\n",
+        r"model/model.py: the model's output is not a probability distribution .*end the model with a softmax",
+    ),
+    "not_installed": (
+        "import keras\nimport keras_hub_not_here.models\n",
+        r"model/model.py, line 2, in <module>: imports package 'keras_hub_not_here', which is not "
+        r"installed on the workers",
+    ),
+    "get_file": (
+        "import keras\n\ndef build_model(input_shape, class_names, params):\n"
+        "    keras.applications.MobileNetV2(weights='imagenet')\n",
+        r"model/model.py, line 4, in build_model: keras get_file\(.*\) refused: downloads at training time "
+        r"are not reproducible: track the file .* with DVC",
+    ),
+    "socket": (
+        "import urllib.request\n\ndef build_model(input_shape, class_names, params):\n"
+        "    urllib.request.urlopen('http://127.0.0.1:9/weights.h5')\n",
+        r"model/model.py, line 4, in build_model: model code may not open network connections .*track the "
+        r"file .* with DVC",
+    ),
     "shadows": (None, r"model code package 'json' \(json/model.py\) has the name of an installed module"),
 }
 
@@ -185,8 +245,11 @@ def test_code_that_never_finishes_is_stopped_by_the_timeout(tmp_path, index):
 
     outer, _ = signal.getitimer(signal.ITIMER_REAL)  # pytest-timeout's alarm, when it uses one
     spin = "def build_model(input_shape, class_names, params):\n    while True:\n        pass\n"
-    with pytest.raises(ModelCodeTimeout, match=r"training with model/model.py did not finish within "
-                                               r"train.timeout_minutes = 0.02 \(params.yaml\)"):
+    with pytest.raises(
+        ModelCodeTimeout,
+        match=r"training with model/model.py did not finish within "
+        r"train.timeout_minutes = 0.02 \(params.yaml\)",
+    ):
         train_with(tmp_path, index, {"model/model.py": spin}, train={"timeout_minutes": 0.02})
     # Our alarm is off again; an outer one (Airflow's execution_timeout, pytest-timeout) is re-armed.
     after, interval = signal.getitimer(signal.ITIMER_REAL)

@@ -35,8 +35,11 @@ def change_data(repo: Path, remote: Path, seed: int, message: str) -> str:
     ``dvc push``, commit: each such commit has four objects of its own (three images, the manifest)."""
     images = repo / DATA
     rng = np.random.default_rng(seed)
-    for target in (sorted((images / "3").glob("0*.png"))[0], sorted((images / "5").glob("0*.png"))[0],
-                   images / "7" / "extra.png"):
+    for target in (
+        sorted((images / "3").glob("0*.png"))[0],
+        sorted((images / "5").glob("0*.png"))[0],
+        images / "7" / "extra.png",
+    ):
         Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(target)
     data.track_and_push(repo, DATA, "storage", str(remote))
     git(repo, "add", "-A")
@@ -74,8 +77,9 @@ def trees(settings) -> set[str]:
 def git_worktrees(settings) -> set[str]:
     """The non-bare work trees the mirror's ``git worktree list`` knows (by folder name)."""
     mirror = source.mirror_path(settings.repo_url, settings.git_cache_dir)
-    listing = subprocess.run(["git", "-C", str(mirror), "worktree", "list", "--porcelain"], check=True,
-                             capture_output=True, text=True).stdout
+    listing = subprocess.run(
+        ["git", "-C", str(mirror), "worktree", "list", "--porcelain"], check=True, capture_output=True, text=True
+    ).stdout
     blocks = [b for b in listing.strip().split("\n\n") if "\nbare" not in b and not b.endswith("bare")]
     return {Path(b.splitlines()[0].removeprefix("worktree ")).name for b in blocks}
 
@@ -232,13 +236,20 @@ def test_gc_command_dry_run_then_for_real(settings, demo_repo):
         finished_run(settings, sha)
     env = {**os.environ, "GITOPS_ML_KEEP_WORKTREES": "1"}
     before = cache_objects(settings)
-    dry = subprocess.run([str(BIN / "gitops-ml"), "gc", "--dry-run"], env=env, capture_output=True, text=True, check=False)
+    dry = subprocess.run(
+        [str(BIN / "gitops-ml"), "gc", "--dry-run"], env=env, capture_output=True, text=True, check=False
+    )
     assert dry.returncode == 0, dry.stderr
     assert f"would remove  {demo_repo['commit_sha']}  finished, older than the latest 1" in dry.stdout
     assert trees(settings) == {demo_repo["commit_sha"], second} and cache_objects(settings) == before
     real = subprocess.run([str(BIN / "gitops-ml"), "gc"], env=env, capture_output=True, text=True, check=False)
     assert real.returncode == 0, real.stderr
     assert real.stdout.startswith("removed 1 work tree(s)") and trees(settings) == git_worktrees(settings) == {second}
-    off = subprocess.run([str(BIN / "gitops-ml"), "gc"], env={**env, "GITOPS_ML_KEEP_WORKTREES": "-1"},
-                         capture_output=True, text=True, check=False)
+    off = subprocess.run(
+        [str(BIN / "gitops-ml"), "gc"],
+        env={**env, "GITOPS_ML_KEEP_WORKTREES": "-1"},
+        capture_output=True,
+        text=True,
+        check=False,
+    )
     assert off.stdout.startswith("retention is off") and trees(settings) == {second}

@@ -41,8 +41,9 @@ def private_remote(tmp_path, demo_repo):
         yield {"server": server, "url": server.url("models.git"), "bare": root / "models.git"}
 
 
-def test_watcher_with_a_literal_token_keeps_it_out_of_the_airflow_db(airflow_db, settings, demo_repo,
-                                                                     private_remote, tmp_path, monkeypatch, capfd):
+def test_watcher_with_a_literal_token_keeps_it_out_of_the_airflow_db(
+    airflow_db, settings, demo_repo, private_remote, tmp_path, monkeypatch, capfd
+):
     from airflow.models import Variable
     from airflow.sdk import BaseOperator  # noqa: F401 - Airflow configured by conftest
 
@@ -50,9 +51,21 @@ def test_watcher_with_a_literal_token_keeps_it_out_of_the_airflow_db(airflow_db,
 
     name = "s" + uuid.uuid4().hex[:10]
     config = tmp_path / "watch.yaml"
-    config.write_text(json.dumps({"repositories": [
-        {"name": name, "repo_url": private_remote["url"], "branch": "main", "poll_interval": 0.3,
-         "sensor_timeout": 60}]}))
+    config.write_text(
+        json.dumps(
+            {
+                "repositories": [
+                    {
+                        "name": name,
+                        "repo_url": private_remote["url"],
+                        "branch": "main",
+                        "poll_interval": 0.3,
+                        "sensor_timeout": 60,
+                    }
+                ]
+            }
+        )
+    )
     monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))
     head = demo_repo["commit_sha"]
     Variable.set(f"gitops_ml_watch__{name}__last_sha", head)  # the sensor waits: it defers to its trigger

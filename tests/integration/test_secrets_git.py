@@ -36,8 +36,7 @@ def spied_git(tmp_path, monkeypatch):
     bindir.mkdir()
     argv_log = tmp_path / "git-argv.log"
     wrapper = bindir / "git"
-    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" >> "{argv_log}"\necho >> "{argv_log}"\n'
-                       f'exec "{real}" "$@"\n')
+    wrapper.write_text(f'#!/bin/sh\nprintf "%s\\0" "$@" >> "{argv_log}"\necho >> "{argv_log}"\nexec "{real}" "$@"\n')
     wrapper.chmod(wrapper.stat().st_mode | stat.S_IXUSR)
     trace_log = tmp_path / "git-trace.log"
     monkeypatch.setenv("PATH", f"{bindir}{os.pathsep}{os.environ['PATH']}")
@@ -70,8 +69,11 @@ def remote(tmp_path):
 def test_url_credentials_are_split_and_decoded():
     url = "https://bot:tok-S3CRET%3A%2Fx%40y@git.example.com/m.git"
     assert git_auth.split_credentials(url) == ("https://git.example.com/m.git", "bot", PASSWORD)
-    assert git_auth.split_credentials("https://ghp_token@github.com/m.git") == ("https://github.com/m.git",
-                                                                              "ghp_token", None)
+    assert git_auth.split_credentials("https://ghp_token@github.com/m.git") == (
+        "https://github.com/m.git",
+        "ghp_token",
+        None,
+    )
     for kept in ("ssh://git@host/m.git", "git@host:m.git", "/srv/m.git", "https://host/m.git"):
         assert git_auth.split_credentials(kept) == (kept, None, None)
     safe, env = git_auth.git_command(url, base_env={"GIT_CONFIG_COUNT": "1"})
@@ -131,8 +133,9 @@ def test_a_configured_credential_helper_does_not_answer_instead_of_the_url(remot
     assert head_of(remote["url"], "main") == remote["sha"]
 
 
-def test_trigger_for_a_watch_stores_its_name_and_resolves_the_token_where_git_runs(remote, spied_git, tmp_path,
-                                                                                    monkeypatch):
+def test_trigger_for_a_watch_stores_its_name_and_resolves_the_token_where_git_runs(
+    remote, spied_git, tmp_path, monkeypatch
+):
     config = tmp_path / "watch.yaml"
     config.write_text(f"repositories:\n  - name: models\n    repo_url: {remote['url']}\n    branch: main\n")
     monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))

@@ -16,15 +16,22 @@ CLASSES = ["zero", "one", "two"]
 
 
 def served(version: str, commit_sha: str, bias: int = 0) -> server.ServedModel:
-    params = {"image": {"height": 8, "width": 8, "channels": 1},
-              "train": {"learning_rate": 0.01}}
+    params = {"image": {"height": 8, "width": 8, "channels": 1}, "train": {"learning_rate": 0.01}}
     import keras
 
     keras.utils.set_random_seed(int(version))
     model = training.build_model(len(CLASSES), params)
-    return server.ServedModel(model_version=version, commit_sha=commit_sha, data_hash="d" * 32,
-                              airflow_run_id=f"commit__{commit_sha}", class_names=CLASSES, height=8, width=8,
-                              channels=1, predict=training.compile_predictor(model))
+    return server.ServedModel(
+        model_version=version,
+        commit_sha=commit_sha,
+        data_hash="d" * 32,
+        airflow_run_id=f"commit__{commit_sha}",
+        class_names=CLASSES,
+        height=8,
+        width=8,
+        channels=1,
+        predict=training.compile_predictor(model),
+    )
 
 
 MODELS = {"1": lambda: served("1", "a" * 40), "2": lambda: served("2", "b" * 40)}
@@ -51,8 +58,9 @@ def client(tmp_path_factory):
 
 def png(size=(8, 8), mode="L") -> bytes:
     buf = io.BytesIO()
-    Image.fromarray(np.random.default_rng(0).integers(0, 255, (*size, 3) if mode == "RGB" else size,
-                                                      dtype=np.uint8), mode).save(buf, "PNG")
+    Image.fromarray(
+        np.random.default_rng(0).integers(0, 255, (*size, 3) if mode == "RGB" else size, dtype=np.uint8), mode
+    ).save(buf, "PNG")
     return buf.getvalue()
 
 
@@ -70,23 +78,30 @@ def test_predict_multipart_json_and_raw(client):
     prediction = one.json()["predictions"][0]
     assert prediction["class"] in CLASSES and abs(sum(prediction["probabilities"].values()) - 1) < 1e-3
     assert one.json()["commit_sha"] == "a" * 40 and one.headers["X-Commit-Sha"] == "a" * 40
-    batch = client.post("/predict", json={"images": [base64.b64encode(png()).decode(),
-                                                     base64.b64encode(png((20, 30), "RGB")).decode()]})
+    batch = client.post(
+        "/predict", json={"images": [base64.b64encode(png()).decode(), base64.b64encode(png((20, 30), "RGB")).decode()]}
+    )
     assert batch.status_code == 200 and len(batch.json()["predictions"]) == 2
     raw = client.post("/predict", content=png(), headers={"content-type": "image/png"})
     assert raw.status_code == 200
 
 
-@pytest.mark.parametrize("kwargs,status,message", [
-    ({"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty body"),
-    ({"content": b"this is text", "headers": {"content-type": "image/png"}}, 400, "body is not a decodable image"),
-    ({"files": {"file": ("notes.txt", b"hello", "text/plain")}}, 400, "notes.txt is not a decodable image"),
-    ({"json": {"images": "not-a-list"}}, 400, 'JSON body must be {"images"'),
-    ({"json": {"images": ["%%%"]}}, 400, "images[0] is not valid base64"),
-    ({"content": b"{bad json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
-    ({"content": b"\x89PNG" + b"0" * (server.MAX_IMAGE_BYTES + 1), "headers": {"content-type": "image/png"}},
-     413, "over the limit"),
-])
+@pytest.mark.parametrize(
+    "kwargs,status,message",
+    [
+        ({"content": b"", "headers": {"content-type": "image/png"}}, 400, "empty body"),
+        ({"content": b"this is text", "headers": {"content-type": "image/png"}}, 400, "body is not a decodable image"),
+        ({"files": {"file": ("notes.txt", b"hello", "text/plain")}}, 400, "notes.txt is not a decodable image"),
+        ({"json": {"images": "not-a-list"}}, 400, 'JSON body must be {"images"'),
+        ({"json": {"images": ["%%%"]}}, 400, "images[0] is not valid base64"),
+        ({"content": b"{bad json", "headers": {"content-type": "application/json"}}, 400, "not valid JSON"),
+        (
+            {"content": b"\x89PNG" + b"0" * (server.MAX_IMAGE_BYTES + 1), "headers": {"content-type": "image/png"}},
+            413,
+            "over the limit",
+        ),
+    ],
+)
 def test_bad_input_gets_4xx_json_and_server_keeps_serving(client, kwargs, status, message):
     response = client.post("/predict", **kwargs)
     assert response.status_code == status
@@ -166,8 +181,9 @@ def test_batcher_serves_queued_requests_in_one_call():
 
 def test_non_finite_model_output_is_a_counted_500(tmp_path):
     def nan_loader(settings, version):
-        return server.ServedModel("5", "e" * 40, "", "", CLASSES, 8, 8, 1,
-                                  lambda x: np.full((len(x), 3), np.nan, np.float32))
+        return server.ServedModel(
+            "5", "e" * 40, "", "", CLASSES, 8, 8, 1, lambda x: np.full((len(x), 3), np.nan, np.float32)
+        )
 
     with TestClient(server.create_app(Settings(home=tmp_path), loader=nan_loader)) as broken:
         response = broken.post("/predict", files={"file": ("x.png", png(), "image/png")})

@@ -44,8 +44,11 @@ def model(version: str, predict=confident_unless_bright, class_names=CLASSES) ->
 
 
 def png(size=(8, 8), value: int | None = None) -> bytes:
-    pixels = (np.full(size[::-1], value, np.uint8) if value is not None
-              else np.random.default_rng(0).integers(0, 100, size[::-1], dtype=np.uint8))
+    pixels = (
+        np.full(size[::-1], value, np.uint8)
+        if value is not None
+        else np.random.default_rng(0).integers(0, 100, size[::-1], dtype=np.uint8)
+    )
     buf = io.BytesIO()
     Image.fromarray(pixels, "L").save(buf, "PNG")
     return buf.getvalue()
@@ -54,8 +57,14 @@ def png(size=(8, 8), value: int | None = None) -> bytes:
 class Live:
     """``create_app`` behind the real uvicorn configuration, on a free loopback port."""
 
-    def __init__(self, settings: Settings, alias: dict, models: dict, admin_without_token: bool = False,
-                 trusted_proxies: str = ""):
+    def __init__(
+        self,
+        settings: Settings,
+        alias: dict,
+        models: dict,
+        admin_without_token: bool = False,
+        trusted_proxies: str = "",
+    ):
         self.alias = alias
         self.loads: list[str | None] = []
 
@@ -63,13 +72,13 @@ class Live:
             self.loads.append(version)
             return models[version or alias["champion"]]
 
-        app = server.create_app(settings, loader=loader, alias_lookup=lambda s: alias["champion"],
-                                admin_without_token=admin_without_token)
+        app = server.create_app(
+            settings, loader=loader, alias_lookup=lambda s: alias["champion"], admin_without_token=admin_without_token
+        )
         self.state: server.ServingState = app.state.serving
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
-        self.server = __import__("uvicorn").Server(server.server_config(app, "127.0.0.1", self.port,
-                                                                       trusted_proxies))
+        self.server = __import__("uvicorn").Server(server.server_config(app, "127.0.0.1", self.port, trusted_proxies))
         self.thread = threading.Thread(target=self.server.run, daemon=True)
         self.thread.start()
         deadline = time.monotonic() + 30
@@ -110,12 +119,18 @@ def error_count(url: str, route: str, status: int) -> int:
 
 # --- admin -----------------------------------------------------------------------------------------------
 
+
 def test_serve_refuses_to_start_off_loopback_without_a_token(tmp_path):
     # 192.0.2.1 (TEST-NET-1) is not an address of this machine: nothing is ever bound there.
     env = {k: v for k, v in os.environ.items() if k != "GITOPS_ML_SERVING_TOKEN"}
-    done = subprocess.run([str(Path(sys.executable).parent / "gitops-ml"), "serve", "--host", "192.0.2.1",
-                           "--port", str(free_port())], env={**env, "GITOPS_ML_HOME": str(tmp_path)},
-                          capture_output=True, text=True, timeout=60, check=False)
+    done = subprocess.run(
+        [str(Path(sys.executable).parent / "gitops-ml"), "serve", "--host", "192.0.2.1", "--port", str(free_port())],
+        env={**env, "GITOPS_ML_HOME": str(tmp_path)},
+        capture_output=True,
+        text=True,
+        timeout=60,
+        check=False,
+    )
     assert done.returncode == 2, done.stderr[-2000:]
     assert "refusing to serve on 192.0.2.1" in done.stderr and "GITOPS_ML_SERVING_TOKEN" in done.stderr
     for host in ("0.0.0.0", "::", "10.1.2.3", "example.org"):
@@ -204,6 +219,7 @@ def test_default_alias_lookup_reads_the_real_registry(tmp_path):
 
 # --- watch window ----------------------------------------------------------------------------------------
 
+
 def _watch_after_switch(live: Live, traffic) -> dict:
     """Switch the server from version 1 to 2 as a deploy does, then run the watch window beside ``traffic``."""
     settings = Settings(home=Path("/nonexistent"), serving_url=live.url)
@@ -214,8 +230,14 @@ def _watch_after_switch(live: Live, traffic) -> dict:
     before = {live.url: client.metrics()}
     live.alias["champion"] = "2"
     client.reload("2", timeout=10)
-    policy = {"watch_seconds": 3, "min_requests": 20, "min_clients": 3, "max_error_rate": 0.05,
-              "max_latency_ratio": 1000.0, "max_low_confidence_increase": 0.2}
+    policy = {
+        "watch_seconds": 3,
+        "min_requests": 20,
+        "min_clients": 3,
+        "max_error_rate": 0.05,
+        "max_latency_ratio": 1000.0,
+        "max_low_confidence_increase": 0.2,
+    }
     result: dict = {}
     watcher = threading.Thread(target=lambda: result.update(watch_window([client], "2", "1", before, policy)))
     watcher.start()
@@ -231,8 +253,9 @@ def bright_requests(count: int, local_address: str = "127.0.0.1", headers: dict 
     with httpx.Client(transport=transport, timeout=10) as http:
         for i in range(count):
             extra = {k: v.format(i=i) for k, v in (headers or {}).items()}
-            response = http.post(LIVE_URL[0] + "/predict", content=png(value=250),
-                                 headers={"content-type": "image/png", **extra})
+            response = http.post(
+                LIVE_URL[0] + "/predict", content=png(value=250), headers={"content-type": "image/png", **extra}
+            )
             assert response.status_code == 200
 
 
@@ -243,8 +266,9 @@ def test_one_client_cannot_roll_back_a_healthy_version(make_live):
     live = make_live(admin_without_token=True)
     LIVE_URL[:] = [live.url]
     # 40 low-confidence requests from one peer, half of them claiming other clients via X-Forwarded-For
-    verdict = _watch_after_switch(live, lambda: (bright_requests(20),
-                                                 bright_requests(20, headers={"X-Forwarded-For": "198.51.100.{i}"})))
+    verdict = _watch_after_switch(
+        live, lambda: (bright_requests(20), bright_requests(20, headers={"X-Forwarded-For": "198.51.100.{i}"}))
+    )
     assert verdict["verdict"] == "healthy", verdict
     stats = verdict["stats"]
     assert stats["clients"] == 1 and stats["requests"] == 10  # capped: one client, ten judged requests
@@ -260,6 +284,7 @@ def test_the_watch_window_still_rolls_back_when_many_clients_see_it(make_live):
 
 # --- decoding off the event loop, pixel budget ------------------------------------------------------------
 
+
 def big_png(side: int) -> str:
     return base64.b64encode(png((side, side), value=128)).decode()
 
@@ -274,8 +299,9 @@ def test_a_good_request_answers_while_worst_case_requests_decode(make_live):
     finished: list[float] = []
 
     def send_worst() -> None:
-        response = httpx.post(live.url + "/predict", content=worst, headers={"content-type": "application/json"},
-                              timeout=120)
+        response = httpx.post(
+            live.url + "/predict", content=worst, headers={"content-type": "application/json"}, timeout=120
+        )
         assert response.status_code == 200 and len(response.json()["predictions"]) == 16
         finished.append(time.monotonic())
 
@@ -297,8 +323,7 @@ def test_pixel_budget_is_per_request_and_names_the_image(make_live):
     live = make_live()
     over = json.dumps({"images": [big_png(2000)] * 17}).encode()
     started = time.monotonic()
-    response = httpx.post(live.url + "/predict", content=over, headers={"content-type": "application/json"},
-                          timeout=60)
+    response = httpx.post(live.url + "/predict", content=over, headers={"content-type": "application/json"}, timeout=60)
     assert response.status_code == 413
     assert "images[16] brings the request to 68,000,000 pixels" in response.json()["error"]
     assert time.monotonic() - started < 2.0  # refused from the headers, nothing decoded
@@ -306,6 +331,7 @@ def test_pixel_budget_is_per_request_and_names_the_image(make_live):
 
 
 # --- bodies, connections, errors --------------------------------------------------------------------------
+
 
 def _peak_rss_mb() -> float:
     status = Path("/proc/self/status").read_text()
@@ -333,8 +359,9 @@ def test_a_chunked_upload_is_cut_off_at_the_limit(make_live):
     chunk = b"x" * (1024 * 1024)
     sent = 0
     with socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         try:
             while sent < 256 * 1024 * 1024:
                 sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
@@ -353,8 +380,9 @@ def test_a_chunked_body_over_the_limit_is_answered_before_the_client_finishes(ma
     live = make_live()
     chunk = b"x" * (1024 * 1024)
     with socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     b"Transfer-Encoding: chunked\r\n\r\n")
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nTransfer-Encoding: chunked\r\n\r\n"
+        )
         for _ in range(server.MAX_BODY_BYTES // len(chunk) + 1):  # one chunk past the limit, no final chunk
             sock.sendall(b"%x\r\n%s\r\n" % (len(chunk), chunk))
         reply = _read_reply(sock)  # the body is unfinished: only an answer mid-stream can arrive here
@@ -363,20 +391,24 @@ def test_a_chunked_body_over_the_limit_is_answered_before_the_client_finishes(ma
     assert body["error"] == f"request body is over the limit of {server.MAX_BODY_BYTES} bytes"
     assert live.state.inflight_body_bytes == 0  # the budget is given back
     assert error_count(live.url, "predict", 413) == 1
-    assert 'gitops_ml_requests_total{model_version="1",outcome="bad_request"} 1' in httpx.get(
-        live.url + "/metrics").text
+    assert (
+        'gitops_ml_requests_total{model_version="1",outcome="bad_request"} 1' in httpx.get(live.url + "/metrics").text
+    )
 
 
 def test_a_declared_body_over_the_limit_is_refused_from_the_headers(make_live):
     live = make_live(admin_without_token=True)
     for path, route in (("/predict", "predict"), ("/admin/reload", "reload")):
         with socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
-            sock.sendall(b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
-                         b"Content-Length: %d\r\n\r\n" % (path.encode(), server.MAX_BODY_BYTES + 1))
+            sock.sendall(
+                b"POST %s HTTP/1.1\r\nHost: x\r\nContent-Type: application/json\r\n"
+                b"Content-Length: %d\r\n\r\n" % (path.encode(), server.MAX_BODY_BYTES + 1)
+            )
             reply = _read_reply(sock)  # not one body byte sent
         assert reply.startswith(b"HTTP/1.1 413"), reply[:300]
         assert json.loads(reply.split(b"\r\n\r\n", 1)[1])["error"] == (
-            f"request body of {server.MAX_BODY_BYTES + 1} bytes is over the limit of {server.MAX_BODY_BYTES} bytes")
+            f"request body of {server.MAX_BODY_BYTES + 1} bytes is over the limit of {server.MAX_BODY_BYTES} bytes"
+        )
         assert error_count(live.url, route, 413) == 1
     assert live.loads == [None]
 
@@ -386,8 +418,9 @@ def test_a_body_that_does_not_arrive_in_time_is_a_json_408(make_live, monkeypatc
     live = make_live()
     with socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
         started = time.monotonic()
-        sock.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     b"Content-Length: 1000\r\n\r\n" + b"x" * 10)
+        sock.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 1000\r\n\r\n" + b"x" * 10
+        )
         reply = _read_reply(sock)
     assert reply.startswith(b"HTTP/1.1 408"), reply[:300]
     assert b"request body not received within 1 s" in reply and time.monotonic() - started < 5
@@ -398,8 +431,9 @@ def test_bodies_in_flight_share_one_budget(make_live, monkeypatch):
     monkeypatch.setattr(server, "MAX_INFLIGHT_BODY_BYTES", 1000)
     live = make_live()
     with socket.create_connection(("127.0.0.1", live.port), timeout=30) as slow:
-        slow.sendall(b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\n"
-                     b"Content-Length: 2000\r\n\r\n" + b"x" * 900)  # holds 900 bytes of the budget
+        slow.sendall(
+            b"POST /predict HTTP/1.1\r\nHost: x\r\nContent-Type: image/png\r\nContent-Length: 2000\r\n\r\n" + b"x" * 900
+        )  # holds 900 bytes of the budget
         deadline = time.monotonic() + 10
         while live.state.inflight_body_bytes < 900 and time.monotonic() < deadline:
             time.sleep(0.02)
@@ -450,14 +484,18 @@ def test_deeply_nested_json_is_a_counted_json_400(make_live):
         response = httpx.post(live.url + path, content=deep, headers={"content-type": "application/json"})
         assert response.status_code == 400 and "nested too deeply" in response.json()["error"]
         assert error_count(live.url, route, 400) == 1
-    assert 'gitops_ml_requests_total{model_version="1",outcome="bad_request"} 1' in httpx.get(
-        live.url + "/metrics").text
+    assert (
+        'gitops_ml_requests_total{model_version="1",outcome="bad_request"} 1' in httpx.get(live.url + "/metrics").text
+    )
 
 
 def test_every_error_is_json_and_counted(tmp_path):
     """Not found, wrong method, and an unexpected exception: JSON bodies, counted by route and status."""
-    broken = {"1": model("1", predict=lambda x: np.tile([[0.0, 0.0, 1.0]], (len(x), 1)).astype(np.float32),
-                         class_names=["only"])}  # names[2] raises IndexError while building the answer
+    broken = {
+        "1": model(
+            "1", predict=lambda x: np.tile([[0.0, 0.0, 1.0]], (len(x), 1)).astype(np.float32), class_names=["only"]
+        )
+    }  # names[2] raises IndexError while building the answer
     live = Live(Settings(home=tmp_path), {"champion": "1"}, broken)
     try:
         missing = httpx.get(live.url + "/nope")

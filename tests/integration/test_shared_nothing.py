@@ -31,5 +31,6 @@ def test_each_step_works_from_its_own_home(settings, demo_repo, tmp_path):
 
     data_dir = pipeline.ensure_workspace(homes["train"], commit, prepared["params"])
     assert data_dir == str(tmp_path / "train" / "work" / commit["commit_sha"] / "data" / "images")
-    assert sum(1 for _ in (tmp_path / "train" / "work" / commit["commit_sha"] / "data" / "images").rglob("*.png")) \
-        == sum(pulled["class_counts"].values())
+    assert sum(
+        1 for _ in (tmp_path / "train" / "work" / commit["commit_sha"] / "data" / "images").rglob("*.png")
+    ) == sum(pulled["class_counts"].values())

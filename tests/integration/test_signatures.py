@@ -29,8 +29,19 @@ def run(cwd: Path, *args: str, **env: str) -> str:
 
 def gpg_key(home: Path, uid: str) -> str:
     home.mkdir(mode=0o700)
-    run(home, "gpg", "--batch", "--passphrase", "", "--quick-gen-key", uid, "ed25519", "sign", "never",
-        GNUPGHOME=str(home))
+    run(
+        home,
+        "gpg",
+        "--batch",
+        "--passphrase",
+        "",
+        "--quick-gen-key",
+        uid,
+        "ed25519",
+        "sign",
+        "never",
+        GNUPGHOME=str(home),
+    )
     listing = run(home, "gpg", "--list-keys", "--with-colons", GNUPGHOME=str(home))
     return next(line.split(":")[9] for line in listing.splitlines() if line.startswith("fpr:"))
 
@@ -45,8 +56,14 @@ def commit(repo: Path, text: str, *sign: str, **env: str) -> str:
 def tampered(repo: Path, sha: str) -> str:
     """A copy of commit ``sha`` with another message but the same signature header."""
     body = run(repo, "git", "cat-file", "commit", sha) + " (tampered)\n"
-    return subprocess.run(["git", "hash-object", "-t", "commit", "-w", "--stdin"], cwd=repo, input=body,
-                          check=True, capture_output=True, text=True).stdout.strip()
+    return subprocess.run(
+        ["git", "hash-object", "-t", "commit", "-w", "--stdin"],
+        cwd=repo,
+        input=body,
+        check=True,
+        capture_output=True,
+        text=True,
+    ).stdout.strip()
 
 
 @pytest.fixture(scope="module")
@@ -60,8 +77,9 @@ def signed(tmp_path_factory):
     try:
         fpr_a, fpr_m = gpg_key(homes[0], "Alice <alice@example.com>"), gpg_key(homes[1], "Mallory <mal@example.com>")
         for name in ("alice", "mallory"):
-            run(base, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name),
-                "-C", f"{name}@example.com")
+            run(
+                base, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name), "-C", f"{name}@example.com"
+            )
         gpg = ["-c", "gpg.program=gpg", "-c"]
         ssh = ["-c", "gpg.format=ssh", "-c"]
         shas = {
@@ -81,8 +99,17 @@ def signed(tmp_path_factory):
         (base / "allowed_signers").write_text(f"alice@example.com {alice_pub}\n")
         (base / "expired_signers").write_text(f'alice@example.com valid-before="20200101" {alice_pub}\n')
         ssh_fpr = {n: run(base, "ssh-keygen", "-lf", str(base / f"{n}.pub")).split()[1] for n in ("alice", "mallory")}
-        yield {"base": base, "repo": repo, "shas": shas, "keyring": keyring, "fpr_a": fpr_a, "fpr_m": fpr_m,
-               "allowed": base / "allowed_signers", "ssh_fpr": ssh_fpr, "gm_home": homes[1]}
+        yield {
+            "base": base,
+            "repo": repo,
+            "shas": shas,
+            "keyring": keyring,
+            "fpr_a": fpr_a,
+            "fpr_m": fpr_m,
+            "allowed": base / "allowed_signers",
+            "ssh_fpr": ssh_fpr,
+            "gm_home": homes[1],
+        }
     finally:
         for home in homes:  # key generation and signing started a gpg-agent in each home
             subprocess.run(["gpgconf", "--kill", "all"], env={**os.environ, "GNUPGHOME": str(home)}, check=False)
@@ -117,8 +144,9 @@ def test_ssh_key_not_in_allowed_signers_is_not_verified(signed):
     sha, fpr = signed["shas"]["ssh_mallory"], signed["ssh_fpr"]["mallory"]
     result = check(signed, "ssh_mallory")
     assert (result.signed, result.verified, result.kind, result.signer) == (True, False, "ssh", fpr)
-    assert result.reason == (f"commit {sha} is signed by SSH key {fpr} which is not in the allowed signers "
-                             f"file {signed['allowed']}")
+    assert result.reason == (
+        f"commit {sha} is signed by SSH key {fpr} which is not in the allowed signers file {signed['allowed']}"
+    )
 
 
 def test_ssh_key_expired_in_allowed_signers_is_not_verified(signed):
@@ -189,13 +217,16 @@ def test_abbreviated_sha_is_resolved(signed):
     assert verify_commit(signed["repo"], sha[:10].upper(), allowed_signers=signed["allowed"]).commit_sha == sha
 
 
-@pytest.mark.parametrize("case,expected", [
-    ("unsigned", {"off": "accept", "warn": "warn", "enforce": "reject"}),
-    ("gpg_alice", {"off": "accept", "warn": "accept", "enforce": "accept"}),
-    ("ssh_alice", {"off": "accept", "warn": "accept", "enforce": "accept"}),
-    ("ssh_mallory", {"off": "accept", "warn": "warn", "enforce": "reject"}),
-    ("gpg_mallory", {"off": "accept", "warn": "warn", "enforce": "reject"}),
-])
+@pytest.mark.parametrize(
+    "case,expected",
+    [
+        ("unsigned", {"off": "accept", "warn": "warn", "enforce": "reject"}),
+        ("gpg_alice", {"off": "accept", "warn": "accept", "enforce": "accept"}),
+        ("ssh_alice", {"off": "accept", "warn": "accept", "enforce": "accept"}),
+        ("ssh_mallory", {"off": "accept", "warn": "warn", "enforce": "reject"}),
+        ("gpg_mallory", {"off": "accept", "warn": "warn", "enforce": "reject"}),
+    ],
+)
 def test_decide_under_each_policy(signed, case, expected):
     result = check(signed, case)
     for policy in POLICIES:

@@ -15,9 +15,12 @@ def folder(tmp_path_factory):
 
 
 def small_params(channels=3):
-    return params.validate({"image": {"height": 12, "width": 12, "channels": channels},
-                            "train": {"epochs": 2, "batch_size": 4, "learning_rate": 0.01, "seed": 7,
-                                      "test_fraction": 0.25}})
+    return params.validate(
+        {
+            "image": {"height": 12, "width": 12, "channels": channels},
+            "train": {"epochs": 2, "batch_size": 4, "learning_rate": 0.01, "seed": 7, "test_fraction": 0.25},
+        }
+    )
 
 
 def test_split_is_hash_based_stable_and_keeps_every_class(folder):
@@ -27,8 +30,9 @@ def test_split_is_hash_based_stable_and_keeps_every_class(folder):
     assert sorted({folder.labels[i] for i in one.test}) == [0, 1, 2]
     assert sorted({folder.labels[i] for i in one.train}) == [0, 1, 2]
     # Adding an image never moves another image across the split.
-    extra = data.ImageIndex(folder.class_names, [*folder.files, folder.root + "/a/new.png"], [*folder.labels, 0],
-                            folder.root)
+    extra = data.ImageIndex(
+        folder.class_names, [*folder.files, folder.root + "/a/new.png"], [*folder.labels, 0], folder.root
+    )
     two = training.split(extra, 0.25)
     assert set(one.test) <= set(two.test) | {i for i in one.test if folder.labels[i] == 0}
 
@@ -46,8 +50,9 @@ def test_train_evaluate_predict_on_mixed_folder(folder, channels):
     result = training.evaluate(predict, x, y, folder.class_names)
     assert sum(map(sum, result["confusion_matrix"])) == len(y)
     assert 0.0 <= result["accuracy"] <= 1.0 and set(result["recall"]) == {"a", "b", "c"}
-    png = training.confusion_matrices_png([("a", result["confusion_matrix"]), ("b", result["confusion_matrix"])],
-                                          folder.class_names)
+    png = training.confusion_matrices_png(
+        [("a", result["confusion_matrix"]), ("b", result["confusion_matrix"])], folder.class_names
+    )
     assert png.startswith(b"\x89PNG")
 
 

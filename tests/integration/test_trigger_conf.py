@@ -31,8 +31,11 @@ WEBHOOK_SECRET = "hook-s3cret-for-the-readme"
 
 
 def _base_env(home: Path) -> dict[str, str]:
-    env = {k: v for k, v in os.environ.items()
-           if not (k.startswith(("GITOPS_ML_", "AIRFLOW_API_", "AIRFLOW__")) or k == "MLFLOW_TRACKING_URI")}
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith(("GITOPS_ML_", "AIRFLOW_API_", "AIRFLOW__")) or k == "MLFLOW_TRACKING_URI")
+    }
     return {**env, "GITOPS_ML_HOME": str(home), "GIT_TERMINAL_PROMPT": "0", "NO_PROXY": "127.0.0.1,localhost"}
 
 
@@ -47,14 +50,24 @@ def api_server(tmp_path_factory):
     commit_file(hooked, "params.yaml", "train: {epochs: 1}\n", "first")
     commit_file(hooked, "params.yaml", "train: {epochs: 2}\n", "second")
     port = free_port()
-    env = {**_base_env(home), **stack.airflow_env(Settings(home=home, repo_url=str(hooked)), port),
-           "GITOPS_ML_WEBHOOK_SECRET": WEBHOOK_SECRET}
+    env = {
+        **_base_env(home),
+        **stack.airflow_env(Settings(home=home, repo_url=str(hooked)), port),
+        "GITOPS_ML_WEBHOOK_SECRET": WEBHOOK_SECRET,
+    }
     for argv in (["airflow", "db", "migrate"], ["airflow", "dags", "reserialize"]):
-        done = subprocess.run([str(BIN / argv[0]), *argv[1:]], env=env, capture_output=True, text=True, timeout=300, check=False)
+        done = subprocess.run(
+            [str(BIN / argv[0]), *argv[1:]], env=env, capture_output=True, text=True, timeout=300, check=False
+        )
         assert done.returncode == 0, f"{' '.join(argv)} failed: {done.stderr[-2000:]}"
     log = open(home / "api-server.log", "wb")
-    proc = subprocess.Popen([str(BIN / "airflow"), "api-server", "-H", "127.0.0.1", "-p", str(port)], env=env,
-                            stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+    proc = subprocess.Popen(
+        [str(BIN / "airflow"), "api-server", "-H", "127.0.0.1", "-p", str(port)],
+        env=env,
+        stdout=log,
+        stderr=subprocess.STDOUT,
+        start_new_session=True,
+    )
     url = f"http://127.0.0.1:{port}"
     try:
         stack.wait_http(url + "/api/v2/monitor/health", 180, "Airflow API server", home / "api-server.log")
@@ -81,8 +94,14 @@ def home(api_server, tmp_path):
 
 
 def cli(home: Path, *args: str, **env: str) -> subprocess.CompletedProcess:
-    return subprocess.run([str(BIN / "gitops-ml"), *args], env={**_base_env(home), **env},
-                          capture_output=True, text=True, timeout=180, check=False)
+    return subprocess.run(
+        [str(BIN / "gitops-ml"), *args],
+        env={**_base_env(home), **env},
+        capture_output=True,
+        text=True,
+        timeout=180,
+        check=False,
+    )
 
 
 def runs(api_server) -> list[dict]:
@@ -95,8 +114,12 @@ def test_trigger_finds_the_demo_repository_and_puts_it_in_the_conf(api_server, h
     assert result.returncode == 0, result.stderr
     run = api_server["client"].get_run(f"commit__{home['sha']}")
     assert run is not None, f"no run commit__{home['sha']}: {result.stdout} {result.stderr}"
-    assert run["conf"] == {"commit_sha": home["sha"], "repo_url": str(home["repo"]), "branch": "main",
-                           "trigger": "manual"}
+    assert run["conf"] == {
+        "commit_sha": home["sha"],
+        "repo_url": str(home["repo"]),
+        "branch": "main",
+        "trigger": "manual",
+    }
     # Again: the same run, not a second one.
     again = cli(home["path"], "trigger", AIRFLOW_API_URL=api_server["url"])
     assert again.returncode == 0, again.stderr
@@ -190,15 +213,28 @@ def test_readme_webhook_example_starts_the_run(api_server):
     hooked = api_server["hooked"]
     head = git(hooked, "rev-parse", "HEAD")
     env = {**_base_env(api_server["home"]), "GITOPS_ML_WEBHOOK_SECRET": WEBHOOK_SECRET}
-    sent = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=hooked, env=env,
-                          capture_output=True, text=True, timeout=120, check=False)
+    sent = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=hooked,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert sent.returncode == 0, sent.stderr
     answer = json.loads(sent.stdout)
     assert answer.get("created") == [f"commit__{head}"], answer
     run = api_server["client"].get_run(f"commit__{head}")
     assert run is not None and run["conf"]["commit_sha"] == head and run["conf"]["trigger"] == "webhook"
     # The same script with another secret: refused, nothing more created.
-    wrong = subprocess.run(["bash", "-euo", "pipefail", "-c", script], cwd=hooked,
-                           env={**env, "GITOPS_ML_WEBHOOK_SECRET": "not-the-secret"},
-                           capture_output=True, text=True, timeout=120, check=False)
+    wrong = subprocess.run(
+        ["bash", "-euo", "pipefail", "-c", script],
+        cwd=hooked,
+        env={**env, "GITOPS_ML_WEBHOOK_SECRET": "not-the-secret"},
+        capture_output=True,
+        text=True,
+        timeout=120,
+        check=False,
+    )
     assert "X-Hub-Signature-256" in json.loads(wrong.stdout)["error"], wrong.stdout

@@ -30,11 +30,19 @@ def user_home(home: Path) -> Path:
 
 
 def cli(home: Path, *args: str) -> subprocess.CompletedProcess:
-    env = {k: v for k, v in os.environ.items()
-           if not (k.startswith(("GITOPS_ML_", "AIRFLOW_API_", "AIRFLOW__", "AIRFLOW_HOME")) or k == "MLFLOW_TRACKING_URI")}
-    return subprocess.run([str(BIN / "gitops-ml"), *args],
-                          env={**env, "GITOPS_ML_HOME": str(home), "HOME": str(user_home(home))},
-                          capture_output=True, text=True, timeout=600, check=False)
+    env = {
+        k: v
+        for k, v in os.environ.items()
+        if not (k.startswith(("GITOPS_ML_", "AIRFLOW_API_", "AIRFLOW__", "AIRFLOW_HOME")) or k == "MLFLOW_TRACKING_URI")
+    }
+    return subprocess.run(
+        [str(BIN / "gitops-ml"), *args],
+        env={**env, "GITOPS_ML_HOME": str(home), "HOME": str(user_home(home))},
+        capture_output=True,
+        text=True,
+        timeout=600,
+        check=False,
+    )
 
 
 def test_a_command_that_imports_airflow_leaves_the_users_home_alone(tmp_path):
@@ -59,8 +67,17 @@ def test_stack_up_on_chosen_ports_finds_the_demo_repository(tmp_path):
     sha = commit_file(repo, "README.md", "not a model yet\n", "first")
     ports = {"airflow": free_port(), "mlflow": free_port(), "serving": free_port()}
     try:
-        up = cli(home, "stack", "up", "--airflow-port", str(ports["airflow"]), "--mlflow-port", str(ports["mlflow"]),
-                 "--serve-port", str(ports["serving"]))
+        up = cli(
+            home,
+            "stack",
+            "up",
+            "--airflow-port",
+            str(ports["airflow"]),
+            "--mlflow-port",
+            str(ports["mlflow"]),
+            "--serve-port",
+            str(ports["serving"]),
+        )
         assert up.returncode == 0, f"{up.stdout}\n{up.stderr[-3000:]}"
         for name, port in ports.items():
             assert f"{name}: http://127.0.0.1:{port}" in up.stdout, up.stdout
@@ -75,8 +92,10 @@ def test_stack_up_on_chosen_ports_finds_the_demo_repository(tmp_path):
         assert airflow["GITOPS_ML_SERVING_URL"] == f"http://127.0.0.1:{ports['serving']}"
         assert airflow["GITOPS_ML_MLFLOW_UI_URL"] == f"http://127.0.0.1:{ports['mlflow']}"
         assert airflow["AIRFLOW__API__PORT"] == str(ports["airflow"])
-        assert json.loads((home / "stack" / "stack.json").read_text())["urls"]["airflow"] == \
-            f"http://127.0.0.1:{ports['airflow']}"
+        assert (
+            json.loads((home / "stack" / "stack.json").read_text())["urls"]["airflow"]
+            == f"http://127.0.0.1:{ports['airflow']}"
+        )
 
         # trigger: no URL, no repository given; the watcher may have created the run already (same id).
         triggered = cli(home, "trigger")

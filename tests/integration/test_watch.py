@@ -171,26 +171,45 @@ def test_cli_lists_watches_and_plans_a_dry_run(remote, tmp_path):
     shas = [push(remote, "params.yaml", f"train: {{epochs: {i}}}\n", f"epochs {i}") for i in (20, 21)]
     docs = push(remote, "README.md", "more docs\n", "docs")
     env = {**__import__("os").environ, "GITOPS_ML_WATCH_CONFIG": str(config), "GITOPS_ML_HOME": str(tmp_path / "h")}
-    listed = subprocess.run([str(BIN / "gitops-ml"), "watch", "list"], env=env, capture_output=True, text=True,
-                            check=True).stdout
+    listed = subprocess.run(
+        [str(BIN / "gitops-ml"), "watch", "list"], env=env, capture_output=True, text=True, check=True
+    ).stdout
     assert listed.startswith("models") and "policy=latest" in listed
-    planned = subprocess.run([str(BIN / "gitops-ml"), "watch", "plan", "models", "--since", remote["head"]],
-                             env=env, capture_output=True, text=True, check=True).stdout.splitlines()
-    assert [line.split()[:2] for line in planned] == [[shas[0], "superseded"], [shas[1], "train"],
-                                                       [docs, "no_retrain"]]
+    planned = subprocess.run(
+        [str(BIN / "gitops-ml"), "watch", "plan", "models", "--since", remote["head"]],
+        env=env,
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout.splitlines()
+    assert [line.split()[:2] for line in planned] == [[shas[0], "superseded"], [shas[1], "train"], [docs, "no_retrain"]]
 
 
-@pytest.mark.parametrize("entry,expected", [
-    ("name: M\n    repo_url: file:///x", r"repositories\[0\]: field 'name' must be a name matching"),
-    ("repo_url: file:///x", r"repositories\[0\]: field 'name' is missing"),
-    ("name: m", r"repositories\[0\] \(m\): field 'repo_url' is missing"),
-    ("name: m\n    repo_url: file:///x\n    pols: every", r"\(m\): unknown field\(s\) pols$"),
-    ("name: m\n    repo_url: file:///x\n    poll_interval: soon",
-     r"\(m\): field 'poll_interval' must be a positive number of seconds, got 'soon'"),
-    ("name: m\n    repo_url: file:///x\n    sensor_timeout: 0", r"\(m\): field 'sensor_timeout' must be a positive"),
-    ("name: m\n    repo_url: file:///x\n    paths: '*.dvc'", r"\(m\): field 'paths' must be a list of glob patterns"),
-    ("name: m\n    repo_url: file:///x\n    signatures: strict", r"\(m\): field 'signatures' must be off, warn or enforce"),
-])
+@pytest.mark.parametrize(
+    "entry,expected",
+    [
+        ("name: M\n    repo_url: file:///x", r"repositories\[0\]: field 'name' must be a name matching"),
+        ("repo_url: file:///x", r"repositories\[0\]: field 'name' is missing"),
+        ("name: m", r"repositories\[0\] \(m\): field 'repo_url' is missing"),
+        ("name: m\n    repo_url: file:///x\n    pols: every", r"\(m\): unknown field\(s\) pols$"),
+        (
+            "name: m\n    repo_url: file:///x\n    poll_interval: soon",
+            r"\(m\): field 'poll_interval' must be a positive number of seconds, got 'soon'",
+        ),
+        (
+            "name: m\n    repo_url: file:///x\n    sensor_timeout: 0",
+            r"\(m\): field 'sensor_timeout' must be a positive",
+        ),
+        (
+            "name: m\n    repo_url: file:///x\n    paths: '*.dvc'",
+            r"\(m\): field 'paths' must be a list of glob patterns",
+        ),
+        (
+            "name: m\n    repo_url: file:///x\n    signatures: strict",
+            r"\(m\): field 'signatures' must be off, warn or enforce",
+        ),
+    ],
+)
 def test_every_field_error_names_the_entry_and_the_field(tmp_path, entry, expected):
     path = tmp_path / "watch.yaml"
     path.write_text(f"repositories:\n  - {entry}\n")

@@ -23,15 +23,15 @@ def keys(tmp_path_factory):
     try:
         fpr = gpg_key(home, "Alice <alice@example.com>")
         for name in ("alice", "mallory"):
-            run(base, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name),
-                "-C", f"{name}@example.com")
+            run(
+                base, "ssh-keygen", "-q", "-t", "ed25519", "-N", "", "-f", str(base / name), "-C", f"{name}@example.com"
+            )
         keyring = base / "allowed.asc"
         keyring.write_text(run(base, "gpg", "--armor", "--export", fpr, GNUPGHOME=str(home)))
         allowed = base / "allowed_signers"
         allowed.write_text(f"alice@example.com {(base / 'alice.pub').read_text().strip()}\n")
         ssh_fpr = {n: run(base, "ssh-keygen", "-lf", str(base / f"{n}.pub")).split()[1] for n in ("alice", "mallory")}
-        yield {"base": base, "gnupghome": home, "fpr": fpr, "keyring": keyring, "allowed": allowed,
-               "ssh_fpr": ssh_fpr}
+        yield {"base": base, "gnupghome": home, "fpr": fpr, "keyring": keyring, "allowed": allowed, "ssh_fpr": ssh_fpr}
     finally:  # key generation and signing start a gpg-agent in the home
         subprocess.run(["gpgconf", "--kill", "all"], env={**os.environ, "GNUPGHOME": str(home)}, check=False)
 
@@ -51,8 +51,14 @@ def remote(tmp_path):
     run(work, "git", "add", "params.yaml")
     run(work, "git", "commit", "-qm", "base")
     run(work, "git", "push", "-q", "origin", "main")
-    return {"bare": bare, "work": work, "url": f"file://{bare}", "base": run(work, "git", "rev-parse", "HEAD"),
-            "cache": tmp_path / "cache", "n": 0}
+    return {
+        "bare": bare,
+        "work": work,
+        "url": f"file://{bare}",
+        "base": run(work, "git", "rev-parse", "HEAD"),
+        "cache": tmp_path / "cache",
+        "n": 0,
+    }
 
 
 def push(remote, keys, kind: str) -> str:
@@ -63,8 +69,10 @@ def push(remote, keys, kind: str) -> str:
     run(work, "git", "add", "params.yaml")
     sign, env = {
         "unsigned": ([], {}),
-        "gpg_alice": (["-c", "gpg.program=gpg", "-c", f"user.signingkey={keys['fpr']}"],
-                      {"GNUPGHOME": str(keys["gnupghome"])}),
+        "gpg_alice": (
+            ["-c", "gpg.program=gpg", "-c", f"user.signingkey={keys['fpr']}"],
+            {"GNUPGHOME": str(keys["gnupghome"])},
+        ),
         "ssh_alice": (["-c", "gpg.format=ssh", "-c", f"user.signingkey={keys['base'] / 'alice.pub'}"], {}),
         "ssh_mallory": (["-c", "gpg.format=ssh", "-c", f"user.signingkey={keys['base'] / 'mallory.pub'}"], {}),
     }[kind]
@@ -97,7 +105,8 @@ def test_enforce_rejects_unsigned_and_unknown_signers_and_trains_allowed(remote,
     assert by_kind["unsigned"].reason == f"signature policy enforce: commit {unsigned} is not signed"
     assert by_kind["ssh_mallory"].reason == (
         f"signature policy enforce: commit {mallory} is signed by SSH key {keys['ssh_fpr']['mallory']} "
-        f"which is not in the allowed signers file {keys['allowed']}")
+        f"which is not in the allowed signers file {keys['allowed']}"
+    )
     for kind in BURST:
         assert by_kind[kind].changed_paths == ("params.yaml",) and by_kind[kind].warning is None
     assert by_kind["gpg_alice"].reason == by_kind["ssh_alice"].reason == "changed params.yaml"
@@ -115,7 +124,9 @@ def test_enforce_rejects_unsigned_and_unknown_signers_and_trains_allowed(remote,
         else:
             assert conf["decision"] == "train" and not note.startswith("REJECTED")
     assert [r["conf"]["commit_sha"] for r in requests.values() if r["conf"]["decision"] == "train"] == [
-        shas["gpg_alice"], shas["ssh_alice"]]
+        shas["gpg_alice"],
+        shas["ssh_alice"],
+    ]
 
 
 def test_warn_trains_everything_and_flags_unverified_commits(remote, keys):
@@ -128,7 +139,8 @@ def test_warn_trains_everything_and_flags_unverified_commits(remote, keys):
     assert by_kind["unsigned"].warning == f"commit {shas['unsigned']} is not signed"
     assert by_kind["ssh_mallory"].warning == (
         f"commit {shas['ssh_mallory']} is signed by SSH key {keys['ssh_fpr']['mallory']} "
-        f"which is not in the allowed signers file {keys['allowed']}")
+        f"which is not in the allowed signers file {keys['allowed']}"
+    )
     assert by_kind["gpg_alice"].warning is None and by_kind["ssh_alice"].warning is None
 
     requests = {r["conf"]["commit_sha"]: r for r in run_requests("signed", "main", plan.to_dict(), trigger="push")}
@@ -146,8 +158,9 @@ def test_warn_trains_everything_and_flags_unverified_commits(remote, keys):
 def test_enforce_latest_a_rejected_newest_commit_does_not_supersede_a_signed_one(remote, keys):
     signed = push(remote, keys, "ssh_alice")
     unsigned = push(remote, keys, "unsigned")
-    plan = watch.plan_branch(make_watch(remote, keys, signatures="enforce", policy="latest"), remote["cache"],
-                             remote["base"])
+    plan = watch.plan_branch(
+        make_watch(remote, keys, signatures="enforce", policy="latest"), remote["cache"], remote["base"]
+    )
 
     assert plan.head_sha == unsigned
     assert [(d.commit_sha, d.action) for d in plan.decisions] == [(signed, "train"), (unsigned, "rejected")]
@@ -155,19 +168,31 @@ def test_enforce_latest_a_rejected_newest_commit_does_not_supersede_a_signed_one
     assert plan.decisions[1].reason == f"signature policy enforce: commit {unsigned} is not signed"
     requests = run_requests("signed", "main", plan.to_dict(), trigger="push")
     assert [(r["conf"]["commit_sha"], r["conf"]["decision"]) for r in requests] == [
-        (signed, "train"), (unsigned, "rejected")]
+        (signed, "train"),
+        (unsigned, "rejected"),
+    ]
     assert requests[1]["note"].startswith("REJECTED")
 
 
 def test_off_trains_unsigned_commits_without_verifying(remote, keys, tmp_path, monkeypatch):
     sha = push(remote, keys, "unsigned")
     nowhere = tmp_path / "does-not-exist"
-    off = make_watch(remote, keys, signatures="off", allowed_signers=str(nowhere / "allowed_signers"),
-                     gpg_keyring=str(nowhere / "keys.asc"))
+    off = make_watch(
+        remote,
+        keys,
+        signatures="off",
+        allowed_signers=str(nowhere / "allowed_signers"),
+        gpg_keyring=str(nowhere / "keys.asc"),
+    )
     # The same missing files are a configuration error as soon as a policy checks signatures ...
     with pytest.raises(SignatureConfigError, match=str(nowhere)):
-        watch.plan_branch(make_watch(remote, keys, signatures="warn", allowed_signers=off.allowed_signers,
-                                     gpg_keyring=off.gpg_keyring), remote["cache"], remote["base"])
+        watch.plan_branch(
+            make_watch(
+                remote, keys, signatures="warn", allowed_signers=off.allowed_signers, gpg_keyring=off.gpg_keyring
+            ),
+            remote["cache"],
+            remote["base"],
+        )
     # ... but "off" never looks at them, nor at the commit's signature.
     calls = []
     monkeypatch.setattr(signatures, "verify_commit", lambda *a, **kw: calls.append(a) or pytest.fail("verified"))
@@ -187,13 +212,31 @@ def enforced(remote, keys, tmp_path, monkeypatch):
     from gitops_ml.config import Settings
 
     config = tmp_path / "watch.yaml"
-    config.write_text(yaml.safe_dump({"repositories": [{
-        "name": "signed", "repo_url": remote["url"], "branch": "main", "signatures": "enforce",
-        "allowed_signers": str(keys["allowed"]), "gpg_keyring": str(keys["keyring"])}]}))
+    config.write_text(
+        yaml.safe_dump(
+            {
+                "repositories": [
+                    {
+                        "name": "signed",
+                        "repo_url": remote["url"],
+                        "branch": "main",
+                        "signatures": "enforce",
+                        "allowed_signers": str(keys["allowed"]),
+                        "gpg_keyring": str(keys["keyring"]),
+                    }
+                ]
+            }
+        )
+    )
     monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))
     home = tmp_path / "home"
-    return Settings(home=home, repo_url=remote["url"], branch="main",
-                    tracking_uri=f"sqlite:///{home / 'mlflow.db'}", artifact_root=str(home / "artifacts"))
+    return Settings(
+        home=home,
+        repo_url=remote["url"],
+        branch="main",
+        tracking_uri=f"sqlite:///{home / 'mlflow.db'}",
+        artifact_root=str(home / "artifacts"),
+    )
 
 
 def test_resolve_rechecks_enforced_signatures_on_every_trigger_path(remote, keys, enforced):

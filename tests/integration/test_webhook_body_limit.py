@@ -91,7 +91,7 @@ def _send(port: int, headers: dict[str, str], body_bytes: int, chunked: bool) ->
     sock.close()
     head, _, payload = data.partition(b"\r\n\r\n")
     status = int(head.split()[1])
-    return status, json.loads(payload[:_length(data)] or b"{}"), sent
+    return status, json.loads(payload[: _length(data)] or b"{}"), sent
 
 
 def _length(data: bytes) -> int:
@@ -103,8 +103,10 @@ def _length(data: bytes) -> int:
 
 def _signed_headers() -> dict[str, str]:
     # A signature header that looks right: the HMAC itself can only be checked on a complete body.
-    return {"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + hmac.new(SECRET.encode(), b"x",
-                                                                                  hashlib.sha256).hexdigest()}
+    return {
+        "X-GitHub-Event": "push",
+        "X-Hub-Signature-256": "sha256=" + hmac.new(SECRET.encode(), b"x", hashlib.sha256).hexdigest(),
+    }
 
 
 def test_unsigned_huge_request_is_refused_before_its_body_is_read(webhook_url):

@@ -35,33 +35,45 @@ def _sync_dags_to_db():
     for bundle in manager.get_all_dag_bundles():
         if not bundle.is_initialized:
             bundle.initialize()
-        sync_bag_to_db(BundleDagBag(dag_folder=bundle.path, bundle_path=bundle.path, bundle_name=bundle.name),
-                       bundle.name, bundle.version)
+        sync_bag_to_db(
+            BundleDagBag(dag_folder=bundle.path, bundle_path=bundle.path, bundle_name=bundle.name),
+            bundle.name,
+            bundle.version,
+        )
 
 
 @pytest.fixture
 def hook(airflow_db, settings, demo_repo, tmp_path, monkeypatch):
     name = "h" + uuid.uuid4().hex[:10]
     config = tmp_path / "watch.yaml"
-    config.write_text(json.dumps({"repositories": [{"name": name, "repo_url": str(demo_repo["path"]),
-                                                    "branch": "main"}]}))
+    config.write_text(
+        json.dumps({"repositories": [{"name": name, "repo_url": str(demo_repo["path"]), "branch": "main"}]})
+    )
     monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))
     monkeypatch.setenv("GITOPS_ML_WEBHOOK_SECRET", SECRET)
     _sync_dags_to_db()
     from gitops_ml.airflow.links import create_app
 
-    return {"name": name, "client": TestClient(create_app()), "repo": demo_repo["path"],
-            "head": demo_repo["commit_sha"]}
+    return {
+        "name": name,
+        "client": TestClient(create_app()),
+        "repo": demo_repo["path"],
+        "head": demo_repo["commit_sha"],
+    }
 
 
 def push_body(before: str, after: str, ref: str = "refs/heads/main") -> bytes:
-    return json.dumps({"ref": ref, "before": before, "after": after,
-                       "repository": {"clone_url": "https://git.example.com/m.git"}}).encode()
+    return json.dumps(
+        {"ref": ref, "before": before, "after": after, "repository": {"clone_url": "https://git.example.com/m.git"}}
+    ).encode()
 
 
 def github(body: bytes, delivery: str | None = None) -> dict[str, str]:
-    headers = {"X-GitHub-Event": "push", "Content-Type": "application/json",
-               "X-Hub-Signature-256": "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest()}
+    headers = {
+        "X-GitHub-Event": "push",
+        "Content-Type": "application/json",
+        "X-Hub-Signature-256": "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest(),
+    }
     if delivery:
         headers["X-GitHub-Delivery"] = delivery
     return headers
@@ -102,10 +114,19 @@ def test_a_redelivery_is_answered_duplicate_even_by_another_process(hook):
     assert any(delivery in key for key in delivery_variables())  # kept in the Airflow DB
 
     # A restarted API server is a new process: it reads the same DB and still knows the delivery.
-    code = ("import json, sys; from gitops_ml.airflow.webhook import handle_push; "
-            "print(json.dumps(handle_push(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3].encode())))")
-    done = subprocess.run([sys.executable, "-c", code, hook["name"], json.dumps(github(body, delivery)),
-                           body.decode()], capture_output=True, text=True, timeout=120, env=os.environ, cwd=ROOT, check=False)
+    code = (
+        "import json, sys; from gitops_ml.airflow.webhook import handle_push; "
+        "print(json.dumps(handle_push(sys.argv[1], json.loads(sys.argv[2]), sys.argv[3].encode())))"
+    )
+    done = subprocess.run(
+        [sys.executable, "-c", code, hook["name"], json.dumps(github(body, delivery)), body.decode()],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        env=os.environ,
+        cwd=ROOT,
+        check=False,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     status, payload = json.loads(done.stdout.strip().splitlines()[-1])
     assert status == 200 and payload["ignored"] == "duplicate delivery"
@@ -147,7 +168,9 @@ def test_an_old_sha_removed_by_a_force_push_or_unknown_starts_nothing(hook):
     unknown = "ab" * 20
     body = push_body(hook["head"], unknown)
     answer = client.post(f"/webhooks/{hook['name']}", content=body, headers=github(body, str(uuid.uuid4())))
-    assert answer.status_code == 422 and unknown in answer.json()["error"] and "does not exist" in answer.json()["error"]
+    assert (
+        answer.status_code == 422 and unknown in answer.json()["error"] and "does not exist" in answer.json()["error"]
+    )
     assert pipeline_run_ids() == before
     # The head itself, and a commit on the branch below the head, are accepted.
     body = push_body(hook["head"], rewritten)

@@ -57,8 +57,17 @@ def craft_manifest(tracked, entries: list[dict]) -> str:
     return dir_md5
 
 
-@pytest.mark.parametrize("relpath", ["../../escaped.png", "cat/../../../escaped.png", "/ABS/escaped.png",
-                                     "cat//x.png", "./cat/x.png", "cat\\..\\..\\escaped.png"])
+@pytest.mark.parametrize(
+    "relpath",
+    [
+        "../../escaped.png",
+        "cat/../../../escaped.png",
+        "/ABS/escaped.png",
+        "cat//x.png",
+        "./cat/x.png",
+        "cat\\..\\..\\escaped.png",
+    ],
+)
 def test_manifest_entry_outside_the_folder_is_refused_before_writing(tracked, outside, relpath):
     md5 = put_object(tracked["remote"], png_bytes())
     relpath = relpath.replace("/ABS", str(outside))

@@ -14,8 +14,16 @@ import yaml
 
 from tests.helpers import ROOT
 
-SECRETS = ("POSTGRES_PASSWORD", "AIRFLOW_JWT_SECRET", "AIRFLOW_SECRET_KEY", "GITOPS_ML_SERVING_TOKEN", "REDIS_PASSWORD",
-           "AIRFLOW_FERNET_KEY", "AWS_ACCESS_KEY_ID", "AWS_SECRET_ACCESS_KEY")
+SECRETS = (
+    "POSTGRES_PASSWORD",
+    "AIRFLOW_JWT_SECRET",
+    "AIRFLOW_SECRET_KEY",
+    "GITOPS_ML_SERVING_TOKEN",
+    "REDIS_PASSWORD",
+    "AIRFLOW_FERNET_KEY",
+    "AWS_ACCESS_KEY_ID",
+    "AWS_SECRET_ACCESS_KEY",
+)
 
 
 def _compose_text() -> str:
@@ -25,9 +33,22 @@ def _compose_text() -> str:
 def test_compose_schema_when_docker_compose_is_installed():
     compose = yaml.safe_load(_compose_text())
     services = compose["services"]
-    for name in ("postgres", "redis", "s3", "airflow-apiserver", "airflow-scheduler", "airflow-dag-processor",
-                 "airflow-triggerer", "airflow-worker-1", "airflow-worker-2", "mlflow", "serving-1", "serving-2",
-                 "elasticsearch", "kibana"):
+    for name in (
+        "postgres",
+        "redis",
+        "s3",
+        "airflow-apiserver",
+        "airflow-scheduler",
+        "airflow-dag-processor",
+        "airflow-triggerer",
+        "airflow-worker-1",
+        "airflow-worker-2",
+        "mlflow",
+        "serving-1",
+        "serving-2",
+        "elasticsearch",
+        "kibana",
+    ):
         assert name in services, name
     env = services["airflow-worker-1"]["environment"]
     assert env["AIRFLOW__CORE__EXECUTOR"] == "CeleryExecutor"
@@ -37,15 +58,18 @@ def test_compose_schema_when_docker_compose_is_installed():
     command = services["mlflow"]["command"]
     assert command[command.index("--artifacts-destination") + 1].startswith("s3://")
     assert services["mlflow"]["environment"]["MLFLOW_S3_ENDPOINT_URL"] == "http://s3:9000"
+
     # Workers share no volume with each other or with the control plane.
     def state_volumes(name):
         return {v.split(":")[0] for v in services[name]["volumes"] if not v.startswith(("$", "."))}
+
     workers = [state_volumes("airflow-worker-1"), state_volumes("airflow-worker-2"), state_volumes("airflow-scheduler")]
     assert all(workers) and not (workers[0] & workers[1]) and not ((workers[0] | workers[1]) & workers[2]), workers
     # Every dependency waits for a healthy (or finished) service, and every long-running service has a healthcheck.
     for name, service in services.items():
-        for dependency, condition in (service.get("depends_on") or {}).items() if isinstance(
-                service.get("depends_on"), dict) else []:
+        for dependency, condition in (
+            (service.get("depends_on") or {}).items() if isinstance(service.get("depends_on"), dict) else []
+        ):
             assert condition["condition"] in ("service_healthy", "service_completed_successfully"), (name, dependency)
             if condition["condition"] == "service_healthy":
                 assert "healthcheck" in services[dependency], dependency
@@ -92,17 +116,29 @@ def test_env_example_explains_every_variable_compose_reads():
 
 def test_compose_validates_with_a_filled_env_and_refuses_without_one(tmp_path):
     tool = shutil.which("docker-compose")
-    assert tool, "docker-compose is needed to check the file against the Compose schema: " \
-                 "apt-get install docker-compose (.ci/run installs it)"
+    assert tool, (
+        "docker-compose is needed to check the file against the Compose schema: "
+        "apt-get install docker-compose (.ci/run installs it)"
+    )
     clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
     filled = tmp_path / "filled.env"
     filled.write_text("".join(f"{name}=test-{name.lower()}-0123456789\n" for name in SECRETS))
-    result = subprocess.run([tool, "--env-file", str(filled), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
-                            capture_output=True, text=True, env=clean, check=False)
+    result = subprocess.run(
+        [tool, "--env-file", str(filled), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env=clean,
+        check=False,
+    )
     assert result.returncode == 0, result.stderr
     empty = tmp_path / "empty.env"
     empty.write_text((ROOT / ".env.example").read_text())  # the example as is: secrets left empty
-    result = subprocess.run([tool, "--env-file", str(empty), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
-                            capture_output=True, text=True, env=clean, check=False)
+    result = subprocess.run(
+        [tool, "--env-file", str(empty), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+        capture_output=True,
+        text=True,
+        env=clean,
+        check=False,
+    )
     assert result.returncode != 0
     assert "see .env.example" in result.stderr and any(name in result.stderr for name in SECRETS), result.stderr

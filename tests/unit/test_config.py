@@ -28,8 +28,11 @@ def test_variables_outside_the_prefix_and_trailing_slashes(tmp_path, monkeypatch
     monkeypatch.setenv("GITOPS_ML_PUSH_NOTES", "yes")
     monkeypatch.setenv("GITOPS_ML_SERVING_TOKEN", "s3cret-token")
     settings = Settings.from_env()
-    assert (settings.tracking_uri, settings.experiment_name, settings.es_url) == \
-        ("http://mlflow:5000", "vision", "https://es:9200")
+    assert (settings.tracking_uri, settings.experiment_name, settings.es_url) == (
+        "http://mlflow:5000",
+        "vision",
+        "https://es:9200",
+    )
     assert settings.airflow_api_url == "http://airflow:8080" and settings.push_notes is True
     assert "s3cret-token" not in repr(settings)
     assert Settings(home=tmp_path, experiment_name="other").experiment_name == "other"  # arguments win

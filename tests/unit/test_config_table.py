@@ -49,11 +49,19 @@ def variables_read(source: str, named: bool = True) -> set[str]:
                 names.add(_literal(node.args[0]))
             elif isinstance(func, (ast.Name, ast.Attribute)) and ast.unparse(func).split(".")[-1] in READ_FUNCTIONS:
                 names.add(_literal(node.args[0]))
-        elif (isinstance(node, ast.Subscript) and isinstance(node.ctx, ast.Load)
-              and ast.unparse(node.value) in ENV_RECEIVERS and _literal(node.slice)):
+        elif (
+            isinstance(node, ast.Subscript)
+            and isinstance(node.ctx, ast.Load)
+            and ast.unparse(node.value) in ENV_RECEIVERS
+            and _literal(node.slice)
+        ):
             names.add(_literal(node.slice))
-        elif (isinstance(node, ast.Compare) and _literal(node.left) and any(isinstance(op, ast.In) for op in node.ops)
-              and any(ast.unparse(c) in ENV_RECEIVERS for c in node.comparators)):
+        elif (
+            isinstance(node, ast.Compare)
+            and _literal(node.left)
+            and any(isinstance(op, ast.In) for op in node.ops)
+            and any(ast.unparse(c) in ENV_RECEIVERS for c in node.comparators)
+        ):
             names.add(_literal(node.left))
         elif named and _literal(node) and PROJECT_NAME.fullmatch(_literal(node)):
             names.add(_literal(node))
@@ -119,16 +127,16 @@ i = name or "GITOPS_ML_I_NAMED"
 j = os.getenv("J_READ")
 """docstring mentioning GITOPS_ML_NOT_A_READ"""
 '''
-    assert variables_read(source) == {"A_READ", "B_READ", "E_READ", "F_READ", "H_READ", "GITOPS_ML_I_NAMED",
-                                      "J_READ"}
+    assert variables_read(source) == {"A_READ", "B_READ", "E_READ", "F_READ", "H_READ", "GITOPS_ML_I_NAMED", "J_READ"}
 
 
 def test_every_variable_the_code_reads_is_in_the_readme_table():
     read = code_variables()
     table = readme_table()
     missing = {name: files for name, files in read.items() if name not in table and name not in NOT_SETTINGS}
-    assert not missing, ("variables read by the code but missing from README.md's configuration table: "
-                         + "; ".join(f"{n} (read in {', '.join(f)})" for n, f in sorted(missing.items())))
+    assert not missing, "variables read by the code but missing from README.md's configuration table: " + "; ".join(
+        f"{n} (read in {', '.join(f)})" for n, f in sorted(missing.items())
+    )
 
 
 def test_every_table_entry_is_still_read_by_the_code():
@@ -142,11 +150,15 @@ def test_every_table_entry_is_still_read_by_the_code():
 def test_settings_variables_are_read_only_through_the_settings_model():
     direct = scanned_variables(named=False)
     settings_names = set(environment_variables().values())
-    outside = {name: [f for f in files if f != "include/gitops_ml/config.py"]
-               for name, files in direct.items() if name in settings_names}
+    outside = {
+        name: [f for f in files if f != "include/gitops_ml/config.py"]
+        for name, files in direct.items()
+        if name in settings_names
+    }
     outside = {name: files for name, files in outside.items() if files}
-    assert not outside, ("read these from gitops_ml.config.Settings, which holds their one default: "
-                         + "; ".join(f"{n} (read in {', '.join(f)})" for n, f in sorted(outside.items())))
+    assert not outside, "read these from gitops_ml.config.Settings, which holds their one default: " + "; ".join(
+        f"{n} (read in {', '.join(f)})" for n, f in sorted(outside.items())
+    )
 
 
 def test_the_table_gives_the_default_the_settings_model_declares():
@@ -157,11 +169,13 @@ def test_the_table_gives_the_default_the_settings_model_declares():
             continue  # "none", or a default derived from another setting: the table says it in words
         assert f"`{shown(default)}`" in table[name][1], (
             f"README configuration table: {name} defaults to `{shown(default)}` (gitops_ml.config.Settings."
-            f"{field}), the table says {table[name][1]!r}")
+            f"{field}), the table says {table[name][1]!r}"
+        )
 
 
 def test_every_table_row_gives_a_default_and_a_meaning():
     for name, cells in readme_table().items():
         assert len(cells) >= 3 and all(cells[:3]), (
             f"README configuration table row of {name} needs three filled cells (variable | default | meaning), "
-            f"got {cells}")
+            f"got {cells}"
+        )

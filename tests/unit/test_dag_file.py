@@ -28,9 +28,11 @@ def test_dag_file_imports_nothing_heavy(dag_file, watch_file):
 @pytest.fixture
 def watch_file(tmp_path, monkeypatch):
     path = tmp_path / "watch.yaml"
-    path.write_text("repositories:\n"
-                    "  - {name: a, repo_url: 'https://u:${TOK}@git.example.com/a.git', retrain_schedule: '@daily'}\n"
-                    "  - {name: b, repo_url: /srv/git/b.git, branch: dev, retrain_schedule: null}\n")
+    path.write_text(
+        "repositories:\n"
+        "  - {name: a, repo_url: 'https://u:${TOK}@git.example.com/a.git', retrain_schedule: '@daily'}\n"
+        "  - {name: b, repo_url: /srv/git/b.git, branch: dev, retrain_schedule: null}\n"
+    )
     monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(path))
     return path
 

@@ -11,8 +11,14 @@ import pytest
 
 from tests.helpers import ROOT
 
-OWNERS = {"git": "source.py", "dvc": "data.py", "mlflow": "registry.py", "tensorflow": "training.py",
-          "keras": "training.py", "elasticsearch": "logs.py"}
+OWNERS = {
+    "git": "source.py",
+    "dvc": "data.py",
+    "mlflow": "registry.py",
+    "tensorflow": "training.py",
+    "keras": "training.py",
+    "elasticsearch": "logs.py",
+}
 PACKAGE = ROOT / "include" / "gitops_ml"
 SOURCES = sorted([*PACKAGE.rglob("*.py"), *(ROOT / "plugins").glob("*.py"), *(ROOT / "dags").glob("*.py")])
 
@@ -28,19 +34,34 @@ def imported_packages(path) -> set[tuple[str, int]]:
 
 
 def test_each_backend_is_imported_by_its_owner_only():
-    wrong = [f"{path.relative_to(ROOT)}:{line} imports {package} (owner: gitops_ml/{OWNERS[package]})"
-             for path in SOURCES for package, line in sorted(imported_packages(path))
-             if package in OWNERS and not (path.parent == PACKAGE and path.name == OWNERS[package])]
+    wrong = [
+        f"{path.relative_to(ROOT)}:{line} imports {package} (owner: gitops_ml/{OWNERS[package]})"
+        for path in SOURCES
+        for package, line in sorted(imported_packages(path))
+        if package in OWNERS and not (path.parent == PACKAGE and path.name == OWNERS[package])
+    ]
     assert wrong == []
 
 
-@pytest.mark.parametrize("module", ["gitops_ml.refs", "gitops_ml.records", "gitops_ml.logs", "gitops_ml.webhooks",
-                                    "gitops_ml.signatures", "gitops_ml.params", "gitops_ml.config",
-                                    "gitops_ml.watch", "gitops_ml.gate", "gitops_ml.images", "gitops_ml.runs",
-                                    "gitops_ml.payloads"])
+@pytest.mark.parametrize(
+    "module",
+    [
+        "gitops_ml.refs",
+        "gitops_ml.records",
+        "gitops_ml.logs",
+        "gitops_ml.webhooks",
+        "gitops_ml.signatures",
+        "gitops_ml.params",
+        "gitops_ml.config",
+        "gitops_ml.watch",
+        "gitops_ml.gate",
+        "gitops_ml.images",
+        "gitops_ml.runs",
+        "gitops_ml.payloads",
+    ],
+)
 def test_light_modules_load_no_backend(module):
-    code = (f"import sys, json, {module}\n"
-            f"print(json.dumps(sorted(m for m in {sorted(OWNERS)!r} if m in sys.modules)))\n")
+    code = f"import sys, json, {module}\nprint(json.dumps(sorted(m for m in {sorted(OWNERS)!r} if m in sys.modules)))\n"
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == []
 
@@ -48,7 +69,9 @@ def test_light_modules_load_no_backend(module):
 @pytest.mark.parametrize("module", ["gitops_ml.airflow.client", "gitops_ml.runs", "gitops_ml.payloads"])
 def test_library_modules_load_no_airflow(module):
     """The REST client, run naming and payload types are library code: usable where Airflow is not installed."""
-    code = (f"import sys, json, {module}\n"
-            "print(json.dumps(sorted(m for m in sys.modules if m == 'airflow' or m.startswith('airflow.'))))\n")
+    code = (
+        f"import sys, json, {module}\n"
+        "print(json.dumps(sorted(m for m in sys.modules if m == 'airflow' or m.startswith('airflow.'))))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     assert json.loads(out.strip().splitlines()[-1]) == []

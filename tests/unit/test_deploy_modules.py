@@ -6,9 +6,11 @@ import sys
 
 
 def loaded_after(statement: str, prefixes: tuple[str, ...]) -> list[str]:
-    code = (f"import sys, json\n{statement}\n"
-            f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {prefixes!r} "
-            f"or m.startswith('gitops_ml.deploy.'))))\n")
+    code = (
+        f"import sys, json\n{statement}\n"
+        f"print(json.dumps(sorted(m for m in sys.modules if m.split('.')[0] in {prefixes!r} "
+        f"or m.startswith('gitops_ml.deploy.'))))\n"
+    )
     out = subprocess.run([sys.executable, "-c", code], check=True, capture_output=True, text=True).stdout
     return json.loads(out.strip().splitlines()[-1])
 

@@ -25,5 +25,4 @@ def test_per_class_recall_floor_names_the_class():
     failed = gate.decide(result(0.9, {"cat": 0.95, "dog": 0.6}), None, rules)
     assert not failed["passed"] and "dog (0.6)" in failed["reasons"][0]
     assert gate.summary(failed, None).startswith("NOT PROMOTED: recall below")
-    assert gate.summary(gate.decide(result(0.9), None, RULES), None) == \
-        "gate passed against no champion (first model)"
+    assert gate.summary(gate.decide(result(0.9), None, RULES), None) == "gate passed against no champion (first model)"

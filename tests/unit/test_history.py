@@ -10,14 +10,26 @@ OTHER = "b" * 40
 
 
 def settings(**overrides):
-    return Settings(home=Path("/nonexistent"), repo_url="https://github.com/acme/models.git",
-                    mlflow_ui_url="http://mlflow.example", **overrides)
+    return Settings(
+        home=Path("/nonexistent"),
+        repo_url="https://github.com/acme/models.git",
+        mlflow_ui_url="http://mlflow.example",
+        **overrides,
+    )
 
 
 def run(state="success", conf=None, tasks=None, xcom=None, run_id=f"commit__{SHA}"):
-    return {"dag_id": "gitops_ml_pipeline", "run_id": run_id, "state": state, "conf": conf or {},
-            "start_date": "2026-12-01T07:00:00+00:00", "end_date": "2026-12-01T07:01:05+00:00", "note": "",
-            "tasks": tasks or {}, "xcom": xcom or {}}
+    return {
+        "dag_id": "gitops_ml_pipeline",
+        "run_id": run_id,
+        "state": state,
+        "conf": conf or {},
+        "start_date": "2026-12-01T07:00:00+00:00",
+        "end_date": "2026-12-01T07:01:05+00:00",
+        "note": "",
+        "tasks": tasks or {},
+        "xcom": xcom or {},
+    }
 
 
 def version(number, **tags):
@@ -25,14 +37,24 @@ def version(number, **tags):
 
 
 def final(summary, **fields):
-    return {"_id": "x", "@timestamp": "2026-12-01T07:01:05+00:00", "labels": {"run_id": f"commit__{SHA}"},
-            "event": {"action": "pipeline", "outcome": "success"}, "summary": summary, **fields}
+    return {
+        "_id": "x",
+        "@timestamp": "2026-12-01T07:01:05+00:00",
+        "labels": {"run_id": f"commit__{SHA}"},
+        "event": {"action": "pipeline", "outcome": "success"},
+        "summary": summary,
+        **fields,
+    }
 
 
 def test_commit_url_only_for_browsable_hosts_and_never_with_credentials():
-    assert history.commit_url("https://github.com/acme/models.git", SHA) == f"https://github.com/acme/models/commit/{SHA}"
+    assert (
+        history.commit_url("https://github.com/acme/models.git", SHA) == f"https://github.com/acme/models/commit/{SHA}"
+    )
     assert history.commit_url("git@gitlab.com:acme/models.git", SHA) == f"https://gitlab.com/acme/models/-/commit/{SHA}"
-    assert history.commit_url("https://oauth2:tok@github.com/acme/m.git", SHA) == f"https://github.com/acme/m/commit/{SHA}"
+    assert (
+        history.commit_url("https://oauth2:tok@github.com/acme/m.git", SHA) == f"https://github.com/acme/m/commit/{SHA}"
+    )
     assert history.commit_url("/srv/git/models", SHA) is None
     assert history.commit_url("https://git.internal/acme/models.git", SHA) is None
     assert history.commit_url("javascript:alert(1)//github.com", SHA) is None
@@ -52,8 +74,11 @@ def test_decisions():
     reused = run(tasks={"train": {"state": "skipped"}}, xcom={"prepare_workspace": {"reuse_version": "4"}})
     assert history.decision_of(reused, None, True)["text"] == "reused version 4"
     no_retrain = run(conf={"decision": "no_retrain", "reason": "no retrain needed: only README.md changed"})
-    assert history.decision_of(no_retrain, None, True) == {"kind": "no_retrain", "text": "NO RETRAIN NEEDED",
-                                                            "detail": "no retrain needed: only README.md changed"}
+    assert history.decision_of(no_retrain, None, True) == {
+        "kind": "no_retrain",
+        "text": "NO RETRAIN NEEDED",
+        "detail": "no retrain needed: only README.md changed",
+    }
     rejected = run(xcom={"outcome": f"REJECTED commit {SHA}: unsigned"})
     assert history.decision_of(rejected, None, True)["text"] == "REJECTED signature"
     assert history.decision_of(trained, None, False)["text"] == "force-pushed away"
@@ -66,8 +91,17 @@ def test_decisions():
 
 
 def test_gate_from_the_evaluate_step_with_both_accuracies_and_the_reasons():
-    evaluated = run(xcom={"evaluate": {"test_accuracy": 0.91, "champion_accuracy": 0.95, "champion_version": "2",
-                                       "gate_passed": False, "gate_reasons": ["accuracy dropped by 0.04"]}})
+    evaluated = run(
+        xcom={
+            "evaluate": {
+                "test_accuracy": 0.91,
+                "champion_accuracy": 0.95,
+                "champion_version": "2",
+                "gate_passed": False,
+                "gate_reasons": ["accuracy dropped by 0.04"],
+            }
+        }
+    )
     gate = history.gate_of(evaluated, {})
     assert gate["passed"] is False and gate["reasons"] == ["accuracy dropped by 0.04"]
     assert (gate["challenger_accuracy"], gate["champion_accuracy"], gate["champion_version"]) == (0.91, 0.95, "2")
@@ -78,13 +112,19 @@ def test_gate_from_the_evaluate_step_with_both_accuracies_and_the_reasons():
 
 def test_deploy_outcomes():
     promoted = {"promoted": True, "deployed": True, "replaced_version": "2"}
-    assert history.deploy_of(version("3"), promoted, "3", None) == \
-        {"kind": "promoted", "text": "promoted", "serving": True, "detail": "replaced version 2"}
-    failed = history.deploy_of(version("4", gate="failed"), {"gate": "failed", "deployed": False,
-                                                              "summary": "NOT PROMOTED: x"}, "3", None)
+    assert history.deploy_of(version("3"), promoted, "3", None) == {
+        "kind": "promoted",
+        "text": "promoted",
+        "serving": True,
+        "detail": "replaced version 2",
+    }
+    failed = history.deploy_of(
+        version("4", gate="failed"), {"gate": "failed", "deployed": False, "summary": "NOT PROMOTED: x"}, "3", None
+    )
     assert failed["kind"] == "not_promoted" and failed["serving"] is False
-    rolled = history.deploy_of(version("3", deploy_outcome="rolled_back", rollback_reason="rolled back by ann"),
-                               {"promoted": True}, "2", None)
+    rolled = history.deploy_of(
+        version("3", deploy_outcome="rolled_back", rollback_reason="rolled back by ann"), {"promoted": True}, "2", None
+    )
     assert rolled["kind"] == "rolled_back" and rolled["detail"] == "rolled back by ann"
     manual = history.deploy_of(version("2"), None, "2", {"action": "rolled back", "by": "ann", "reason": "bad"})
     assert manual == {"kind": "manual", "text": "rolled back by ann", "serving": True, "detail": "bad"}
@@ -92,12 +132,30 @@ def test_deploy_outcomes():
 
 def test_row_links_and_roll_back_offer():
     v1 = version("1", commit_sha=SHA, gate="passed", deploy_outcome="promoted", deployed_at="t", data_hash="d" * 32)
-    r = run(tasks={"train": {"state": "success"}},
-            xcom={"train": {"run_id": "abc", "experiment_id": "7"}, "register": {"model_version": "1"},
-                  "resolve_commit": {"commit": {"commit_sha": SHA, "message": "Tune it\n\nbody", "author": "Ann",
-                                                "repo_url": "https://github.com/acme/models.git"}}})
-    row = history.row(settings(), r, [final("PROMOTED: version 1 ...", promoted=True, deployed=True)],
-                      {"1": v1}, champion="2", commit_info={"on_branch": True}, kibana_url="http://kibana:5601")
+    r = run(
+        tasks={"train": {"state": "success"}},
+        xcom={
+            "train": {"run_id": "abc", "experiment_id": "7"},
+            "register": {"model_version": "1"},
+            "resolve_commit": {
+                "commit": {
+                    "commit_sha": SHA,
+                    "message": "Tune it\n\nbody",
+                    "author": "Ann",
+                    "repo_url": "https://github.com/acme/models.git",
+                }
+            },
+        },
+    )
+    row = history.row(
+        settings(),
+        r,
+        [final("PROMOTED: version 1 ...", promoted=True, deployed=True)],
+        {"1": v1},
+        champion="2",
+        commit_info={"on_branch": True},
+        kibana_url="http://kibana:5601",
+    )
     assert row["message"] == "Tune it" and row["author"] == "Ann"
     assert row["run"]["duration_s"] == 65.0
     assert row["can_roll_back"] is True  # promoted once, gate passed, not the champion
@@ -114,9 +172,11 @@ def test_row_links_and_roll_back_offer():
 
 def test_now_serving_flags_a_replica_that_disagrees_with_the_alias():
     champion = version("3", commit_sha=SHA, served_for_commit=OTHER, data_hash="d1", deployed_at="2026-12-01T07:00:00Z")
-    replicas = [{"url": "http://a", "reachable": True, "serving": {"model_version": "3", "commit_sha": OTHER}},
-                {"url": "http://b", "reachable": True, "serving": {"model_version": "2", "commit_sha": SHA}},
-                {"url": "http://c", "reachable": False, "error": "ConnectError"}]
+    replicas = [
+        {"url": "http://a", "reachable": True, "serving": {"model_version": "3", "commit_sha": OTHER}},
+        {"url": "http://b", "reachable": True, "serving": {"model_version": "2", "commit_sha": SHA}},
+        {"url": "http://c", "reachable": False, "error": "ConnectError"},
+    ]
     now = history.now_serving(champion, replicas, {"message": "Revert", "author": "Ann"})
     assert now["commit_sha"] == OTHER and now["built_from_commit"] == SHA and now["model_version"] == "3"
     assert [r["agrees"] for r in now["replicas"]] == [True, False, False] and now["all_agree"] is False
@@ -124,26 +184,61 @@ def test_now_serving_flags_a_replica_that_disagrees_with_the_alias():
 
 
 def test_build_sections_pages_and_the_manual_rollback_row():
-    champion = version("1", commit_sha=SHA, manual_deploy_at="2026-12-01T08:00:00Z", manual_deploy_by="ann",
-                       manual_deploy_action="rolled back", replaced_version="2")
+    champion = version(
+        "1",
+        commit_sha=SHA,
+        manual_deploy_at="2026-12-01T08:00:00Z",
+        manual_deploy_by="ann",
+        manual_deploy_action="rolled back",
+        replaced_version="2",
+    )
     runs = [run(), run(run_id=f"commit__{OTHER}__fork", conf={"watch": "fork"})]
-    page = history.build(settings(), runs, total=60, page=2, per_page=25, versions={"1": champion},
-                         champion=champion, replicas=[], commits={}, records_of=lambda sha: [])
+    page = history.build(
+        settings(),
+        runs,
+        total=60,
+        page=2,
+        per_page=25,
+        versions={"1": champion},
+        champion=champion,
+        replicas=[],
+        commits={},
+        records_of=lambda sha: [],
+    )
     assert [s["watch"] for s in page["sections"]] == ["default", "fork"]
     assert (page["page"], page["pages"], page["total"]) == (2, 3, 60)
-    assert page["actions"] == [{"action": "rolled back", "by": "ann", "at": "2026-12-01T08:00:00Z",
-                                "model_version": "1", "commit_sha": SHA, "replaced_version": "2", "reason": None}]
+    assert page["actions"] == [
+        {
+            "action": "rolled back",
+            "by": "ann",
+            "at": "2026-12-01T08:00:00Z",
+            "model_version": "1",
+            "commit_sha": SHA,
+            "replaced_version": "2",
+            "reason": None,
+        }
+    ]
     assert page["running"] is False
 
 
 def test_run_note_lines_say_the_decision_and_the_gate_result():
-    evaluated = {"evaluate": {"test_accuracy": 0.96114, "champion_accuracy": 0.95833, "champion_version": "2",
-                              "gate_passed": True, "gate_reasons": []}}
+    evaluated = {
+        "evaluate": {
+            "test_accuracy": 0.96114,
+            "champion_accuracy": 0.95833,
+            "champion_version": "2",
+            "gate_passed": True,
+            "gate_reasons": [],
+        }
+    }
     assert history.note_lines(evaluated) == [
-        "decision: trained; gate passed: test accuracy 0.9611 against champion version 2's 0.9583"]
+        "decision: trained; gate passed: test accuracy 0.9611 against champion version 2's 0.9583"
+    ]
     first = {"evaluate": {"test_accuracy": 0.5, "champion_accuracy": None, "gate_passed": False}}
-    assert history.note_lines(first) == ["decision: trained; gate FAILED: test accuracy 0.5000 "
-                                         "(no champion to compare with)"]
+    assert history.note_lines(first) == [
+        "decision: trained; gate FAILED: test accuracy 0.5000 (no champion to compare with)"
+    ]
     assert history.note_lines({"prepare_workspace": {"reuse_version": "4"}}) == [
-        "decision: reused version 4 (same data, params and model code), not retrained"]
+        "decision: reused version 4 (same data, params and model code), not retrained"
+    ]
     assert history.note_lines({}) == []

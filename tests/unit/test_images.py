@@ -29,8 +29,14 @@ def test_rgb_jpeg_resized_to_grey_and_grey_to_rgb():
     assert colour.shape == (16, 12, 3)
 
 
-@pytest.mark.parametrize("payload,message", [(b"", "is empty"), (b"hello world", "is not a decodable image"),
-                                             (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "is not a decodable image")])
+@pytest.mark.parametrize(
+    "payload,message",
+    [
+        (b"", "is empty"),
+        (b"hello world", "is not a decodable image"),
+        (b"\x89PNG\r\n\x1a\n" + b"\0" * 20, "is not a decodable image"),
+    ],
+)
 def test_bad_bytes_raise_named_error(payload, message):
     with pytest.raises(images.ImageDecodeError, match=f"upload.png {message}"):
         images.decode(payload, 8, 8, 1, name="upload.png")

@@ -34,15 +34,26 @@ RECORD_SOURCES = (PACKAGE / "pipeline.py", PACKAGE / "flow.py", PACKAGE / "runs.
 DAG_FILE = ROOT / "dags" / "gitops_ml_pipeline.py"
 DASHBOARD_TITLE = "gitops-ml: runs by commit"
 
-EMBEDDED_JSON = {"searchSourceJSON", "panelsJSON", "optionsJSON", "fieldAttrs", "fieldFormatMap", "runtimeFieldMap",
-                 "visState", "uiStateJSON"}
+EMBEDDED_JSON = {
+    "searchSourceJSON",
+    "panelsJSON",
+    "optionsJSON",
+    "fieldAttrs",
+    "fieldFormatMap",
+    "runtimeFieldMap",
+    "visState",
+    "uiStateJSON",
+}
 FIELD_KEYS = {"sourceField", "field", "sortField", "timeField", "timeFieldName", "breakdownField", "fieldName"}
 QUERY_DSL_KEYS = {"match_phrase", "match", "term", "terms", "range", "prefix", "wildcard"}
 NOT_A_FIELD = "___records___"  # Lens' pseudo field of the count operation
-LENS_TYPES = {"number": {"long", "integer", "short", "byte", "double", "float", "half_float", "scaled_float",
-                         "unsigned_long"},
-              "string": {"keyword", "constant_keyword", "wildcard"}, "date": {"date", "date_nanos"},
-              "boolean": {"boolean"}, "ip": {"ip"}}
+LENS_TYPES = {
+    "number": {"long", "integer", "short", "byte", "double", "float", "half_float", "scaled_float", "unsigned_long"},
+    "string": {"keyword", "constant_keyword", "wildcard"},
+    "date": {"date", "date_nanos"},
+    "boolean": {"boolean"},
+    "ip": {"ip"},
+}
 
 
 # ---------------------------------------------------------------------------------------------- loading
@@ -56,12 +67,14 @@ def by_type(objects: list[dict], type_: str) -> list[dict]:
 
 def parsed(obj: dict) -> dict:
     """The object with its embedded JSON strings (searchSourceJSON, panelsJSON, ...) parsed."""
+
     def walk(node):
         if isinstance(node, dict):
             return {k: walk(json.loads(v) if k in EMBEDDED_JSON and isinstance(v, str) else v) for k, v in node.items()}
         if isinstance(node, list):
             return [walk(v) for v in node]
         return node
+
     return walk(obj)
 
 
@@ -78,8 +91,15 @@ def kql_clauses(query: str) -> list[tuple[str, list[str]]]:
             raise ValueError(f"cannot read KQL {query!r} at {pos}")
         pos = match.end()
         quoted, paren, op, word = match.groups()
-        tokens.append(("str", quoted) if quoted is not None else ("paren", paren) if paren
-                      else ("op", op) if op else ("word", word))
+        tokens.append(
+            ("str", quoted)
+            if quoted is not None
+            else ("paren", paren)
+            if paren
+            else ("op", op)
+            if op
+            else ("word", word)
+        )
     clauses, i = [], 0
     while i < len(tokens):
         if tokens[i][0] in ("word", "str") and i + 1 < len(tokens) and tokens[i + 1][0] == "op":
@@ -158,6 +178,7 @@ def mapped_fields(mappings: dict) -> dict[str, str]:
                 out[f"{prefix}{name}"] = spec["type"]
             for sub, sub_spec in spec.get("fields", {}).items():
                 out[f"{prefix}{name}.{sub}"] = sub_spec["type"]
+
     walk(mappings.get("properties", {}), "")
     return out
 
@@ -201,28 +222,36 @@ def record_calls() -> dict[str, set[str]]:
                 for item in ast.walk(node):  # the dict it builds and returns, and keys added to it
                     if isinstance(item, ast.Dict):
                         found["fields"] |= {k.value for k in item.keys if isinstance(k, ast.Constant)}
-                    elif isinstance(item, ast.Subscript) and isinstance(item.ctx, ast.Store) \
-                            and isinstance(item.slice, ast.Constant):
+                    elif (
+                        isinstance(item, ast.Subscript)
+                        and isinstance(item.ctx, ast.Store)
+                        and isinstance(item.slice, ast.Constant)
+                    ):
                         found["fields"].add(item.slice.value)
     # a failure record's step is the Airflow task id that failed
     for node in ast.walk(ast.parse(DAG_FILE.read_text(encoding="utf-8"))):
         if isinstance(node, ast.FunctionDef) and any(
-                _call_name(d.func if isinstance(d, ast.Call) else d) == "task" for d in node.decorator_list):
+            _call_name(d.func if isinstance(d, ast.Call) else d) == "task" for d in node.decorator_list
+        ):
             found["steps"].add(node.name)
     return found
 
 
 def written() -> dict[str, Any]:
     """Field names really carried by documents of each data view, and the values we compare against."""
-    log_doc = logs.document(dict.fromkeys(logs.LABEL_KEYS, "x"), 1, "INFO", "gitops_ml.test",
-                            "x" * (logs.MAX_MESSAGE_BYTES + 1))  # oversize: the truncation fields too
+    log_doc = logs.document(
+        dict.fromkeys(logs.LABEL_KEYS, "x"), 1, "INFO", "gitops_ml.test", "x" * (logs.MAX_MESSAGE_BYTES + 1)
+    )  # oversize: the truncation fields too
     run_doc = records.outcome_record("0" * 40, "commit__" + "0" * 40, "train", "success")
     calls = record_calls()
     return {
         "gitops-ml-logs": {"exact": set(flatten(log_doc)) - {"_id"}, "roots": set()},
         "gitops-ml-runs": {"exact": set(flatten(run_doc)) - {"_id"}, "roots": calls["fields"]},
-        "values": {"event.action": calls["steps"], "event.outcome": calls["outcomes"],
-                   "log.level": {name.lower() for name in logging.getLevelNamesMapping()}},
+        "values": {
+            "event.action": calls["steps"],
+            "event.outcome": calls["outcomes"],
+            "log.level": {name.lower() for name in logging.getLevelNamesMapping()},
+        },
         "calls": calls,
     }
 
@@ -266,8 +295,10 @@ def problems(objects: list[dict], facts: dict | None = None, mappings: dict | No
                 if field in (None, NOT_A_FIELD) or type_of(field) is None:
                     continue
                 if type_of(field) not in LENS_TYPES.get(column.get("dataType"), set()):
-                    found.append(f"{obj['id']}: Lens column on {field!r} has dataType {column.get('dataType')!r} "
-                                 f"but the field is mapped as {type_of(field)!r}")
+                    found.append(
+                        f"{obj['id']}: Lens column on {field!r} has dataType {column.get('dataType')!r} "
+                        f"but the field is mapped as {type_of(field)!r}"
+                    )
     return found
 
 
@@ -326,9 +357,17 @@ def test_references_resolve_inside_the_file(objects):
                     assert order_by.get("type") != "column" or order_by["columnId"] in layer["columns"]
             vis = state["visualization"]
             columns = {c for layer in lens_layers(obj).values() for c in layer["columns"]}
-            accessors = [a for layer in vis.get("layers", [vis]) for a in
-                         [layer.get("xAccessor"), layer.get("splitAccessor"), *layer.get("accessors", []),
-                          *(c["columnId"] for c in layer.get("columns", []))] if a]
+            accessors = [
+                a
+                for layer in vis.get("layers", [vis])
+                for a in [
+                    layer.get("xAccessor"),
+                    layer.get("splitAccessor"),
+                    *layer.get("accessors", []),
+                    *(c["columnId"] for c in layer.get("columns", [])),
+                ]
+                if a
+            ]
             assert accessors and set(accessors) <= columns, obj["id"]
         if obj["type"] == "dashboard":
             panels = attrs["panelsJSON"]
@@ -357,8 +396,15 @@ def test_every_field_is_mapped_and_written_by_our_documents(objects):
     assert {"test_accuracy", "model_version", "deployed", "reason"} <= facts["calls"]["fields"]
     assert problems(objects, facts) == []
     referenced = set().union(*(scan(o)[0] for o in objects))
-    assert {"labels.commit_sha", "labels.task_id", "log.level", "message", "event.action", "event.outcome",
-            "test_accuracy"} <= referenced
+    assert {
+        "labels.commit_sha",
+        "labels.task_id",
+        "log.level",
+        "message",
+        "event.action",
+        "event.outcome",
+        "test_accuracy",
+    } <= referenced
 
 
 def test_dashboard_runs_by_commit(objects):
@@ -370,8 +416,9 @@ def test_dashboard_runs_by_commit(objects):
     for panel in panels:
         grid = panel["gridData"]
         assert grid["x"] >= 0 and grid["x"] + grid["w"] <= 48, panel
-        area = {(x, y) for x in range(grid["x"], grid["x"] + grid["w"])
-                for y in range(grid["y"], grid["y"] + grid["h"])}
+        area = {
+            (x, y) for x in range(grid["x"], grid["x"] + grid["w"]) for y in range(grid["y"], grid["y"] + grid["h"])
+        }
         assert not cells & area, f"panel {panel['panelIndex']} overlaps another"
         cells |= area
 
@@ -379,9 +426,11 @@ def test_dashboard_runs_by_commit(objects):
         for obj in lenses:
             clauses = {f: tuple(v) for f, v in kql_clauses(obj["attributes"]["state"]["query"]["query"])}
             cols = list(lens_columns(obj))
-            if (all(clauses.get(f) == (v,) for f, v in query.items())
-                    and any((c["operationType"], c.get("sourceField")) == metric for c in cols if not c["isBucketed"])
-                    and (bucket is None or any(c.get("sourceField") == bucket for c in cols if c["isBucketed"]))):
+            if (
+                all(clauses.get(f) == (v,) for f, v in query.items())
+                and any((c["operationType"], c.get("sourceField")) == metric for c in cols if not c["isBucketed"])
+                and (bucket is None or any(c.get("sourceField") == bucket for c in cols if c["isBucketed"]))
+            ):
                 return True
         return False
 
@@ -394,32 +443,80 @@ def test_dashboard_runs_by_commit(objects):
 
 def test_log_lines_search_shows_commit_task_level_and_message(objects):
     searches = [s for s in by_type(objects, "search") if "gitops-ml-logs" in {r["id"] for r in s["references"]}]
-    assert any(s["attributes"]["columns"][:1] == ["labels.commit_sha"]
-               and {"labels.task_id", "log.level", "message"} <= set(s["attributes"]["columns"]) for s in searches)
+    assert any(
+        s["attributes"]["columns"][:1] == ["labels.commit_sha"]
+        and {"labels.task_id", "log.level", "message"} <= set(s["attributes"]["columns"])
+        for s in searches
+    )
 
 
 def test_the_checker_catches_wrong_fields_and_values(objects):
-    wrong_lens = {"type": "lens", "id": "wrong-lens", "attributes": {"title": "x", "state": {
-        "datasourceStates": {"formBased": {"layers": {"l": {"columnOrder": ["a", "b"], "columns": {
-            "a": {"operationType": "max", "sourceField": "test_acuracy", "dataType": "number", "isBucketed": False},
-            "b": {"operationType": "terms", "sourceField": "test_accuracy", "dataType": "string", "isBucketed": True},
-        }}}}},
-        "query": {"query": 'event.actoin : "deploy" and event.outcome : ("failure" or "rollback")',
-                  "language": "kuery"}}},
-        "references": [{"type": "index-pattern", "id": "gitops-ml-runs", "name": "indexpattern-datasource-layer-l"}]}
-    wrong_search = {"type": "search", "id": "wrong-search", "attributes": {
-        "title": "x", "columns": ["labels.comit_sha", "message"], "sort": [["@timestamp", "desc"]],
-        "kibanaSavedObjectMeta": {"searchSourceJSON": json.dumps(
-            {"query": {"query": "labels.task_id : train", "language": "kuery"},
-             "filter": [{"query": {"match_phrase": {"log.levle": "error"}}}]})}},
-        "references": [{"type": "index-pattern", "id": "gitops-ml-runs", "name": "x"}]}
+    wrong_lens = {
+        "type": "lens",
+        "id": "wrong-lens",
+        "attributes": {
+            "title": "x",
+            "state": {
+                "datasourceStates": {
+                    "formBased": {
+                        "layers": {
+                            "l": {
+                                "columnOrder": ["a", "b"],
+                                "columns": {
+                                    "a": {
+                                        "operationType": "max",
+                                        "sourceField": "test_acuracy",
+                                        "dataType": "number",
+                                        "isBucketed": False,
+                                    },
+                                    "b": {
+                                        "operationType": "terms",
+                                        "sourceField": "test_accuracy",
+                                        "dataType": "string",
+                                        "isBucketed": True,
+                                    },
+                                },
+                            }
+                        }
+                    }
+                },
+                "query": {
+                    "query": 'event.actoin : "deploy" and event.outcome : ("failure" or "rollback")',
+                    "language": "kuery",
+                },
+            },
+        },
+        "references": [{"type": "index-pattern", "id": "gitops-ml-runs", "name": "indexpattern-datasource-layer-l"}],
+    }
+    wrong_search = {
+        "type": "search",
+        "id": "wrong-search",
+        "attributes": {
+            "title": "x",
+            "columns": ["labels.comit_sha", "message"],
+            "sort": [["@timestamp", "desc"]],
+            "kibanaSavedObjectMeta": {
+                "searchSourceJSON": json.dumps(
+                    {
+                        "query": {"query": "labels.task_id : train", "language": "kuery"},
+                        "filter": [{"query": {"match_phrase": {"log.levle": "error"}}}],
+                    }
+                )
+            },
+        },
+        "references": [{"type": "index-pattern", "id": "gitops-ml-runs", "name": "x"}],
+    }
     found = "\n".join(problems([wrong_lens, wrong_search]))
-    for expected in ("'test_acuracy' is not in the mapping", "'event.actoin' is not in the mapping",
-                     "'labels.comit_sha' is not in the mapping", "'log.levle' is not in the mapping",
-                     "event.outcome : 'rollback' is never written",
-                     "'message' is never written to gitops-ml-runs",  # a log field on the runs data view
-                     "'labels.task_id' is never written to gitops-ml-runs",
-                     "on 'test_accuracy' has dataType 'string'"):
+    for expected in (
+        "'test_acuracy' is not in the mapping",
+        "'event.actoin' is not in the mapping",
+        "'labels.comit_sha' is not in the mapping",
+        "'log.levle' is not in the mapping",
+        "event.outcome : 'rollback' is never written",
+        "'message' is never written to gitops-ml-runs",  # a log field on the runs data view
+        "'labels.task_id' is never written to gitops-ml-runs",
+        "on 'test_accuracy' has dataType 'string'",
+    ):
         assert expected in found, f"{expected!r} not reported in:\n{found}"
     for fine in ("'@timestamp'", "event.outcome : 'failure'", "'event.outcome' is"):
         assert fine not in found
@@ -432,13 +529,18 @@ def test_the_checker_catches_wrong_fields_and_values(objects):
     assert any("'reason' is not in the mapping" in p for p in problems(objects, mappings=mappings))
 
 
-@pytest.mark.parametrize("query,expected", [
-    ('event.action : "deploy"', [("event.action", ["deploy"])]),
-    ('event.outcome : ("failure" or "rolled_back") and not labels.step:train',
-     [("event.outcome", ["failure", "rolled_back"]), ("labels.step", ["train"])]),
-    ('test_accuracy >= 0.9 or message : "a: b (c)"', [("test_accuracy", ["0.9"]), ("message", ["a: b (c)"])]),
-    ("", []),
-])
+@pytest.mark.parametrize(
+    "query,expected",
+    [
+        ('event.action : "deploy"', [("event.action", ["deploy"])]),
+        (
+            'event.outcome : ("failure" or "rolled_back") and not labels.step:train',
+            [("event.outcome", ["failure", "rolled_back"]), ("labels.step", ["train"])],
+        ),
+        ('test_accuracy >= 0.9 or message : "a: b (c)"', [("test_accuracy", ["0.9"]), ("message", ["a: b (c)"])]),
+        ("", []),
+    ],
+)
 def test_kql_clauses(query, expected):
     assert kql_clauses(query) == expected
 
@@ -449,7 +551,10 @@ def test_compose_loads_the_objects_into_kibana():
     assert "kibana" in setup["depends_on"]
     assert "./include/kibana:/kibana:ro" in setup["volumes"]
     script = json.dumps(setup.get("command")) + json.dumps(setup.get("entrypoint"))
-    for needle in ("http://kibana:5601/api/saved_objects/_import?overwrite=true", "kbn-xsrf: true",
-                   "file=@/kibana/" + NDJSON.name):
+    for needle in (
+        "http://kibana:5601/api/saved_objects/_import?overwrite=true",
+        "kbn-xsrf: true",
+        "file=@/kibana/" + NDJSON.name,
+    ):
         assert needle in script, needle
     assert setup.get("restart") in ("no", "on-failure")  # one-shot: never restarted once the import succeeded

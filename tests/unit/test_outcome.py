@@ -6,14 +6,20 @@ from gitops_ml.pipeline import summary
 
 def test_summary_names_each_outcome():
     sha = "a" * 40
-    assert summary("3", {"deployed": True, "promoted": True, "replaced_version": "2"}) == \
-        "PROMOTED: version 3 replaced version 2"
+    assert (
+        summary("3", {"deployed": True, "promoted": True, "replaced_version": "2"})
+        == "PROMOTED: version 3 replaced version 2"
+    )
     assert summary("1", {"deployed": True, "promoted": True}) == "PROMOTED: version 1 is the first model served"
     assert summary("1", {"deployed": True, "promoted": False}) == "SERVING: version 1 (already the champion)"
-    assert summary("2", {"deployed": True, "promoted": True, "replaced_version": "4", "reused_from_commit": sha}) == \
-        f"PROMOTED: version 2 (reused, built from commit {sha}) replaced version 4"
-    assert summary("5", {"gate": "failed", "gate_reasons": "accuracy 0.5 is below gate.min_accuracy 0.8"}) == \
-        "NOT PROMOTED: version 5 failed the gate: accuracy 0.5 is below gate.min_accuracy 0.8"
+    assert (
+        summary("2", {"deployed": True, "promoted": True, "replaced_version": "4", "reused_from_commit": sha})
+        == f"PROMOTED: version 2 (reused, built from commit {sha}) replaced version 4"
+    )
+    assert (
+        summary("5", {"gate": "failed", "gate_reasons": "accuracy 0.5 is below gate.min_accuracy 0.8"})
+        == "NOT PROMOTED: version 5 failed the gate: accuracy 0.5 is below gate.min_accuracy 0.8"
+    )
     assert summary("6", {"superseded_by": sha}).startswith(f"NOT DEPLOYED: version 6 is older than commit {sha}")
 
 

@@ -13,13 +13,16 @@ def test_demo_params_validate_and_fill_defaults():
     assert params.flatten(result)["image.height"] == 8
 
 
-@pytest.mark.parametrize("section,key,value,expected", [
-    ("train", "epochs", "ten", "train.epochs must be an integer >= 1, got 'ten' (str)"),
-    ("train", "epochs", True, "train.epochs must be an integer >= 1, got True (bool)"),
-    ("train", "learning_rate", -1, "train.learning_rate must be a number > 0"),
-    ("image", "channels", 2, "image.channels must be 1 (grey) or 3 (RGB)"),
-    ("data", "path", "../outside", "data.path must be a relative path inside the repository"),
-])
+@pytest.mark.parametrize(
+    "section,key,value,expected",
+    [
+        ("train", "epochs", "ten", "train.epochs must be an integer >= 1, got 'ten' (str)"),
+        ("train", "epochs", True, "train.epochs must be an integer >= 1, got True (bool)"),
+        ("train", "learning_rate", -1, "train.learning_rate must be a number > 0"),
+        ("image", "channels", 2, "image.channels must be 1 (grey) or 3 (RGB)"),
+        ("data", "path", "../outside", "data.path must be a relative path inside the repository"),
+    ],
+)
 def test_wrong_type_or_value_names_the_key(section, key, value, expected):
     raw = {k: dict(v) for k, v in DEMO_PARAMS.items()}
     raw[section][key] = value
@@ -56,8 +59,11 @@ def test_load_reports_missing_and_invalid_yaml(tmp_path):
 def test_yaml_alias_bomb_is_refused_before_it_expands(tmp_path):
     """A "billion laughs" under any key: refused at the first alias, nothing expanded."""
     lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x", "x"]']
-    lines += [f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
-              f"*a{i - 1}, *a{i - 1}, *a{i - 1}]" for i in range(1, 9)]
+    lines += [
+        f"a{i}: &a{i} [*a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, *a{i - 1}, "
+        f"*a{i - 1}, *a{i - 1}, *a{i - 1}]"
+        for i in range(1, 9)
+    ]
     text = yaml.safe_dump(DEMO_PARAMS) + "train_notes:\n" + "\n".join("  " + line for line in lines) + "\n"
     (tmp_path / "params.yaml").write_text(text)
     with pytest.raises(ParamsError, match=r"YAML aliases \(\*a0\) are not allowed"):
@@ -82,12 +88,20 @@ def test_oversized_or_linked_params_file_is_refused(tmp_path):
         params.load(tmp_path)
 
 
-@pytest.mark.parametrize("section,key,value,expected", [
-    ("train", "learning_rate", "fast", "train.learning_rate must be a number > 0, got 'fast' (str)"),
-    ("train", "test_fraction", False, "train.test_fraction must be a number between 0 and 1, got False (bool)"),
-    ("gate", "min_class_recall", "all", "gate.min_class_recall must be a number from 0 to 1, or null, got 'all' (str)"),
-    ("image", "height", 4.5, "image.height must be an integer from 4 to 1024, got 4.5 (float)"),
-])
+@pytest.mark.parametrize(
+    "section,key,value,expected",
+    [
+        ("train", "learning_rate", "fast", "train.learning_rate must be a number > 0, got 'fast' (str)"),
+        ("train", "test_fraction", False, "train.test_fraction must be a number between 0 and 1, got False (bool)"),
+        (
+            "gate",
+            "min_class_recall",
+            "all",
+            "gate.min_class_recall must be a number from 0 to 1, or null, got 'all' (str)",
+        ),
+        ("image", "height", 4.5, "image.height must be an integer from 4 to 1024, got 4.5 (float)"),
+    ],
+)
 def test_a_key_that_takes_an_int_or_a_float_names_the_key_not_the_type_tried(section, key, value, expected):
     raw = {k: dict(v) for k, v in DEMO_PARAMS.items()}
     raw[section][key] = value

@@ -5,8 +5,24 @@ from gitops_ml.errors import CommitNotFound, CommitNotOnBranch, GitopsMLError, I
 from tests.helpers import commit_file, git
 
 
-@pytest.mark.parametrize("branch", ["--upload-pack=touch /tmp/x", "-b", "a..b", "a b", "x~1", "a:b", "ref.lock",
-                                    "end/", ".hidden", "a/.b", "", "a@{1}", "back\\slash"])
+@pytest.mark.parametrize(
+    "branch",
+    [
+        "--upload-pack=touch /tmp/x",
+        "-b",
+        "a..b",
+        "a b",
+        "x~1",
+        "a:b",
+        "ref.lock",
+        "end/",
+        ".hidden",
+        "a/.b",
+        "",
+        "a@{1}",
+        "back\\slash",
+    ],
+)
 def test_bad_branch_names_are_refused_before_git(branch):
     with pytest.raises(InvalidRef, match="invalid branch name"):
         source.validate_branch(branch)
@@ -24,7 +40,9 @@ def test_bad_shas_are_refused(sha):
 
 
 def test_credentials_are_stripped_from_urls_and_text():
-    assert source.redact_url("https://user:s3cret@git.example.com/org/repo.git") == "https://git.example.com/org/repo.git"
+    assert (
+        source.redact_url("https://user:s3cret@git.example.com/org/repo.git") == "https://git.example.com/org/repo.git"
+    )
     assert source.redact_url("https://ghp_token@git.example.com/r.git") == "https://git.example.com/r.git"
     assert source.redact_url("/local/path") == "/local/path"
     text = source.redact("fatal: unable to access 'https://bob:hunter2@host/r.git/': failed")

@@ -49,8 +49,10 @@ def test_wait_http_waits_through_errors_until_the_server_answers():
 
 def test_stop_kills_a_process_that_ignores_sigterm(tmp_path):
     settings = Settings(home=tmp_path)
-    ignore = ("import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
-              "time.sleep(600)")
+    ignore = (
+        "import signal, time; signal.signal(signal.SIGTERM, signal.SIG_IGN); print('ready', flush=True); "
+        "time.sleep(600)"
+    )
     pid = stack.start(settings, "stubborn", [sys.executable, "-c", ignore], {})
     log = tmp_path / "stack" / "stubborn.log"
     deadline = time.monotonic() + 30
@@ -67,12 +69,14 @@ def test_stop_kills_a_process_that_ignores_sigterm(tmp_path):
 
 def test_remote_logging_gets_the_credentials_of_the_log_shipper(tmp_path):
     assert stack.remote_logging_env(Settings(home=tmp_path)) == {}
-    basic = stack.remote_logging_env(Settings(home=tmp_path, es_url="https://es:9200", es_username="u",
-                                              es_password="p:w", es_ca_certs="/ca.pem"))
+    basic = stack.remote_logging_env(
+        Settings(home=tmp_path, es_url="https://es:9200", es_username="u", es_password="p:w", es_ca_certs="/ca.pem")
+    )
     assert basic["AIRFLOW__ELASTICSEARCH__HOST"] == "https://es:9200"
     assert base64.b64decode(basic["AIRFLOW__ELASTICSEARCH_CONFIGS__BASIC_AUTH"]).decode() == "u:p:w"
     assert basic["AIRFLOW__ELASTICSEARCH_CONFIGS__CA_CERTS"] == "/ca.pem"
-    keyed = stack.remote_logging_env(Settings(home=tmp_path, es_url="https://es:9200", es_api_key="k",
-                                              es_username="ignored"))
+    keyed = stack.remote_logging_env(
+        Settings(home=tmp_path, es_url="https://es:9200", es_api_key="k", es_username="ignored")
+    )
     assert keyed["AIRFLOW__ELASTICSEARCH_CONFIGS__API_KEY"] == "k"
     assert "AIRFLOW__ELASTICSEARCH_CONFIGS__BASIC_AUTH" not in keyed

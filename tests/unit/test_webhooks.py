@@ -36,16 +36,31 @@ def github_payload(**overrides) -> dict:
         "forced": False,
         "compare": f"https://github.com/acme/digits/compare/{BEFORE[:12]}...{AFTER[:12].lower()}",
         "commits": [
-            {"id": SECOND, "message": "Tune learning rate", "timestamp": "2024-05-01T10:00:00Z",
-             "author": {"name": "Ada", "email": "ada@example.com"}, "added": [], "removed": [],
-             "modified": ["params.yaml"]},
-            {"id": AFTER.lower(), "message": "Add more data", "timestamp": "2024-05-01T10:05:00Z",
-             "author": {"name": "Ada", "email": "ada@example.com"}, "added": ["data.dvc"], "removed": [],
-             "modified": []},
+            {
+                "id": SECOND,
+                "message": "Tune learning rate",
+                "timestamp": "2024-05-01T10:00:00Z",
+                "author": {"name": "Ada", "email": "ada@example.com"},
+                "added": [],
+                "removed": [],
+                "modified": ["params.yaml"],
+            },
+            {
+                "id": AFTER.lower(),
+                "message": "Add more data",
+                "timestamp": "2024-05-01T10:05:00Z",
+                "author": {"name": "Ada", "email": "ada@example.com"},
+                "added": ["data.dvc"],
+                "removed": [],
+                "modified": [],
+            },
         ],
         "head_commit": {"id": AFTER.lower(), "message": "Add more data"},
         "repository": {
-            "id": 123456, "name": "digits", "full_name": "acme/digits", "private": True,
+            "id": 123456,
+            "name": "digits",
+            "full_name": "acme/digits",
+            "private": True,
             "html_url": "https://github.com/acme/digits",
             "url": "https://api.github.com/repos/acme/digits",
             "git_url": "git://github.com/acme/digits.git",
@@ -72,7 +87,9 @@ def gitlab_payload(**overrides) -> dict:
         "user_username": "ada",
         "project_id": 15,
         "project": {
-            "id": 15, "name": "digits", "path_with_namespace": "acme/digits",
+            "id": 15,
+            "name": "digits",
+            "path_with_namespace": "acme/digits",
             "web_url": "https://gitlab.example.com/acme/digits",
             "git_ssh_url": "git@gitlab.example.com:acme/digits.git",
             "git_http_url": "https://gitlab.example.com/acme/digits.git",
@@ -80,14 +97,25 @@ def gitlab_payload(**overrides) -> dict:
             "homepage": "https://gitlab.example.com/acme/digits",
         },
         "commits": [
-            {"id": SECOND, "message": "Tune learning rate\n", "title": "Tune learning rate",
-             "timestamp": "2024-05-01T10:00:00+00:00", "author": {"name": "Ada", "email": "ada@example.com"}},
-            {"id": AFTER, "message": "Add more data\n", "title": "Add more data",
-             "timestamp": "2024-05-01T10:05:00+00:00", "author": {"name": "Ada", "email": "ada@example.com"}},
+            {
+                "id": SECOND,
+                "message": "Tune learning rate\n",
+                "title": "Tune learning rate",
+                "timestamp": "2024-05-01T10:00:00+00:00",
+                "author": {"name": "Ada", "email": "ada@example.com"},
+            },
+            {
+                "id": AFTER,
+                "message": "Add more data\n",
+                "title": "Add more data",
+                "timestamp": "2024-05-01T10:05:00+00:00",
+                "author": {"name": "Ada", "email": "ada@example.com"},
+            },
         ],
         "total_commits_count": 2,
         "repository": {
-            "name": "digits", "url": "git@gitlab.example.com:acme/digits.git",
+            "name": "digits",
+            "url": "git@gitlab.example.com:acme/digits.git",
             "homepage": "https://gitlab.example.com/acme/digits",
             "git_http_url": "https://gitlab.example.com/acme/digits.git",
             "git_ssh_url": "git@gitlab.example.com:acme/digits.git",
@@ -103,12 +131,15 @@ def gitea_payload(**overrides) -> dict:
         "before": BEFORE,
         "after": AFTER,
         "compare_url": "https://gitea.example.com/acme/digits/compare/x...y",
-        "commits": [{"id": AFTER, "message": "Add more data\n",
-                     "url": "https://gitea.example.com/acme/digits/commit/x"}],
+        "commits": [
+            {"id": AFTER, "message": "Add more data\n", "url": "https://gitea.example.com/acme/digits/commit/x"}
+        ],
         "total_commits": 1,
         "head_commit": {"id": AFTER, "message": "Add more data\n"},
         "repository": {
-            "id": 7, "name": "digits", "full_name": "acme/digits",
+            "id": 7,
+            "name": "digits",
+            "full_name": "acme/digits",
             "html_url": "https://gitea.example.com/acme/digits",
             "ssh_url": "ssh://git@gitea.example.com:2222/acme/digits.git",
             "clone_url": "https://gitea.example.com/acme/digits.git",
@@ -130,33 +161,55 @@ def sign(body: bytes, secret: str = SECRET) -> str:
 
 
 def github_headers(body: bytes, event: str = "push", secret: str = SECRET) -> dict:
-    return {"X-GitHub-Event": event, "X-GitHub-Delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958",
-            "X-Hub-Signature-256": "sha256=" + sign(body, secret), "Content-Type": "application/json",
-            "User-Agent": "GitHub-Hookshot/044aadd"}
+    return {
+        "X-GitHub-Event": event,
+        "X-GitHub-Delivery": "72d3162e-cc78-11e3-81ab-4c9367dc0958",
+        "X-Hub-Signature-256": "sha256=" + sign(body, secret),
+        "Content-Type": "application/json",
+        "User-Agent": "GitHub-Hookshot/044aadd",
+    }
 
 
 def gitlab_headers(event: str = "Push Hook", token: str = SECRET) -> dict:
-    return {"X-Gitlab-Event": event, "X-Gitlab-Token": token, "X-Gitlab-Instance": "https://gitlab.example.com",
-            "Content-Type": "application/json"}
+    return {
+        "X-Gitlab-Event": event,
+        "X-Gitlab-Token": token,
+        "X-Gitlab-Instance": "https://gitlab.example.com",
+        "Content-Type": "application/json",
+    }
 
 
 def gitea_headers(body: bytes, event: str = "push", secret: str = SECRET) -> dict:
     # Gitea sends its own headers and GitHub-compatible ones; lower-case names as ASGI servers give them.
-    return {"x-gitea-event": event, "x-gitea-delivery": "f6266f16-1bf3-46a5-9ea4-602e06ead473",
-            "x-gitea-signature": sign(body, secret), "x-github-event": event,
-            "x-hub-signature-256": "sha256=" + sign(body, secret), "content-type": "application/json"}
+    return {
+        "x-gitea-event": event,
+        "x-gitea-delivery": "f6266f16-1bf3-46a5-9ea4-602e06ead473",
+        "x-gitea-signature": sign(body, secret),
+        "x-github-event": event,
+        "x-hub-signature-256": "sha256=" + sign(body, secret),
+        "content-type": "application/json",
+    }
 
 
 # --- good requests --------------------------------------------------------------------------------
+
 
 def test_github_push():
     body = body_of(github_payload())
     event = parse_push(github_headers(body), body, SECRET)
     assert event == PushEvent(
-        provider="github", branch="main", previous_sha=BEFORE, after_sha=AFTER.lower(),
-        repo_urls=("https://github.com/acme/digits.git", "git@github.com:acme/digits.git",
-                   "https://github.com/acme/digits", "git://github.com/acme/digits.git"),
-        commit_shas=(SECOND, AFTER.lower()), delivery_id="72d3162e-cc78-11e3-81ab-4c9367dc0958",
+        provider="github",
+        branch="main",
+        previous_sha=BEFORE,
+        after_sha=AFTER.lower(),
+        repo_urls=(
+            "https://github.com/acme/digits.git",
+            "git@github.com:acme/digits.git",
+            "https://github.com/acme/digits",
+            "git://github.com/acme/digits.git",
+        ),
+        commit_shas=(SECOND, AFTER.lower()),
+        delivery_id="72d3162e-cc78-11e3-81ab-4c9367dc0958",
     )
     assert not any("ghs_leaky" in url for url in event.repo_urls)
 
@@ -167,8 +220,10 @@ def test_gitlab_push():
     assert event.provider == "gitlab"
     assert event.branch == "feature/new-model"
     assert (event.previous_sha, event.after_sha) == (BEFORE, AFTER.lower())
-    assert event.repo_urls[:2] == ("https://gitlab.example.com/acme/digits.git",
-                                   "git@gitlab.example.com:acme/digits.git")
+    assert event.repo_urls[:2] == (
+        "https://gitlab.example.com/acme/digits.git",
+        "git@gitlab.example.com:acme/digits.git",
+    )
     assert "https://gitlab.example.com/acme/digits" in event.repo_urls
     assert len(set(event.repo_urls)) == len(event.repo_urls)
     assert event.commit_shas == (SECOND, AFTER.lower())
@@ -189,9 +244,11 @@ def test_gitea_push_prefers_gitea_headers():
     assert event.provider == "gitea"
     assert event.branch == "main"
     assert event.after_sha == AFTER.lower()
-    assert event.repo_urls == ("https://gitea.example.com/acme/digits.git",
-                               "ssh://gitea.example.com:2222/acme/digits.git",  # user part stripped by redact_url
-                               "https://gitea.example.com/acme/digits")
+    assert event.repo_urls == (
+        "https://gitea.example.com/acme/digits.git",
+        "ssh://gitea.example.com:2222/acme/digits.git",  # user part stripped by redact_url
+        "https://gitea.example.com/acme/digits",
+    )
     assert event.commit_shas == (AFTER.lower(),)
 
 
@@ -241,6 +298,7 @@ def test_gitea_null_commits_list():
 
 # --- events that are not branch pushes -----------------------------------------------------------
 
+
 def test_pings_and_other_events_are_none():
     ping = body_of({"zen": "Keep it logically awesome.", "hook_id": 1, "hook": {"type": "Repository"}})
     assert parse_push(github_headers(ping, event="ping"), ping, SECRET) is None
@@ -262,6 +320,7 @@ def test_tag_push_is_none():
 
 
 # --- authentication failures ----------------------------------------------------------------------
+
 
 def unauthorized(headers, body, secret=SECRET) -> str:
     with pytest.raises(WebhookUnauthorized) as info:
@@ -299,8 +358,10 @@ def test_github_missing_signature():
 
 def test_github_sha1_signature_alone_is_refused():
     body = body_of(github_payload())
-    headers = {"X-GitHub-Event": "push",
-               "X-Hub-Signature": "sha1=" + hmac.new(SECRET.encode(), body, hashlib.sha1).hexdigest()}
+    headers = {
+        "X-GitHub-Event": "push",
+        "X-Hub-Signature": "sha1=" + hmac.new(SECRET.encode(), body, hashlib.sha1).hexdigest(),
+    }
     assert "X-Hub-Signature-256" in unauthorized(headers, body)
 
 
@@ -353,6 +414,7 @@ def test_authentication_comes_before_json_parsing():
 
 # --- bad requests (authenticated) ----------------------------------------------------------------
 
+
 def bad_request(body: bytes) -> str:
     with pytest.raises(WebhookBadRequest) as info:
         parse_push(github_headers(body), body, SECRET)
@@ -362,26 +424,29 @@ def bad_request(body: bytes) -> str:
     return message
 
 
-@pytest.mark.parametrize("body, field", [
-    (b"{not json", "JSON"),
-    (b"\xff\xfe\x00garbage", "JSON"),
-    (b"[1, 2, 3]", "JSON object"),
-    (b"[" * 100_000 + b"]" * 100_000, "JSON"),
-    (body_of({k: v for k, v in github_payload().items() if k != "ref"}), "'ref'"),
-    (body_of(github_payload(ref=42)), "'ref'"),
-    (body_of(github_payload(ref="refs/remotes/origin/main")), "'ref'"),
-    (body_of(github_payload(ref="refs/heads/")), "'ref'"),
-    (body_of(github_payload(ref="refs/heads/--upload-pack=x")), "'ref'"),
-    (body_of(github_payload(ref="refs/heads/a..b")), "'ref'"),
-    (body_of(github_payload(ref="refs/heads/x\nInjected: 1")), "'ref'"),
-    (body_of(github_payload(ref="refs/heads/" + "a" * 5000)), "'ref'"),
-    (body_of(github_payload(after="not-a-sha")), "'after'"),
-    (body_of(github_payload(after=AFTER[:12])), "'after'"),
-    (body_of(github_payload(after=None)), "'after'"),
-    (body_of(github_payload(before="--output=/tmp/x" + "0" * 25)), "'before'"),
-    (body_of(github_payload(commits="abc")), "'commits'"),
-    (body_of(github_payload(commits=[{"id": "zz"}])), "'commits[0].id'"),
-])
+@pytest.mark.parametrize(
+    "body, field",
+    [
+        (b"{not json", "JSON"),
+        (b"\xff\xfe\x00garbage", "JSON"),
+        (b"[1, 2, 3]", "JSON object"),
+        (b"[" * 100_000 + b"]" * 100_000, "JSON"),
+        (body_of({k: v for k, v in github_payload().items() if k != "ref"}), "'ref'"),
+        (body_of(github_payload(ref=42)), "'ref'"),
+        (body_of(github_payload(ref="refs/remotes/origin/main")), "'ref'"),
+        (body_of(github_payload(ref="refs/heads/")), "'ref'"),
+        (body_of(github_payload(ref="refs/heads/--upload-pack=x")), "'ref'"),
+        (body_of(github_payload(ref="refs/heads/a..b")), "'ref'"),
+        (body_of(github_payload(ref="refs/heads/x\nInjected: 1")), "'ref'"),
+        (body_of(github_payload(ref="refs/heads/" + "a" * 5000)), "'ref'"),
+        (body_of(github_payload(after="not-a-sha")), "'after'"),
+        (body_of(github_payload(after=AFTER[:12])), "'after'"),
+        (body_of(github_payload(after=None)), "'after'"),
+        (body_of(github_payload(before="--output=/tmp/x" + "0" * 25)), "'before'"),
+        (body_of(github_payload(commits="abc")), "'commits'"),
+        (body_of(github_payload(commits=[{"id": "zz"}])), "'commits[0].id'"),
+    ],
+)
 def test_bad_payloads(body, field):
     assert field in bad_request(body)
 
@@ -418,6 +483,7 @@ def test_oversized_body_is_413():
 
 # --- before the body is read ---------------------------------------------------------------------
 
+
 def test_check_headers_refuses_before_any_body_byte():
     body = body_of(github_payload())
     assert check_headers(github_headers(body), SECRET) == "github"  # only the header's presence is checked
@@ -445,8 +511,10 @@ def test_delivery_ids():
     body = body_of(github_payload())
     assert delivery_id(github_headers(body)) == "72d3162e-cc78-11e3-81ab-4c9367dc0958"
     assert delivery_id(gitea_headers(body)) == "f6266f16-1bf3-46a5-9ea4-602e06ead473"
-    assert delivery_id({**gitlab_headers(), "X-Gitlab-Event-UUID": "13792a34-cac6-4fda-95a8-c58e00a3954e"}) \
+    assert (
+        delivery_id({**gitlab_headers(), "X-Gitlab-Event-UUID": "13792a34-cac6-4fda-95a8-c58e00a3954e"})
         == "13792a34-cac6-4fda-95a8-c58e00a3954e"
+    )
     assert delivery_id(gitlab_headers()) is None
     assert parse_push(github_headers(body), body, SECRET).delivery_id == "72d3162e-cc78-11e3-81ab-4c9367dc0958"
     for bad in ("../../etc", "a b", "x" * 101, "", "٣"):

@@ -45,16 +45,26 @@ def _transient(response: httpx.Response) -> bool:
 
 def _poll(check: Callable[[], Any], timeout: float, interval: float = 1.0) -> Any:
     """``check()`` every ``interval`` seconds until it returns something other than None; None after ``timeout``."""
-    return Retrying(retry=retry_if_result(lambda value: value is None), stop=stop_after_delay(timeout),
-                    wait=wait_fixed(interval), retry_error_callback=lambda state: None)(check)
+    return Retrying(
+        retry=retry_if_result(lambda value: value is None),
+        stop=stop_after_delay(timeout),
+        wait=wait_fixed(interval),
+        retry_error_callback=lambda state: None,
+    )(check)
 
 
 class AirflowClient:
     """``retry_seconds`` bounds the retries of one request (the first attempt included);
     ``backoff`` is the first wait, doubled after each attempt up to ``max_backoff``."""
 
-    def __init__(self, base_url: str | None = None, timeout: float = 30.0, retry_seconds: float = 60.0,
-                 backoff: float = 0.5, max_backoff: float = 8.0):
+    def __init__(
+        self,
+        base_url: str | None = None,
+        timeout: float = 30.0,
+        retry_seconds: float = 60.0,
+        backoff: float = 0.5,
+        max_backoff: float = 8.0,
+    ):
         self.settings = Settings.from_env()
         self.base_url = (base_url or self.settings.airflow_api_url or DEFAULT_URL).rstrip("/")
         self.retry_seconds = retry_seconds
@@ -70,12 +80,22 @@ class AirflowClient:
         After the last attempt the last 5xx answer is returned (the caller's check names it);
         a connection error that persists raises ``GitopsMLError`` naming the URL.
         """
+
         def before_sleep(state: RetryCallState) -> None:
             outcome = state.outcome
-            why = (f"HTTP {outcome.result().status_code}" if not outcome.failed
-                   else f"{type(outcome.exception()).__name__}: {outcome.exception()}")
-            log.warning("Airflow %s %s: %s (attempt %d); retrying in %.1f s", method, url, why,
-                        state.attempt_number, state.next_action.sleep)
+            why = (
+                f"HTTP {outcome.result().status_code}"
+                if not outcome.failed
+                else f"{type(outcome.exception()).__name__}: {outcome.exception()}"
+            )
+            log.warning(
+                "Airflow %s %s: %s (attempt %d); retrying in %.1f s",
+                method,
+                url,
+                why,
+                state.attempt_number,
+                state.next_action.sleep,
+            )
 
         def give_up(state: RetryCallState) -> httpx.Response | None:
             if state.outcome.failed:
@@ -85,13 +105,18 @@ class AirflowClient:
 
         retrying = Retrying(
             retry=retry_if_result(_transient) | retry_if_exception_type(httpx.TransportError),
-            stop=stop_before_delay(self.retry_seconds), wait=self._wait, before_sleep=before_sleep,
-            retry_error_callback=give_up)
+            stop=stop_before_delay(self.retry_seconds),
+            wait=self._wait,
+            before_sleep=before_sleep,
+            retry_error_callback=give_up,
+        )
         response = retrying(self._http.request, method, url, **kwargs)
         if response is None:
-            raise GitopsMLError(f"Airflow at {self.base_url} did not answer {method} {url}: the connection "
-                                f"failed on every attempt for {self.retry_seconds:g} s "
-                                f"(last: {self.last_error})")
+            raise GitopsMLError(
+                f"Airflow at {self.base_url} did not answer {method} {url}: the connection "
+                f"failed on every attempt for {self.retry_seconds:g} s "
+                f"(last: {self.last_error})"
+            )
         self.attempts = retrying.statistics.get("attempt_number", 1)
         return response
 
@@ -102,8 +127,10 @@ class AirflowClient:
         else:
             response = self._request("GET", "/auth/token")
         if response.status_code >= 400:
-            raise GitopsMLError(f"Airflow at {self.base_url} refused a token (HTTP {response.status_code}); "
-                                "set AIRFLOW_API_USERNAME and AIRFLOW_API_PASSWORD")
+            raise GitopsMLError(
+                f"Airflow at {self.base_url} refused a token (HTTP {response.status_code}); "
+                "set AIRFLOW_API_USERNAME and AIRFLOW_API_PASSWORD"
+            )
         return response.json()["access_token"]
 
     def _check(self, response: httpx.Response, what: str) -> dict[str, Any]:
@@ -116,15 +143,20 @@ class AirflowClient:
             raise GitopsMLError(f"DAG {dag_id} did not appear in Airflow at {self.base_url} within {timeout:.0f} s")
 
     def unpause(self, dag_id: str = PIPELINE_DAG_ID) -> None:
-        self._check(self._request("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False}),
-                    f"unpause {dag_id}")
+        self._check(self._request("PATCH", f"/api/v2/dags/{dag_id}", json={"is_paused": False}), f"unpause {dag_id}")
 
     def get_run(self, run_id: str, dag_id: str = PIPELINE_DAG_ID) -> dict[str, Any] | None:
         response = self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}")
         return None if response.status_code == 404 else self._check(response, f"read run {run_id}")
 
-    def trigger_commit(self, commit_sha: str, conf: dict[str, Any] | None = None, rerun: bool = False,
-                       dag_id: str = PIPELINE_DAG_ID, watch: str | None = None) -> dict[str, Any]:
+    def trigger_commit(
+        self,
+        commit_sha: str,
+        conf: dict[str, Any] | None = None,
+        rerun: bool = False,
+        dag_id: str = PIPELINE_DAG_ID,
+        watch: str | None = None,
+    ) -> dict[str, Any]:
         """Start the pipeline for ``commit_sha`` as run ``commit__<sha>``; an existing run is returned as is.
 
         ``rerun=True`` starts another run for the same commit (``commit__<sha>__rerun_<time>``).
@@ -133,9 +165,12 @@ class AirflowClient:
         existing = None if rerun else self.get_run(run_id, dag_id)
         if existing:
             return existing
-        body = {"dag_run_id": run_id, "logical_date": None,
-                "conf": {**(conf or {}), "commit_sha": commit_sha, **({"watch": watch} if watch else {})},
-                "note": f"commit {commit_sha}"}
+        body = {
+            "dag_run_id": run_id,
+            "logical_date": None,
+            "conf": {**(conf or {}), "commit_sha": commit_sha, **({"watch": watch} if watch else {})},
+            "note": f"commit {commit_sha}",
+        }
         response = self._request("POST", f"/api/v2/dags/{dag_id}/dagRuns", json=body)
         # 409: the watcher or the webhook created it meanwhile, or (after a retried 5xx) our own
         # first attempt did; either way this run id is the one run.
@@ -144,12 +179,14 @@ class AirflowClient:
         return self._check(response, f"trigger {run_id}")
 
     def task_instances(self, run_id: str, dag_id: str = PIPELINE_DAG_ID) -> list[dict[str, Any]]:
-        data = self._check(self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"),
-                           f"list tasks of {run_id}")
+        data = self._check(
+            self._request("GET", f"/api/v2/dags/{dag_id}/dagRuns/{run_id}/taskInstances"), f"list tasks of {run_id}"
+        )
         return data["task_instances"]
 
-    def wait_for_run(self, run_id: str, timeout: float = 900.0, dag_id: str = PIPELINE_DAG_ID,
-                     on_change=None) -> dict[str, Any]:
+    def wait_for_run(
+        self, run_id: str, timeout: float = 900.0, dag_id: str = PIPELINE_DAG_ID, on_change=None
+    ) -> dict[str, Any]:
         """The run once it ended; ``on_change(task_id, state)`` is called for every task state seen change."""
         seen: dict[str, str] = {}
 

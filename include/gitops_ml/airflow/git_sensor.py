@@ -49,9 +49,11 @@ def literal_credentials(repo_url: str) -> bool:
 
 def _refuse_stored_credentials(repo_url: str, where: str) -> None:
     if literal_credentials(repo_url):
-        raise ValueError(f"{where}: the repository URL {redact_url(repo_url)} holds credentials, which would be "
-                         "stored in the Airflow DB; pass watch=<name> (a watched repository) or write them "
-                         "as ${VAR} references to environment variables")
+        raise ValueError(
+            f"{where}: the repository URL {redact_url(repo_url)} holds credentials, which would be "
+            "stored in the Airflow DB; pass watch=<name> (a watched repository) or write them "
+            "as ${VAR} references to environment variables"
+        )
 
 
 def _resolve_url(watch_name: str | None, repo_url: str) -> str:
@@ -66,8 +68,13 @@ def _resolve_url(watch_name: str | None, repo_url: str) -> str:
 def _ls_remote(url: str, branch: str) -> tuple[list[str], dict[str, str]]:
     """argv (URL without credentials) and environment (credential helper) of ``git ls-remote``."""
     safe, env = git_auth.git_command(url)
-    env.update({"GIT_TERMINAL_PROMPT": "0", "GIT_ASKPASS": "",
-                "GIT_SSH_COMMAND": os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes")})
+    env.update(
+        {
+            "GIT_TERMINAL_PROMPT": "0",
+            "GIT_ASKPASS": "",
+            "GIT_SSH_COMMAND": os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"),
+        }
+    )
     return ["git", "ls-remote", "--", safe, f"refs/heads/{branch}"], env
 
 
@@ -95,8 +102,9 @@ def head_of(repo_url: str, branch: str, timeout: float = 30.0) -> str | None:
     url = os.path.expandvars(repo_url)
     argv, env = _ls_remote(url, branch)
     try:
-        done = subprocess.run(argv, capture_output=True, text=True, timeout=timeout, env=env,
-                              stdin=subprocess.DEVNULL, check=False)
+        done = subprocess.run(
+            argv, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL, check=False
+        )
     except subprocess.TimeoutExpired:
         raise GitRemoteError(f"git ls-remote {redact_url(url)} timed out after {timeout:.0f} s") from None
     if done.returncode != 0:
@@ -108,8 +116,9 @@ async def ahead_of(repo_url: str, branch: str, timeout: float = 30.0) -> str | N
     """``head_of`` for the triggerer's event loop (an asyncio subprocess, never blocking the loop)."""
     url = os.path.expandvars(repo_url)
     argv, env = _ls_remote(url, branch)
-    proc = await asyncio.create_subprocess_exec(*argv, env=env, stdin=asyncio.subprocess.DEVNULL,
-                                                stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE)
+    proc = await asyncio.create_subprocess_exec(
+        *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
+    )
     try:
         stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
     except TimeoutError:
@@ -134,8 +143,15 @@ class GitCommitTrigger(BaseTrigger):
         is looked up in the triggerer only; the stored arguments hold the name.
     """
 
-    def __init__(self, repo_url: str = "", branch: str = "main", previous_sha: str = "", poll_interval: float = 30.0,
-                 ls_remote_timeout: float = 30.0, watch: str | None = None):
+    def __init__(
+        self,
+        repo_url: str = "",
+        branch: str = "main",
+        previous_sha: str = "",
+        poll_interval: float = 30.0,
+        ls_remote_timeout: float = 30.0,
+        watch: str | None = None,
+    ):
         super().__init__()
         self.watch = watch or None
         self.repo_url = repo_url if watch else validate_repo_url(repo_url)
@@ -146,10 +162,17 @@ class GitCommitTrigger(BaseTrigger):
 
     def serialize(self) -> tuple[str, dict[str, Any]]:
         _refuse_stored_credentials(self.repo_url, "GitCommitTrigger")
-        return (f"{type(self).__module__}.{type(self).__qualname__}",
-                {"repo_url": self.repo_url, "branch": self.branch, "previous_sha": self.previous_sha,
-                 "poll_interval": self.poll_interval, "ls_remote_timeout": self.ls_remote_timeout,
-                 "watch": self.watch})
+        return (
+            f"{type(self).__module__}.{type(self).__qualname__}",
+            {
+                "repo_url": self.repo_url,
+                "branch": self.branch,
+                "previous_sha": self.previous_sha,
+                "poll_interval": self.poll_interval,
+                "ls_remote_timeout": self.ls_remote_timeout,
+                "watch": self.watch,
+            },
+        )
 
     async def run(self) -> AsyncIterator[TriggerEvent]:
         url = await asyncio.to_thread(_resolve_url, self.watch, self.repo_url)  # reads the watch file
@@ -163,10 +186,12 @@ class GitCommitTrigger(BaseTrigger):
                 if head is None:
                     self.log.warning("branch %r not found on %s; still waiting", self.branch, safe_url)
                 elif head != self.previous_sha:
-                    self.log.info("branch %r of %s moved: %s -> %s", self.branch, safe_url,
-                                  self.previous_sha or "(none)", head)
-                    yield TriggerEvent({"status": "new_commit", "head_sha": head,
-                                        "previous_sha": self.previous_sha or None})
+                    self.log.info(
+                        "branch %r of %s moved: %s -> %s", self.branch, safe_url, self.previous_sha or "(none)", head
+                    )
+                    yield TriggerEvent(
+                        {"status": "new_commit", "head_sha": head, "previous_sha": self.previous_sha or None}
+                    )
                     return
             await asyncio.sleep(self.poll_interval)
 
@@ -192,9 +217,19 @@ class GitCommitSensor(BaseSensorOperator):
 
     template_fields = ("branch", "previous_sha")
 
-    def __init__(self, *, watch: str | None = None, repo_url: str = "", branch: str = "main", previous_sha: str = "",
-                 poll_interval: float = 30.0, deferrable: bool = True, mirror_dir: str | None = None,
-                 ls_remote_timeout: float = 30.0, **kwargs: Any):
+    def __init__(
+        self,
+        *,
+        watch: str | None = None,
+        repo_url: str = "",
+        branch: str = "main",
+        previous_sha: str = "",
+        poll_interval: float = 30.0,
+        deferrable: bool = True,
+        mirror_dir: str | None = None,
+        ls_remote_timeout: float = 30.0,
+        **kwargs: Any,
+    ):
         kwargs.setdefault("poke_interval", poll_interval)
         super().__init__(**kwargs)
         if not watch and not repo_url:
@@ -223,10 +258,16 @@ class GitCommitSensor(BaseSensorOperator):
         if self.mirror_dir:
             from gitops_ml import source, watch
 
-            new_shas, _ = watch.new_commits(source.history(url, self.branch, Path(self.mirror_dir)),
-                                            self.previous_sha or None, head_sha)
-        return {"repo_url": redact_url(url), "branch": self.branch,
-                "previous_sha": self.previous_sha or None, "head_sha": head_sha, "new_shas": new_shas}
+            new_shas, _ = watch.new_commits(
+                source.history(url, self.branch, Path(self.mirror_dir)), self.previous_sha or None, head_sha
+            )
+        return {
+            "repo_url": redact_url(url),
+            "branch": self.branch,
+            "previous_sha": self.previous_sha or None,
+            "head_sha": head_sha,
+            "new_shas": new_shas,
+        }
 
     def poke(self, context) -> PokeReturnValue | bool:
         self._validate()
@@ -248,9 +289,18 @@ class GitCommitSensor(BaseSensorOperator):
         found = self.poke(context)  # one check now: no deferral when the commit is already there
         if isinstance(found, PokeReturnValue):
             return found.xcom_value
-        self.defer(trigger=GitCommitTrigger("" if self.watch else self.repo_url, self.branch, self.previous_sha,
-                                            self.poll_interval, self.ls_remote_timeout, watch=self.watch),
-                   method_name="execute_complete", timeout=timedelta(seconds=self.timeout))
+        self.defer(
+            trigger=GitCommitTrigger(
+                "" if self.watch else self.repo_url,
+                self.branch,
+                self.previous_sha,
+                self.poll_interval,
+                self.ls_remote_timeout,
+                watch=self.watch,
+            ),
+            method_name="execute_complete",
+            timeout=timedelta(seconds=self.timeout),
+        )
 
     def execute_complete(self, context, event: dict[str, Any] | None = None) -> dict[str, Any]:
         if not event or event.get("status") != "new_commit":

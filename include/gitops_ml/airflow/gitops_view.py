@@ -35,8 +35,9 @@ def _iso(value) -> str | None:
     return value.isoformat() if value is not None else None
 
 
-def pipeline_runs(session, offset: int, limit: int, dag_id: str = PIPELINE_DAG_ID,
-                  run_id: str | None = None) -> tuple[int, list[dict[str, Any]]]:
+def pipeline_runs(
+    session, offset: int, limit: int, dag_id: str = PIPELINE_DAG_ID, run_id: str | None = None
+) -> tuple[int, list[dict[str, Any]]]:
     """One page of the pipeline's runs (or the one run ``run_id``), newest first, with their task
     states and XComs (four queries, none of them per run)."""
     from airflow.models.dagrun import DagRun, DagRunNote
@@ -47,29 +48,64 @@ def pipeline_runs(session, offset: int, limit: int, dag_id: str = PIPELINE_DAG_I
     where = [DagRun.dag_id == dag_id] + ([DagRun.run_id == run_id] if run_id is not None else [])
     total = session.scalar(select(func.count()).select_from(DagRun).where(*where)) or 0
     rows = session.execute(
-        select(DagRun.run_id, DagRun.state, DagRun.conf, DagRun.start_date, DagRun.end_date, DagRun.run_after,
-               DagRunNote.content)
+        select(
+            DagRun.run_id,
+            DagRun.state,
+            DagRun.conf,
+            DagRun.start_date,
+            DagRun.end_date,
+            DagRun.run_after,
+            DagRunNote.content,
+        )
         .outerjoin(DagRunNote, DagRunNote.dag_run_id == DagRun.id)
         .where(*where)
         .order_by(DagRun.run_after.desc(), DagRun.id.desc())
-        .offset(offset).limit(limit)).all()
-    runs = {r.run_id: {"dag_id": dag_id, "run_id": r.run_id, "state": str(r.state) if r.state else None,
-                       "conf": r.conf or {}, "start_date": _iso(r.start_date), "end_date": _iso(r.end_date),
-                       "run_after": _iso(r.run_after), "note": r.content, "tasks": {}, "xcom": {}} for r in rows}
+        .offset(offset)
+        .limit(limit)
+    ).all()
+    runs = {
+        r.run_id: {
+            "dag_id": dag_id,
+            "run_id": r.run_id,
+            "state": str(r.state) if r.state else None,
+            "conf": r.conf or {},
+            "start_date": _iso(r.start_date),
+            "end_date": _iso(r.end_date),
+            "run_after": _iso(r.run_after),
+            "note": r.content,
+            "tasks": {},
+            "xcom": {},
+        }
+        for r in rows
+    }
     if runs:
         for ti in session.execute(
-                select(TaskInstance.run_id, TaskInstance.task_id, TaskInstance.state, TaskInstance.start_date,
-                       TaskInstance.end_date, TaskInstance.try_number)
-                .where(TaskInstance.dag_id == dag_id, TaskInstance.run_id.in_(list(runs)),
-                       TaskInstance.task_id.in_(TASK_ORDER))).all():
-            runs[ti.run_id]["tasks"][ti.task_id] = {"state": str(ti.state) if ti.state else None,
-                                                    "start_date": _iso(ti.start_date), "end_date": _iso(ti.end_date),
-                                                    "try_number": ti.try_number}
+            select(
+                TaskInstance.run_id,
+                TaskInstance.task_id,
+                TaskInstance.state,
+                TaskInstance.start_date,
+                TaskInstance.end_date,
+                TaskInstance.try_number,
+            ).where(
+                TaskInstance.dag_id == dag_id, TaskInstance.run_id.in_(list(runs)), TaskInstance.task_id.in_(TASK_ORDER)
+            )
+        ).all():
+            runs[ti.run_id]["tasks"][ti.task_id] = {
+                "state": str(ti.state) if ti.state else None,
+                "start_date": _iso(ti.start_date),
+                "end_date": _iso(ti.end_date),
+                "try_number": ti.try_number,
+            }
         for x in session.execute(
-                select(XComModel.run_id, XComModel.task_id, XComModel.key, XComModel.value, XComModel.timestamp)
-                .where(XComModel.dag_id == dag_id, XComModel.run_id.in_(list(runs)),
-                       XComModel.key.in_(("return_value", OUTCOME_KEY)))
-                .order_by(XComModel.timestamp)).all():
+            select(XComModel.run_id, XComModel.task_id, XComModel.key, XComModel.value, XComModel.timestamp)
+            .where(
+                XComModel.dag_id == dag_id,
+                XComModel.run_id.in_(list(runs)),
+                XComModel.key.in_(("return_value", OUTCOME_KEY)),
+            )
+            .order_by(XComModel.timestamp)
+        ).all():
             value = XComModel.deserialize_value(x)
             if x.key == OUTCOME_KEY:
                 runs[x.run_id]["xcom"]["outcome"] = str(value)
@@ -83,8 +119,11 @@ def may_trigger(request, user) -> bool:
     from airflow.api_fastapi.app import get_auth_manager
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity, DagDetails
 
-    return bool(get_auth_manager().is_authorized_dag(method="POST", access_entity=DagAccessEntity.RUN,
-                                                    details=DagDetails(id=PIPELINE_DAG_ID), user=user))
+    return bool(
+        get_auth_manager().is_authorized_dag(
+            method="POST", access_entity=DagAccessEntity.RUN, details=DagDetails(id=PIPELINE_DAG_ID), user=user
+        )
+    )
 
 
 def require(request, user, method: str) -> None:
@@ -107,8 +146,9 @@ def history_page(page: int, per_page: int, run_id: str | None = None) -> dict[st
     with create_session() as session:
         total, runs = pipeline_runs(session, (page - 1) * per_page, per_page, run_id=run_id)
         session.rollback()  # read only: nothing of ours is ever written to the metadata DB
-    return history.collect(Settings.from_env(), runs, total, page, per_page,
-                           kibana_url=os.environ.get("GITOPS_ML_KIBANA_URL") or None)
+    return history.collect(
+        Settings.from_env(), runs, total, page, per_page, kibana_url=os.environ.get("GITOPS_ML_KIBANA_URL") or None
+    )
 
 
 def user_name(user) -> str:
@@ -125,6 +165,7 @@ def user_name(user) -> str:
 def add_routes(app, airflow_user) -> None:
     """The page, its JSON and the deploy action on the plugin's FastAPI ``app`` (behind ``airflow_user``)."""
     User = Annotated[Any, Depends(airflow_user)]  # a type alias, local to the app
+
     @app.get("/static/gitops.svg")
     def gitops_icon():
         return Response(ICON.read_bytes(), media_type="image/svg+xml", headers={"Cache-Control": "max-age=86400"})
@@ -132,13 +173,18 @@ def add_routes(app, airflow_user) -> None:
     @app.get("/ui", response_class=HTMLResponse)
     def gitops_page(request: Request, user: User):
         require(request, user, "GET")
-        return HTMLResponse(PAGE.read_text(encoding="utf-8"),
-                            headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"})
+        return HTMLResponse(
+            PAGE.read_text(encoding="utf-8"), headers={"Cache-Control": "no-store", "X-Content-Type-Options": "nosniff"}
+        )
 
     @app.get("/api/history")
-    async def gitops_history(request: Request, user: User, page: int = Query(1, ge=1),
-                             per_page: int = Query(25, ge=1, le=MAX_PER_PAGE),
-                             run_id: str | None = Query(None, max_length=250, pattern=r"^[A-Za-z0-9_.~:+-]+$")):
+    async def gitops_history(
+        request: Request,
+        user: User,
+        page: int = Query(1, ge=1),
+        per_page: int = Query(25, ge=1, le=MAX_PER_PAGE),
+        run_id: str | None = Query(None, max_length=250, pattern=r"^[A-Za-z0-9_.~:+-]+$"),
+    ):
         require(request, user, "GET")
         body = await run_in_threadpool(history_page, page, per_page, run_id)
         body["user"] = {"name": user_name(user), "may_deploy": may_trigger(request, user)}
@@ -164,8 +210,13 @@ def add_routes(app, airflow_user) -> None:
         if not isinstance(body, dict):
             return JSONResponse({"error": "expected a JSON object with model_version"}, status_code=400)
         try:
-            result = await run_in_threadpool(rollback.deploy_version, Settings.from_env(), body.get("model_version"),
-                                             user_name(user), body.get("reason"))
+            result = await run_in_threadpool(
+                rollback.deploy_version,
+                Settings.from_env(),
+                body.get("model_version"),
+                user_name(user),
+                body.get("reason"),
+            )
         except GitopsMLError as exc:
             status = 400 if isinstance(exc, rollback.RollbackRefused) else 502
             return JSONResponse({"error": str(exc)}, status_code=status)

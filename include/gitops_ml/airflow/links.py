@@ -57,7 +57,8 @@ def create_app() -> FastAPI:
                 f"<p>No MLflow training run for Airflow run <code>{html.escape(run_id)}</code> of "
                 f"<code>{html.escape(dag_id)}</code> (not trained yet, or the commit reused an existing "
                 f"model version).</p><p><a href='{html.escape(settings.mlflow_ui_url)}'>Open MLflow</a></p>",
-                status_code=404)
+                status_code=404,
+            )
         return RedirectResponse(registry.run_url(settings.mlflow_ui_url, found.experiment_id, found.run_id))
 
     @app.post("/webhooks/{watch_name}")

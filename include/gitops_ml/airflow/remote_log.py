@@ -48,9 +48,11 @@ def render_traceback(error_detail: Any) -> str:
         lines.append(f"{exc.get('exc_type')}: {value}" if value not in (None, "") else str(exc.get("exc_type")))
         lines.extend(str(note) for note in exc.get("exc_notes") or [])
         if position < len(error_detail) - 1:
-            lines.append("\nThe above exception was the direct cause of the following exception:\n"
-                         if exc.get("is_cause") else
-                         "\nDuring handling of the above exception, another exception occurred:\n")
+            lines.append(
+                "\nThe above exception was the direct cause of the following exception:\n"
+                if exc.get("is_cause")
+                else "\nDuring handling of the above exception, another exception occurred:\n"
+            )
         blocks.append("\n".join(lines))
     return "\n".join(blocks)
 
@@ -65,8 +67,9 @@ def _masked(value: Any, mask: Callable[[str], str]) -> Any:
     return value
 
 
-def line_document(labels: dict[str, Any], offset: int, raw: str,
-                  redactor: Callable[[str], str] | None = None) -> dict[str, Any]:
+def line_document(
+    labels: dict[str, Any], offset: int, raw: str, redactor: Callable[[str], str] | None = None
+) -> dict[str, Any]:
     """One line of Airflow's JSON task log file as our ECS document (a line that is not JSON is kept as text)."""
     from gitops_ml import logs
     from gitops_ml.refs import redact
@@ -86,8 +89,7 @@ def line_document(labels: dict[str, Any], offset: int, raw: str,
     if detail:
         trace = mask(render_traceback(detail))
         last = detail[0] if isinstance(detail, list) and detail and isinstance(detail[0], dict) else {}
-        error = {"type": last.get("exc_type"), "message": mask(str(last.get("exc_value") or "")),
-                 "stack_trace": trace}
+        error = {"type": last.get("exc_type"), "message": mask(str(last.get("exc_value") or "")), "stack_trace": trace}
         message = f"{message}\n{trace}"
     extra = {}
     fields = {k: v for k, v in line.items() if k not in _LINE_KEYS}
@@ -96,16 +98,27 @@ def line_document(labels: dict[str, Any], offset: int, raw: str,
     if detail:
         extra["error_detail"] = _masked(detail, mask)
     timestamp = line.get("timestamp") if isinstance(line.get("timestamp"), str) else None
-    return logs.document(labels, offset, str(line.get("level") or "info"), str(line.get("logger") or "task"),
-                         message, timestamp=timestamp, error=error, extra=extra or None)
+    return logs.document(
+        labels,
+        offset,
+        str(line.get("level") or "info"),
+        str(line.get("logger") or "task"),
+        message,
+        timestamp=timestamp,
+        error=error,
+        extra=extra or None,
+    )
 
 
-def file_documents(path: Path, labels: dict[str, Any], redactor: Callable[[str], str] | None = None
-                   ) -> list[dict[str, Any]]:
+def file_documents(
+    path: Path, labels: dict[str, Any], redactor: Callable[[str], str] | None = None
+) -> list[dict[str, Any]]:
     """Every non-empty line of a task's local log file, in order, as documents with offsets 1..n."""
     text = Path(path).read_text(encoding="utf-8", errors="replace")
-    return [line_document(labels, offset, raw, redactor)
-            for offset, raw in enumerate((raw for raw in text.splitlines() if raw.strip()), start=1)]
+    return [
+        line_document(labels, offset, raw, redactor)
+        for offset, raw in enumerate((raw for raw in text.splitlines() if raw.strip()), start=1)
+    ]
 
 
 def uploads_task_log_file() -> bool:
@@ -135,9 +148,14 @@ def structured_line(source: dict[str, Any]) -> dict[str, Any]:
     message = source.get("message", "")
     if ours.get("error_detail"):  # the UI renders the structured traceback itself, as from the local file
         message = message.split("\n", 1)[0]
-    line = {**(ours.get("fields") or {}), "timestamp": source.get("@timestamp"), "event": message,
-            "level": ecs_log.get("level", "info"), "logger": ecs_log.get("logger"),
-            "error_detail": ours.get("error_detail")}
+    line = {
+        **(ours.get("fields") or {}),
+        "timestamp": source.get("@timestamp"),
+        "event": message,
+        "level": ecs_log.get("level", "info"),
+        "logger": ecs_log.get("logger"),
+        "error_detail": ours.get("error_detail"),
+    }
     if ours.get("truncated"):
         line["truncated"] = True
     return {k: v for k, v in line.items() if v is not None}
@@ -147,8 +165,17 @@ class EcsElasticsearchLogIO(ElasticsearchRemoteLogIO):
     """The provider's Elasticsearch log reader over gitops-ml's ECS documents (read only)."""
 
     def _get_source_includes(self, extra_fields=()) -> list[str]:
-        return ["@timestamp", "message", "log.level", "log.logger", "gitops_ml.truncated",
-                "gitops_ml.error_detail", "gitops_ml.fields", self.offset_field, *extra_fields]
+        return [
+            "@timestamp",
+            "message",
+            "log.level",
+            "log.logger",
+            "gitops_ml.truncated",
+            "gitops_ml.error_detail",
+            "gitops_ml.fields",
+            self.offset_field,
+            *extra_fields,
+        ]
 
     def upload(self, path, ti=None) -> None:
         """Ship every line of the finished try's local log file (called by Airflow's task supervisor
@@ -163,8 +190,16 @@ class EcsElasticsearchLogIO(ElasticsearchRemoteLogIO):
         from gitops_ml.config import Settings
 
         home = Settings.from_env().home
-        labels, wait = logs.saved_labels(home, {"dag_id": ti.dag_id, "task_id": ti.task_id, "run_id": ti.run_id,
-                                                "map_index": ti.map_index, "try_number": ti.try_number})
+        labels, wait = logs.saved_labels(
+            home,
+            {
+                "dag_id": ti.dag_id,
+                "task_id": ti.task_id,
+                "run_id": ti.run_id,
+                "map_index": ti.map_index,
+                "try_number": ti.try_number,
+            },
+        )
         logs.replace_segment(home, labels, file_documents(local, labels, _airflow_masker()))
         logs.ship_until_delivered(home, wait)
 

@@ -33,7 +33,7 @@ def with_outcome(note: str | None, outcome: str) -> str:
     if outcome in note:
         return note
     text = f"{note}\n{outcome}" if note else outcome
-    return text if len(text) <= MAX_NOTE else text[:MAX_NOTE - 1] + "…"
+    return text if len(text) <= MAX_NOTE else text[: MAX_NOTE - 1] + "…"
 
 
 def _outcome_of(dag_run, session) -> str | None:
@@ -44,8 +44,14 @@ def _outcome_of(dag_run, session) -> str | None:
     rows = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key=OUTCOME_KEY)).all()
     values = [(row.timestamp, XComModel.deserialize_value(row)) for row in rows]
     if values:
-        steps = session.scalars(XComModel.get_many(run_id=dag_run.run_id, dag_ids=dag_run.dag_id, key="return_value",
-                                                   task_ids=["prepare_workspace", "evaluate"])).all()
+        steps = session.scalars(
+            XComModel.get_many(
+                run_id=dag_run.run_id,
+                dag_ids=dag_run.dag_id,
+                key="return_value",
+                task_ids=["prepare_workspace", "evaluate"],
+            )
+        ).all()
         returned = {row.task_id: XComModel.deserialize_value(row) for row in steps}
         lines = note_lines({k: v for k, v in returned.items() if isinstance(v, dict)})
         return "\n".join([*lines, str(max(values, key=lambda item: item[0])[1])])

@@ -42,10 +42,16 @@ def _log_labels(context, args: tuple) -> dict[str, Any]:
     commit = args[0].get("commit", {}) if args and isinstance(args[0], dict) else {}
     settings = settings_from_context(context)
     ti = context["ti"]
-    return {"commit_sha": commit.get("commit_sha") or context["params"].get("commit_sha") or "unresolved",
-            "repo_url": commit.get("repo_url") or redact_url(settings.repo_url),
-            "branch": commit.get("branch") or settings.branch, "dag_id": ti.dag_id, "run_id": ti.run_id,
-            "task_id": ti.task_id, "map_index": ti.map_index, "try_number": ti.try_number}
+    return {
+        "commit_sha": commit.get("commit_sha") or context["params"].get("commit_sha") or "unresolved",
+        "repo_url": commit.get("repo_url") or redact_url(settings.repo_url),
+        "branch": commit.get("branch") or settings.branch,
+        "dag_id": ti.dag_id,
+        "run_id": ti.run_id,
+        "task_id": ti.task_id,
+        "map_index": ti.map_index,
+        "try_number": ti.try_number,
+    }
 
 
 def _airflow_masker() -> Callable[[str], str] | None:
@@ -59,6 +65,7 @@ def _airflow_masker() -> Callable[[str], str] | None:
 
 def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
     """Ship the task's log lines (ECS, labelled with the SHA) and turn input errors into failures."""
+
     @functools.wraps(fn)
     def wrapper(*args, **kwargs):
         from gitops_ml import logs
@@ -71,9 +78,13 @@ def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
         wait = Settings.from_env().ship_wait_seconds if fn.__name__ == "record" else 0.0
         # On a worker with remote logging, Airflow's supervisor ships the task's whole log file
         # (runner lines, stdout/stderr, warnings, tracebacks) once the task ends, with this wait.
-        with logs.capture(settings_from_context(context).home, _log_labels(context, args),
-                          ship_wait_seconds=wait, redactor=_airflow_masker(),
-                          shipped_by_supervisor=uploads_task_log_file()) as handler:
+        with logs.capture(
+            settings_from_context(context).home,
+            _log_labels(context, args),
+            ship_wait_seconds=wait,
+            redactor=_airflow_masker(),
+            shipped_by_supervisor=uploads_task_log_file(),
+        ) as handler:
             try:
                 result = fn(*args, **kwargs)
             except InputError as exc:
@@ -82,6 +93,7 @@ def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
             if isinstance(result, dict) and isinstance(result.get("commit"), dict):
                 handler.labels["commit_sha"] = result["commit"]["commit_sha"]  # resolve_commit found it
             return result
+
     return wrapper
 
 
@@ -133,8 +145,9 @@ def prepare_workspace(resolved: dict[str, Any]) -> dict[str, Any]:
 def pull_data(resolved: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
     from gitops_ml import pipeline
 
-    return pipeline.pull_data(settings_from_context(get_current_context()), resolved["commit"],
-                              prepared["workdir"], prepared["params"])
+    return pipeline.pull_data(
+        settings_from_context(get_current_context()), resolved["commit"], prepared["workdir"], prepared["params"]
+    )
 
 
 @_adapter
@@ -142,8 +155,12 @@ def train(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[str, 
     _skip_training(resolved, prepared)
     from gitops_ml import flow, pipeline
 
-    return pipeline.train(settings_from_context(get_current_context()), resolved["commit"], prepared["params"],
-                          flow.lineage(resolved, prepared, pulled))
+    return pipeline.train(
+        settings_from_context(get_current_context()),
+        resolved["commit"],
+        prepared["params"],
+        flow.lineage(resolved, prepared, pulled),
+    )
 
 
 @_adapter
@@ -151,18 +168,25 @@ def evaluate(resolved: dict[str, Any], prepared: dict[str, Any], trained: dict[s
     _skip_training(resolved, prepared)
     from gitops_ml import pipeline
 
-    return pipeline.evaluate(settings_from_context(get_current_context()), resolved["commit"], prepared["params"],
-                             trained)
+    return pipeline.evaluate(
+        settings_from_context(get_current_context()), resolved["commit"], prepared["params"], trained
+    )
 
 
 @_adapter
-def register(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[str, Any], trained: dict[str, Any],
-             evaluated: dict[str, Any]) -> dict[str, Any]:
+def register(
+    resolved: dict[str, Any],
+    prepared: dict[str, Any],
+    pulled: dict[str, Any],
+    trained: dict[str, Any],
+    evaluated: dict[str, Any],
+) -> dict[str, Any]:
     _skip_training(resolved, prepared)
     from gitops_ml import flow, pipeline
 
-    return pipeline.register(settings_from_context(get_current_context()), trained, evaluated,
-                             flow.lineage(resolved, prepared, pulled))
+    return pipeline.register(
+        settings_from_context(get_current_context()), trained, evaluated, flow.lineage(resolved, prepared, pulled)
+    )
 
 
 @_adapter
@@ -196,9 +220,14 @@ def record_failure(context) -> None:
     try:
         ti = context["ti"]
         resolved = ti.xcom_pull(task_ids="resolve_commit") or {}
-        summary = flow.record_failure(settings_from_context(context), resolved.get("commit"),
-                                      context["params"].get("commit_sha"), context["run_id"], ti.task_id,
-                                      str(context.get("exception") or "unknown"))
+        summary = flow.record_failure(
+            settings_from_context(context),
+            resolved.get("commit"),
+            context["params"].get("commit_sha"),
+            context["run_id"],
+            ti.task_id,
+            str(context.get("exception") or "unknown"),
+        )
         _push_outcome(context, summary)
     except Exception:  # a failing callback must not hide the task's own error
         log.exception("could not record the failure of run %s", context.get("run_id"))

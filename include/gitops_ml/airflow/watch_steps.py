@@ -18,8 +18,9 @@ def plan_commits(watch_name: str, found: dict[str, Any] | None, run_id: str) -> 
     if not found:
         return []
     watched = watch.get_watch(watch_name)
-    _, requests = runs.plan_runs(watched, runs.settings_for(watched), found.get("previous_sha"), found["head_sha"],
-                                 run_id, trigger="push")
+    _, requests = runs.plan_runs(
+        watched, runs.settings_for(watched), found.get("previous_sha"), found["head_sha"], run_id, trigger="push"
+    )
     return requests
 
 
@@ -31,8 +32,11 @@ def advance_cursor(watch_name: str, found: dict[str, Any] | None) -> str | None:
 
     if not found:
         return None
-    Variable.set(watch.get_watch(watch_name).cursor_key, found["head_sha"],
-                 description=f"last commit planned by the gitops-ml watcher of {watch_name!r}")
+    Variable.set(
+        watch.get_watch(watch_name).cursor_key,
+        found["head_sha"],
+        description=f"last commit planned by the gitops-ml watcher of {watch_name!r}",
+    )
     return found["head_sha"]
 
 

@@ -74,9 +74,16 @@ def claim_delivery(provider: str, delivery_id: str, record: dict[str, Any]) -> d
     value = {**record, "received_at": datetime.now(UTC).isoformat(timespec="seconds")}
     try:
         with create_session() as session:
-            session.add(Variable(key=key, val=json.dumps(value), description=(
-                "gitops-ml push webhook delivery already handled (redeliveries are answered 'duplicate "
-                f"delivery'); pruned after {DELIVERY_RETENTION.days} days")))
+            session.add(
+                Variable(
+                    key=key,
+                    val=json.dumps(value),
+                    description=(
+                        "gitops-ml push webhook delivery already handled (redeliveries are answered 'duplicate "
+                        f"delivery'); pruned after {DELIVERY_RETENTION.days} days"
+                    ),
+                )
+            )
             session.flush()
     except IntegrityError:
         with create_session() as session:
@@ -130,9 +137,15 @@ def create_pipeline_run(request: dict[str, Any]) -> bool:
     from gitops_ml import runs
 
     try:
-        trigger_dag(runs.PIPELINE_DAG_ID, triggered_by=DagRunTriggeredByType.REST_API, run_type=DagRunType.MANUAL,
-                    triggering_user_name="gitops-ml webhook", run_id=request["trigger_run_id"],
-                    conf=request["conf"], note=request["note"])
+        trigger_dag(
+            runs.PIPELINE_DAG_ID,
+            triggered_by=DagRunTriggeredByType.REST_API,
+            run_type=DagRunType.MANUAL,
+            triggering_user_name="gitops-ml webhook",
+            run_id=request["trigger_run_id"],
+            conf=request["conf"],
+            note=request["note"],
+        )
     except (DagRunAlreadyExists, IntegrityError):
         return False
     return True
@@ -149,8 +162,10 @@ def check_headers(watch_name: str, headers: dict[str, str]) -> tuple[int, dict[s
         return 404, {"error": f"no watched repository named {watch_name!r}"}
     secret = watched.webhook_secret()
     if not secret:
-        return 401, {"error": f"no webhook secret configured for {watch_name!r} "
-                              f"(set {watched.webhook_secret_env or 'GITOPS_ML_WEBHOOK_SECRET'})"}
+        return 401, {
+            "error": f"no webhook secret configured for {watch_name!r} "
+            f"(set {watched.webhook_secret_env or 'GITOPS_ML_WEBHOOK_SECRET'})"
+        }
     try:
         webhooks.check_headers(headers, secret)
     except webhooks.WebhookError as exc:
@@ -168,11 +183,17 @@ def verify_on_branch(watched, cache_dir, commit_sha: str) -> tuple[int, dict[str
     if commit_sha == head:
         return None
     if not history.exists(commit_sha):
-        return 422, {"error": f"commit {commit_sha} does not exist in {watched.safe_url} (branch "
-                              f"{watched.branch!r} fetched just now, head {head}); no run started", **where}
+        return 422, {
+            "error": f"commit {commit_sha} does not exist in {watched.safe_url} (branch "
+            f"{watched.branch!r} fetched just now, head {head}); no run started",
+            **where,
+        }
     if not history.is_ancestor(commit_sha, head):
-        return 409, {"error": f"commit {commit_sha} is not on branch {watched.branch!r} of {watched.safe_url} "
-                              f"(head {head}); no run started", **where}
+        return 409, {
+            "error": f"commit {commit_sha} is not on branch {watched.branch!r} of {watched.safe_url} "
+            f"(head {head}); no run started",
+            **where,
+        }
     return None
 
 
@@ -195,13 +216,21 @@ def handle_push(watch_name: str, headers: dict[str, str], body: bytes) -> tuple[
     if event.after_sha is None:
         return 202, {"ignored": f"branch {event.branch!r} was deleted"}
     if event.delivery_id:
-        first = claim_delivery(event.provider, event.delivery_id,
-                               {"watch": watch_name, "head_sha": event.after_sha})
+        first = claim_delivery(event.provider, event.delivery_id, {"watch": watch_name, "head_sha": event.after_sha})
         if first is not None:
-            log.info("webhook %s delivery %s for %s: duplicate of the delivery received at %s", event.provider,
-                     event.delivery_id, event.after_sha, first.get("received_at"))
-            return 200, {"ignored": "duplicate delivery", "delivery_id": event.delivery_id,
-                         "first_received_at": first.get("received_at"), "head_sha": first.get("head_sha")}
+            log.info(
+                "webhook %s delivery %s for %s: duplicate of the delivery received at %s",
+                event.provider,
+                event.delivery_id,
+                event.after_sha,
+                first.get("received_at"),
+            )
+            return 200, {
+                "ignored": "duplicate delivery",
+                "delivery_id": event.delivery_id,
+                "first_received_at": first.get("received_at"),
+                "head_sha": first.get("head_sha"),
+            }
     status, payload = _start_runs(watched, event)
     if event.delivery_id and status >= 300:
         release_delivery(event.provider, event.delivery_id)
@@ -218,8 +247,9 @@ def _start_runs(watched, event) -> tuple[int, dict[str, Any]]:
         if refused:
             log.warning("webhook %s: %s", event.provider, refused[1]["error"])
             return refused
-        plan, requests = runs.plan_runs(watched, settings, event.previous_sha, event.after_sha,
-                                        f"webhook__{event.after_sha}", trigger="webhook")
+        plan, requests = runs.plan_runs(
+            watched, settings, event.previous_sha, event.after_sha, f"webhook__{event.after_sha}", trigger="webhook"
+        )
     except InputError as exc:
         return 400, {"error": str(exc)}
     except GitopsMLError as exc:  # e.g. the remote is unreachable right now: the sender retries
@@ -229,7 +259,12 @@ def _start_runs(watched, event) -> tuple[int, dict[str, Any]]:
     for request in requests:
         (created if create_pipeline_run(request) else existing).append(request["trigger_run_id"])
     log.info("webhook %s for %s: created %s, already there %s", event.provider, event.after_sha, created, existing)
-    return 202, {"provider": event.provider, "head_sha": event.after_sha, "created": created, "existing": existing,
-                 "delivery_id": event.delivery_id,
-                 "decisions": [{k: d[k] for k in ("commit_sha", "action", "reason")} for d in plan["decisions"]],
-                 "force_push": plan["force_push"]}
+    return 202, {
+        "provider": event.provider,
+        "head_sha": event.after_sha,
+        "created": created,
+        "existing": existing,
+        "delivery_id": event.delivery_id,
+        "decisions": [{k: d[k] for k in ("commit_sha", "action", "reason")} for d in plan["decisions"]],
+        "force_push": plan["force_push"],
+    }

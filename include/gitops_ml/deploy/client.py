@@ -56,8 +56,10 @@ class ServingClient:
             body["smoke"] = {"images": smoke["images"], "classes": smoke["classes"]}
         response = self._http.post("/admin/reload", json=body, timeout=timeout)
         if response.status_code != 200:
-            raise DeployError(f"server {self.base_url} did not switch to model version {model_version}: "
-                              f"HTTP {response.status_code} {_error_text(response)}")
+            raise DeployError(
+                f"server {self.base_url} did not switch to model version {model_version}: "
+                f"HTTP {response.status_code} {_error_text(response)}"
+            )
         return response.json()
 
 

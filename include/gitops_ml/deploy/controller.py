@@ -37,8 +37,14 @@ __all__ = ["DEFAULT_POLICY", "DeployError", "deploy", "judge", "watch_window"]
 
 log = logging.getLogger(__name__)
 
-DEFAULT_POLICY = {"watch_seconds": 0, "min_requests": 20, "min_clients": 3, "max_error_rate": 0.05,
-                  "max_latency_ratio": 3.0, "max_low_confidence_increase": 0.2}
+DEFAULT_POLICY = {
+    "watch_seconds": 0,
+    "min_requests": 20,
+    "min_clients": 3,
+    "max_error_rate": 0.05,
+    "max_latency_ratio": 3.0,
+    "max_low_confidence_increase": 0.2,
+}
 
 
 def deploy(settings: Settings, model_version: str, policy: dict[str, Any] | None = None) -> dict[str, Any]:
@@ -60,8 +66,10 @@ def deploy(settings: Settings, model_version: str, policy: dict[str, Any] | None
                 observed[server.base_url] = server.version()
                 before[server.base_url] = server.metrics()
             except httpx.HTTPError as exc:
-                raise DeployError(f"serving endpoint {server.base_url} is not reachable ({exc}); model version "
-                                  f"{model_version} (commit {commit_sha}) was not deployed") from None
+                raise DeployError(
+                    f"serving endpoint {server.base_url} is not reachable ({exc}); model version "
+                    f"{model_version} (commit {commit_sha}) was not deployed"
+                ) from None
         if previous_version == model_version and all(_serves(o, model_version, commit_sha) for o in observed.values()):
             log.info("model version %s (commit %s) is already champion on every server", model_version, commit_sha)
             return {"changed": False, "previous_version": previous_version, "serving": observed, "watch": None}
@@ -72,19 +80,24 @@ def deploy(settings: Settings, model_version: str, policy: dict[str, Any] | None
                 observed[server.base_url] = _wait_for(server, model_version, commit_sha, settings.deploy_timeout)
             except (DeployError, httpx.HTTPError) as exc:
                 _roll_back(settings, servers, previous_version)
-                raise DeployError(f"deploy of model version {model_version} (commit {commit_sha}) failed on "
-                                  f"{server.base_url} and was rolled back to version {previous_version}: "
-                                  f"{exc}") from None
-        log.info("serving model version %s of commit %s on %s", model_version, commit_sha,
-                 ", ".join(settings.serving_urls))
+                raise DeployError(
+                    f"deploy of model version {model_version} (commit {commit_sha}) failed on "
+                    f"{server.base_url} and was rolled back to version {previous_version}: "
+                    f"{exc}"
+                ) from None
+        log.info(
+            "serving model version %s of commit %s on %s", model_version, commit_sha, ", ".join(settings.serving_urls)
+        )
         watch = None
         if policy["watch_seconds"] > 0:
             watch = watch_window(servers, model_version, previous_version, before, policy)
             if watch["verdict"] != "healthy":
                 _roll_back(settings, servers, previous_version)
-                raise DeployError(f"model version {model_version} (commit {commit_sha}) was rolled back to version "
-                                  f"{previous_version} after {watch['elapsed_s']:.1f} s of live traffic: "
-                                  f"{watch['reason']}")
+                raise DeployError(
+                    f"model version {model_version} (commit {commit_sha}) was rolled back to version "
+                    f"{previous_version} after {watch['elapsed_s']:.1f} s of live traffic: "
+                    f"{watch['reason']}"
+                )
         return {"changed": True, "previous_version": previous_version, "serving": observed, "watch": watch}
     finally:
         for server in servers:
@@ -92,15 +105,20 @@ def deploy(settings: Settings, model_version: str, policy: dict[str, Any] | None
 
 
 def _serves(observed: dict | None, model_version: str, commit_sha: str) -> bool:
-    return (observed is not None and observed.get("model_version") == model_version
-            and observed.get("commit_sha") == commit_sha)
+    return (
+        observed is not None
+        and observed.get("model_version") == model_version
+        and observed.get("commit_sha") == commit_sha
+    )
 
 
 def _wait_for(serving: ServingClient, model_version: str, commit_sha: str, timeout: float) -> dict:
     observed, served = poll(serving.version, lambda o: _serves(o, model_version, commit_sha), timeout, 0.2)
     if not served or observed is None:
-        raise DeployError(f"server still reports {observed} after {timeout:.0f} s, "
-                          f"expected version {model_version} of commit {commit_sha}")
+        raise DeployError(
+            f"server still reports {observed} after {timeout:.0f} s, "
+            f"expected version {model_version} of commit {commit_sha}"
+        )
     return observed
 
 
@@ -118,20 +136,26 @@ def judge(new: dict[str, float], old: dict[str, float] | None, policy: dict[str,
         return None
     error_rate = new["errors"] / new["requests"]
     if error_rate > policy["max_error_rate"]:
-        return (f"error rate {error_rate:.1%} over {int(new['requests'])} requests is above "
-                f"deploy.max_error_rate {policy['max_error_rate']:.1%}")
+        return (
+            f"error rate {error_rate:.1%} over {int(new['requests'])} requests is above "
+            f"deploy.max_error_rate {policy['max_error_rate']:.1%}"
+        )
     if old and old["requests"] >= policy["min_requests"] and old["latency_count"] and new["latency_count"]:
         new_latency = new["latency_sum"] / new["latency_count"]
         old_latency = old["latency_sum"] / old["latency_count"]
         if old_latency > 0 and new_latency / old_latency > policy["max_latency_ratio"]:
-            return (f"mean latency {new_latency * 1000:.1f} ms is {new_latency / old_latency:.1f}x the previous "
-                    f"version's {old_latency * 1000:.1f} ms (deploy.max_latency_ratio {policy['max_latency_ratio']})")
+            return (
+                f"mean latency {new_latency * 1000:.1f} ms is {new_latency / old_latency:.1f}x the previous "
+                f"version's {old_latency * 1000:.1f} ms (deploy.max_latency_ratio {policy['max_latency_ratio']})"
+            )
     if new["predictions"]:
         new_share = new["low_confidence"] / new["predictions"]
         old_share = old["low_confidence"] / old["predictions"] if old and old["predictions"] else 0.0
         if new_share - old_share > policy["max_low_confidence_increase"]:
-            return (f"{new_share:.1%} low-confidence predictions against {old_share:.1%} for the previous version "
-                    f"(deploy.max_low_confidence_increase {policy['max_low_confidence_increase']:.0%})")
+            return (
+                f"{new_share:.1%} low-confidence predictions against {old_share:.1%} for the previous version "
+                f"(deploy.max_low_confidence_increase {policy['max_low_confidence_increase']:.0%})"
+            )
     return None
 
 
@@ -149,8 +173,13 @@ def _stats(servers: list[ServingClient], version: str, samples: dict | None = No
     return total
 
 
-def watch_window(servers: list[ServingClient], model_version: str, previous_version: str | None,
-                 before: dict[str, list], policy: dict[str, Any]) -> dict[str, Any]:
+def watch_window(
+    servers: list[ServingClient],
+    model_version: str,
+    previous_version: str | None,
+    before: dict[str, list],
+    policy: dict[str, Any],
+) -> dict[str, Any]:
     """Poll every server's ``/metrics`` for ``watch_seconds``; stop at the first breached limit.
 
     The new version's numbers count from ``before`` (scraped before the switch), so
@@ -171,8 +200,9 @@ def watch_window(servers: list[ServingClient], model_version: str, previous_vers
     if breached:
         log.error("watch window: %s", reason)
         return {"verdict": "rolled_back", "reason": reason, "elapsed_s": elapsed, "stats": new}
-    log.info("watch window of %.0f s passed: %d requests, %d errors", policy["watch_seconds"], new["requests"],
-             new["errors"])
+    log.info(
+        "watch window of %.0f s passed: %d requests, %d errors", policy["watch_seconds"], new["requests"], new["errors"]
+    )
     return {"verdict": "healthy", "reason": None, "elapsed_s": elapsed, "stats": new}
 
 
@@ -185,5 +215,4 @@ def _roll_back(settings: Settings, servers: list[ServingClient], previous_versio
         try:
             server.reload(previous_version, timeout=settings.deploy_timeout)
         except (DeployError, httpx.HTTPError) as exc:
-            log.error("rollback: %s did not return to previous version %s: %s", server.base_url,
-                      previous_version, exc)
+            log.error("rollback: %s did not return to previous version %s: %s", server.base_url, previous_version, exc)

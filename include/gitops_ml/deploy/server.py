@@ -114,11 +114,11 @@ log = logging.getLogger(__name__)
 
 MAX_IMAGE_BYTES = 5 * 1024 * 1024
 MAX_BATCH = 256
-MAX_BODY_BYTES = 16 * 1024 * 1024            # one request body (/predict and /admin/reload)
+MAX_BODY_BYTES = 16 * 1024 * 1024  # one request body (/predict and /admin/reload)
 MAX_INFLIGHT_BODY_BYTES = 256 * 1024 * 1024  # every body being received or processed, together
-MAX_REQUEST_PIXELS = 64_000_000              # sum of width*height over a request's images
-INLINE_BYTES = 256 * 1024                    # requests this small with ...
-INLINE_PIXELS = 65_536                       # ... this few pixels decode on the event loop
+MAX_REQUEST_PIXELS = 64_000_000  # sum of width*height over a request's images
+INLINE_BYTES = 256 * 1024  # requests this small with ...
+INLINE_PIXELS = 65_536  # ... this few pixels decode on the event loop
 DECODE_WORKERS = 2
 BODY_TIMEOUT_S = 30.0
 HEAD_TIMEOUT_S = 5.0
@@ -127,8 +127,13 @@ MAX_HEAD_BYTES = 64 * 1024
 LIMIT_CONCURRENCY = 256
 VERSION = re.compile(r"[0-9]{1,9}", re.ASCII)
 _PROXY_HEADERS = ("x-forwarded-for", "forwarded", "x-real-ip")
-_ROUTES = {"/predict": "predict", "/admin/reload": "reload", "/version": "version", "/health": "health",
-           "/metrics": "metrics"}
+_ROUTES = {
+    "/predict": "predict",
+    "/admin/reload": "reload",
+    "/version": "version",
+    "/health": "health",
+    "/metrics": "metrics",
+}
 
 
 class UnsafeServerConfig(GitopsMLError):
@@ -162,10 +167,16 @@ class ServedModel:
     model_code_hash: str = ""  # "" for the built-in model
 
     def info(self, model_name: str) -> dict[str, Any]:
-        return {"model_name": model_name, "model_version": self.model_version, "commit_sha": self.commit_sha,
-                "built_from_commit": self.built_from_commit or self.commit_sha,
-                "data_hash": self.data_hash, "model_code_hash": self.model_code_hash or None,
-                "airflow_run_id": self.airflow_run_id, "class_names": self.class_names}
+        return {
+            "model_name": model_name,
+            "model_version": self.model_version,
+            "commit_sha": self.commit_sha,
+            "built_from_commit": self.built_from_commit or self.commit_sha,
+            "data_hash": self.data_hash,
+            "model_code_hash": self.model_code_hash or None,
+            "airflow_run_id": self.airflow_run_id,
+            "class_names": self.class_names,
+        }
 
 
 def load_from_registry(settings: Settings, model_version: str | None) -> ServedModel | None:
@@ -180,11 +191,17 @@ def load_from_registry(settings: Settings, model_version: str | None) -> ServedM
     meta = registry.load_run_json(settings, version.run_id, registry.META_ARTIFACT)
     tags = registry.version_tags(version)
     return ServedModel(
-        model_version=version.version, commit_sha=registry.served_for(version) or "",
+        model_version=version.version,
+        commit_sha=registry.served_for(version) or "",
         built_from_commit=tags.get("commit_sha", ""),
-        data_hash=tags.get("data_hash", ""), airflow_run_id=tags.get("airflow_run_id", ""),
-        class_names=list(meta["class_names"]), height=int(meta["height"]), width=int(meta["width"]),
-        channels=int(meta["channels"]), predict=predict, model_code_hash=tags.get("model_code_hash", ""),
+        data_hash=tags.get("data_hash", ""),
+        airflow_run_id=tags.get("airflow_run_id", ""),
+        class_names=list(meta["class_names"]),
+        height=int(meta["height"]),
+        width=int(meta["width"]),
+        channels=int(meta["channels"]),
+        predict=predict,
+        model_code_hash=tags.get("model_code_hash", ""),
     )
 
 
@@ -230,10 +247,13 @@ class AliasMismatch(ApiError):
     status = 409
 
     def __init__(self, wanted: str, alias: str | None, serving: str):
-        super().__init__(f"refusing to serve model version {wanted}: the registry alias champion names "
-                         f"{'no version' if alias is None else 'version ' + alias}; move the alias first "
-                         f"(deploy and rollback do); still serving {serving}",
-                         wanted_version=wanted, alias_version=alias)
+        super().__init__(
+            f"refusing to serve model version {wanted}: the registry alias champion names "
+            f"{'no version' if alias is None else 'version ' + alias}; move the alias first "
+            f"(deploy and rollback do); still serving {serving}",
+            wanted_version=wanted,
+            alias_version=alias,
+        )
 
 
 class ReloadFailed(ApiError):
@@ -292,14 +312,15 @@ class Batcher:
         self.metrics.observe_batch(model.model_version, len(x))
         start = 0
         for _, batch, future in group:
-            rows = out[start:start + len(batch)]
+            rows = out[start : start + len(batch)]
             start += len(batch)
             if not future.done():
                 if np.isfinite(rows).all():
                     future.set_result(rows)
                 else:
-                    future.set_exception(ModelOutputError(
-                        f"model version {model.model_version} returned non-finite probabilities"))
+                    future.set_exception(
+                        ModelOutputError(f"model version {model.model_version} returned non-finite probabilities")
+                    )
 
 
 def smoke_check(model: ServedModel, smoke: dict[str, Any]) -> str | None:
@@ -308,8 +329,12 @@ def smoke_check(model: ServedModel, smoke: dict[str, Any]) -> str | None:
     encoded = smoke.get("images") or []
     if not expected or len(expected) != len(encoded):
         return "smoke sample must hold as many images as expected classes (at least one)"
-    batch = np.stack([images.decode(base64.b64decode(b), model.height, model.width, model.channels,
-                                    name=f"smoke image {i}") for i, b in enumerate(encoded)])
+    batch = np.stack(
+        [
+            images.decode(base64.b64decode(b), model.height, model.width, model.channels, name=f"smoke image {i}")
+            for i, b in enumerate(encoded)
+        ]
+    )
     probabilities = model.predict(batch)
     if not np.isfinite(probabilities).all():
         return "the model returned non-finite probabilities on the smoke sample"
@@ -317,8 +342,10 @@ def smoke_check(model: ServedModel, smoke: dict[str, Any]) -> str | None:
     wrong = [(i, e, g) for i, (e, g) in enumerate(zip(expected, got, strict=True)) if e != g]
     if wrong:
         i, e, g = wrong[0]
-        return (f"{len(wrong)} of {len(expected)} smoke predictions differ from the evaluation "
-                f"(image {i}: expected {e}, got {g})")
+        return (
+            f"{len(wrong)} of {len(expected)} smoke predictions differ from the evaluation "
+            f"(image {i}: expected {e}, got {g})"
+        )
     return None
 
 
@@ -349,9 +376,14 @@ class ServingState:
         loopback peers only.
     """
 
-    def __init__(self, settings: Settings, loader: Callable[[Settings, str | None], ServedModel | None],
-                 alias_lookup: Callable[[Settings], str | None],
-                 commit_lookup: Callable[[Settings, str], str | None] | None, admin_without_token: bool):
+    def __init__(
+        self,
+        settings: Settings,
+        loader: Callable[[Settings, str | None], ServedModel | None],
+        alias_lookup: Callable[[Settings], str | None],
+        commit_lookup: Callable[[Settings, str], str | None] | None,
+        admin_without_token: bool,
+    ):
         self.settings = settings
         self.loader = loader
         self.alias_lookup = alias_lookup
@@ -372,8 +404,7 @@ class ServingState:
         model = model or self.model
         return {"X-Model-Version": model.model_version, "X-Commit-Sha": model.commit_sha} if model else {}
 
-    def error_response(self, message: str, status: int, model: ServedModel | None = None,
-                       **extra: Any) -> JSONResponse:
+    def error_response(self, message: str, status: int, model: ServedModel | None = None, **extra: Any) -> JSONResponse:
         return JSONResponse({"error": message, **extra}, status_code=status, headers=self.headers(model))
 
     async def on_error(self, request: Request, exc: Exception) -> JSONResponse:
@@ -396,8 +427,9 @@ class ServingState:
             self.metrics.observe_error(_ROUTES.get(request.url.path, "other"), 500)
             status, message, outcome = 500, f"internal server error ({type(exc).__name__})", "server_error"
         if prediction is not None:
-            self.metrics.observe_request(prediction.model.model_version, outcome,
-                                         time.perf_counter() - prediction.started, prediction.client)
+            self.metrics.observe_request(
+                prediction.model.model_version, outcome, time.perf_counter() - prediction.started, prediction.client
+            )
         response = self.error_response(message, status, prediction.model if prediction else None, **extra)
         response.headers.update(headers)
         return response
@@ -406,15 +438,21 @@ class ServingState:
         """Raise 401 unless this request may use an admin endpoint."""
         if self.settings.serving_token:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
-            if scheme.lower() != "bearer" or not hmac.compare_digest(given.strip().encode(),
-                                                                     self.settings.serving_token.encode()):
+            if scheme.lower() != "bearer" or not hmac.compare_digest(
+                given.strip().encode(), self.settings.serving_token.encode()
+            ):
                 raise ApiError("missing or wrong bearer token for /admin/reload", 401)
         elif not self.admin_without_token:
-            raise ApiError("/admin/reload needs GITOPS_ML_SERVING_TOKEN (send Authorization: Bearer <token>); "
-                           "without a token it answers only on a server bound to loopback", 401)
+            raise ApiError(
+                "/admin/reload needs GITOPS_ML_SERVING_TOKEN (send Authorization: Bearer <token>); "
+                "without a token it answers only on a server bound to loopback",
+                401,
+            )
         elif not is_loopback(client_of(request)) or any(h in request.headers for h in _PROXY_HEADERS):
-            raise ApiError("without GITOPS_ML_SERVING_TOKEN /admin/reload answers only direct loopback clients "
-                           "(no proxy headers)", 401)
+            raise ApiError(
+                "without GITOPS_ML_SERVING_TOKEN /admin/reload answers only direct loopback clients (no proxy headers)",
+                401,
+            )
 
     # --- what is served ---
 
@@ -435,8 +473,11 @@ class ServingState:
         elif current is not model:
             self.previous, self.model = self.model, model  # one reference: requests in flight keep theirs
             self.metrics.start_period(model.model_version)
-        self.metrics.info = {"model_version": model.model_version, "commit_sha": model.commit_sha,
-                             "data_hash": model.data_hash}
+        self.metrics.info = {
+            "model_version": model.model_version,
+            "commit_sha": model.commit_sha,
+            "data_hash": model.data_hash,
+        }
 
     def load_champion(self) -> None:
         """At start: serve the champion if there is one; start anyway (``/health`` says what is loaded)."""
@@ -462,8 +503,9 @@ class ServingState:
                 raise
             except Exception as exc:  # report any load failure, keep serving the old model
                 log.exception("loading model version %s failed", wanted)
-                raise ReloadFailed(f"could not load model version {wanted or 'champion'}: {exc}; "
-                                   f"still serving {serving}") from None
+                raise ReloadFailed(
+                    f"could not load model version {wanted or 'champion'}: {exc}; still serving {serving}"
+                ) from None
 
     def _reload_version(self, wanted: str | None, smoke: dict[str, Any] | None, serving: str) -> ServedModel | None:
         alias = self.alias_lookup(self.settings)
@@ -481,8 +523,9 @@ class ServingState:
         failure = smoke_check(candidate, smoke) if smoke else None
         if failure:
             log.error("smoke check of model version %s failed: %s", candidate.model_version, failure)
-            raise ReloadFailed(f"smoke check of model version {candidate.model_version} failed: {failure}; "
-                               f"still serving {serving}")
+            raise ReloadFailed(
+                f"smoke check of model version {candidate.model_version} failed: {failure}; still serving {serving}"
+            )
         now = self.alias_lookup(self.settings)
         if now != target:  # the alias moved while the version was loading
             raise AliasMismatch(target, now, serving)
@@ -501,8 +544,14 @@ class ServingState:
 
     async def health(self, request: Request) -> JSONResponse:
         model = self.model
-        return JSONResponse({"status": "ok", "model_loaded": model is not None,
-                             "model_version": model.model_version if model else None}, headers=self.headers())
+        return JSONResponse(
+            {
+                "status": "ok",
+                "model_loaded": model is not None,
+                "model_version": model.model_version if model else None,
+            },
+            headers=self.headers(),
+        )
 
     async def version(self, request: Request) -> JSONResponse:
         if self.model is None:
@@ -528,14 +577,23 @@ class ServingState:
             batch = await _to_batch(self.decode_pool, model, lambda: _body_images(content_type, body), len(body))
         probabilities = await self.batcher.predict(model, batch)
         names = model.class_names
-        answer = {"predictions": [{"class": names[int(row.argmax())],
-                                   "probabilities": {c: round(float(p), 6) for c, p in zip(names, row, strict=False)}}
-                                  for row in probabilities],
-                  "model_name": self.settings.model_name, "model_version": model.model_version,
-                  "commit_sha": model.commit_sha, "built_from_commit": model.built_from_commit or model.commit_sha,
-                  "data_hash": model.data_hash}
-        self.metrics.observe_request(model.model_version, "ok", time.perf_counter() - started, client,
-                                     probabilities.max(axis=1).tolist())
+        answer = {
+            "predictions": [
+                {
+                    "class": names[int(row.argmax())],
+                    "probabilities": {c: round(float(p), 6) for c, p in zip(names, row, strict=False)},
+                }
+                for row in probabilities
+            ],
+            "model_name": self.settings.model_name,
+            "model_version": model.model_version,
+            "commit_sha": model.commit_sha,
+            "built_from_commit": model.built_from_commit or model.commit_sha,
+            "data_hash": model.data_hash,
+        }
+        self.metrics.observe_request(
+            model.model_version, "ok", time.perf_counter() - started, client, probabilities.max(axis=1).tolist()
+        )
         return JSONResponse(answer, headers=self.headers(model))
 
     async def reload(self, request: Request) -> JSONResponse:
@@ -544,9 +602,12 @@ class ServingState:
         try:
             body = _json(raw) if raw.strip() else {}
         except BadRequest as exc:
-            raise BadRequest(str(exc).replace("body is not valid JSON",
-                                              'body must be JSON: {"model_version": "<n>", "smoke": {...}} or {}'),
-                             exc.status) from None
+            raise BadRequest(
+                str(exc).replace(
+                    "body is not valid JSON", 'body must be JSON: {"model_version": "<n>", "smoke": {...}} or {}'
+                ),
+                exc.status,
+            ) from None
         wanted, smoke = _reload_request(body)
         loaded = await run_in_threadpool(self.reload_version, wanted, smoke)
         if loaded is None:
@@ -605,7 +666,8 @@ class BodyBudget:
         declared = Headers(scope=scope).get("content-length", "")
         if declared.isascii() and declared.isdigit() and int(declared) > MAX_BODY_BYTES:
             response = self.state.error_response(
-                f"request body of {declared} bytes is over the limit of {MAX_BODY_BYTES} bytes", 413)
+                f"request body of {declared} bytes is over the limit of {MAX_BODY_BYTES} bytes", 413
+            )
             return await response(scope, receive, send)
         counted = 0
         deadline: float | None = None
@@ -638,11 +700,13 @@ class BodyBudget:
             self.state.inflight_body_bytes -= counted
 
 
-def create_app(settings: Settings,
-               loader: Callable[[Settings, str | None], ServedModel | None] = load_from_registry,
-               alias_lookup: Callable[[Settings], str | None] = champion_version,
-               admin_without_token: bool = False,
-               commit_lookup: Callable[[Settings, str], str | None] | None = None) -> Starlette:
+def create_app(
+    settings: Settings,
+    loader: Callable[[Settings, str | None], ServedModel | None] = load_from_registry,
+    alias_lookup: Callable[[Settings], str | None] = champion_version,
+    admin_without_token: bool = False,
+    commit_lookup: Callable[[Settings, str], str | None] | None = None,
+) -> Starlette:
     """The ASGI app; its state is one ``ServingState`` (``app.state.serving``).
 
     :param settings: model name and ``serving_token``.
@@ -659,14 +723,23 @@ def create_app(settings: Settings,
         commit_lookup = served_for_commit
     state = ServingState(settings, loader, alias_lookup, commit_lookup, admin_without_token)
 
-    app = Starlette(routes=[
-        Route("/health", state.health), Route("/version", state.version), Route("/metrics", state.prometheus),
-        Route("/predict", state.predict, methods=["POST"], max_body_size=MAX_BODY_BYTES),
-        Route("/admin/reload", state.reload, methods=["POST"], max_body_size=MAX_BODY_BYTES),
-    ], lifespan=state.lifespan,
+    app = Starlette(
+        routes=[
+            Route("/health", state.health),
+            Route("/version", state.version),
+            Route("/metrics", state.prometheus),
+            Route("/predict", state.predict, methods=["POST"], max_body_size=MAX_BODY_BYTES),
+            Route("/admin/reload", state.reload, methods=["POST"], max_body_size=MAX_BODY_BYTES),
+        ],
+        lifespan=state.lifespan,
         middleware=[Middleware(CountErrors, metrics=state.metrics), Middleware(BodyBudget, state=state)],
-        exception_handlers={ApiError: state.on_error, images.ImageDecodeError: state.on_error,
-                            HTTPException: state.on_error, Exception: state.on_error})
+        exception_handlers={
+            ApiError: state.on_error,
+            images.ImageDecodeError: state.on_error,
+            HTTPException: state.on_error,
+            Exception: state.on_error,
+        },
+    )
     app.state.serving = state
     return app
 
@@ -682,7 +755,7 @@ def _reload_request(body: Any) -> tuple[str | None, dict[str, Any] | None]:
         wanted = str(int(wanted))
     smoke = body.get("smoke")
     if smoke is not None and not isinstance(smoke, dict):
-        raise BadRequest("smoke must be a JSON object {\"images\": [...], \"classes\": [...]}")
+        raise BadRequest('smoke must be a JSON object {"images": [...], "classes": [...]}')
     return wanted, smoke
 
 
@@ -771,26 +844,36 @@ def _decode_all(model: ServedModel, blobs: list[tuple[str, bytes]], inline: bool
     for name, data in blobs:
         total += _pixels(name, data)
         if total > MAX_REQUEST_PIXELS:
-            raise BadRequest(f"{name} brings the request to {total:,} pixels, over the per-request budget of "
-                             f"{MAX_REQUEST_PIXELS:,} pixels (send fewer or smaller images)", 413)
+            raise BadRequest(
+                f"{name} brings the request to {total:,} pixels, over the per-request budget of "
+                f"{MAX_REQUEST_PIXELS:,} pixels (send fewer or smaller images)",
+                413,
+            )
     if inline and total > INLINE_PIXELS:
         raise _NotInline
     return np.stack([images.decode(b, model.height, model.width, model.channels, name=name) for name, b in blobs])
 
 
-async def _to_batch(pool: concurrent.futures.Executor | None, model: ServedModel,
-                    blobs: Callable[[], list[tuple[str, bytes]]], body_bytes: int) -> np.ndarray:
+async def _to_batch(
+    pool: concurrent.futures.Executor | None,
+    model: ServedModel,
+    blobs: Callable[[], list[tuple[str, bytes]]],
+    body_bytes: int,
+) -> np.ndarray:
     """Decode on the event loop when the request is tiny, else in the decode pool."""
     if body_bytes <= INLINE_BYTES:
         found = blobs()
         try:
             return _decode_all(model, found, inline=True)
         except _NotInline:
+
             def work() -> np.ndarray:
                 return _decode_all(model, found)
     else:
+
         def work() -> np.ndarray:
             return _decode_all(model, blobs())
+
     return await asyncio.get_running_loop().run_in_executor(pool, work)
 
 
@@ -865,7 +948,8 @@ def check_exposure(settings: Settings, host: str) -> None:
     if not settings.serving_token and not is_loopback(host):
         raise UnsafeServerConfig(
             f"refusing to serve on {host}: without GITOPS_ML_SERVING_TOKEN anyone who reaches the port could "
-            f"use /admin/reload; set GITOPS_ML_SERVING_TOKEN or bind 127.0.0.1 (the embedded demo)")
+            f"use /admin/reload; set GITOPS_ML_SERVING_TOKEN or bind 127.0.0.1 (the embedded demo)"
+        )
 
 
 def server_config(app, host: str, port: int, trusted_proxies: str = ""):
@@ -873,10 +957,18 @@ def server_config(app, host: str, port: int, trusted_proxies: str = ""):
     import uvicorn  # noqa: PLC0415
 
     return uvicorn.Config(
-        app, host=host, port=port, log_level="info", access_log=False, http=_bounded_protocol(),
-        timeout_keep_alive=KEEP_ALIVE_S, limit_concurrency=LIMIT_CONCURRENCY,
+        app,
+        host=host,
+        port=port,
+        log_level="info",
+        access_log=False,
+        http=_bounded_protocol(),
+        timeout_keep_alive=KEEP_ALIVE_S,
+        limit_concurrency=LIMIT_CONCURRENCY,
         h11_max_incomplete_event_size=MAX_HEAD_BYTES,
-        proxy_headers=bool(trusted_proxies), forwarded_allow_ips=trusted_proxies or "127.0.0.1")
+        proxy_headers=bool(trusted_proxies),
+        forwarded_allow_ips=trusted_proxies or "127.0.0.1",
+    )
 
 
 def serve(settings: Settings, host: str, port: int) -> None:
