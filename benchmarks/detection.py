@@ -178,7 +178,7 @@ def measure_polling(
         time.sleep(pause)
         sha, t_push = push(repo, offset + i)
         t_run = wait_until(
-            lambda: api.run_exists(sha, dag_id.split("__", 1)[1]), interval + 240, f"{label}: no run for {sha}"
+            lambda sha=sha: api.run_exists(sha, dag_id.split("__", 1)[1]), interval + 240, f"{label}: no run for {sha}"
         )
         done = api.sensors(dag_id, "success", order_by="-end_date", limit=1)
         t_sensor = ts(done[0]["end_date"]) if done else None
@@ -227,7 +227,7 @@ def measure_webhook(base_url: str, watch_name: str, repo: Path, pushes: int, see
         t_response = time.time()
         if response.status_code != 202:
             raise RuntimeError(f"webhook answered {response.status_code}: {response.text[:300]}")
-        t_run = wait_until(lambda: api.run_exists(sha, watch_name), 120, f"webhook: no run for {sha}")
+        t_run = wait_until(lambda sha=sha: api.run_exists(sha, watch_name), 120, f"webhook: no run for {sha}")
         created = response.json().get("created", [])
         rows.append(
             {
@@ -255,8 +255,8 @@ def sample_slots(api: Api, dag_ids: list[str], seconds: int) -> dict:
             for state in ("running", "deferred"):
                 samples[dag_id][state].append(sum(1 for ti in tis["task_instances"] if ti["state"] == state))
         data = api.get("/api/v2/pools/default_pool")
-        for key in pool:
-            pool[key].append(data[key])
+        for key, values in pool.items():
+            values.append(data[key])
         time.sleep(max(0.0, 1.0 - (time.monotonic() - t0)))
     return {
         "per_dag": {d: {s: statistics.mean(v) for s, v in states.items()} for d, states in samples.items()},
@@ -294,7 +294,12 @@ def start_watchers(api: Api, watches: dict[str, tuple[str, Path, str]], names: l
         api.set_paused(dag_id, False)
     for name in names:
         dag_id, _, head = watches[name]
-        wait_until(lambda: api.run_exists(head, name), 300, f"{dag_id}: no run for the initial head", every=0.5)
+        wait_until(
+            lambda head=head, name=name: api.run_exists(head, name),
+            300,
+            f"{dag_id}: no run for the initial head",
+            every=0.5,
+        )
     for name in names:
         wait_armed(api, watches[name][0])
         log(f"{watches[name][0]}: first run done (initial head {watches[name][2][:10]}), waiting for commits")
@@ -322,7 +327,7 @@ def environment() -> dict:
         "platform": platform.platform(),
         "python": platform.python_version(),
         "airflow": airflow_version,
-        "git": subprocess.run(["git", "--version"], capture_output=True, text=True).stdout.strip(),
+        "git": subprocess.run(["git", "--version"], capture_output=True, text=True, check=False).stdout.strip(),
         "command": "python -m benchmarks.detection " + " ".join(sys.argv[1:]),
     }
 

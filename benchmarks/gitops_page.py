@@ -49,7 +49,7 @@ def main() -> int:
             "AIRFLOW__CORE__DAGS_FOLDER": str(ROOT / "dags"),
             "AIRFLOW__CORE__PLUGINS_FOLDER": str(ROOT / "plugins"),
             "AIRFLOW__DATABASE__SQL_ALCHEMY_CONN": f"sqlite:///{airflow_home / 'airflow.db'}",
-            "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",
+            "AIRFLOW__CORE__AUTH_MANAGER": "airflow.api_fastapi.auth.managers.simple.simple_auth_manager.SimpleAuthManager",  # noqa: E501
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_ALL_ADMINS": "False",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_USERS": "bench:viewer",
             "AIRFLOW__CORE__SIMPLE_AUTH_MANAGER_PASSWORDS_FILE": str(home / "passwords.json"),
@@ -99,7 +99,8 @@ def main() -> int:
         http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60)
         last_page = -(-args.commits // 25)
         targets = {
-            "baseline: Airflow run list (25 runs)": "/api/v2/dags/gitops_ml_pipeline/dagRuns?limit=25&order_by=-run_after",
+            "baseline: Airflow run list (25 runs)": "/api/v2/dags/gitops_ml_pipeline/dagRuns"
+            "?limit=25&order_by=-run_after",
             "GitOps page HTML": "/gitops-ml/ui",
             "GitOps history, page 1 (25 rows)": "/gitops-ml/api/history?page=1&per_page=25",
             f"GitOps history, page {last_page // 2}": f"/gitops-ml/api/history?page={last_page // 2}&per_page=25",

@@ -428,7 +428,8 @@ def load_serving(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
     spec = loaded.serve.concrete_functions[0].structured_input_signature[0][0]
     # One concrete function over the restored ``serve``: no signature dispatch per call (~20% less overhead).
     serve = tf.function(
-        lambda batch: loaded.serve(batch), input_signature=[tf.TensorSpec((None, *spec.shape[1:]), tf.float32)]
+        lambda batch: loaded.serve(batch),  # noqa: PLW0108 - a Python function for tf.function to trace
+        input_signature=[tf.TensorSpec((None, *spec.shape[1:]), tf.float32)],
     ).get_concrete_function()
 
     def predict(batch: np.ndarray) -> np.ndarray:
@@ -466,8 +467,8 @@ def evaluate(
     return {
         "accuracy": float(true_pos.sum() / max(1, len(y))),
         "n_test": len(y),
-        "precision": {c: float(p) for c, p in zip(class_names, precision)},
-        "recall": {c: float(r) for c, r in zip(class_names, recall)},
+        "precision": {c: float(p) for c, p in zip(class_names, precision, strict=True)},
+        "recall": {c: float(r) for c, r in zip(class_names, recall, strict=True)},
         "confusion_matrix": confusion.tolist(),
         "predictions": predicted.tolist(),
     }
@@ -487,7 +488,7 @@ def confusion_matrices_png(panels: list[tuple[str, list[list[int]]]], class_name
     plt = _pyplot()
     side = 1.0 + 0.45 * len(class_names)
     fig, axes = plt.subplots(1, len(panels), figsize=(side * len(panels), side), squeeze=False)
-    for ax, (title, confusion) in zip(axes[0], panels):
+    for ax, (title, confusion) in zip(axes[0], panels, strict=True):
         matrix = np.asarray(confusion)
         ax.imshow(matrix, cmap="Blues")
         ax.set_xticks(range(len(class_names)), class_names, rotation=90)
@@ -506,7 +507,7 @@ def learning_curves_png(panels: list[tuple[str, dict[str, list[float]]]]) -> byt
     """Loss and accuracy per epoch; one line per model and split (e.g. challenger and champion)."""
     plt = _pyplot()
     fig, (loss_ax, acc_ax) = plt.subplots(1, 2, figsize=(10, 3.8))
-    for (title, history), style in zip(panels, ("-", "--", ":")):
+    for (title, history), style in zip(panels, ("-", "--", ":"), strict=False):
         for key, values in history.items():
             ax = acc_ax if "acc" in key else loss_ax
             ax.plot(range(1, len(values) + 1), values, style, label=f"{title} {key}")

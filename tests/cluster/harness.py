@@ -162,7 +162,7 @@ class Cluster:
             **env,
         }
         if isolate:
-            hidden = [str(p) for p in sorted(self.base.iterdir()) if p.is_dir() and p != cwd and p != self.logs]
+            hidden = [str(p) for p in sorted(self.base.iterdir()) if p.is_dir() and p not in (cwd, self.logs)]
             hide = " && ".join(f"mount -t tmpfs -o size=1m,mode=000 none {p}" for p in hidden) or "true"
             argv = [
                 "unshare",
@@ -488,6 +488,7 @@ class Cluster:
             capture_output=True,
             text=True,
             cwd=control,
+            check=False,
         )
         if migrated.returncode:
             raise RuntimeError(f"airflow db migrate failed: {migrated.stdout[-2000:]}{migrated.stderr[-3000:]}")

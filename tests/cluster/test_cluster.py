@@ -83,7 +83,9 @@ def test_a_two_repositories_pushed_at_once_run_concurrently_on_both_workers(clus
 def doctor(cluster, **changes: str) -> tuple[int, dict[str, str], str]:
     """``gitops-ml doctor`` with the scheduler's configuration (plus ``changes``): status, line per check."""
     env = {**os.environ, **cluster.procs["scheduler"].env, **changes}
-    done = subprocess.run([str(BIN / "gitops-ml"), "doctor"], env=env, capture_output=True, text=True, timeout=600)
+    done = subprocess.run(
+        [str(BIN / "gitops-ml"), "doctor"], env=env, capture_output=True, text=True, timeout=600, check=False
+    )
     lines = {}
     for line in done.stdout.splitlines():  # library log lines may be interleaved: only the checks
         status, _, rest = line.partition(" ")
@@ -284,7 +286,10 @@ def test_c_kill_9_of_the_worker_running_train_retries_it_on_the_other_worker(clu
             if ti["state"] != "success":
                 continue
             written = log_file_lines(cluster, ti["hostname"], run["dag_run_id"], task_id, ti["try_number"])
-            docs = wait_for(lambda: es_documents(cluster, run["dag_run_id"], task_id, ti["try_number"]), len(written))
+            docs = wait_for(
+                lambda task_id=task_id, ti=ti: es_documents(cluster, run["dag_run_id"], task_id, ti["try_number"]),
+                len(written),
+            )
             assert [d["offset"] for d in docs] == list(range(1, len(written) + 1)), (task_id, len(docs), len(written))
         print(
             f"scenario c: killed {victim} during train; retried on {survivor}, run succeeded "

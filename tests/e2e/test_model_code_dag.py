@@ -230,7 +230,7 @@ def build_model(input_shape, class_names, params):
     x = keras.layers.Flatten()(base(inputs))
     outputs = keras.layers.Dense(len(class_names), activation="softmax")(x)
     return keras.Model(inputs, outputs, name="fine_tuned")
-'''
+'''  # noqa: E501 - the model file's docstring
 
 
 def test_pretrained_weights_pinned_by_dvc_are_fine_tuned(airflow_db, settings, demo_repo, server, tmp_path):

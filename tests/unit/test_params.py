@@ -1,3 +1,5 @@
+import re
+
 import pytest
 import yaml
 
@@ -26,7 +28,7 @@ def test_demo_params_validate_and_fill_defaults():
 def test_wrong_type_or_value_names_the_key(section, key, value, expected):
     raw = {k: dict(v) for k, v in DEMO_PARAMS.items()}
     raw[section][key] = value
-    with pytest.raises(ParamsError, match="params.yaml: ") as info:
+    with pytest.raises(ParamsError, match=re.escape("params.yaml: ")) as info:
         params.validate(raw)
     assert expected in str(info.value)
 
@@ -34,7 +36,7 @@ def test_wrong_type_or_value_names_the_key(section, key, value, expected):
 def test_missing_required_key_is_named():
     raw = {k: dict(v) for k, v in DEMO_PARAMS.items()}
     del raw["train"]["batch_size"]
-    with pytest.raises(ParamsError, match="missing required key train.batch_size"):
+    with pytest.raises(ParamsError, match=re.escape("missing required key train.batch_size")):
         params.validate(raw)
 
 
@@ -47,7 +49,7 @@ def test_unknown_section_and_non_mapping_are_refused(tmp_path):
 
 
 def test_load_reports_missing_and_invalid_yaml(tmp_path):
-    with pytest.raises(ParamsError, match="params.yaml not found"):
+    with pytest.raises(ParamsError, match=re.escape("params.yaml not found")):
         params.load(tmp_path)
     (tmp_path / "params.yaml").write_text("train: {epochs: [unclosed\n")
     with pytest.raises(ParamsError, match="not valid YAML"):
@@ -84,7 +86,7 @@ def test_oversized_or_linked_params_file_is_refused(tmp_path):
     (tmp_path / "params.yaml").unlink()
     (tmp_path / "elsewhere.yaml").write_text(yaml.safe_dump(DEMO_PARAMS))
     (tmp_path / "params.yaml").symlink_to(tmp_path / "elsewhere.yaml")
-    with pytest.raises(ParamsError, match="params.yaml is a symbolic link"):
+    with pytest.raises(ParamsError, match=re.escape("params.yaml is a symbolic link")):
         params.load(tmp_path)
 
 

@@ -48,7 +48,7 @@ def watcher_dag(
             task_id="wait_for_commit",
             watch=watch.name,
             branch=watch.branch,
-            previous_sha="{{ var.value.get('%s', '') }}" % watch.cursor_key,
+            previous_sha="{{ var.value.get('%s', '') }}" % watch.cursor_key,  # noqa: UP031 - Jinja braces
             poll_interval=watch.poll_interval,
             timeout=watch.sensor_timeout,
             soft_fail=True,
