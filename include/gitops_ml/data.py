@@ -243,6 +243,7 @@ def _stage_manifest(repo, data_path: str, dir_md5: str, cache_dir: Path) -> dict
             raise DataError(
                 f"could not read directory manifest {dir_md5} of {data_path} from the DVC remote: {redact(str(exc))}"
             ) from None
+    assert raw is not None  # read from the cache or the remote above
     expected = check_manifest(raw, data_path, dir_md5)
     if not from_cache:
         cached.parent.mkdir(parents=True, exist_ok=True)
@@ -272,7 +273,7 @@ def _refuse_links(data_root: Path, data_path: str) -> None:
                 )
 
 
-def pull(repo_root: Path, data_path: str, cache_dir: Path) -> DataSnapshot:
+def pull(repo_root: Path | str, data_path: str, cache_dir: Path) -> DataSnapshot:
     """``dvc pull`` the directory ``data_path`` of the checked-out commit and verify every file.
 
     Before DVC writes anything: the pointer, the data folder (no link anywhere on its way or
@@ -407,7 +408,7 @@ def verify(repo_root: Path, data_path: str, dir_md5: str, cache_dir: Path) -> in
     return len(expected)
 
 
-def scan_images(root: Path, data_path: str = "data/images") -> ImageIndex:
+def scan_images(root: Path | str, data_path: str = "data/images") -> ImageIndex:
     """Index ``root/<class>/<image>``; every class needs an image, every file must decode.
 
     Names the offending folder or file (relative to the repository, as ``data_path/...``).

@@ -465,7 +465,7 @@ def manual_actions(champion: dict[str, Any] | None) -> list[dict[str, Any]]:
             "action": tags.get("manual_deploy_action") or "rolled back",
             "by": tags.get("manual_deploy_by") or "?",
             "at": tags["manual_deploy_at"],
-            "model_version": str(champion["version"]),
+            "model_version": str(champion["version"]),  # type: ignore[index]  # tags were found: a champion
             "commit_sha": tags.get("served_for_commit") or tags.get("commit_sha"),
             "replaced_version": tags.get("replaced_version"),
             "reason": tags.get("manual_deploy_reason"),

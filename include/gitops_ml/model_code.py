@@ -246,7 +246,7 @@ def _install_connect_guard() -> None:
             return
         for name in ("connect", "connect_ex"):
             guarded = _guarded_connect(getattr(socket.socket, name))
-            guarded._gitops_ml_guard = True  # type: ignore[attr-defined]
+            guarded._gitops_ml_guard = True
             setattr(socket.socket, name, guarded)
 
 

@@ -13,6 +13,7 @@ user code, a ``dict[str, Any]`` field (``Field(default_factory=dict, description
 
 from __future__ import annotations
 
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import Any
 
@@ -140,7 +141,7 @@ def _field(loc: tuple) -> tuple[tuple, Any]:
     return loc, info
 
 
-def _message(errors: list[dict[str, Any]], source: str) -> str:
+def _message(errors: Sequence[Mapping[str, Any]], source: str) -> str:
     """One message for the first problem, in the order a reader fixes them: a value, then names."""
     extra = [e for e in errors if e["type"] == "extra_forbidden"]
     for error in errors:
@@ -173,7 +174,9 @@ def validate(raw: Any, source: str = PARAMS_FILE) -> dict:
         raise ParamsError(f"{source}: expected a mapping at the top level, got {_type_name(raw)}")
     # A section left out or written empty (``gate:``) gets its defaults, and a required key in it
     # is reported by its dotted name.
-    sections = {name: {} for name, info in Params.model_fields.items() if _is_section(info.annotation)}
+    sections: dict[str, dict[str, Any]] = {
+        name: {} for name, info in Params.model_fields.items() if _is_section(info.annotation)
+    }
     filled = {**sections, **{k: v for k, v in raw.items() if not (v is None and k in Params.model_fields)}}
     try:
         params = Params.model_validate(filled).model_dump()

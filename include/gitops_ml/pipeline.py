@@ -169,7 +169,8 @@ def pull_data(settings: Settings, commit: dict[str, Any], workdir: str, params: 
     try:
         snapshot = data.pull(workdir, data_path, data_cache_dir(settings))
         index = data.scan_images(snapshot.path, data_path)
-        weights = data.pull(workdir, weights_path(params), data_cache_dir(settings)) if weights_path(params) else None
+        weights_at = weights_path(params)
+        weights = data.pull(workdir, weights_at, data_cache_dir(settings)) if weights_at else None
     except data.DataError as exc:
         raise data.DataError(f"commit {commit_sha}: {exc}") from None
     counts = {name: index.labels.count(i) for i, name in enumerate(index.class_names)}
@@ -215,8 +216,8 @@ def ensure_workspace(settings: Settings, commit: dict[str, Any], params: dict[st
         log.info("commit %s: data not on this worker, pulling it again", commit["commit_sha"])
         workdir = work_tree(settings, commit)
         data.pull(workdir, params["data"]["path"], data_cache_dir(settings))
-        if weights_path(params):
-            data.pull(workdir, weights_path(params), data_cache_dir(settings))
+        if weights_at := weights_path(params):
+            data.pull(workdir, weights_at, data_cache_dir(settings))
     return str(data_dir)
 
 
@@ -638,6 +639,7 @@ def outcome_of(
     tags = registry.version_tags(registry.get_version(settings, model_version)) if model_version else {}
     superseded = deployed.get("superseded_by") if deployed else None
     serving = bool(deployed) and not superseded
+    deployed_info = deployed or {}
     reused_from = tags.get("commit_sha") if reused and tags.get("commit_sha") != commit["commit_sha"] else None
     outcome = {
         "gitops_ml_run": run_id,
@@ -650,8 +652,8 @@ def outcome_of(
         "test_accuracy": float(tags["test_accuracy"]) if tags.get("test_accuracy") else None,
         "compared_with_champion_version": tags.get("gate_compared_with"),
         "deployed": serving,
-        "promoted": serving and bool(deployed.get("changed")),
-        "replaced_version": deployed["previous_version"] if serving and deployed.get("changed") else None,
+        "promoted": serving and bool(deployed_info.get("changed")),
+        "replaced_version": deployed_info["previous_version"] if serving and deployed_info.get("changed") else None,
         "superseded_by": superseded,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }

@@ -153,7 +153,9 @@ def experiment_id(settings: Settings) -> str:
     try:
         return mlc.create_experiment(settings.experiment_name, artifact_location=location)
     except MlflowException:  # created meanwhile by another process
-        return mlc.get_experiment_by_name(settings.experiment_name).experiment_id
+        existing = mlc.get_experiment_by_name(settings.experiment_name)
+        assert existing is not None  # the name was taken: the experiment exists
+        return existing.experiment_id
 
 
 def lineage_tags(lineage: dict[str, Any]) -> dict[str, str]:

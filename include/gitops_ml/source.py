@@ -98,14 +98,15 @@ def resolve_commit(repo_url: str, branch: str, commit_sha: str | None, cache_dir
         full_sha = repo.git.rev_parse("--verify", "--quiet", "--end-of-options", f"{wanted}^{{commit}}")
     except git.GitCommandError:
         raise CommitNotFound(f"commit {commit_sha} does not exist in {safe_url} (fetched branch {branch!r})") from None
-    if commit_sha and not repo.is_ancestor(full_sha, f"refs/heads/{branch}"):
+    if commit_sha and not repo.is_ancestor(full_sha, f"refs/heads/{branch}"):  # type: ignore[arg-type]  # revisions
         raise CommitNotOnBranch(f"commit {full_sha} is not on branch {branch!r} of {safe_url}")
     commit = repo.commit(full_sha)
     return Commit(
         repo_url=safe_url,
         branch=branch,
         commit_sha=full_sha,
-        message=commit.message.strip(),
+        # GitPython gives bytes only for a message it could not decode.
+        message=(m if isinstance(m := commit.message, str) else m.decode("utf-8", "replace")).strip(),
         author=f"{commit.author.name} <{commit.author.email}>",
         committed_at=commit.committed_datetime.isoformat(),
     )
@@ -193,7 +194,8 @@ def newer_on_branch(repo_url: str, branch: str, cache_dir: Path, commit_sha: str
         return False
     repo = fetch_mirror(repo_url, branch, cache_dir)
     try:
-        return repo.is_ancestor(other_sha, f"refs/heads/{branch}") and repo.is_ancestor(commit_sha, other_sha)
+        on_branch = repo.is_ancestor(other_sha, f"refs/heads/{branch}")  # type: ignore[arg-type]  # revisions
+        return on_branch and repo.is_ancestor(commit_sha, other_sha)  # type: ignore[arg-type]
     except git.GitCommandError:  # other_sha unknown to this mirror
         return False
 
@@ -219,7 +221,7 @@ class History:
             return False
 
     def is_ancestor(self, ancestor: str, descendant: str) -> bool:
-        return self._repo.is_ancestor(ancestor, descendant)
+        return self._repo.is_ancestor(ancestor, descendant)  # type: ignore[arg-type]  # revisions, as git takes them
 
     def merge_base(self, first: str, second: str) -> str | None:
         bases = self._repo.merge_base(first, second)
@@ -255,7 +257,7 @@ def commit_all(path: Path, message: str, identity: tuple[str, str]) -> str:
     repo = git.Repo(Path(path))
     repo.git.add("--all")
     reader = repo.config_reader()
-    env = {}
+    env: dict[str, str] = {}
     if not reader.has_option("user", "name"):
         env.update(GIT_AUTHOR_NAME=identity[0], GIT_COMMITTER_NAME=identity[0])
     if not reader.has_option("user", "email"):

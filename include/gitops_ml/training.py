@@ -344,6 +344,7 @@ def train(
                 model = build_model(len(index.class_names), params)
                 augment = None
             else:
+                assert code is not None  # a module is loaded only from model code
                 model = _user_model(module, code, index.class_names, params)
                 augment = _user_augment(module, code, params)
             check_output(model, load_arrays(files[:8], params), index.class_names, code)
@@ -438,7 +439,7 @@ def load_serving(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
             (out,) = out.values()
         return out.numpy()
 
-    predict.artifact = loaded  # keep the restored object (and its variables) alive with the function
+    predict.artifact = loaded  # type: ignore[attr-defined]  # keep the restored object (and its variables) alive with the function
     predict(np.zeros((1, *spec.shape[1:]), np.float32))  # warm up once
     return predict
 
@@ -446,7 +447,7 @@ def load_serving(path: str | os.PathLike) -> Callable[[np.ndarray], np.ndarray]:
 def evaluate(
     predict: Callable[[np.ndarray], np.ndarray],
     x: np.ndarray | Iterable[np.ndarray],
-    y: np.ndarray,
+    y: np.ndarray | list[int],
     class_names: list[str],
     batch_size: int = 256,
 ) -> dict[str, Any]:

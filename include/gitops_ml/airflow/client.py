@@ -82,7 +82,8 @@ class AirflowClient:
         """
 
         def before_sleep(state: RetryCallState) -> None:
-            outcome = state.outcome
+            outcome, next_action = state.outcome, state.next_action
+            assert outcome is not None and next_action is not None  # tenacity sets both before sleeping
             why = (
                 f"HTTP {outcome.result().status_code}"
                 if not outcome.failed
@@ -94,14 +95,16 @@ class AirflowClient:
                 url,
                 why,
                 state.attempt_number,
-                state.next_action.sleep,
+                next_action.sleep,
             )
 
         def give_up(state: RetryCallState) -> httpx.Response | None:
-            if state.outcome.failed:
-                self.last_error = f"{type(state.outcome.exception()).__name__}: {state.outcome.exception()}"
+            outcome = state.outcome
+            assert outcome is not None  # tenacity gives up after an attempt
+            if outcome.failed:
+                self.last_error = f"{type(outcome.exception()).__name__}: {outcome.exception()}"
                 return None
-            return state.outcome.result()
+            return outcome.result()
 
         retrying = Retrying(
             retry=retry_if_result(_transient) | retry_if_exception_type(httpx.TransportError),

@@ -16,7 +16,7 @@ hands them to ``gitops_ml.history`` (the rows) and ``gitops_ml.rollback`` (the a
 
 import os
 from pathlib import Path
-from typing import Annotated, Any
+from typing import Annotated, Any, Literal
 
 from fastapi import Depends, Query, Request
 from fastapi.responses import HTMLResponse, JSONResponse, Response
@@ -126,7 +126,7 @@ def may_trigger(request, user) -> bool:
     )
 
 
-def require(request, user, method: str) -> None:
+def require(request, user, method: Literal["GET", "POST"]) -> None:
     """403 unless ``user`` may read (``GET``) or trigger (``POST``) the pipeline's runs."""
     from airflow.api_fastapi.auth.managers.models.resource_details import DagAccessEntity
     from airflow.api_fastapi.core_api.security import requires_access_dag

@@ -7,6 +7,7 @@ very same watcher.
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from airflow.providers.standard.operators.trigger_dagrun import TriggerDagRunOperator
 from airflow.sdk import dag, task
@@ -43,6 +44,7 @@ def watcher_dag(
         default_args={"retries": 2, "retry_delay": timedelta(seconds=10)},
     )
     def watcher():
+        poke_mode: dict[str, Any] = {} if deferrable else {"mode": "poke"}
         found = GitCommitSensor(
             # The watch's name, not its URL: credentials are looked up where git runs, never stored.
             task_id="wait_for_commit",
@@ -53,7 +55,7 @@ def watcher_dag(
             timeout=watch.sensor_timeout,
             soft_fail=True,
             deferrable=deferrable,
-            **({} if deferrable else {"mode": "poke"}),
+            **poke_mode,
         )
 
         @task

@@ -167,7 +167,7 @@ class ServerMetrics:
                 f'gitops_ml_watch_requests_total{{model_version="{v}",outcome="{o}"}} {n}'
                 for (v, o), n in sorted(self.watch_requests.items())
             ]
-            for name, values, text, kind in (
+            for name, series, text, kind in (
                 ("gitops_ml_watch_predictions_total", self.watch_predictions, "Images of judged requests.", "counter"),
                 (
                     "gitops_ml_watch_low_confidence_predictions_total",
@@ -199,7 +199,7 @@ class ServerMetrics:
                     f'{name}{{model_version="{v}"}} {n:.6f}'
                     if isinstance(n, float)
                     else f'{name}{{model_version="{v}"}} {n}'
-                    for v, n in sorted(values.items())
+                    for v, n in sorted(series.items())
                 ]
             lines += [
                 "# HELP gitops_ml_error_responses_total Error responses (4xx/5xx) by route and status.",
