@@ -43,27 +43,7 @@ def when(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def accept_harness_mapping() -> None:
-    """``tests/cluster/harness.py`` still passes ``stack.remote_logging_env`` a mapping ``{"ES_URL": ...}``,
-    which now takes ``Settings``: give it the settings of that mapping (nothing else changes)."""
-    from gitops_ml import stack
-    from gitops_ml.config import Settings
-
-    original = stack.remote_logging_env
-    if getattr(original, "accepts_mapping", False):
-        return
-
-    def remote_logging_env(settings):
-        if isinstance(settings, dict):
-            settings = Settings(es_url=settings.get("ES_URL", ""))
-        return original(settings)
-
-    remote_logging_env.accepts_mapping = True
-    stack.remote_logging_env = remote_logging_env
-
-
 def start(cluster: Cluster) -> list[dict]:
-    accept_harness_mapping()
     cluster.start_postgres()
     cluster.start_redis()
     cluster.start_s3()

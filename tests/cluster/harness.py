@@ -446,6 +446,7 @@ class Cluster:
         }
 
     def airflow_env(self, folder: Path, watches: list[dict]) -> dict[str, str]:
+        from gitops_ml.config import Settings
         from gitops_ml.stack import remote_logging_env
 
         return {
@@ -475,7 +476,7 @@ class Cluster:
             "AIRFLOW__LOGGING__TRIGGER_LOG_SERVER_PORT": str(free_port()),
             "PYTHONPATH": str(ROOT),
             **self.gitops_env(folder, watches),
-            **remote_logging_env({"ES_URL": self.url("es")}),
+            **remote_logging_env(Settings(home=folder / "home", es_url=self.url("es"))),
         }
 
     def start_airflow(self, watches: list[dict]) -> None:
