@@ -148,6 +148,10 @@ def test_failed_deploy_rolls_back_alias_and_server(settings, demo_repo, server, 
     model_dirs = [p for p in store.rglob("MLmodel") if version.source.rsplit("/", 1)[-1] in str(p)]
     assert model_dirs, "logged model not found in the artifact store"
     shutil.rmtree(model_dirs[0].parent)
+    # The server loads the run's code-free serving artifact first: it vanishes too.
+    serving = [p for p in store.rglob(registry.SERVING_ARTIFACT) if version.run_id in str(p)]
+    assert serving, "serving artifact not found in the artifact store"
+    shutil.rmtree(serving[0])
     with pytest.raises(
         DeployError,
         match=f"deploy of model version {challenger['model_version']}.*rolled back "
