@@ -28,7 +28,12 @@ def seeded_api(airflow_db, settings, tmp_path, monkeypatch):
     from sqlalchemy import delete
 
     from gitops_ml.config import Settings
+    from gitops_ml.runs import PIPELINE_DAG_ID
 
+    # The session's Airflow DB is shared: runs that earlier tests left (other repositories) would count
+    # in the page's history, so the seeded history starts from none.
+    with create_session() as session:
+        session.execute(delete(DagRun).where(DagRun.dag_id == PIPELINE_DAG_ID))
     seeded = seed(Settings.from_env(), COMMITS)
     app = create_app(apps="core")
 
