@@ -53,7 +53,11 @@ def test_decoded_images_alive_are_bounded_not_the_dataset(many, decodes):
     for x, _labels in training.make_dataset(many, [0] * len(many), p, shuffle=True):
         consumed += len(x)
         if consumed in (BATCH, N_IMAGES // 2):
-            time.sleep(0.5)  # let every buffer fill up
+            # let every buffer fill up: first wait (bounded) for the prefetch to start on a loaded machine
+            deadline = time.monotonic() + 15
+            while len(decodes) == consumed and time.monotonic() < deadline:
+                time.sleep(0.05)
+            time.sleep(0.5)
         most_ahead = max(most_ahead, len(decodes) - consumed)
     assert consumed == N_IMAGES == len(decodes)
     assert 0 < most_ahead <= bound
