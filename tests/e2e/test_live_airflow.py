@@ -4,6 +4,7 @@ API server, LocalExecutor on SQLite), started by the test like ``make demo`` doe
 import hashlib
 import hmac
 import json
+import os
 import time
 from collections import Counter
 
@@ -50,9 +51,11 @@ def live_stack(settings, es, demo_repo, tmp_path, monkeypatch):
         "mlflow_port": free_port(),
         "serve_port": int(settings.serving_url.rsplit(":", 1)[1]),
     }
+    # ``settings`` was read before the ``es`` fixture exported ES_URL: the stack reads Elasticsearch from it.
+    settings = settings.with_overrides(es_url=os.environ["ES_URL"])
     try:
         urls = stack.up(settings, **ports)
-        yield {**urls, "ports": ports}
+        yield {**urls, "ports": ports, "settings": settings}
     finally:
         stack.down(settings)
 
@@ -130,7 +133,7 @@ def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_
 
     # Restart the scheduler, triggerer and the rest: no second run for a SHA already handled.
     stack.down(settings)
-    restarted = stack.up(settings, **live_stack["ports"])
+    restarted = stack.up(live_stack["settings"], **live_stack["ports"])
     client = AirflowClient(restarted["airflow"])
     deadline = time.monotonic() + 60
     while time.monotonic() < deadline:  # the watcher waits again: its sensor deferred to the new triggerer
