@@ -39,6 +39,7 @@ def decodes(monkeypatch):
         calls.append(path)
         return real(path, *shape)
 
+    # A spy, not a fake: every call still goes to the real decoder; it only counts the decodes.
     monkeypatch.setattr(images, "read_pixels", counting)
     return calls
 

@@ -414,6 +414,7 @@ def test_a_declared_body_over_the_limit_is_refused_from_the_headers(make_live):
 
 
 def test_a_body_that_does_not_arrive_in_time_is_a_json_408(make_live, monkeypatch):
+    # Not a fake: the real limit, shortened from 30 s so a real slow client reaches it within the test.
     monkeypatch.setattr(server, "BODY_TIMEOUT_S", 1.0)
     live = make_live()
     with socket.create_connection(("127.0.0.1", live.port), timeout=30) as sock:
@@ -428,6 +429,7 @@ def test_a_body_that_does_not_arrive_in_time_is_a_json_408(make_live, monkeypatc
 
 
 def test_bodies_in_flight_share_one_budget(make_live, monkeypatch):
+    # Not a fake: the real budget, lowered from 256 MiB so two real uploads exhaust it without that much RAM.
     monkeypatch.setattr(server, "MAX_INFLIGHT_BODY_BYTES", 1000)
     live = make_live()
     with socket.create_connection(("127.0.0.1", live.port), timeout=30) as slow:
