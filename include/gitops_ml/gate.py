@@ -36,6 +36,30 @@ def decide(challenger: dict[str, Any], champion: dict[str, Any] | None, rules: d
     return {"passed": not reasons, "reasons": reasons, "checks": checks}
 
 
+RECALL_PREFIX = "test_recall_"
+RECALL_FLOOR_METRIC = "gate_min_class_recall"
+
+
+def recall_metrics(recall: dict[str, float], rules: dict[str, Any]) -> dict[str, float]:
+    """The per-class recall figures the evaluation logs beside ``test_recall_<class>``: the worst class's
+    recall (``worst_class_recall``) and the gate's floor (``gate_min_class_recall``) when one is set."""
+    metrics = {"worst_class_recall": min(recall.values())} if recall else {}
+    if rules.get("min_class_recall") is not None:
+        metrics[RECALL_FLOOR_METRIC] = float(rules["min_class_recall"])
+    return metrics
+
+
+def recall_tags(metrics: dict[str, float]) -> dict[str, Any]:
+    """The model version's tags of the per-class recall check, from its run's metrics: the floor
+    (``min_class_recall``, absent without one), the worst class and its recall."""
+    recall = {k.removeprefix(RECALL_PREFIX): v for k, v in metrics.items() if k.startswith(RECALL_PREFIX)}
+    tags: dict[str, Any] = {"min_class_recall": metrics.get(RECALL_FLOOR_METRIC)}
+    if recall:
+        worst = min(sorted(recall), key=recall.__getitem__)
+        tags.update(worst_class=worst, worst_class_recall=round(recall[worst], 6))
+    return tags
+
+
 def summary(decision: dict[str, Any], champion_version: str | None) -> str:
     if decision["passed"]:
         against = f"champion version {champion_version}" if champion_version else "no champion (first model)"

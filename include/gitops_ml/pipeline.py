@@ -359,7 +359,8 @@ def evaluate(
     if note:
         decision["reasons_info"] = [note]
     metrics = {"test_accuracy": challenger["accuracy"], "gate_passed": float(decision["passed"])}
-    metrics.update({f"test_recall_{c}": v for c, v in challenger["recall"].items()})
+    metrics.update({f"{gate.RECALL_PREFIX}{c}": v for c, v in challenger["recall"].items()})
+    metrics.update(gate.recall_metrics(challenger["recall"], params["gate"]))
     metrics.update({f"test_precision_{c}": v for c, v in challenger["precision"].items()})
     if champion is not None:
         metrics.update(
@@ -424,7 +425,7 @@ def register(
     settings: Settings, trained: dict[str, Any], evaluated: dict[str, Any], run_lineage: dict[str, Any]
 ) -> dict[str, Any]:
     """Register the model version with lineage tags; the same commit never gets a second version."""
-    from gitops_ml import registry
+    from gitops_ml import gate, registry
 
     tags = {
         **run_lineage,
@@ -433,6 +434,7 @@ def register(
         "gate": "passed" if evaluated["gate_passed"] else "failed",
         "gate_reasons": "; ".join(evaluated["gate_reasons"]) or None,
         "gate_compared_with": evaluated["champion_version"],
+        **gate.recall_tags(registry.get_run(settings, trained["run_id"]).metrics),  # the evaluation logged them
     }
     version = registry.register(settings, trained["run_id"], trained["model_uri"], tags)
     registry.set_alias(settings, str(version.version), registry.CHALLENGER)
