@@ -12,7 +12,8 @@ files of the larger) are read by
 * the baseline: ``keras.utils.image_dataset_from_directory(image_size=(side, side),
   batch_size=32, shuffle=True)`` (TensorFlow's own JPEG decoder and bilinear resize).
 
-Throughput is images per second while iterating the dataset for one epoch (every batch
+Both run under TensorFlow's op determinism, which ``training.train`` enables before it builds
+the pipeline.  Throughput is images per second while iterating the dataset for one epoch (every batch
 materialised, no model), per epoch: epoch 1 decodes every file for both; from epoch 2 on ours
 reads the decoded pixels back from its disk cache while the baseline decodes again.  Each
 (pipeline, size, run) is its own fresh interpreter; its peak RSS is the child's ``ru_maxrss``
@@ -51,9 +52,13 @@ def child(pipeline: str, folder: Path, epochs: int, side: int) -> dict:
     """One measurement in this (fresh) process: build the dataset, iterate ``epochs`` epochs."""
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
     import keras
+    import tensorflow as tf
 
     from gitops_ml import data, params, training
 
+    # As in training.train, for both: the global op determinism it enables (under which a tf.data
+    # map over a Python function runs serially) is part of what the model's input pipeline meets.
+    tf.config.experimental.enable_op_determinism()
     rss_after_imports = _rss_kib()
     started = time.perf_counter()
     cache = None

@@ -6,10 +6,13 @@ TensorFlow and the split) so the same commit gives the same model.
 
 from __future__ import annotations
 
+import collections
+import concurrent.futures
 import contextlib
 import copy
 import hashlib
 import io
+import itertools
 import logging
 import os
 import tempfile
@@ -74,15 +77,20 @@ def load_arrays(files: list[str], params: dict) -> np.ndarray:
     return np.stack([images.decode_file(f, h, w, c) for f in files]) if files else np.zeros((0, h, w, c), np.float32)
 
 
-# Batches decoded ahead of the one the model is working on, and batches decoded in parallel (fixed,
-# not autotuned: tf.data's autotuner may grow buffers up to half the machine's memory).
+# Batches decoded ahead of the one the model is working on, and batches decoded at the same time.
+# The decoding runs in our own threads (Pillow releases the GIL while it decodes and resizes), not in
+# a ``tf.data`` parallel map: ``train`` enables TensorFlow's op determinism, under which tf.data runs
+# a Python function (``numpy_function``) serially and prefetches nothing, so the model would wait
+# for every batch.  Fixed sizes, not autotuned: tf.data's autotuner may grow buffers up to half the
+# machine's memory.
 PREFETCH_BATCHES = 2
 PARALLEL_BATCHES = max(1, len(os.sched_getaffinity(0)))
 
 
 def max_decoded_ahead(batch_size: int) -> int:
     """Bound on the decoded images the pipeline holds at once, whatever the dataset size: the
-    prefetched batches, the batches being decoded in parallel and the one the model works on."""
+    batches decoded ahead or being decoded (``PREFETCH_BATCHES + PARALLEL_BATCHES``) and the one
+    the model works on."""
     return (PREFETCH_BATCHES + PARALLEL_BATCHES + 1) * batch_size
 
 
@@ -129,10 +137,11 @@ def make_dataset(
     cache: PixelCache | None = None,
     batch_size: int | None = None,
 ) -> tf.data.Dataset:
-    """Streaming ``tf.data`` pipeline: shuffle indices (seeded), batch, decode with the serving decoder, prefetch.
+    """Streaming ``tf.data`` pipeline: shuffle the file order (seeded, anew each epoch), batch, and
+    decode a few batches ahead in threads with the serving decoder (``decoded_ahead``).
 
-    Only file indices are shuffled, so the shuffle buffer holds integers, never images; decoded
-    images alive at once are bounded by ``max_decoded_ahead(batch_size)`` whatever the dataset size.
+    Only file indices are shuffled, never images; decoded images alive at once are bounded by
+    ``max_decoded_ahead(batch_size)`` whatever the dataset size.
     With a ``PixelCache`` (over the same ``files``) an image is decoded once and read back from
     disk in later epochs; without one every pass decodes (one pass, e.g. evaluation).
     """
@@ -141,19 +150,53 @@ def make_dataset(
     if cache is not None and cache.files is not files:
         raise ValueError("the pixel cache was built for another file list")
 
-    def _load_batch(indices: np.ndarray) -> np.ndarray:
+    def load_batch(indices: np.ndarray) -> np.ndarray:
         load = cache.pixels if cache is not None else (lambda i: images.read_pixels(files[i], h, w, c))
         return images.to_model_input(np.stack([load(int(i)) for i in indices]))
 
-    ds = tf.data.Dataset.from_tensor_slices((np.arange(len(files), dtype=np.int64), np.asarray(labels, np.int64)))
-    if shuffle:
-        ds = ds.shuffle(len(files), seed=params["train"]["seed"], reshuffle_each_iteration=True)
-    ds = ds.batch(batch_size).map(
-        lambda i, y: (tf.ensure_shape(tf.numpy_function(_load_batch, [i], tf.float32), (None, h, w, c)), y),
-        num_parallel_calls=PARALLEL_BATCHES,
-        deterministic=True,
+    all_labels = np.asarray(labels, np.int64)
+    order_rng = np.random.default_rng(params["train"]["seed"])  # one reshuffle per epoch, seeded
+
+    def epoch() -> Iterator[tuple[np.ndarray, np.ndarray]]:
+        order = order_rng.permutation(len(files)) if shuffle else np.arange(len(files))
+        chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
+        for chunk, x in zip(
+            chunks, decoded_ahead(load_batch, chunks, PREFETCH_BATCHES + PARALLEL_BATCHES), strict=True
+        ):
+            yield x, all_labels[chunk]
+
+    ds = tf.data.Dataset.from_generator(
+        epoch,
+        output_signature=(
+            tf.TensorSpec((None, h, w, c), tf.float32),
+            tf.TensorSpec((None,), tf.int64),
+        ),
     )
-    return ds.prefetch(PREFETCH_BATCHES)
+    # No buffer of tf.data's own on top of ours (it would inject a prefetch and autotune its size).
+    options = tf.data.Options()
+    options.experimental_optimization.inject_prefetch = False
+    options.autotune.enabled = False
+    return ds.with_options(options)
+
+
+def decoded_ahead(
+    load: Callable[[np.ndarray], np.ndarray], chunks: list[np.ndarray], ahead: int
+) -> Iterator[np.ndarray]:
+    """``load(chunk)`` for each chunk, in order, with at most ``ahead`` chunks decoded (or being
+    decoded) in ``PARALLEL_BATCHES`` threads before the consumer asks for them."""
+    pool = concurrent.futures.ThreadPoolExecutor(PARALLEL_BATCHES, thread_name_prefix="gitops-ml-decode")
+    pending: collections.deque[concurrent.futures.Future[np.ndarray]] = collections.deque()
+    upcoming = iter(chunks)
+    try:
+        for chunk in itertools.islice(upcoming, ahead):
+            pending.append(pool.submit(load, chunk))
+        while pending:
+            batch = pending.popleft().result()
+            for chunk in itertools.islice(upcoming, 1):
+                pending.append(pool.submit(load, chunk))
+            yield batch
+    finally:  # also when the consumer stops early: drop what was not started, do not wait for the rest
+        pool.shutdown(wait=False, cancel_futures=True)
 
 
 def image_batches(files: list[str], params: dict, batch_size: int = 64) -> Iterator[np.ndarray]:
