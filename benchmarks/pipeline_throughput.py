@@ -2,11 +2,11 @@
 
     python -m benchmarks.pipeline_throughput [--commits 4] [--phase-timeout 600]
 
-Starts the cluster of ``make test-cluster`` (``tests/cluster/harness.py``: PostgreSQL, Redis,
-moto S3, the MLflow server, Elasticsearch, the Git server, the Airflow api-server, scheduler,
-dag-processor and triggerer, two Celery workers of concurrency 1 in their own mount namespaces,
-three model-server replicas) with two model repositories watched at a 1 s poll interval and
-the harness's tiny training settings (8x8 images, 2 epochs).
+Starts the cluster of ``make test-cluster`` (``Cluster.start`` in ``tests/cluster/harness.py``:
+PostgreSQL, Redis, moto S3, the MLflow server, Elasticsearch, the Git server, the Airflow
+api-server, scheduler, dag-processor and triggerer, two Celery workers of concurrency 1 in their
+own mount namespaces, three model-server replicas) with two model repositories watched at a 1 s
+poll interval and the harness's tiny training settings (8x8 images, 2 epochs).
 
 1. warm-up: the watchers' first runs (each repository's initial head) finish, on both workers;
 2. one worker: ``worker-b`` is stopped; ``--commits`` commits are pushed, alternating between the
@@ -27,69 +27,23 @@ import os
 import signal
 import sys
 import time
-from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime
 
 from benchmarks._common import OUT_DIR
 from benchmarks.detection import environment, log
 from gitops_ml.airflow.client import AirflowClient
-from gitops_ml.airflow.steps import run_id_for
-from tests.cluster.harness import Cluster, missing_tools
+from tests.cluster.harness import MODEL_REPOSITORIES, Cluster, missing_tools, watched_run
 
-REPOSITORIES = ("digits", "digits-b")
+REPOSITORIES = tuple(MODEL_REPOSITORIES)
 
 
 def when(value: str) -> float:
     return datetime.fromisoformat(value.replace("Z", "+00:00")).timestamp()
 
 
-def start(cluster: Cluster) -> list[dict]:
-    cluster.start_postgres()
-    cluster.start_redis()
-    cluster.start_s3()
-    with ThreadPoolExecutor(3) as pool:
-        elasticsearch = pool.submit(cluster.start_elasticsearch)
-        cluster.start_mlflow()
-        cluster.start_git()
-        made = pool.map(cluster.create_model_repository, REPOSITORIES, (20, 24))
-        cluster.repos = {repo["name"]: repo for repo in made}
-        elasticsearch.result()
-    servers = {"serve-1": "digits", "serve-2": "digits", "serve-b": "digits-b"}
-    for name, model_name in servers.items():
-        cluster.start_server(name, model_name, wait=False)
-    watches = [
-        {
-            "name": "digits",
-            "repo_url": cluster.git_url("digits"),
-            "branch": "main",
-            "poll_interval": 1,
-            "retrain_schedule": None,
-            "model_name": "digits",
-            "serving_url": f"{cluster.url('serve-1')},{cluster.url('serve-2')}",
-        },
-        {
-            "name": "digits-b",
-            "repo_url": cluster.git_url("digits-b"),
-            "branch": "main",
-            "poll_interval": 1,
-            "retrain_schedule": None,
-            "model_name": "digits-b",
-            "serving_url": cluster.url("serve-b"),
-        },
-    ]
-    cluster.start_airflow(watches)
-    for name in servers:
-        cluster.wait_server(name)
-    return watches
-
-
 def finish(airflow: AirflowClient, watch: str, commit_sha: str, deadline: float) -> dict:
-    run_id = run_id_for(commit_sha, watch=watch)
-    while airflow.get_run(run_id) is None:
-        if time.monotonic() > deadline:
-            raise TimeoutError(f"no run {run_id}: the watcher did not start it")
-        time.sleep(1)
-    run = airflow.wait_for_run(run_id, timeout=max(1.0, deadline - time.monotonic()))
+    run = watched_run(airflow, watch, commit_sha, timeout=max(1.0, deadline - time.monotonic()))
+    run_id = run["dag_run_id"]
     hosts = sorted({ti.get("hostname") or "-" for ti in airflow.task_instances(run_id) if ti["state"] == "success"})
     return {
         "run_id": run_id,
@@ -145,8 +99,7 @@ def main() -> None:
     t_start = time.monotonic()
     cluster = Cluster()
     try:
-        watches = start(cluster)
-        log(f"cluster up after {time.monotonic() - t_start:.0f} s")
+        cluster.start(report=log)
         airflow = AirflowClient(cluster.url("api"), retry_seconds=120)
         airflow.wait_for_dag(timeout=180)
         deadline = time.monotonic() + args.phase_timeout
@@ -157,7 +110,7 @@ def main() -> None:
         )
         cluster.kill("worker-b")
         results["phases"].append(phase(cluster, airflow, "1 worker", args.commits, 0, args.phase_timeout))
-        cluster.start_worker("worker-b", watches)
+        cluster.start_worker("worker-b", cluster.watches)
         results["phases"].append(phase(cluster, airflow, "2 workers", args.commits, args.commits, args.phase_timeout))
     finally:
         kept = cluster.stop(keep_logs=len(results["phases"]) < 2)

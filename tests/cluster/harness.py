@@ -29,12 +29,16 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Callable
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import httpx
 import yaml
 
+from gitops_ml.polling import poll
+from gitops_ml.runs import run_id_for
 from tests.helpers import free_port, git
 
 ROOT = Path(__file__).resolve().parents[2]
@@ -42,7 +46,11 @@ BIN = Path(sys.executable).parent
 PG_BIN = Path("/usr/lib/postgresql/15/bin")
 PG_USER = "gitops-pg"
 WORKERS = ("worker-a", "worker-b")
-SERVERS = ("serve-1", "serve-2", "serve-b")
+# The two model repositories (images per class: different data, so different SHAs and models), each
+# watched at a 1 s poll interval, and the model servers of each (two replicas serve the first).
+MODEL_REPOSITORIES = {"digits": 20, "digits-b": 24}
+SERVED_MODELS = {"serve-1": "digits", "serve-2": "digits", "serve-b": "digits-b"}
+SERVERS = tuple(SERVED_MODELS)
 # Every component's folder exists before the first isolated process starts (each hides the others).
 COMPONENTS = ("control", *WORKERS, *SERVERS, "postgres", "redis", "s3", "mlflow", "git-remotes", "developer")
 # Tiny training: a cluster run is about orchestration, not accuracy.
@@ -81,6 +89,17 @@ def wait_until(check, timeout: float, what: str, log: Path | None = None, interv
     raise TimeoutError(f"{what} not ready after {timeout:.0f} s ({last})\n{tail}")
 
 
+def watched_run(airflow, watch: str, commit_sha: str, timeout: float) -> dict:
+    """The pipeline run the watcher ``watch`` starts for ``commit_sha`` (an ``AirflowClient``'s view), once
+    it ended in any state; ``TimeoutError`` when it was not started, or had not ended, within ``timeout`` s."""
+    run_id = run_id_for(commit_sha, watch=watch)
+    deadline = time.monotonic() + timeout
+    _, started = poll(lambda: airflow.get_run(run_id), lambda run: run is not None, timeout, every=1)
+    if not started:
+        raise TimeoutError(f"no run {run_id} after {timeout:.0f} s: the watcher did not start it")
+    return airflow.wait_for_run(run_id, timeout=max(1.0, deadline - time.monotonic()))
+
+
 @dataclass
 class Proc:
     name: str
@@ -100,6 +119,8 @@ class Cluster:
     secret: dict[str, str] = field(default_factory=dict)
     es_node: object = None
     git_server: object = None
+    repos: dict[str, dict] = field(default_factory=dict)  # name -> create_model_repository's answer
+    watches: list[dict] = field(default_factory=list)  # the watch file's entries (all components)
 
     def __post_init__(self) -> None:
         self.base.chmod(0o755)
@@ -219,6 +240,29 @@ class Cluster:
             shutil.copytree(self.logs, kept, dirs_exist_ok=True)
         shutil.rmtree(self.base, ignore_errors=True)
         return kept
+
+    def start(self, report: Callable[[str], None] = print) -> None:
+        """The whole cluster: the stores, the model repositories (``repos``), the model servers and
+        Airflow watching every repository (``watches``); ``report`` gets a line at each stage."""
+        started = time.monotonic()
+        self.start_postgres()
+        self.start_redis()
+        self.start_s3()
+        with ThreadPoolExecutor(3) as pool:  # the slow starters side by side
+            elasticsearch = pool.submit(self.start_elasticsearch)
+            self.start_mlflow()
+            self.start_git()
+            made = pool.map(self.create_model_repository, MODEL_REPOSITORIES, MODEL_REPOSITORIES.values())
+            self.repos = {repo["name"]: repo for repo in made}
+            elasticsearch.result()
+        report(f"stores up in {time.monotonic() - started:.1f} s")
+        for name, model_name in SERVED_MODELS.items():  # they start while Airflow does
+            self.start_server(name, model_name, wait=False)
+        self.watches = [self.watch_entry(name) for name in MODEL_REPOSITORIES]
+        self.start_airflow(self.watches)
+        for name in SERVED_MODELS:
+            self.wait_server(name)
+        report(f"cluster up in {time.monotonic() - started:.1f} s: {self.describe()}")
 
     # --- services -------------------------------------------------------------------------
     def start_postgres(self) -> None:
@@ -425,6 +469,19 @@ class Cluster:
         return sha
 
     # --- gitops-ml configuration ----------------------------------------------------------
+    def watch_entry(self, repo: str) -> dict:
+        """The watch of model repository ``repo``: 1 s poll, no retraining schedule, deployed to its servers."""
+        servers = [self.url(server) for server, model_name in SERVED_MODELS.items() if model_name == repo]
+        return {
+            "name": repo,
+            "repo_url": self.git_url(repo),
+            "branch": "main",
+            "poll_interval": 1,
+            "retrain_schedule": None,
+            "model_name": repo,
+            "serving_url": ",".join(servers),
+        }
+
     def write_watch_file(self, folder: Path, watches: list[dict]) -> Path:
         path = folder / "watch.yaml"
         path.write_text(yaml.safe_dump({"repositories": watches}, sort_keys=False))

@@ -16,7 +16,7 @@ import pytest
 
 from gitops_ml.airflow.client import AirflowClient
 from gitops_ml.runs import run_id_for
-from tests.cluster.harness import BIN
+from tests.cluster.harness import BIN, watched_run
 from tests.helpers import free_port, git
 
 pytestmark = pytest.mark.cluster
@@ -34,14 +34,10 @@ def airflow(cluster):
 
 
 def finished_run(airflow, watch: str, commit_sha: str, timeout: float = 900) -> dict:
-    run_id = run_id_for(commit_sha, watch=watch)
-    deadline = time.monotonic() + timeout
-    while airflow.get_run(run_id) is None:  # the watcher starts it
-        assert time.monotonic() < deadline, f"no run {run_id} after {timeout:.0f} s"
-        time.sleep(1)
-    run = airflow.wait_for_run(run_id, timeout=max(1.0, deadline - time.monotonic()))
-    states = {ti["task_id"]: (ti["state"], ti.get("hostname")) for ti in airflow.task_instances(run_id)}
-    assert run["state"] == "success", f"{run_id}: {states}"
+    """The watcher's run of ``commit_sha``, asserted successful."""
+    run = watched_run(airflow, watch, commit_sha, timeout)
+    states = {ti["task_id"]: (ti["state"], ti.get("hostname")) for ti in airflow.task_instances(run["dag_run_id"])}
+    assert run["state"] == "success", f"{run['dag_run_id']}: {states}"
     return run
 
 
@@ -214,13 +210,8 @@ def test_f_a_replica_down_fails_the_deploy_and_both_replicas_keep_the_previous_m
     cluster.kill("serve-2")
     try:
         commit_sha = cluster.commit_param(repo, "train.epochs", 5)
-        run_id = run_id_for(commit_sha, watch="digits")
-        deadline = time.monotonic() + 900
-        while airflow.get_run(run_id) is None:
-            assert time.monotonic() < deadline
-            time.sleep(1)
-        run = airflow.wait_for_run(run_id, timeout=900)
-        states = {t["task_id"]: t["state"] for t in airflow.task_instances(run_id)}
+        run = watched_run(airflow, "digits", commit_sha, timeout=900)
+        states = {t["task_id"]: t["state"] for t in airflow.task_instances(run["dag_run_id"])}
         assert run["state"] == "failed" and states["deploy"] == "failed", states
         assert cluster.serving("serve-1")["model_version"] == previous["model_version"]
         assert champion_commit(cluster) == previous["commit_sha"]
