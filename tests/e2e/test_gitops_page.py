@@ -35,38 +35,6 @@ README_IMAGE = ROOT / "docs" / "img" / "gitops-page.png"
 
 
 @pytest.fixture
-def live_stack(settings, demo_repo, tmp_path, monkeypatch):
-    """The embedded stack watching the demo repository (poll every second), no Elasticsearch."""
-    config = tmp_path / "watch.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "repositories": [
-                    {
-                        "name": "default",
-                        "repo_url": str(demo_repo["path"]),
-                        "branch": "main",
-                        "poll_interval": 1,
-                        "retrain_schedule": None,
-                    }
-                ]
-            }
-        )
-    )
-    monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))
-    monkeypatch.delenv("ES_URL", raising=False)
-    ports = {
-        "airflow_port": free_port(),
-        "mlflow_port": free_port(),
-        "serve_port": int(settings.serving_url.rsplit(":", 1)[1]),
-    }
-    try:
-        yield stack.up(settings, **ports)
-    finally:
-        stack.down(settings)
-
-
-@pytest.fixture
 def browser():
     from playwright.sync_api import sync_playwright
 

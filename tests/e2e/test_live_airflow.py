@@ -4,7 +4,6 @@ API server, LocalExecutor on SQLite), started by the test like ``make demo`` doe
 import hashlib
 import hmac
 import json
-import os
 import time
 from collections import Counter
 
@@ -13,7 +12,7 @@ import pytest
 
 from gitops_ml import demo, logs, registry, stack
 from gitops_ml.airflow.client import AirflowClient
-from tests.helpers import commit_file, free_port
+from tests.helpers import commit_file
 
 
 def total_runs(client) -> int:
@@ -23,41 +22,10 @@ def total_runs(client) -> int:
 pytestmark = pytest.mark.e2e
 
 
-@pytest.fixture
-def live_stack(settings, es, demo_repo, tmp_path, monkeypatch):
-    """``airflow standalone`` + MLflow + server; ``ES_URL`` is set, so task logs go to Elasticsearch
-    and the Airflow UI reads finished tries back from it (``[logging] remote_logging``). The demo
-    repository is watched (poll every second) by the watcher DAG, in the scheduler and triggerer."""
-    config = tmp_path / "watch.yaml"
-    config.write_text(
-        json.dumps(
-            {
-                "repositories": [
-                    {
-                        "name": "default",
-                        "repo_url": str(demo_repo["path"]),
-                        "branch": "main",
-                        "poll_interval": 1,
-                        "retrain_schedule": None,
-                    }
-                ]
-            }
-        )
-    )
-    monkeypatch.setenv("GITOPS_ML_WATCH_CONFIG", str(config))
+@pytest.fixture(autouse=True)
+def webhook_secret(monkeypatch):
+    """The push webhook's secret, exported before the stack starts (autouse fixtures are set up first)."""
     monkeypatch.setenv("GITOPS_ML_WEBHOOK_SECRET", "live-hook-secret")
-    ports = {
-        "airflow_port": free_port(),
-        "mlflow_port": free_port(),
-        "serve_port": int(settings.serving_url.rsplit(":", 1)[1]),
-    }
-    # ``settings`` was read before the ``es`` fixture exported ES_URL: the stack reads Elasticsearch from it.
-    settings = settings.with_overrides(es_url=os.environ["ES_URL"])
-    try:
-        urls = stack.up(settings, **ports)
-        yield {**urls, "ports": ports, "settings": settings}
-    finally:
-        stack.down(settings)
 
 
 def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_stack, es):
