@@ -155,10 +155,10 @@ def make_dataset(
         return images.to_model_input(np.stack([load(int(i)) for i in indices]))
 
     all_labels = np.asarray(labels, np.int64)
-    order_rng = np.random.default_rng(params["train"]["seed"])  # one reshuffle per epoch, seeded
+    order_rng = np.random.default_rng(params["train"]["seed"]) if shuffle else None  # a reshuffle per epoch
 
     def epoch() -> Iterator[tuple[np.ndarray, np.ndarray]]:
-        order = order_rng.permutation(len(files)) if shuffle else np.arange(len(files))
+        order = order_rng.permutation(len(files)) if order_rng is not None else np.arange(len(files))
         chunks = [order[i : i + batch_size] for i in range(0, len(order), batch_size)]
         for chunk, x in zip(
             chunks, decoded_ahead(load_batch, chunks, PREFETCH_BATCHES + PARALLEL_BATCHES), strict=True

@@ -109,3 +109,12 @@ def test_training_converges_on_digits_and_batched_evaluation_matches(digits, tmp
     assert batched == whole
     assert batched["accuracy"] > 0.9 and batched["n_test"] == len(test_files) > 300
     assert history["val_accuracy"][-1] > 0.9
+
+
+def test_evaluation_batches_need_only_the_image_shape(many):
+    """Scoring a champion passes only its input shape: an unshuffled pass reads no train.* key."""
+    shape_only = {"image": {"height": 8, "width": 8, "channels": 1}}
+    batches = list(training.image_batches(many[:10], shape_only, batch_size=4))
+    assert [len(b) for b in batches] == [4, 4, 2]
+    expected = np.stack([images.decode(open(f, "rb").read(), 8, 8, 1) for f in many[:10]])
+    assert np.array_equal(np.concatenate(batches), expected)
