@@ -12,9 +12,13 @@ loopback port and measures over HTTP, a JWT in the request like the UI's cookie:
   ``/api/v2/dags/gitops_ml_pipeline/dagRuns?limit=25`` (what the UI's Runs tab loads);
 - polling: one open page asks every 15 s when idle and every 3 s while a run is going (the
   page's own timers); with the measured server CPU seconds per history request that gives the
-  share of one core that each open page costs.
+  share of one core that each open page costs;
+- the first request after the API server starts (``--idle`` seconds after it is healthy, as a user
+  opens the page after a restart): once with the plugin's background warm-up switched off (what the
+  first request used to pay: MLflow's import) and once with it, each beside the first request of
+  Airflow's own run list on the same server.
 
-    .venv/bin/python -m benchmarks.gitops_page [--commits 1000] [--repeat 15]
+    .venv/bin/python -m benchmarks.gitops_page [--commits 1000] [--repeat 15] [--idle 20]
 """
 
 from __future__ import annotations
@@ -38,6 +42,7 @@ def main() -> int:
     parser = argparse.ArgumentParser()
     parser.add_argument("--commits", type=int, default=1000)
     parser.add_argument("--repeat", type=int, default=15)
+    parser.add_argument("--idle", type=float, default=20.0, help="seconds between healthy and the first request")
     args = parser.parse_args()
 
     home = fresh_home("gitops-page-", free_port())
@@ -77,40 +82,38 @@ def main() -> int:
         flush=True,
     )
 
-    port = free_port()
-    server = subprocess.Popen(
-        [sys.executable, "-c", _SERVER.format(port=port)],
-        env=os.environ,
-        stdout=subprocess.DEVNULL,
-        stderr=open(home / "api.log", "wb"),
-    )
-    try:
-        base = f"http://127.0.0.1:{port}"
-        deadline = time.monotonic() + 120
-        while time.monotonic() < deadline:
-            try:
-                if httpx.get(base + "/api/v2/monitor/health", timeout=2).status_code == 200:
-                    break
-            except httpx.HTTPError:
-                time.sleep(0.5)
-        token = httpx.post(base + "/auth/token", json={"username": "bench", "password": "bench-password"}).json()[
-            "access_token"
-        ]
-        http = httpx.Client(base_url=base, headers={"Authorization": f"Bearer {token}"}, timeout=60)
+    run_list = "/api/v2/dags/gitops_ml_pipeline/dagRuns?limit=25&order_by=-run_after"
+    first_page = "/gitops-ml/api/history?page=1&per_page=25"
+    firsts = {}
+    for warm_up in (False, True):
+        server, base = _serve(home, warm_up)
+        try:
+            token = httpx.post(base + "/auth/token", json={"username": "bench", "password": "bench-password"})
+            http = httpx.Client(
+                base_url=base, headers={"Authorization": f"Bearer {token.json()['access_token']}"}, timeout=120
+            )
+            time.sleep(args.idle)
+            firsts[warm_up] = {path: _timed(http, path) for path in (run_list, first_page)}
+        except BaseException:
+            server.terminate()
+            raise
+        if not warm_up:
+            server.terminate()
+            server.wait(30)
+    try:  # the server with the warm-up goes on
         last_page = -(-args.commits // 25)
         targets = {
-            "baseline: Airflow run list (25 runs)": "/api/v2/dags/gitops_ml_pipeline/dagRuns"
-            "?limit=25&order_by=-run_after",
+            "baseline: Airflow run list (25 runs)": run_list,
             "GitOps page HTML": "/gitops-ml/ui",
-            "GitOps history, page 1 (25 rows)": "/gitops-ml/api/history?page=1&per_page=25",
+            "GitOps history, page 1 (25 rows)": first_page,
             f"GitOps history, page {last_page // 2}": f"/gitops-ml/api/history?page={last_page // 2}&per_page=25",
             f"GitOps history, page {last_page} (oldest)": f"/gitops-ml/api/history?page={last_page}&per_page=25",
         }
         for path in targets.values():  # warm: imports, first queries
             answer = http.get(path)
             assert answer.status_code == 200, (path, answer.status_code, answer.text[:300])
-        first = http.get(targets["GitOps history, page 1 (25 rows)"]).json()
-        assert first["total"] == args.commits and len(first["sections"][0]["rows"]) == 25
+        [first] = http.get(targets["GitOps history, page 1 (25 rows)"]).json()["sections"]
+        assert first["total"] == args.commits and len(first["rows"]) == 25
         assert first["now_serving"]["model_version"] == seeded["champion"]
         medians = {}
         cpu_before = _cpu_seconds(server.pid)
@@ -145,6 +148,15 @@ def main() -> int:
         f"\nAPI-server CPU per history request (page 1): {1000 * cpu_per_history:.1f} ms "
         f"(all requests above: {cpu_all:.1f} s)"
     )
+    print(f"\nfirst request after the API server started ({args.idle:.0f} s after it was healthy)")
+    print(f"{'server':40s} {'run list ms':>12s} {'history ms':>11s} {'x run list':>10s}")
+    for warm_up, label in ((False, "before: no warm-up (first request imports)"), (True, "after: warm-up at start")):
+        timings = firsts[warm_up]
+        print(
+            f"{label:40s} {1000 * timings[run_list]:12.1f} {1000 * timings[first_page]:11.1f} "
+            f"{timings[first_page] / timings[run_list]:10.2f}"
+        )
+    print(f"first history request, before / after: {firsts[False][first_page] / firsts[True][first_page]:.1f}x\n")
     for label, interval in (("idle", IDLE_POLL_S), ("a run going", RUNNING_POLL_S)):
         rate = 1 / interval
         print(
@@ -154,14 +166,54 @@ def main() -> int:
     return 0
 
 
+def _serve(home: Path, warm_up: bool) -> tuple[subprocess.Popen, str]:
+    """Airflow's API app (the plugin loaded) under uvicorn on a free port, once healthy; ``warm_up``
+    False replaces the plugin's background warm-up by nothing (the behaviour before it existed)."""
+    import httpx
+
+    port = free_port()
+    server = subprocess.Popen(
+        [sys.executable, "-c", _SERVER.format(port=port, warm_up=warm_up)],
+        env=os.environ,
+        stdout=subprocess.DEVNULL,
+        stderr=open(home / f"api-{'warm' if warm_up else 'cold'}.log", "wb"),
+    )
+    base = f"http://127.0.0.1:{port}"
+    deadline = time.monotonic() + 180
+    while time.monotonic() < deadline:
+        try:
+            if httpx.get(base + "/api/v2/monitor/health", timeout=2).status_code == 200:
+                return server, base
+        except httpx.HTTPError:
+            time.sleep(0.5)
+    server.terminate()
+    raise TimeoutError(f"the API server on {base} was not healthy within 180 s")
+
+
+def _timed(http, path: str) -> float:
+    started = time.perf_counter()
+    answer = http.get(path)
+    assert answer.status_code == 200, (path, answer.status_code, answer.text[:300])
+    return time.perf_counter() - started
+
+
 def _cpu_seconds(pid: int) -> float:
     fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
     return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 _SERVER = """
+import contextlib
 import uvicorn
 from airflow.api_fastapi.app import create_app
+from gitops_ml.airflow import gitops_view
+
+if not {warm_up}:
+    @contextlib.asynccontextmanager
+    async def no_warm_up(app):
+        yield
+
+    gitops_view.warm_up_in_background = no_warm_up  # read when the plugin's app is created, below
 uvicorn.run(create_app(apps="core"), host="127.0.0.1", port={port}, log_level="warning")
 """
 

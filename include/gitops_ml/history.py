@@ -29,6 +29,7 @@ import httpx
 
 from gitops_ml import records
 from gitops_ml.config import Settings
+from gitops_ml.errors import InputError
 from gitops_ml.refs import redact_url
 
 log = logging.getLogger(__name__)
@@ -145,7 +146,20 @@ def gate_of(run: dict[str, Any], tags: dict[str, str]) -> dict[str, Any] | None:
         "challenger_accuracy": accuracy,
         "champion_accuracy": evaluated.get("champion_accuracy"),
         "champion_version": evaluated.get("champion_version") or tags.get("gate_compared_with"),
-        "recall_floor": tags.get("min_class_recall"),
+        **recall_of(tags),
+    }
+
+
+def recall_of(tags: dict[str, str]) -> dict[str, Any]:
+    """The per-class recall check of a version (the tags ``pipeline.register`` writes): the gate's floor
+    (``None`` without one), the worst class and its recall, and whether that class meets the floor."""
+    floor = float(tags["min_class_recall"]) if tags.get("min_class_recall") else None
+    worst = float(tags["worst_class_recall"]) if tags.get("worst_class_recall") else None
+    return {
+        "recall_floor": floor,
+        "worst_class": tags.get("worst_class"),
+        "worst_class_recall": worst,
+        "recall_passed": None if floor is None or worst is None else worst >= floor,
     }
 
 
@@ -402,8 +416,9 @@ def now_serving(
     }
 
 
-def build(
+def section(
     settings: Settings,
+    name: str,
     runs: list[dict[str, Any]],
     total: int,
     page: int,
@@ -416,37 +431,32 @@ def build(
     records_of,
     kibana_url: str | None = None,
 ) -> dict[str, Any]:
-    """The whole page: one section per watched repository (the runs' ``watch``), each with its rows.
+    """The section of one watched repository (``settings`` are its run settings: URL, branch, model
+    name, servers): what serves its model now, and one page of its runs as history rows.
 
     ``records_of(commit_sha)`` returns the run records of a commit; ``commits`` maps a SHA to what
     Git says of it (``message``, ``author``, ``committed_at``, ``on_branch``).
     """
     champion_number = str(champion["version"]) if champion else None
-    sections: dict[str, list[dict[str, Any]]] = {}
+    rows = []
     for run in runs:
         commit_sha = commit_sha_of(run)
         docs = records_of(commit_sha) if commit_sha else []
-        name = (run.get("conf") or {}).get("watch") or "default"
-        sections.setdefault(name, []).append(
-            row(settings, run, docs, versions, champion_number, commits.get(commit_sha or ""), kibana_url)
-        )
+        rows.append(row(settings, run, docs, versions, champion_number, commits.get(commit_sha or ""), kibana_url))
+    champion_tags = (champion or {}).get("tags") or {}
     serving = now_serving(
         champion,
         replicas,
-        commits.get(
-            (champion or {}).get("tags", {}).get("served_for_commit")
-            or (champion or {}).get("tags", {}).get("commit_sha")
-            or ""
-        ),
+        commits.get(champion_tags.get("served_for_commit") or champion_tags.get("commit_sha") or ""),
     )
     return {
+        "watch": name,
         "model_name": settings.model_name,
-        "actions": manual_actions(champion),
         "repository": redact_url(settings.repo_url) if settings.repo_url else None,
         "branch": settings.branch,
         "now_serving": serving,
-        "sections": [{"watch": name, "rows": rows} for name, rows in sections.items()]
-        or [{"watch": "default", "rows": []}],
+        "actions": manual_actions(champion),
+        "rows": rows,
         "page": page,
         "per_page": per_page,
         "total": total,
@@ -494,11 +504,44 @@ def records_reader(settings: Settings, commit_shas: list[str], es_client=None):
     return records_of
 
 
-def collect(
-    settings: Settings, runs: list[dict[str, Any]], total: int, page: int, per_page: int, kibana_url: str | None = None
+def watched(name: str | None = None) -> list[tuple[str, Settings]]:
+    """Each watched repository's name and run settings (its URL, branch, model name and model servers;
+    ``gitops_ml.runs.settings_for``), in the watch file's order; without a watch file the ``default``
+    watch of the environment.  ``name`` picks one (``InputError`` naming it when nobody watches it)."""
+    from gitops_ml import watch  # noqa: PLC0415 - the watch file is read per request: it may change
+    from gitops_ml.runs import DEFAULT_WATCH, settings_for  # noqa: PLC0415
+
+    found = [(w.name, settings_for(w)) for w in watch.load_watches()] or [(DEFAULT_WATCH, Settings.from_env())]
+    if name is None:
+        return found
+    picked = [(n, s) for n, s in found if n == name]
+    if not picked:
+        raise InputError(f"no watched repository named {name!r} (watched: {', '.join(n for n, _ in found)})")
+    return picked
+
+
+def warm_up() -> None:
+    """Do once what makes the first history request slow: import MLflow (seconds) and Git, and open
+    each watched model's registry store (``champion_summary``). Called in the background when the
+    API server starts (``gitops_ml.airflow.links``); a failure only means the first request pays."""
+    from gitops_ml import registry, source  # noqa: F401, PLC0415 - importing them is the point
+
+    for _, settings in watched():
+        registry.champion_summary(settings)
+
+
+def collect_section(
+    settings: Settings,
+    name: str,
+    runs: list[dict[str, Any]],
+    total: int,
+    page: int,
+    per_page: int,
+    kibana_url: str | None = None,
 ) -> dict[str, Any]:
-    """Build the page from the real stores: the registry (champion and the page's versions), the
-    replicas, Git (message/author, still on the branch) and the run records."""
+    """The section of one watched repository from the real stores: its model's registry (champion
+    and the page's versions), its replicas, Git (message/author, still on the branch) and the run
+    records."""
     from gitops_ml import registry, source  # noqa: PLC0415 - mlflow and git are heavy
 
     champion = registry.champion_summary(settings)
@@ -525,8 +568,9 @@ def collect(
         if settings.repo_url
         else {}
     )
-    return build(
+    return section(
         settings,
+        name,
         runs,
         total,
         page,

@@ -51,6 +51,8 @@ log = logging.getLogger(__name__)
 POLICIES = ("every", "latest")
 DEFAULT_PATHS = ("params.yaml", "*.dvc", "dvc.lock", "dvc.yaml", ".dvc/config", "src/*", "model/*")
 _NAME_RE = re.compile(r"^[a-z0-9][a-z0-9_-]{0,39}$")
+NAME_PATTERN = _NAME_RE.pattern
+"""What a watch's name must match (it names DAG ids and run ids)."""
 
 
 class WatchConfigError(InputError):

@@ -1,8 +1,8 @@
 """The GitOps page in a real browser (Playwright driving Debian's Chromium) against the live embedded
 stack (``airflow standalone`` + MLflow + the model server, the demo repository watched every second).
 
-One story, screenshot at each state (``<tmp>/screenshots/*.png``; the first one is also copied to
-``docs/img/gitops-page.png`` for the README):
+One story, screenshot at each state (``<tmp>/screenshots/*.png``, test artifacts; the README's
+screenshot comes from a seeded history instead, ``python -m tests.readme_screenshot``):
 
 1. the demo's first commit trains and is promoted: the page lists it, version 1, serving;
 2. two new commits pushed back to back appear (running, task by task); the first goes live;
@@ -17,9 +17,7 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import subprocess
-import time
 from pathlib import Path
 
 import httpx
@@ -27,38 +25,18 @@ import pytest
 
 from gitops_ml import demo, stack
 from gitops_ml.airflow.client import AirflowClient
-from tests.helpers import BIN, ROOT, free_port
+from tests.browser import chromium, gitops_frame
+from tests.helpers import BIN, free_port
 
 pytestmark = pytest.mark.e2e
 
-README_IMAGE = ROOT / "docs" / "img" / "gitops-page.png"
+DEFAULT = "section[data-watch='default']"  # the demo repository's section of the page
 
 
 @pytest.fixture
 def browser():
-    from playwright.sync_api import sync_playwright
-
-    chromium = shutil.which("chromium")
-    assert chromium, "Debian's chromium is not installed (apt-get install chromium; .ci/run does it)"
-    with sync_playwright() as p:
-        browser = p.chromium.launch(executable_path=chromium, args=["--no-sandbox"])
-        yield browser
-        browser.close()
-
-
-def frame_of(page):
-    """The GitOps page inside the Airflow UI's plugin frame, once it has rendered its data."""
-    page.wait_for_selector("iframe", timeout=60_000)
-    for _ in range(120):
-        for frame in page.frames:
-            if "/gitops-ml/ui" in frame.url:
-                try:
-                    frame.wait_for_selector("body[data-loaded='true']", timeout=500)
-                    return frame
-                except Exception:  # noqa: BLE001 - not rendered yet
-                    pass
-        time.sleep(0.5)
-    raise AssertionError(f"no rendered GitOps frame; frames: {[f.url for f in page.frames]}")
+    with chromium() as launched:
+        yield launched
 
 
 def row(frame, commit_sha):
@@ -127,17 +105,18 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
     context = browser.new_context(viewport={"width": 1500, "height": 1000}, color_scheme="light")
     page = context.new_page()
     page.goto(live_stack["airflow"] + "/plugin/gitops")
-    frame = frame_of(page)
+    frame = gitops_frame(page)
     # 1. The demo's commit: trained, version 1, promoted and serving.
     first_row = wait_row(
         frame, first_sha, timeout=60, run_state="success", decision="trained", version="1", deploy="promoted"
     )
     assert "serving" in first_row.inner_text()
-    assert frame.locator("#serving-version").get_attribute("data-version") == "1"
-    assert frame.locator("#serving-commit").get_attribute("data-sha") == first_sha
-    assert frame.locator("#replicas [data-agrees='true']").count() == 1
+    assert "worst class" in first_row.inner_text()  # the per-class recall the evaluation tagged (no floor set)
+    assert frame.locator(f"{DEFAULT} .serving-version").get_attribute("data-version") == "1"
+    assert frame.locator(f"{DEFAULT} .serving-commit").get_attribute("data-sha") == first_sha
+    assert frame.locator(f"{DEFAULT} .replicas [data-agrees='true']").count() == 1
     assert frame.evaluate("document.documentElement.dataset.theme") == "light"
-    shutil.copyfile(shot(page, shots, "1-first-commit-serving"), tmp_path / "readme.png")
+    shot(page, shots, "1-first-commit-serving")
 
     # 2.+3. Two commits pushed back to back: one that trains a good model, one whose gate fails
     # (``gate.min_accuracy`` 0.9999). Both appear, run task by task (in either order), the good one
@@ -151,7 +130,7 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
     second_version = second_row.get_attribute("data-version")
     assert second_version not in ("", "1") and "Another seed" in second_row.inner_text()
     failed_row = wait_row(frame, failed_sha, timeout=1500, run_state="success", deploy="not_promoted")
-    frame.wait_for_selector(f"#serving-version[data-version='{second_version}']", timeout=60_000)
+    frame.wait_for_selector(f"{DEFAULT} .serving-version[data-version='{second_version}']", timeout=60_000)
     assert served(live_stack["serving"])["commit_sha"] == second_sha
     text = failed_row.inner_text()
     assert "FAILED" in text and "below gate.min_accuracy 0.9999" in text, text
@@ -165,7 +144,7 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
     frame.wait_for_selector("tr[data-action='rolled back'][data-version='1']", timeout=180_000)
     now = served(live_stack["serving"])
     assert now["model_version"] == "1" and now["commit_sha"] == first_sha, now
-    assert frame.locator("#serving-version").get_attribute("data-version") == "1"
+    assert frame.locator(f"{DEFAULT} .serving-version").get_attribute("data-version") == "1"
     wait_row(frame, second_sha, timeout=30, deploy="rolled_back")
     shot(page, shots, "4-rolled-back")
     context.close()
@@ -175,7 +154,7 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
     dark.add_init_script("window.localStorage.setItem('theme', 'dark')")
     dark_page = dark.new_page()
     dark_page.goto(live_stack["airflow"] + "/plugin/gitops")
-    dark_frame = frame_of(dark_page)
+    dark_frame = gitops_frame(dark_page)
     assert dark_page.evaluate(
         "document.documentElement.classList.contains('dark') || document.documentElement.dataset.theme === 'dark'"
     ), dark_page.evaluate("document.documentElement.outerHTML.slice(0, 300)")
@@ -216,7 +195,7 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
         viewer.add_cookies([{"name": "_token", "value": token("viewer"), "url": base}])
         viewer_page = viewer.new_page()
         viewer_page.goto(base + "/plugin/gitops")
-        viewer_frame = frame_of(viewer_page)
+        viewer_frame = gitops_frame(viewer_page)
         viewer_frame.wait_for_selector(f"tr[data-sha='{second_sha}']", timeout=30_000)
         assert viewer_frame.locator("[data-rollback]").count() == 0
         assert "read-only" in viewer_frame.locator(f"tr[data-sha='{second_sha}']").inner_text()
@@ -238,5 +217,3 @@ def test_gitops_page_in_a_real_browser(settings, demo_repo, live_stack, browser,
     finally:
         os.killpg(proc.pid, 15)
         proc.wait(30)
-    README_IMAGE.parent.mkdir(parents=True, exist_ok=True)
-    shutil.copyfile(tmp_path / "readme.png", README_IMAGE)

@@ -183,7 +183,7 @@ def test_now_serving_flags_a_replica_that_disagrees_with_the_alias():
     assert history.now_serving(None, [{"url": "http://a", "reachable": True, "serving": None}], None)["all_agree"]
 
 
-def test_build_sections_pages_and_the_manual_rollback_row():
+def test_section_of_a_watch_pages_and_the_manual_rollback_row():
     champion = version(
         "1",
         commit_sha=SHA,
@@ -192,10 +192,10 @@ def test_build_sections_pages_and_the_manual_rollback_row():
         manual_deploy_action="rolled back",
         replaced_version="2",
     )
-    runs = [run(), run(run_id=f"commit__{OTHER}__fork", conf={"watch": "fork"})]
-    page = history.build(
-        settings(),
-        runs,
+    section = history.section(
+        settings(model_name="vision", branch="dev"),
+        "fork",
+        [run(run_id=f"commit__{OTHER}__fork", conf={"watch": "fork"}, xcom={"register": {"model_version": "1"}})],
         total=60,
         page=2,
         per_page=25,
@@ -205,9 +205,13 @@ def test_build_sections_pages_and_the_manual_rollback_row():
         commits={},
         records_of=lambda sha: [],
     )
-    assert [s["watch"] for s in page["sections"]] == ["default", "fork"]
-    assert (page["page"], page["pages"], page["total"]) == (2, 3, 60)
-    assert page["actions"] == [
+    assert (section["watch"], section["model_name"], section["branch"]) == ("fork", "vision", "dev")
+    assert section["repository"] == "https://github.com/acme/models.git"
+    assert [r["commit_sha"] for r in section["rows"]] == [OTHER]
+    assert section["rows"][0]["links"]["mlflow_version"] == "http://mlflow.example/#/models/vision/versions/1"
+    assert section["now_serving"]["model_version"] == "1"
+    assert (section["page"], section["pages"], section["total"]) == (2, 3, 60)
+    assert section["actions"] == [
         {
             "action": "rolled back",
             "by": "ann",
@@ -218,7 +222,19 @@ def test_build_sections_pages_and_the_manual_rollback_row():
             "reason": None,
         }
     ]
-    assert page["running"] is False
+    assert section["running"] is False
+
+
+def test_recall_floor_and_worst_class_from_the_version_tags():
+    evaluated = run(xcom={"evaluate": {"test_accuracy": 0.9, "gate_passed": False, "gate_reasons": ["recall"]}})
+    tags = {"min_class_recall": "0.7", "worst_class": "dog", "worst_class_recall": "0.6"}
+    gate = history.gate_of(evaluated, tags)
+    assert (gate["recall_floor"], gate["worst_class"], gate["worst_class_recall"]) == (0.7, "dog", 0.6)
+    assert gate["recall_passed"] is False
+    assert history.gate_of(evaluated, {**tags, "worst_class_recall": "0.7"})["recall_passed"] is True
+    no_floor = history.gate_of(evaluated, {"worst_class": "cat", "worst_class_recall": "0.93"})
+    assert no_floor["recall_floor"] is None and no_floor["recall_passed"] is None
+    assert no_floor["worst_class_recall"] == 0.93
 
 
 def test_run_note_lines_say_the_decision_and_the_gate_result():

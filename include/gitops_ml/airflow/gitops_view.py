@@ -14,7 +14,13 @@ This module only translates: it reads the pipeline runs of one page from the met
 hands them to ``gitops_ml.history`` (the rows) and ``gitops_ml.rollback`` (the action).
 """
 
+import logging
 import os
+import re
+import threading
+import time
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
@@ -23,11 +29,18 @@ from fastapi.responses import HTMLResponse, JSONResponse, Response
 from starlette.concurrency import run_in_threadpool
 
 from gitops_ml.airflow.run_note import OUTCOME_KEY
+from gitops_ml.errors import InputError
 from gitops_ml.history import PIPELINE_DAG_ID, TASK_ORDER
+from gitops_ml.runs import DEFAULT_WATCH
+from gitops_ml.watch import NAME_PATTERN
+
+log = logging.getLogger(__name__)
 
 PAGE = Path(__file__).with_name("static") / "gitops.html"
 ICON = PAGE.with_name("gitops.svg")
 MAX_PER_PAGE = 100
+WATCH_PAGE = re.compile(NAME_PATTERN.rstrip("$") + r":[0-9]{1,6}$")
+MAX_WATCH_PAGES = 100
 XCOM_TASKS = ("resolve_commit", "prepare_workspace", "pull_data", "train", "evaluate", "register", "deploy")
 
 
@@ -36,16 +49,25 @@ def _iso(value) -> str | None:
 
 
 def pipeline_runs(
-    session, offset: int, limit: int, dag_id: str = PIPELINE_DAG_ID, run_id: str | None = None
+    session,
+    offset: int,
+    limit: int,
+    dag_id: str = PIPELINE_DAG_ID,
+    run_id: str | None = None,
+    watch: str | None = None,
 ) -> tuple[int, list[dict[str, Any]]]:
     """One page of the pipeline's runs (or the one run ``run_id``), newest first, with their task
-    states and XComs (four queries, none of them per run)."""
+    states and XComs (four queries, none of them per run); with ``watch`` only the runs of that
+    watched repository (the run conf's ``watch``; a run without one belongs to ``default``)."""
     from airflow.models.dagrun import DagRun, DagRunNote
     from airflow.models.taskinstance import TaskInstance
     from airflow.models.xcom import XComModel
-    from sqlalchemy import func, select
+    from sqlalchemy import func, or_, select
 
     where = [DagRun.dag_id == dag_id] + ([DagRun.run_id == run_id] if run_id is not None else [])
+    if watch is not None:
+        of_watch = DagRun.conf["watch"].as_string()
+        where.append(or_(of_watch == watch, of_watch.is_(None)) if watch == DEFAULT_WATCH else of_watch == watch)
     total = session.scalar(select(func.count()).select_from(DagRun).where(*where)) or 0
     rows = session.execute(
         select(
@@ -134,21 +156,55 @@ def require(request, user, method: Literal["GET", "POST"]) -> None:
     requires_access_dag(method, DagAccessEntity.RUN, param_dag_id=PIPELINE_DAG_ID)(request, user)
 
 
-def history_page(page: int, per_page: int, run_id: str | None = None) -> dict[str, Any]:
-    """The history JSON of one page, from the metadata DB (a read-only session) and the other stores."""
+def history_page(
+    page: int,
+    per_page: int,
+    run_id: str | None = None,
+    watch: str | None = None,
+    watch_pages: dict[str, int] | None = None,
+) -> dict[str, Any]:
+    """The history JSON: one section per watched repository (or the one ``watch``), each its own page
+    of runs (``watch_pages[name]``, else ``page``) from the metadata DB (a read-only session) beside
+    what the other stores know; with ``run_id`` only the section holding that run."""
     from airflow.utils.session import create_session
 
     from gitops_ml import history
-    from gitops_ml.config import Settings
 
     per_page = max(1, min(MAX_PER_PAGE, per_page))
-    page = max(1, page)
+    kibana_url = os.environ.get("GITOPS_ML_KIBANA_URL") or None
+    sections = []
     with create_session() as session:
-        total, runs = pipeline_runs(session, (page - 1) * per_page, per_page, run_id=run_id)
-        session.rollback()  # read only: nothing of ours is ever written to the metadata DB
-    return history.collect(
-        Settings.from_env(), runs, total, page, per_page, kibana_url=os.environ.get("GITOPS_ML_KIBANA_URL") or None
-    )
+        for name, settings in history.watched(watch):
+            number = max(1, (watch_pages or {}).get(name, page))
+            total, runs = pipeline_runs(session, (number - 1) * per_page, per_page, run_id=run_id, watch=name)
+            session.rollback()  # read only: nothing of ours is ever written to the metadata DB
+            if run_id is None or runs:
+                sections.append(history.collect_section(settings, name, runs, total, number, per_page, kibana_url))
+    return {"sections": sections, "running": any(s["running"] for s in sections)}
+
+
+@asynccontextmanager
+async def warm_up_in_background(app) -> AsyncIterator[None]:
+    """Lifespan of the plugin's app: start ``history.warm_up`` in a daemon thread and yield at once.
+
+    Importing MLflow takes seconds (about 10 s on a loaded 2-core machine), which the first history
+    request would otherwise pay; the API server does not wait for it (a request that comes sooner
+    waits only for the rest of the import). Only the API server enters the lifespan of a plugin's
+    app, so the scheduler, workers and triggerer that load the plugin import no MLflow."""
+    threading.Thread(target=_warm_up, name="gitops-ml-warm-up", daemon=True).start()
+    yield
+
+
+def _warm_up() -> None:
+    started = time.monotonic()
+    try:
+        from gitops_ml import history
+
+        history.warm_up()
+    except Exception as exc:  # noqa: BLE001 - the first request will say what is wrong
+        log.warning("GitOps page warm-up failed (the first request pays for it): %s", exc)
+    else:
+        log.info("GitOps page warmed up in %.1f s", time.monotonic() - started)
 
 
 def user_name(user) -> str:
@@ -184,9 +240,21 @@ def add_routes(app, airflow_user) -> None:
         page: int = Query(1, ge=1),
         per_page: int = Query(25, ge=1, le=MAX_PER_PAGE),
         run_id: str | None = Query(None, max_length=250, pattern=r"^[A-Za-z0-9_.~:+-]+$"),
+        watch: str | None = Query(None, pattern=NAME_PATTERN),
+        watch_page: list[str] = Query([], max_length=MAX_WATCH_PAGES),
     ):
+        """``watch_page=NAME:N`` (repeatable) shows page N of that section, ``page`` is the others' page."""
         require(request, user, "GET")
-        body = await run_in_threadpool(history_page, page, per_page, run_id)
+        watch_pages = {}
+        for value in watch_page:
+            if not WATCH_PAGE.fullmatch(value):
+                return JSONResponse({"error": f"watch_page must be NAME:PAGE, got {value[:60]!r}"}, status_code=422)
+            name, number = value.rsplit(":", 1)
+            watch_pages[name] = int(number)
+        try:
+            body = await run_in_threadpool(history_page, page, per_page, run_id, watch, watch_pages)
+        except InputError as exc:  # an unknown watch, a bad watch file: the message names it
+            return JSONResponse({"error": str(exc)}, status_code=400)
         body["user"] = {"name": user_name(user), "may_deploy": may_trigger(request, user)}
         return JSONResponse(body, headers={"Cache-Control": "no-store"})
 
@@ -203,21 +271,26 @@ def add_routes(app, airflow_user) -> None:
             body = await request.json()
         except ValueError:
             return JSONResponse({"error": "the request body is not JSON"}, status_code=400)
-        from gitops_ml import rollback
-        from gitops_ml.config import Settings
+        from gitops_ml import history, rollback
         from gitops_ml.errors import GitopsMLError
 
         if not isinstance(body, dict):
             return JSONResponse({"error": "expected a JSON object with model_version"}, status_code=400)
+        watch = body.get("watch", DEFAULT_WATCH)
+        if not isinstance(watch, str) or not re.fullmatch(NAME_PATTERN, watch):
+            return JSONResponse(
+                {"error": f"watch must be a watched repository's name, got {str(watch)[:60]!r}"}, status_code=400
+            )
         try:
+            [(_, settings)] = history.watched(watch)
             result = await run_in_threadpool(
                 rollback.deploy_version,
-                Settings.from_env(),
+                settings,
                 body.get("model_version"),
                 user_name(user),
                 body.get("reason"),
             )
         except GitopsMLError as exc:
-            status = 400 if isinstance(exc, rollback.RollbackRefused) else 502
+            status = 400 if isinstance(exc, (rollback.RollbackRefused, InputError)) else 502
             return JSONResponse({"error": str(exc)}, status_code=status)
         return JSONResponse(result)

@@ -2,8 +2,9 @@
 push webhook endpoint (``gitops_ml.airflow.webhook``).
 
 A small FastAPI app mounted in the Airflow API server by ``plugins/gitops_ml_plugin.py``.
-It only reads (MLflow lookups, one redirect); MLflow is imported on the first request,
-never when the API server loads plugins.
+It only reads (MLflow lookups, one redirect); MLflow is never imported when a process loads
+plugins: the API server imports it in the background once it has started (the app's lifespan,
+``gitops_view.warm_up_in_background``), else the first request does.
 
 Authentication: the links sit behind Airflow's own auth manager, like the REST API: the
 caller must be an Airflow user (a JWT as ``Authorization: Bearer`` or the UI's session
@@ -36,7 +37,15 @@ async def airflow_user(request: Request, bearer: HTTPAuthorizationCredentials | 
 
 
 def create_app() -> FastAPI:
-    app = FastAPI(title="gitops-ml links", docs_url=None, redoc_url=None, openapi_url=None)
+    from gitops_ml.airflow import gitops_view
+
+    app = FastAPI(
+        title="gitops-ml links",
+        docs_url=None,
+        redoc_url=None,
+        openapi_url=None,
+        lifespan=gitops_view.warm_up_in_background,  # the API server enters it at start; nobody else does
+    )
 
     @app.get("/runs/{dag_id}/{run_id}/mlflow")
     def mlflow_run(dag_id: str, run_id: str, request: Request, user=Depends(airflow_user)):
@@ -83,8 +92,6 @@ def create_app() -> FastAPI:
     @app.get("/serving")
     def serving(user=Depends(airflow_user)):
         return RedirectResponse(Settings.from_env().serving_url + "/version")
-
-    from gitops_ml.airflow import gitops_view
 
     gitops_view.add_routes(app, airflow_user)  # the GitOps page, its JSON and the roll-back action
     return app
