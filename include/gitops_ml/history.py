@@ -1,4 +1,5 @@
-"""The GitOps history of a model: every commit the watcher saw, what it became, what serves now.
+"""The GitOps history of each watched repository: every commit the watcher saw, what it became,
+what serves its model now (one section per watch, with the watch's model name and servers).
 
 Plain functions over plain values, so the view is testable without Airflow: the caller hands
 in the pipeline runs it read from the Airflow metadata DB (see ``gitops_ml.airflow.gitops_view``)
@@ -8,7 +9,8 @@ as dicts; this module adds what the other stores know and builds the rows the Gi
   Elasticsearch is configured): the run's final outcome, deploys, manual rollbacks;
 - the MLflow registry: the champion alias, each version's tags (``gate``, ``gate_reasons``,
   ``test_accuracy``, ``deploy_outcome``, ``rollback_reason`` ...);
-- every serving replica's ``/version`` (``GITOPS_ML_SERVING_URL`` may list several);
+- every serving replica's ``/version`` (the watch's ``serving_url`` or ``GITOPS_ML_SERVING_URL``,
+  either may list several);
 - Git: whether a commit is still on the branch (a force-push removes it), its message and author.
 
 A run dict holds ``run_id``, ``state``, ``conf``, ``note``, ``start_date``, ``end_date``,

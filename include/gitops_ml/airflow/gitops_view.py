@@ -9,9 +9,11 @@ The frame is same-origin, so the browser sends the UI's session cookie with ever
 and Airflow's auth manager decides (``get_user`` + ``requires_access_dag``); the page follows the
 UI's light/dark theme by reading the parent document's color mode.
 
-This module only translates: it reads the pipeline runs of one page from the metadata DB
-(read-only: one query for the runs, one for their task instances, one for their XComs) and
-hands them to ``gitops_ml.history`` (the rows) and ``gitops_ml.rollback`` (the action).
+This module only translates: for each watched repository it reads one page of its pipeline runs
+from the metadata DB (read-only: one query for the runs, one for their task instances, one for
+their XComs) and hands them to ``gitops_ml.history`` (the section: Now serving and the rows) and
+``gitops_ml.rollback`` (the action, with the watch's model and servers). The API server imports
+MLflow in the background when it starts (``warm_up_in_background``), not on the first request.
 """
 
 import logging
