@@ -107,11 +107,11 @@ def main() -> None:
             t0 = time.monotonic()
             if i == 1 or args.train == "all":
                 result = pipeline.run_local(settings, sha, run_id=f"bench-{i}", deploy_model=False)
-                registry.set_alias(settings, result["model_version"])  # promoted, as the deploy step does
+                registry.set_alias(settings, result.model_version)  # promoted, as the deploy step does
             else:
-                commit = pipeline.resolve(settings, sha)["commit"]
+                commit = pipeline.resolve(settings, sha).commit
                 prepared = pipeline.prepare(settings, commit)
-                pipeline.pull_data(settings, commit, prepared["workdir"], prepared["params"])
+                pipeline.pull_data(settings, commit, prepared.workdir, prepared.params)
                 pipeline.finish(settings, commit, f"bench-{i}", None, None, reused=False)
                 seconds[name].append(time.monotonic() - t0)
             for part in PARTS:

@@ -180,10 +180,10 @@ def main() -> None:
     settings = Settings.from_env()
     info = demo.init_demo(home / "demo-repo", str(home / "dvc-remote"))
     result = pipeline.run_local(settings, info["commit_sha"], deploy_model=False)
-    registry.set_alias(settings, result["model_version"])
+    registry.set_alias(settings, result.model_version)
     # The same trained model without the serving artifact: the server falls back to the Keras path.
     keras_path = settings.with_overrides(model_name=f"{settings.model_name}-keras-path")
-    version = registry.get_version(settings, result["model_version"])
+    version = registry.get_version(settings, result.model_version)
     model, meta = registry.load_model(settings, version)
     logged = registry.log_training(
         keras_path,
@@ -258,7 +258,7 @@ def main() -> None:
                     "models",
                     "serve",
                     "-m",
-                    f"models:/{settings.model_name}/{result['model_version']}",
+                    f"models:/{settings.model_name}/{result.model_version}",
                     "--env-manager",
                     "local",
                     "-h",

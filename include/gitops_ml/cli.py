@@ -57,7 +57,7 @@ def cmd_run(args) -> int:
     conf = RunConf.parse({"watch": args.watch, "trigger": "manual"})
     settings = flow.settings_for(conf).with_overrides(repo_url=args.repo_url, branch=args.branch)
     result = flow.run_local(settings, args.commit_sha, deploy_model=not args.no_deploy, conf=conf)
-    print(json.dumps(result, indent=2, default=str))
+    print(result.model_dump_json(indent=2))
     return 0
 
 

@@ -29,7 +29,7 @@ from typing import Any
 from gitops_ml import pipeline
 from gitops_ml.config import Settings
 from gitops_ml.errors import GitopsMLError, InputError
-from gitops_ml.payloads import RunConf
+from gitops_ml.payloads import Commit, Deployed, LocalRun, Prepared, Pulled, Registered, Resolved, RunConf, RunIds
 
 __all__ = [
     "STEPS",
@@ -88,85 +88,79 @@ def refuse_conf_credentials(repo_url: str | None) -> None:
         )
 
 
-def start(settings: Settings, conf: RunConf, run_id: str, dag_id: str) -> dict[str, Any] | Skip:
-    """Resolve the commit, apply the watch decision and the signature policy; the ``resolved`` payload
-    (commit, existing version, signature warning, lineage) or a ``Skip`` for a decided run."""
+def start(settings: Settings, conf: RunConf, run_id: str, dag_id: str) -> Resolved | Skip:
+    """Resolve the commit, apply the watch decision and the signature policy; the ``Resolved`` payload
+    (commit, existing version, signature warning, run ids) or a ``Skip`` for a decided run."""
     refuse_conf_credentials(conf.repo_url)
     resolved = pipeline.resolve(settings, conf.commit_sha, conf.watch)
-    commit = resolved["commit"]
+    commit_sha = resolved.commit.commit_sha
     decision = conf.decision or "train"
     if decision in ("no_retrain", "rejected"):  # the watcher decided: record it against the SHA, run nothing
         reason = conf.reason or decision
-        log.log(
-            logging.WARNING if decision == "rejected" else logging.INFO, "commit %s: %s", commit["commit_sha"], reason
-        )
-        pipeline.record(settings, commit, run_id, "watch", decision, reason=reason)
+        log.log(logging.WARNING if decision == "rejected" else logging.INFO, "commit %s: %s", commit_sha, reason)
+        pipeline.record(settings, commit_sha, run_id, "watch", decision, reason=reason)
         pipeline.write_note(
-            settings, commit, {"gitops_ml_run": run_id, "decision": decision, "reason": reason, "deployed": False}
+            settings, commit_sha, {"gitops_ml_run": run_id, "decision": decision, "reason": reason, "deployed": False}
         )
         return Skip(
-            f"commit {commit['commit_sha']}: {reason}",
-            f"REJECTED commit {commit['commit_sha']}: {reason}"
+            f"commit {commit_sha}: {reason}",
+            f"REJECTED commit {commit_sha}: {reason}"
             if decision == "rejected"
             else f"NO RETRAIN NEEDED: {reason.removeprefix('no retrain needed: ')}",
         )
-    if resolved.get("signature_warning"):  # checked again at resolve, whatever the run conf says
-        log.warning("commit %s: signature policy warn: %s", commit["commit_sha"], resolved["signature_warning"])
-        pipeline.record(settings, commit, run_id, "signature", "warning", reason=resolved["signature_warning"])
-    log.info("run %s of dag %s builds commit %s (%s)", run_id, dag_id, commit["commit_sha"], conf.trigger or "manual")
-    return {**resolved, "lineage": {"airflow_dag_id": dag_id, "airflow_run_id": run_id}}
+    if resolved.signature_warning:  # checked again at resolve, whatever the run conf says
+        log.warning("commit %s: signature policy warn: %s", commit_sha, resolved.signature_warning)
+        pipeline.record(settings, commit_sha, run_id, "signature", "warning", reason=resolved.signature_warning)
+    log.info("run %s of dag %s builds commit %s (%s)", run_id, dag_id, commit_sha, conf.trigger or "manual")
+    return resolved.model_copy(update={"run": RunIds(airflow_dag_id=dag_id, airflow_run_id=run_id)})
 
 
-def reused_version(resolved: dict[str, Any], prepared: dict[str, Any]) -> str | None:
+def reused_version(resolved: Resolved, prepared: Prepared) -> str | None:
     """The registered version this run deploys instead of training one: the commit's own, else one
     built from the same data, params and model code."""
-    return resolved.get("existing_version") or prepared.get("reuse_version")
+    return resolved.existing_version or prepared.reuse_version
 
 
-def skip_training(resolved: dict[str, Any], prepared: dict[str, Any]) -> Skip | None:
+def skip_training(resolved: Resolved, prepared: Prepared) -> Skip | None:
     """The reuse rule: a ``Skip`` of train, evaluate and register when a version can be reused."""
     existing = reused_version(resolved, prepared)
     if not existing:
         return None
     why = (
         "this commit is already registered"
-        if resolved.get("existing_version")
+        if resolved.existing_version
         else "a version with the same data, params and model code exists"
     )
-    return Skip(f"commit {resolved['commit']['commit_sha']}: {why} as model version {existing}: nothing to train")
+    return Skip(f"commit {resolved.commit.commit_sha}: {why} as model version {existing}: nothing to train")
 
 
-def lineage(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[str, Any]) -> dict[str, Any]:
+def lineage(resolved: Resolved, prepared: Prepared, pulled: Pulled) -> dict[str, Any]:
     """The lineage tags of the MLflow run and the model version of this run."""
+    run = resolved.run or RunIds(airflow_dag_id=None, airflow_run_id=None)
     return pipeline.lineage(
-        resolved["commit"],
-        pulled["data_hash"],
-        resolved["lineage"]["airflow_dag_id"],
-        resolved["lineage"]["airflow_run_id"],
-        prepared["inputs_hash"],
-        prepared.get("model_code_hash"),
+        resolved.commit,
+        pulled.data_hash,
+        run.airflow_dag_id,
+        run.airflow_run_id,
+        prepared.inputs_hash,
+        prepared.model_code_hash,
     )
 
 
 def check_gate(
-    settings: Settings,
-    resolved: dict[str, Any],
-    prepared: dict[str, Any],
-    registered: dict[str, Any] | None,
-    run_id: str,
+    settings: Settings, resolved: Resolved, prepared: Prepared, registered: Registered | None, run_id: str
 ) -> tuple[str, Skip | None]:
     """The gate rule: the version to deploy (registered now, or reused), and a ``Skip`` of the deploy
     when it failed the evaluation gate (the run's outcome is then recorded here)."""
-    commit = resolved["commit"]
+    commit = resolved.commit
     if registered:
-        model_version, gate_passed = registered["model_version"], registered["gate_passed"]
-        reasons = "; ".join(registered.get("gate_reasons") or [])
+        model_version, gate_passed = registered.model_version, registered.gate_passed
+        reasons = "; ".join(registered.gate_reasons)
     else:  # reused: registered by an earlier run of this commit or of one with the same inputs
         reused = reused_version(resolved, prepared)
         if reused is None:
             raise GitopsMLError(
-                f"commit {commit['commit_sha']}: no model version was registered and none can be "
-                "reused: nothing to deploy"
+                f"commit {commit.commit_sha}: no model version was registered and none can be reused: nothing to deploy"
             )
         model_version = reused
         gate_passed, reasons = pipeline.gate_of(settings, model_version)
@@ -174,7 +168,7 @@ def check_gate(
         return model_version, None
     outcome = pipeline.finish(settings, commit, run_id, model_version, None, reused=not registered)
     return model_version, Skip(
-        f"NOT PROMOTED: model version {model_version} of commit {commit['commit_sha']} failed "
+        f"NOT PROMOTED: model version {model_version} of commit {commit.commit_sha} failed "
         f"the evaluation gate ({reasons}); the serving model is unchanged",
         outcome["summary"],
         outcome,
@@ -182,35 +176,35 @@ def check_gate(
 
 
 def finish(
-    settings: Settings, resolved: dict[str, Any], prepared: dict[str, Any], deployed: dict[str, Any] | None, run_id: str
-) -> dict[str, Any] | Skip:
-    """The final record and Git note of a run that deployed (see ``pipeline.finish``)."""
-    if not deployed:
-        return Skip("nothing deployed: the deploy step recorded the outcome")
+    settings: Settings, resolved: Resolved, prepared: Prepared, deployed: Deployed, run_id: str
+) -> dict[str, Any]:
+    """The final record and Git note of a run that deployed (see ``pipeline.finish``); a run that did
+    not deploy was finished where it stopped (``check_gate``)."""
     return pipeline.finish(
         settings,
-        resolved["commit"],
+        resolved.commit,
         run_id,
-        deployed["model_version"],
+        deployed.model_version,
         deployed,
         reused=bool(reused_version(resolved, prepared)),
     )
 
 
 def record_failure(
-    settings: Settings, commit: dict[str, Any] | None, commit_sha: str | None, run_id: str, step: str, reason: str
+    settings: Settings, commit: Commit | None, requested_sha: str | None, run_id: str, step: str, reason: str
 ) -> str:
-    """The failure rule: record the failed step and its reason against the SHA (when known), write the
-    Git note (when the commit was resolved), mark the work tree failed; return the run note's sentence."""
+    """The failure rule: record the failed step and its reason against the commit (else the SHA the conf
+    asked for), write the Git note (when the commit was resolved), mark the work tree failed; return the
+    run note's sentence."""
     from gitops_ml import retention  # noqa: PLC0415
 
-    target = commit or {"commit_sha": commit_sha or "unknown"}
-    pipeline.record(settings, target, run_id, step, "failure", reason=reason)
+    commit_sha = commit.commit_sha if commit else requested_sha or "unknown"
+    pipeline.record(settings, commit_sha, run_id, step, "failure", reason=reason)
     if commit:
         pipeline.write_note(
-            settings, commit, {"gitops_ml_run": run_id, "failed_step": step, "reason": reason, "deployed": False}
+            settings, commit_sha, {"gitops_ml_run": run_id, "failed_step": step, "reason": reason, "deployed": False}
         )
-    retention.after_run(settings, target["commit_sha"], failed=True, run_id=run_id)  # never raises
+    retention.after_run(settings, commit_sha, failed=True, run_id=run_id)  # never raises
     return f"FAILED in step {step}: {reason}"
 
 
@@ -221,7 +215,7 @@ def run_local(
     dag_id: str = "local",
     deploy_model: bool = True,
     conf: RunConf | dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> LocalRun:
     """Run every step in this process, in order, with the rules the Airflow tasks apply (for the CLI and
     tests).  ``conf`` is a run conf as the DAG takes it (``commit_sha`` wins over its own); without
     ``deploy_model`` a version that passed the gate is registered but not deployed."""
@@ -238,7 +232,7 @@ def run_local(
 
 def _run_steps(
     settings: Settings, conf: RunConf, run_id: str, dag_id: str, deploy_model: bool, progress: dict[str, Any]
-) -> dict[str, Any]:
+) -> LocalRun:
     """The body of ``run_local``; ``progress`` names the step running and the commit once resolved."""
 
     def at(step: str) -> None:
@@ -247,41 +241,48 @@ def _run_steps(
     resolved = start(settings, conf, run_id, dag_id)
     if isinstance(resolved, Skip):
         log.info("%s", resolved.reason)
-        return {"commit_sha": conf.commit_sha, "skipped": resolved.reason, "outcome": {"summary": resolved.outcome}}
-    commit = progress["commit"] = resolved["commit"]
+        return LocalRun(skipped=resolved.reason, outcome={"summary": resolved.outcome})
+    commit = progress["commit"] = resolved.commit
     at("prepare_workspace")
     prepared = pipeline.prepare(settings, commit)
     at("pull_data")
-    pulled = pipeline.pull_data(settings, commit, prepared["workdir"], prepared["params"])
-    result: dict[str, Any] = {"commit": commit, "data_hash": pulled["data_hash"]}
+    pulled = pipeline.pull_data(settings, commit, prepared.workdir, prepared.params)
+    built: dict[str, Any] = {}
     registered = None
     reuse = skip_training(resolved, prepared)
     if reuse is not None:
         log.info("%s", reuse.reason)
-        result.update(model_version=reused_version(resolved, prepared), reused=True)
     else:
         run_lineage = lineage(resolved, prepared, pulled)
         at("train")
-        trained = pipeline.train(settings, commit, prepared["params"], run_lineage)
+        trained = pipeline.train(settings, commit, prepared.params, run_lineage)
         at("evaluate")
-        evaluated = pipeline.evaluate(settings, commit, prepared["params"], trained)
+        evaluated = pipeline.evaluate(settings, commit, prepared.params, trained)
         at("register")
         registered = pipeline.register(settings, trained, evaluated, run_lineage)
-        result.update(
-            registered, test_accuracy=evaluated["test_accuracy"], mlflow_run_id=trained["run_id"], reused=False
-        )
+        built = {
+            "gate_reasons": registered.gate_reasons,
+            "test_accuracy": evaluated.test_accuracy,
+            "mlflow_run_id": trained.run_id,
+        }
     at("deploy")
     model_version, not_promoted = check_gate(settings, resolved, prepared, registered, run_id)
-    result.update(model_version=model_version, gate_passed=not_promoted is None)
+    done = {
+        "commit": commit,
+        "data_hash": pulled.data_hash,
+        "model_version": model_version,
+        "reused": registered is None,
+        "gate_passed": not_promoted is None,
+        **built,
+    }
     if not_promoted is not None:
         log.info("%s", not_promoted.reason)
-        result["outcome"] = not_promoted.finished
-        return result
+        return LocalRun(**done, outcome=not_promoted.finished)
     if not deploy_model:  # registered (alias challenger), not deployed: the outcome says NOT DEPLOYED
         at("record")
-        result["outcome"] = pipeline.finish(settings, commit, run_id, model_version, None, result["reused"])
-        return result
-    deployed = result["deploy"] = pipeline.deploy(settings, commit, model_version, prepared["params"], run_id)
+        return LocalRun(
+            **done, outcome=pipeline.finish(settings, commit, run_id, model_version, None, registered is None)
+        )
+    deployed = pipeline.deploy(settings, commit, model_version, prepared.params, run_id)
     at("record")
-    result["outcome"] = finish(settings, resolved, prepared, deployed, run_id)
-    return result
+    return LocalRun(**done, deploy=deployed, outcome=finish(settings, resolved, prepared, deployed, run_id))

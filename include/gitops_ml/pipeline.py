@@ -1,7 +1,7 @@
 """The pipeline steps, free of any orchestrator.
 
-Each step takes JSON-able values and returns a small JSON-able dict, so Airflow
-passes them through XCom.  Every step is idempotent for a given commit: running it
+Each step takes the payloads of earlier steps and returns its own (``gitops_ml.payloads``:
+small, typed, dumped to JSON for Airflow's XCom).  Every step is idempotent for a given commit: running it
 twice gives the same result and never a second model version.  The order of the steps
 and the rules between them (skip, reuse, gate, finish, failure record) are in
 ``gitops_ml.flow``, which the Airflow tasks and ``gitops-ml run --local`` share.
@@ -24,6 +24,7 @@ from typing import Any
 from gitops_ml import data, params as params_mod, records, source
 from gitops_ml.config import Settings
 from gitops_ml.errors import ModelCodeError, SignatureRejected
+from gitops_ml.payloads import Commit, Deployed, Evaluated, LocalRun, Prepared, Pulled, Registered, Resolved, Trained
 
 log = logging.getLogger(__name__)
 
@@ -32,7 +33,7 @@ def data_cache_dir(settings: Settings):
     return settings.home / "dvc-cache"
 
 
-def resolve(settings: Settings, commit_sha: str | None, watch_name: str | None = None) -> dict[str, Any]:
+def resolve(settings: Settings, commit_sha: str | None, watch_name: str | None = None) -> Resolved:
     """Fetch the tracked branch, check the SHA is on it, apply the signature policy of its watch;
     report an existing model version for it.
 
@@ -66,11 +67,9 @@ def resolve(settings: Settings, commit_sha: str | None, watch_name: str | None =
         commit.repo_url,
         f"already registered as version {existing.version}" if existing else "not registered yet",
     )
-    return {
-        "commit": commit.to_dict(),
-        "existing_version": str(existing.version) if existing else None,
-        "signature_warning": signature_warning,
-    }
+    return Resolved(
+        commit=commit, existing_version=str(existing.version) if existing else None, signature_warning=signature_warning
+    )
 
 
 def code_hash() -> str:
@@ -102,14 +101,14 @@ def inputs_hash(
     return hashlib.sha256(canonical.encode()).hexdigest()[:32]
 
 
-def locate_model_code(commit: dict[str, Any], workdir: str | Path, params: dict[str, Any]):
+def locate_model_code(commit: Commit, workdir: str | Path, params: dict[str, Any]):
     """The commit's model code (``model_code.ModelCode``) or ``None``; errors name the SHA."""
     from gitops_ml import model_code
 
     try:
         return model_code.locate(workdir, params.get("model"))
     except ModelCodeError as exc:
-        raise ModelCodeError(f"commit {commit['commit_sha']}: {exc}") from None
+        raise ModelCodeError(f"commit {commit.commit_sha}: {exc}") from None
 
 
 def weights_path(params: dict[str, Any]) -> str | None:
@@ -117,7 +116,7 @@ def weights_path(params: dict[str, Any]) -> str | None:
     return (params.get("model") or {}).get("weights") or None
 
 
-def prepare(settings: Settings, commit: dict[str, Any]) -> dict[str, Any]:
+def prepare(settings: Settings, commit: Commit) -> Prepared:
     """Check the commit out in its own work tree, validate ``params.yaml``, look for a reusable version.
 
     A registered version built from the same data hash, params and model code is reused
@@ -125,7 +124,7 @@ def prepare(settings: Settings, commit: dict[str, Any]) -> dict[str, Any]:
     """
     from gitops_ml import registry
 
-    commit_sha = commit["commit_sha"]
+    commit_sha = commit.commit_sha
     workdir = work_tree(settings, commit, fresh=True)
     try:
         params = params_mod.load(workdir)
@@ -152,18 +151,18 @@ def prepare(settings: Settings, commit: dict[str, Any]) -> dict[str, Any]:
             reusable.version,
             registry.version_tags(reusable).get("commit_sha"),
         )
-    return {
-        "workdir": str(workdir),
-        "params": params,
-        "inputs_hash": digest,
-        "model_code_hash": code.code_hash if code else None,
-        "reuse_version": str(reusable.version) if reusable is not None else None,
-    }
+    return Prepared(
+        workdir=str(workdir),
+        params=params,
+        inputs_hash=digest,
+        model_code_hash=code.code_hash if code else None,
+        reuse_version=str(reusable.version) if reusable is not None else None,
+    )
 
 
-def pull_data(settings: Settings, commit: dict[str, Any], workdir: str, params: dict[str, Any]) -> dict[str, Any]:
+def pull_data(settings: Settings, commit: Commit, workdir: str, params: dict[str, Any]) -> Pulled:
     """``dvc pull`` at the commit, verify against the DVC hashes, check the image folder."""
-    commit_sha = commit["commit_sha"]
+    commit_sha = commit.commit_sha
     data_path = params["data"]["path"]
     workdir = str(work_tree(settings, commit))  # ``workdir`` may name another worker's disk
     try:
@@ -182,15 +181,15 @@ def pull_data(settings: Settings, commit: dict[str, Any], workdir: str, params: 
         counts,
         snapshot.data_hash,
     )
-    return {
+    return Pulled(
         **snapshot.to_dict(),
-        "class_names": index.class_names,
-        "class_counts": counts,
-        "weights_hash": weights.data_hash if weights else None,
-    }
+        class_names=index.class_names,
+        class_counts=counts,
+        weights_hash=weights.data_hash if weights else None,
+    )
 
 
-def work_tree(settings: Settings, commit: dict[str, Any], fresh: bool = False) -> Path:
+def work_tree(settings: Settings, commit: Commit, fresh: bool = False) -> Path:
     """The work tree of ``commit`` on this worker, checked out again if this worker does not have it
     (``fresh``: checked out again in any case, as ``prepare`` does).
 
@@ -199,21 +198,21 @@ def work_tree(settings: Settings, commit: dict[str, Any], fresh: bool = False) -
     XCom names the other machine's disk; so every step fetches into its own mirror and finds its
     work tree under its own ``GITOPS_ML_HOME`` (fetch and checkout are idempotent).
     """
-    workdir = settings.work_dir / commit["commit_sha"]
+    workdir = settings.work_dir / commit.commit_sha
     if fresh or not (workdir / ".git").exists():
         if not fresh:
-            log.info("commit %s: work tree not on this worker, checking it out again", commit["commit_sha"])
-        source.fetch_mirror(settings.repo_url, commit["branch"], settings.git_cache_dir)
-        workdir = source.checkout(settings.repo_url, commit["commit_sha"], settings.git_cache_dir, settings.work_dir)
+            log.info("commit %s: work tree not on this worker, checking it out again", commit.commit_sha)
+        source.fetch_mirror(settings.repo_url, commit.branch, settings.git_cache_dir)
+        workdir = source.checkout(settings.repo_url, commit.commit_sha, settings.git_cache_dir, settings.work_dir)
     return workdir
 
 
-def ensure_workspace(settings: Settings, commit: dict[str, Any], params: dict[str, Any]) -> str:
+def ensure_workspace(settings: Settings, commit: Commit, params: dict[str, Any]) -> str:
     """The pulled data folder of ``commit`` on this worker, checked out and pulled again if missing
     (both idempotent; the Git mirror and the DVC cache make that cheap)."""
-    data_dir = settings.work_dir / commit["commit_sha"] / params["data"]["path"]
+    data_dir = settings.work_dir / commit.commit_sha / params["data"]["path"]
     if not data_dir.is_dir():
-        log.info("commit %s: data not on this worker, pulling it again", commit["commit_sha"])
+        log.info("commit %s: data not on this worker, pulling it again", commit.commit_sha)
         workdir = work_tree(settings, commit)
         data.pull(workdir, params["data"]["path"], data_cache_dir(settings))
         if weights_at := weights_path(params):
@@ -222,17 +221,18 @@ def ensure_workspace(settings: Settings, commit: dict[str, Any], params: dict[st
 
 
 def lineage(
-    commit: dict[str, Any],
+    commit: Commit,
     data_hash: str,
     dag_id: str | None,
     run_id: str | None,
     inputs_digest: str | None = None,
     model_code_hash: str | None = None,
 ) -> dict[str, Any]:
+    """The lineage tags of a run's MLflow run and model version."""
     return {
-        "commit_sha": commit["commit_sha"],
-        "branch": commit["branch"],
-        "repo_url": commit["repo_url"],
+        "commit_sha": commit.commit_sha,
+        "branch": commit.branch,
+        "repo_url": commit.repo_url,
         "data_hash": data_hash,
         "airflow_dag_id": dag_id,
         "airflow_run_id": run_id,
@@ -241,9 +241,7 @@ def lineage(
     }
 
 
-def train(
-    settings: Settings, commit: dict[str, Any], params: dict[str, Any], run_lineage: dict[str, Any]
-) -> dict[str, Any]:
+def train(settings: Settings, commit: Commit, params: dict[str, Any], run_lineage: dict[str, Any]) -> Trained:
     """Train on the pulled data (with the commit's model code, if any, imported here only) and log the
     run to MLflow: params, curves, the Keras model, the code-free serving artifact, the model code."""
     import tempfile
@@ -251,17 +249,17 @@ def train(
     from gitops_ml import registry, training
 
     index = data.scan_images(ensure_workspace(settings, commit, params), params["data"]["path"])
-    code = locate_model_code(commit, settings.work_dir / commit["commit_sha"], params)
+    code = locate_model_code(commit, settings.work_dir / commit.commit_sha, params)
     started = time.monotonic()
     try:
         model, history, parts = training.train(index, params, code)
     except ModelCodeError as exc:
-        raise ModelCodeError(f"commit {commit['commit_sha']}: {exc}") from None
+        raise ModelCodeError(f"commit {commit.commit_sha}: {exc}") from None
     seconds = time.monotonic() - started
     h, w, c = training.input_shape(params)
     example = training.load_arrays([index.files[parts.test[0]]], params)
     run_tags = {
-        **registry.git_source_tags(commit["commit_sha"], commit["branch"], commit["repo_url"]),
+        **registry.git_source_tags(commit.commit_sha, commit.branch, commit.repo_url),
         **registry.lineage_tags(run_lineage),
     }
     meta = {
@@ -280,10 +278,10 @@ def train(
                 training.load_arrays([index.files[i] for i in parts.test[:8]], params),
             )
         except ModelCodeError as exc:
-            raise ModelCodeError(f"commit {commit['commit_sha']}: {exc}") from None
+            raise ModelCodeError(f"commit {commit.commit_sha}: {exc}") from None
         logged = registry.log_training(
             settings,
-            f"train-{commit['commit_sha'][:12]}",
+            f"train-{commit.commit_sha[:12]}",
             run_tags,
             params_mod.flatten(params),
             model,
@@ -303,23 +301,21 @@ def train(
     )
     log.info(
         "commit %s: trained %d epochs in %.1f s, final accuracy %.4f, MLflow run %s",
-        commit["commit_sha"],
+        commit.commit_sha,
         len(history.get("loss", [])),
         seconds,
         history.get("accuracy", [float("nan")])[-1],
         logged["run_id"],
     )
-    return {
+    return Trained(
         **logged,
-        "train_seconds": round(seconds, 3),
-        "train_peak_rss_mb": round(peak_rss_mb, 1),
-        "final_train_accuracy": history["accuracy"][-1],
-    }
+        train_seconds=round(seconds, 3),
+        train_peak_rss_mb=round(peak_rss_mb, 1),
+        final_train_accuracy=history["accuracy"][-1],
+    )
 
 
-def evaluate(
-    settings: Settings, commit: dict[str, Any], params: dict[str, Any], trained: dict[str, Any]
-) -> dict[str, Any]:
+def evaluate(settings: Settings, commit: Commit, params: dict[str, Any], trained: Trained) -> Evaluated:
     """Score challenger and champion on the same held-out images of this commit; apply the gate.
 
     Logs both models' metrics, confusion matrices and learning curves side by side, and a
@@ -332,7 +328,7 @@ def evaluate(
     test_files = [index.files[i] for i in parts.test]
     y = [index.labels[i] for i in parts.test]
     challenger = training.evaluate(
-        registry.load_predictor(settings, trained["run_id"], trained["model_uri"]),
+        registry.load_predictor(settings, trained.run_id, trained.model_uri),
         training.image_batches(test_files, params),
         y,
         index.class_names,
@@ -366,23 +362,23 @@ def evaluate(
         metrics.update(
             champion_test_accuracy=champion["accuracy"], accuracy_delta=challenger["accuracy"] - champion["accuracy"]
         )
-    short = commit["commit_sha"][:12]
+    short = commit.commit_sha[:12]
     panels = [(f"challenger {short}", challenger["confusion_matrix"])]
     curves = [
-        (f"challenger {short}", registry.load_run_json(settings, trained["run_id"], "evaluation/history.json") or {})
+        (f"challenger {short}", registry.load_run_json(settings, trained.run_id, "evaluation/history.json") or {})
     ]
     if champion is not None:
         panels.append((f"champion v{champion_version}", champion["confusion_matrix"]))
         if champion_history:
             curves.append((f"champion v{champion_version}", champion_history))
     smoke = {
-        "files": [os.path.relpath(f, settings.work_dir / commit["commit_sha"]) for f in test_files[:16]],
+        "files": [os.path.relpath(f, settings.work_dir / commit.commit_sha) for f in test_files[:16]],
         "images": [base64.b64encode(Path(f).read_bytes()).decode() for f in test_files[:16]],
         "classes": [index.class_names[p] for p in challenger["predictions"][:16]],
     }
     registry.log_evaluation(
         settings,
-        trained["run_id"],
+        trained.run_id,
         metrics,
         {
             "confusion_matrix.png": training.confusion_matrices_png(panels, index.class_names),
@@ -400,43 +396,41 @@ def evaluate(
     )
     log.info(
         "commit %s: test accuracy %.4f on %d images (champion %s: %s); %s",
-        commit["commit_sha"],
+        commit.commit_sha,
         challenger["accuracy"],
         challenger["n_test"],
         champion_version or "none",
         f"{champion['accuracy']:.4f}" if champion else "n/a",
         gate.summary(decision, champion_version),
     )
-    return {
-        "test_accuracy": challenger["accuracy"],
-        "n_test": challenger["n_test"],
-        "champion_version": champion_version,
-        "champion_accuracy": champion["accuracy"] if champion else None,
-        "gate_passed": decision["passed"],
-        "gate_reasons": decision["reasons"],
-    }
+    return Evaluated(
+        test_accuracy=challenger["accuracy"],
+        n_test=challenger["n_test"],
+        champion_version=champion_version,
+        champion_accuracy=champion["accuracy"] if champion else None,
+        gate_passed=decision["passed"],
+        gate_reasons=decision["reasons"],
+    )
 
 
 def _without_predictions(result: dict[str, Any]) -> dict[str, Any]:
     return {k: v for k, v in result.items() if k != "predictions"}
 
 
-def register(
-    settings: Settings, trained: dict[str, Any], evaluated: dict[str, Any], run_lineage: dict[str, Any]
-) -> dict[str, Any]:
+def register(settings: Settings, trained: Trained, evaluated: Evaluated, run_lineage: dict[str, Any]) -> Registered:
     """Register the model version with lineage tags; the same commit never gets a second version."""
     from gitops_ml import gate, registry
 
     tags = {
         **run_lineage,
         "code_hash": code_hash(),
-        "test_accuracy": round(evaluated["test_accuracy"], 6),
-        "gate": "passed" if evaluated["gate_passed"] else "failed",
-        "gate_reasons": "; ".join(evaluated["gate_reasons"]) or None,
-        "gate_compared_with": evaluated["champion_version"],
-        **gate.recall_tags(registry.get_run(settings, trained["run_id"]).metrics),  # the evaluation logged them
+        "test_accuracy": round(evaluated.test_accuracy, 6),
+        "gate": "passed" if evaluated.gate_passed else "failed",
+        "gate_reasons": "; ".join(evaluated.gate_reasons) or None,
+        "gate_compared_with": evaluated.champion_version,
+        **gate.recall_tags(registry.get_run(settings, trained.run_id).metrics),  # the evaluation logged them
     }
-    version = registry.register(settings, trained["run_id"], trained["model_uri"], tags)
+    version = registry.register(settings, trained.run_id, trained.model_uri, tags)
     registry.set_alias(settings, str(version.version), registry.CHALLENGER)
     log.info(
         "commit %s: model %s version %s (alias %s)",
@@ -445,14 +439,12 @@ def register(
         version.version,
         registry.CHALLENGER,
     )
-    return {
-        "model_version": str(version.version),
-        "gate_passed": evaluated["gate_passed"],
-        "gate_reasons": evaluated["gate_reasons"],
-    }
+    return Registered(
+        model_version=str(version.version), gate_passed=evaluated.gate_passed, gate_reasons=evaluated.gate_reasons
+    )
 
 
-def superseded_by(settings: Settings, commit: dict[str, Any]) -> str | None:
+def superseded_by(settings: Settings, commit: Commit) -> str | None:
     """The newer commit of the same branch that is already serving, if any.
 
     The convergence rule of a branch: runs may finish in any order (bursts, retries, a queue
@@ -463,7 +455,7 @@ def superseded_by(settings: Settings, commit: dict[str, Any]) -> str | None:
 
     serving = registry.serving_commit(settings)
     if serving and source.newer_on_branch(
-        settings.repo_url, commit["branch"], settings.git_cache_dir, commit["commit_sha"], serving
+        settings.repo_url, commit.branch, settings.git_cache_dir, commit.commit_sha, serving
     ):
         return serving
     return None
@@ -500,13 +492,13 @@ def deploy_intent(
 
 def deploy(
     settings: Settings,
-    commit: dict[str, Any],
+    commit: Commit,
     model_version: str,
     params: dict[str, Any],
     run_id: str = "local",
     converge: bool = True,
     manual: dict[str, Any] | None = None,
-) -> dict[str, Any]:
+) -> Deployed:
     """Promote ``model_version`` to champion and converge the server on it (see ``gitops_ml.deploy``).
 
     Every promotion and rollback is recorded: MLflow version tags, a deploy record against
@@ -524,23 +516,30 @@ def deploy(
         log.warning(
             "NOT DEPLOYED: commit %s is older than commit %s, which is already serving on branch %s; "
             "model version %s stays registered",
-            commit["commit_sha"],
+            commit.commit_sha,
             newer,
-            commit["branch"],
+            commit.branch,
             model_version,
         )
-        record(settings, commit, run_id, "deploy", "superseded", model_version=str(model_version), superseded_by=newer)
-        return {
-            "model_version": str(model_version),
-            "changed": False,
-            "superseded_by": newer,
-            "previous_version": str(current.version) if current is not None else None,
-            "watch": None,
-        }
+        record(
+            settings,
+            commit.commit_sha,
+            run_id,
+            "deploy",
+            "superseded",
+            model_version=str(model_version),
+            superseded_by=newer,
+        )
+        return Deployed(
+            model_version=str(model_version),
+            changed=False,
+            superseded_by=newer,
+            previous_version=str(current.version) if current is not None else None,
+        )
     tags = registry.version_tags(registry.get_version(settings, model_version))
     unfinished = deploy_intent(settings, model_version, run_id, tags)
     # The revision this version is about to serve for: servers report it (a reused version serves a newer commit).
-    registry.set_version_tags(settings, model_version, {"served_for_commit": commit["commit_sha"]})
+    registry.set_version_tags(settings, model_version, {"served_for_commit": commit.commit_sha})
     try:
         result = deploy_mod.deploy(settings, model_version, params.get("deploy"))
     except deploy_mod.DeployError as exc:
@@ -555,7 +554,15 @@ def deploy(
                 "deploy_pending": "false",
             },
         )
-        record(settings, commit, run_id, "deploy", "rolled_back", model_version=str(model_version), reason=str(exc))
+        record(
+            settings,
+            commit.commit_sha,
+            run_id,
+            "deploy",
+            "rolled_back",
+            model_version=str(model_version),
+            reason=str(exc),
+        )
         raise
     if unfinished is not None:  # the alias moved in a run that died before it could say so
         log.warning(
@@ -586,7 +593,7 @@ def deploy(
             )
     record(
         settings,
-        commit,
+        commit.commit_sha,
         run_id,
         "deploy",
         "promoted" if result["changed"] else "unchanged",
@@ -596,26 +603,25 @@ def deploy(
         recovered_from_run=result.get("recovered_from_run"),
         **({"manual": manual} if manual else {}),
     )
-    return {"model_version": str(model_version), **result}
+    return Deployed(model_version=str(model_version), **result)
 
 
-def record(settings: Settings, commit: dict[str, Any], run_id: str, step: str, outcome: str, **fields: Any) -> None:
-    """Write the structured record of a step outcome (see ``records``) and queue it for Elasticsearch."""
+def record(settings: Settings, commit_sha: str, run_id: str, step: str, outcome: str, **fields: Any) -> None:
+    """Write the structured record of a step outcome of ``commit_sha`` (see ``records``) and queue it for
+    Elasticsearch."""
     from gitops_ml import logs
 
-    doc = records.outcome_record(commit["commit_sha"], run_id, step, outcome, **fields)
+    doc = records.outcome_record(commit_sha, run_id, step, outcome, **fields)
     records.write(settings.records_dir, doc)
     logs.spool_record(settings.home, doc)
 
 
-def write_note(settings: Settings, commit: dict[str, Any], outcome: dict[str, Any]) -> None:
+def write_note(settings: Settings, commit_sha: str, outcome: dict[str, Any]) -> None:
     """Write the run's outcome onto the commit as a Git note (``refs/notes/gitops-ml``); never fails the run."""
     try:
-        source.write_note(
-            settings.repo_url, commit["commit_sha"], settings.git_cache_dir, outcome, push=settings.push_notes
-        )
+        source.write_note(settings.repo_url, commit_sha, settings.git_cache_dir, outcome, push=settings.push_notes)
     except Exception as exc:  # noqa: BLE001 - the outcome is recorded elsewhere too
-        log.warning("could not write the Git note on commit %s: %s", commit["commit_sha"], source.redact(str(exc)))
+        log.warning("could not write the Git note on commit %s: %s", commit_sha, source.redact(str(exc)))
 
 
 def gate_of(settings: Settings, model_version: str) -> tuple[bool, str]:
@@ -627,22 +633,17 @@ def gate_of(settings: Settings, model_version: str) -> tuple[bool, str]:
 
 
 def outcome_of(
-    settings: Settings,
-    commit: dict[str, Any],
-    run_id: str,
-    model_version: str | None,
-    deployed: dict[str, Any] | None,
-    reused: bool,
+    settings: Settings, commit: Commit, run_id: str, model_version: str | None, deployed: Deployed | None, reused: bool
 ) -> dict[str, Any]:
     """What the Git note and the final record say about one run of one commit, with ``summary``:
     the one sentence a user reads first (also the end of the Airflow run note)."""
     from gitops_ml import registry
 
     tags = registry.version_tags(registry.get_version(settings, model_version)) if model_version else {}
-    superseded = deployed.get("superseded_by") if deployed else None
-    serving = bool(deployed) and not superseded
-    deployed_info = deployed or {}
-    reused_from = tags.get("commit_sha") if reused and tags.get("commit_sha") != commit["commit_sha"] else None
+    superseded = deployed.superseded_by if deployed else None
+    serving = deployed is not None and not superseded
+    promoted = serving and deployed is not None and deployed.changed
+    reused_from = tags.get("commit_sha") if reused and tags.get("commit_sha") != commit.commit_sha else None
     outcome = {
         "gitops_ml_run": run_id,
         "model": f"{settings.model_name} version {model_version}" if model_version else None,
@@ -654,8 +655,8 @@ def outcome_of(
         "test_accuracy": float(tags["test_accuracy"]) if tags.get("test_accuracy") else None,
         "compared_with_champion_version": tags.get("gate_compared_with"),
         "deployed": serving,
-        "promoted": serving and bool(deployed_info.get("changed")),
-        "replaced_version": deployed_info["previous_version"] if serving and deployed_info.get("changed") else None,
+        "promoted": promoted,
+        "replaced_version": deployed.previous_version if promoted and deployed is not None else None,
         "superseded_by": superseded,
         "at": time.strftime("%Y-%m-%dT%H:%M:%SZ", time.gmtime()),
     }
@@ -686,32 +687,27 @@ def summary(model_version: str | None, outcome: dict[str, Any]) -> str:
 
 
 def finish(
-    settings: Settings,
-    commit: dict[str, Any],
-    run_id: str,
-    model_version: str | None,
-    deployed: dict[str, Any] | None,
-    reused: bool,
+    settings: Settings, commit: Commit, run_id: str, model_version: str | None, deployed: Deployed | None, reused: bool
 ) -> dict[str, Any]:
     """Final record and Git note of a run that did not fail."""
     outcome = outcome_of(settings, commit, run_id, model_version, deployed, reused)
-    log.info("commit %s: run %s finished: %s", commit["commit_sha"], run_id, outcome["summary"])
+    log.info("commit %s: run %s finished: %s", commit.commit_sha, run_id, outcome["summary"])
     record(
         settings,
-        commit,
+        commit.commit_sha,
         run_id,
         "pipeline",
         "success" if outcome["deployed"] else ("superseded" if outcome["superseded_by"] else "not_promoted"),
         **outcome,
     )
-    write_note(settings, commit, outcome)
+    write_note(settings, commit.commit_sha, outcome)
     from gitops_ml import retention
 
-    retention.after_run(settings, commit["commit_sha"], failed=False, run_id=run_id)  # never raises: logs a warning
+    retention.after_run(settings, commit.commit_sha, failed=False, run_id=run_id)  # never raises: logs a warning
     return outcome
 
 
-def run_local(settings: Settings, commit_sha: str | None = None, **options: Any) -> dict[str, Any]:
+def run_local(settings: Settings, commit_sha: str | None = None, **options: Any) -> LocalRun:
     """Every step in this process, with the rules the Airflow tasks apply: see ``gitops_ml.flow.run_local``."""
     from gitops_ml import flow
 

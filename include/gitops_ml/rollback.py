@@ -20,6 +20,7 @@ from typing import Any
 from gitops_ml import pipeline
 from gitops_ml.config import Settings
 from gitops_ml.errors import GitopsMLError
+from gitops_ml.payloads import Commit
 
 MANUAL_RUN_PREFIX = "manual__"
 
@@ -65,11 +66,16 @@ def deploy_version(settings: Settings, model_version: Any, user: str, reason: st
     action = "rolled back" if ever_served else "promoted"
     previous = str(current.version) if current is not None else None
     why = (reason or "").strip()[:500]
-    commit = {
-        "commit_sha": tags["commit_sha"],
-        "branch": tags.get("branch") or settings.branch,
-        "repo_url": tags.get("repo_url") or settings.repo_url,
-    }
+    # The commit as the version's lineage tags name it (a rollback target may no longer be on the
+    # branch, so it is not resolved again); deploying needs its SHA and branch, not its message.
+    commit = Commit(
+        commit_sha=tags["commit_sha"],
+        branch=tags.get("branch") or settings.branch,
+        repo_url=tags.get("repo_url") or settings.repo_url,
+        message="",
+        author="",
+        committed_at="",
+    )
     run_id = _run_id(user)
     manual = {"action": action, "by": user, "replaced_version": previous}
     deployed = pipeline.deploy(
@@ -102,12 +108,12 @@ def deploy_version(settings: Settings, model_version: Any, user: str, reason: st
                 "rollback_reason": f"{action} by {user} to version {model_version}" + (f": {why}" if why else ""),
             },
         )
-    summary = f"{action.upper()} by {user}: version {model_version} (commit {commit['commit_sha']}) serves" + (
+    summary = f"{action.upper()} by {user}: version {model_version} (commit {commit.commit_sha}) serves" + (
         f", replacing version {previous}" if previous else ""
     )
     pipeline.write_note(
         settings,
-        commit,
+        commit.commit_sha,
         {
             "gitops_ml_run": run_id,
             "manual_deploy": manual,
@@ -120,11 +126,11 @@ def deploy_version(settings: Settings, model_version: Any, user: str, reason: st
     )
     return {
         "model_version": model_version,
-        "commit_sha": commit["commit_sha"],
+        "commit_sha": commit.commit_sha,
         "previous_version": previous,
         "action": action,
         "by": user,
         "run_id": run_id,
         "summary": summary,
-        "serving": deployed.get("serving"),
+        "serving": deployed.serving,
     }

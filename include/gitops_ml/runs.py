@@ -149,11 +149,10 @@ def record_plan(settings: Settings, plan: dict[str, Any], run_id: str) -> None:
 
     for decision in plan["decisions"]:
         if decision["action"] == "superseded":
-            commit = {"commit_sha": decision["commit_sha"]}
             log.info("commit %s skipped: %s", decision["commit_sha"], decision["reason"])
             pipeline.record(
                 settings,
-                commit,
+                decision["commit_sha"],
                 run_id,
                 "watch",
                 "superseded",
@@ -162,7 +161,7 @@ def record_plan(settings: Settings, plan: dict[str, Any], run_id: str) -> None:
             )
             pipeline.write_note(
                 settings,
-                commit,
+                decision["commit_sha"],
                 {"gitops_ml_run": None, "decision": "superseded", "superseded_by": decision["superseded_by"]},
             )
     if plan.get("force_push"):
@@ -175,7 +174,7 @@ def record_plan(settings: Settings, plan: dict[str, Any], run_id: str) -> None:
         )
         pipeline.record(
             settings,
-            {"commit_sha": plan["head_sha"]},
+            plan["head_sha"],
             run_id,
             "watch",
             "force_push",

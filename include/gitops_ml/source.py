@@ -11,38 +11,16 @@ from __future__ import annotations
 import hashlib
 import logging
 import shutil
-from dataclasses import asdict, dataclass
 from pathlib import Path
 
 import git
 
 from gitops_ml import git_auth
 from gitops_ml.errors import CommitNotFound, CommitNotOnBranch, GitopsMLError, InvalidRef
+from gitops_ml.payloads import Commit
 from gitops_ml.refs import redact, redact_url, validate_branch, validate_repo_url, validate_sha
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Commit:
-    """One commit of the tracked branch: the key of every later step.
-
-    ``repo_url`` is stored without credentials; the caller keeps the real URL.
-    """
-
-    repo_url: str
-    branch: str
-    commit_sha: str
-    message: str
-    author: str
-    committed_at: str
-
-    def to_dict(self) -> dict:
-        return asdict(self)
-
-    @classmethod
-    def from_dict(cls, data: dict) -> Commit:
-        return cls(**{k: data[k] for k in cls.__dataclass_fields__})
 
 
 def _git_error(action: str, exc: git.GitCommandError, secrets: tuple[str | None, ...] = ()) -> GitopsMLError:

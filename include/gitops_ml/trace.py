@@ -77,7 +77,7 @@ def trace(settings: Settings, ref: str) -> dict[str, Any]:
     except Exception as exc:  # noqa: BLE001 - a trace is still useful without the server
         serving = f"unreachable at {settings.serving_url}: {exc.__class__.__name__}"
     return {
-        "commit": commit.to_dict(),
+        "commit": commit.model_dump(),
         "note": source.read_note(settings.repo_url, commit.commit_sha, settings.git_cache_dir),
         "airflow_runs": airflow_runs,
         "model_versions": versions,

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def deployed(settings, demo_repo, server):
     result = pipeline.run_local(settings, demo_repo["commit_sha"])
-    assert result["deploy"]["serving"][settings.serving_url]["commit_sha"] == demo_repo["commit_sha"]
+    assert result.deploy.serving[settings.serving_url]["commit_sha"] == demo_repo["commit_sha"]
     return result
 
 
@@ -63,7 +63,7 @@ def new_image_md5(repo, relpath):
 def test_bad_commits_change_nothing(settings, demo_repo, server, deployed):
     repo, remote = demo_repo["path"], demo_repo["remote"]
     before = state(settings, server)
-    assert before[1] == before[2] == deployed["model_version"]
+    assert before[1] == before[2] == deployed.model_version
     cases = []
 
     # 1. A SHA that does not exist.
@@ -142,7 +142,7 @@ def test_failed_deploy_rolls_back_alias_and_server(settings, demo_repo, server, 
 
     new_sha = demo.bump_param(demo_repo["path"], "train.epochs", 2, "fewer epochs")
     challenger = pipeline.run_local(settings, new_sha, deploy_model=False)
-    version = registry.get_version(settings, challenger["model_version"])
+    version = registry.get_version(settings, challenger.model_version)
     # A real fault: the new version's artifacts vanish from the artifact store before the deploy.
     store = settings.home / "mlflow" / "artifacts"
     model_dirs = [p for p in store.rglob("MLmodel") if version.source.rsplit("/", 1)[-1] in str(p)]
@@ -154,9 +154,8 @@ def test_failed_deploy_rolls_back_alias_and_server(settings, demo_repo, server, 
     shutil.rmtree(serving[0])
     with pytest.raises(
         DeployError,
-        match=f"deploy of model version {challenger['model_version']}.*rolled back "
-        f"to version {deployed['model_version']}",
+        match=f"deploy of model version {challenger.model_version}.*rolled back to version {deployed.model_version}",
     ):
-        pipeline.deploy(settings, challenger["commit"], challenger["model_version"], {})
-    assert str(registry.get_alias(settings).version) == deployed["model_version"]
+        pipeline.deploy(settings, challenger.commit, challenger.model_version, {})
+    assert str(registry.get_alias(settings).version) == deployed.model_version
     assert server.version()["commit_sha"] == demo_repo["commit_sha"]

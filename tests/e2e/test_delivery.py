@@ -25,8 +25,8 @@ pytestmark = pytest.mark.e2e
 def champion(settings, demo_repo, server):
     """Version 1, trained from the demo's first commit and serving (the first model ever: absolute gate only)."""
     result = pipeline.run_local(settings, demo_repo["commit_sha"])
-    assert result["model_version"] == "1" and result["gate_passed"]
-    evaluation = registry.load_run_json(settings, result["mlflow_run_id"], "evaluation/evaluation.json")
+    assert result.model_version == "1" and result.gate_passed
+    evaluation = registry.load_run_json(settings, result.mlflow_run_id, "evaluation/evaluation.json")
     assert evaluation["champion_version"] is None and evaluation["gate"]["passed"]
     return result
 
@@ -97,21 +97,21 @@ def test_gate_failure_is_not_promoted_and_noted_on_the_commit(
 def test_revert_reuses_the_previous_version_without_training(settings, demo_repo, server, champion):
     repo = demo_repo["path"]
     second = pipeline.run_local(settings, demo.bump_param(repo, "train.learning_rate", 0.004, "tune"))
-    assert second["model_version"] == "2" and server.version()["model_version"] == "2"
+    assert second.model_version == "2" and server.version()["model_version"] == "2"
     git(repo, "revert", "--no-edit", "HEAD")
     revert_sha = git(repo, "rev-parse", "HEAD")
     started = time.monotonic()
     result = pipeline.run_local(settings, revert_sha)
     seconds = time.monotonic() - started
-    assert result["reused"] is True and result["model_version"] == "1" and "mlflow_run_id" not in result
-    assert result["outcome"]["reused_from_commit"] == demo_repo["commit_sha"]
+    assert result.reused is True and result.model_version == "1" and result.mlflow_run_id is None
+    assert result.outcome["reused_from_commit"] == demo_repo["commit_sha"]
     assert len(all_versions(settings)) == 2
     assert server.version()["model_version"] == "1" and str(registry.get_alias(settings).version) == "1"
     # The server answers for the revert (the desired revision) and says what the model was built from.
     served = server.version()
     assert served["commit_sha"] == revert_sha and served["built_from_commit"] == demo_repo["commit_sha"]
     assert registry.serving_commit(settings) == revert_sha
-    assert result["outcome"]["summary"].startswith(
+    assert result.outcome["summary"].startswith(
         f"PROMOTED: version 1 (reused, built from commit {demo_repo['commit_sha']}) replaced version 2"
     )
     print(f"revert brought version 1 back in {seconds:.1f} s")  # measured in the benchmark, not asserted
@@ -119,7 +119,7 @@ def test_revert_reuses_the_previous_version_without_training(settings, demo_repo
 
 def test_smoke_check_failure_rolls_back(settings, demo_repo, server, champion):
     challenger = pipeline.run_local(settings, demo.bump_param(demo_repo["path"], "train.seed", 7), deploy_model=False)
-    version = registry.get_version(settings, challenger["model_version"])
+    version = registry.get_version(settings, challenger.model_version)
     store = settings.home / "mlflow" / "artifacts"
 
     def model_file(v):
@@ -139,7 +139,7 @@ def test_smoke_check_failure_rolls_back(settings, demo_repo, server, champion):
     shutil.rmtree(serving)
     training.export_serving(model, serving, np.zeros((1, 8, 8, 1), np.float32))
     with pytest.raises(DeployError, match=r"smoke check of model version 2 failed: .* differ from the evaluation"):
-        pipeline.deploy(settings, challenger["commit"], "2", {})
+        pipeline.deploy(settings, challenger.commit, "2", {})
     assert str(registry.get_alias(settings).version) == "1" and server.version()["model_version"] == "1"
     assert registry.version_tags(registry.get_version(settings, "2"))["deploy_outcome"] == "rolled_back"
 
@@ -149,13 +149,13 @@ def test_no_request_fails_while_switching(settings, demo_repo, server, champion)
     second = pipeline.run_local(settings, demo.bump_param(repo, "train.seed", 11), deploy_model=False)
     with Traffic(server.url, [digit_png(repo)]) as traffic:
         time.sleep(0.5)
-        pipeline.deploy(settings, second["commit"], second["model_version"], {})
-        pipeline.deploy(settings, champion["commit"], "1", {})
-        pipeline.deploy(settings, second["commit"], second["model_version"], {})
+        pipeline.deploy(settings, second.commit, second.model_version, {})
+        pipeline.deploy(settings, champion.commit, "1", {})
+        pipeline.deploy(settings, second.commit, second.model_version, {})
         time.sleep(0.5)
     assert len(traffic.statuses) > 50
     assert set(traffic.statuses) == {200}, f"{sum(s != 200 for s in traffic.statuses)} failed requests"
-    assert {"1", second["model_version"]} <= traffic.versions
+    assert {"1", second.model_version} <= traffic.versions
 
 
 def register_bright_image_bug(settings, demo_repo) -> tuple[dict, str]:
@@ -163,7 +163,7 @@ def register_bright_image_bug(settings, demo_repo) -> tuple[dict, str]:
     import keras
 
     commit_sha = demo.bump_param(demo_repo["path"], "train.seed", 99, "custom output layer")
-    commit = pipeline.resolve(settings, commit_sha)["commit"]
+    commit = pipeline.resolve(settings, commit_sha).commit
     base, meta = registry.load_model(settings, registry.get_version(settings, "1"))
     image = keras.Input((8, 8, 1), name="image")
     brightness = keras.layers.GlobalAveragePooling2D()(image)
@@ -216,7 +216,7 @@ def test_watch_window_rolls_back_a_model_that_fails_live(settings, demo_repo, se
     assert 'gitops_ml_model_info{commit_sha="' in metrics
 
     chain = trace.trace(settings, bad_version)
-    assert chain["commit"]["commit_sha"] == commit["commit_sha"]
+    assert chain["commit"]["commit_sha"] == commit.commit_sha
     assert any(e["step"] == "deploy" and e["outcome"] == "rolled_back" for e in chain["deploy_events"])
     assert chain["serving_now"]["model_version"] == "1"
     text = trace.render(trace.trace(settings, demo_repo["commit_sha"]))
@@ -242,13 +242,13 @@ def test_every_server_converges_or_all_roll_back(settings, demo_repo, server, ch
             settings, demo.bump_param(demo_repo["path"], "train.seed", 5), deploy_model=False
         )
         both = settings.with_overrides(serving_url=f"{server.url},{second.url}")
-        result = pipeline.deploy(both, challenger["commit"], challenger["model_version"], {})
-        assert set(result["serving"]) == {server.url, second.url}
+        result = pipeline.deploy(both, challenger.commit, challenger.model_version, {})
+        assert set(result.serving) == {server.url, second.url}
         assert server.version()["model_version"] == second.version()["model_version"] == "2"
 
         all_three = settings.with_overrides(serving_url=f"{server.url},{second.url},{misconfigured.url}")
         # A newer commit going back to version 1's inputs (a revert): deploys version 1 again.
-        back = pipeline.resolve(settings, demo.bump_param(demo_repo["path"], "train.seed", 42, "back"))["commit"]
+        back = pipeline.resolve(settings, demo.bump_param(demo_repo["path"], "train.seed", 42, "back")).commit
         with pytest.raises(DeployError, match=f"failed on {misconfigured.url} and was rolled back to version 2"):
             pipeline.deploy(all_three, back, "1", {})
         assert str(registry.get_alias(settings).version) == "2"
@@ -264,7 +264,7 @@ def test_bookkeeping_cut_short_by_a_crash_is_completed_by_the_next_run(settings,
     promotion with the version it replaced instead of "unchanged"."""
     commit_sha = demo.bump_param(demo_repo["path"], "train.seed", 7, "second model")
     second = pipeline.run_local(settings, commit_sha, run_id="commit__crashed", deploy_model=False)
-    version = second["model_version"]
+    version = second.model_version
     params = {"deploy": {}}
     assert pipeline.deploy_intent(settings, version, "commit__crashed") is None
     from gitops_ml import deploy as deploy_mod
@@ -273,16 +273,16 @@ def test_bookkeeping_cut_short_by_a_crash_is_completed_by_the_next_run(settings,
     assert server.version()["model_version"] == version
     assert "deploy_outcome" not in registry.version_tags(registry.get_version(settings, version))
 
-    result = pipeline.deploy(settings, second["commit"], version, params, run_id="commit__rerun")
-    assert result["changed"] and result["previous_version"] == "1"
-    assert result["recovered_from_run"] == "commit__crashed"
+    result = pipeline.deploy(settings, second.commit, version, params, run_id="commit__rerun")
+    assert result.changed and result.previous_version == "1"
+    assert result.recovered_from_run == "commit__crashed"
     tags = registry.version_tags(registry.get_version(settings, version))
     assert (
         tags["deploy_outcome"] == "promoted" and tags["replaced_version"] == "1" and tags["deploy_pending"] == "false"
     )
     assert registry.version_tags(registry.get_version(settings, "1"))["replaced_by"] == version
-    again = pipeline.deploy(settings, second["commit"], version, params, run_id="commit__rerun2")
-    assert not again["changed"], "once recorded, a further run is unchanged"
+    again = pipeline.deploy(settings, second.commit, version, params, run_id="commit__rerun2")
+    assert not again.changed, "once recorded, a further run is unchanged"
 
 
 def test_runs_finishing_out_of_order_converge_on_the_branch_head(settings, demo_repo, server, champion):
@@ -295,12 +295,12 @@ def test_runs_finishing_out_of_order_converge_on_the_branch_head(settings, demo_
     d = demo.bump_param(repo, "gate.min_accuracy", 0.8, "D: back to B's params")
     results = {sha: pipeline.run_local(settings, sha, run_id=f"commit__{sha}") for sha in (d, b, c)}
 
-    d_version = results[d]["model_version"]
-    assert results[d]["deploy"]["changed"] and results[d]["outcome"]["summary"].startswith("PROMOTED")
-    assert results[b]["model_version"] == d_version and results[b]["reused"], "B has D's inputs: reused"
-    assert results[b]["deploy"]["superseded_by"] == d
-    assert results[b]["outcome"]["summary"].startswith(f"NOT DEPLOYED: version {d_version}")
-    assert not results[c]["gate_passed"] and results[c]["outcome"]["summary"].startswith("NOT PROMOTED")
+    d_version = results[d].model_version
+    assert results[d].deploy.changed and results[d].outcome["summary"].startswith("PROMOTED")
+    assert results[b].model_version == d_version and results[b].reused, "B has D's inputs: reused"
+    assert results[b].deploy.superseded_by == d
+    assert results[b].outcome["summary"].startswith(f"NOT DEPLOYED: version {d_version}")
+    assert not results[c].gate_passed and results[c].outcome["summary"].startswith("NOT PROMOTED")
     assert registry.serving_commit(settings) == d
     assert str(registry.get_alias(settings).version) == d_version
     assert server.version()["model_version"] == d_version
@@ -325,7 +325,7 @@ def test_first_model_that_fails_on_one_server_leaves_every_server_serving_nothin
     try:
         both = settings.with_overrides(serving_url=f"{server.url},{misconfigured.url}")
         with pytest.raises(DeployError, match="rolled back to version None"):
-            pipeline.deploy(both, first["commit"], first["model_version"], {})
+            pipeline.deploy(both, first.commit, first.model_version, {})
         assert registry.get_alias(settings) is None
         assert server.version() is None and misconfigured.version() is None
         assert (

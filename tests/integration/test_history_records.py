@@ -11,10 +11,8 @@ pytestmark = pytest.mark.integration
 def test_records_from_the_index_and_the_files_merged_once(settings, es):
     client, _ = es
     here, there = "c" * 40, "d" * 40
-    pipeline.record(settings, {"commit_sha": here}, f"commit__{here}", "pipeline", "success", summary="PROMOTED: v1")
-    pipeline.record(
-        settings, {"commit_sha": there}, f"commit__{there}", "pipeline", "not_promoted", summary="NOT PROMOTED: v2"
-    )
+    pipeline.record(settings, here, f"commit__{here}", "pipeline", "success", summary="PROMOTED: v1")
+    pipeline.record(settings, there, f"commit__{there}", "pipeline", "not_promoted", summary="NOT PROMOTED: v2")
     assert logs.ship(settings.home, client=client)["shipped"] == 2
     records.path_for(settings.records_dir, there).unlink()  # written on another machine: only in the index
     records_of = history.records_reader(settings, [here, there], es_client=client)

@@ -23,6 +23,7 @@ from PIL import Image
 
 from gitops_ml import data, pipeline, registry, retention, source
 from gitops_ml.errors import DataError
+from gitops_ml.payloads import Commit
 from tests.helpers import BIN, commit_file, git
 
 pytestmark = pytest.mark.integration
@@ -47,15 +48,15 @@ def change_data(repo: Path, remote: Path, seed: int, message: str) -> str:
     return git(repo, "rev-parse", "HEAD")
 
 
-def start_run(settings, commit_sha: str) -> dict:
+def start_run(settings, commit_sha: str) -> Commit:
     """The steps of a run that use the work tree: check out and pull (the run is now in progress)."""
-    commit = pipeline.resolve(settings, commit_sha)["commit"]
+    commit = pipeline.resolve(settings, commit_sha).commit
     prepared = pipeline.prepare(settings, commit)
-    pipeline.pull_data(settings, commit, prepared["workdir"], prepared["params"])
+    pipeline.pull_data(settings, commit, prepared.workdir, prepared.params)
     return commit
 
 
-def finished_run(settings, commit_sha: str) -> dict:
+def finished_run(settings, commit_sha: str) -> Commit:
     commit = start_run(settings, commit_sha)
     pipeline.finish(settings, commit, f"test__{commit_sha[:12]}", None, None, reused=False)
     return commit
@@ -63,10 +64,10 @@ def finished_run(settings, commit_sha: str) -> dict:
 
 def failed_run(settings, commit_sha: str) -> None:
     """A run whose pull_data fails; its end is what the failure callback does."""
-    commit = pipeline.resolve(settings, commit_sha)["commit"]
+    commit = pipeline.resolve(settings, commit_sha).commit
     prepared = pipeline.prepare(settings, commit)
     with pytest.raises(DataError):
-        pipeline.pull_data(settings, commit, prepared["workdir"], prepared["params"])
+        pipeline.pull_data(settings, commit, prepared.workdir, prepared.params)
     assert retention.after_run(settings, commit_sha, failed=True, run_id=f"test__{commit_sha[:12]}") is not None
 
 
@@ -143,7 +144,7 @@ def test_a_run_in_progress_is_never_removed(settings, demo_repo):
     first = demo_repo["commit_sha"]
     second = change_data(repo, remote, 1, "more data")
     running_commit = start_run(settings, second)  # checked out and pulled, not finished
-    running = running_commit["commit_sha"]
+    running = running_commit.commit_sha
 
     finished_run(settings, first)  # keeps 0 finished work trees: its own goes, the running one stays
     assert trees(settings) == {running}
@@ -172,7 +173,7 @@ def test_dvc_cache_keeps_exactly_what_retained_trees_and_model_versions_need(set
     settings = settings.with_overrides(keep_worktrees=1)
     champion_sha = demo_repo["commit_sha"]
     result = pipeline.run_local(settings, champion_sha, deploy_model=False)  # version 1, alias challenger
-    registry.set_alias(settings, result["model_version"])  # and champion
+    registry.set_alias(settings, result.model_version)  # and champion
     shas = [change_data(repo, remote, seed, f"data {seed}") for seed in (1, 2, 3)]
     for sha in shas:
         finished_run(settings, sha)
@@ -190,11 +191,11 @@ def test_dvc_cache_keeps_exactly_what_retained_trees_and_model_versions_need(set
     shutil.rmtree(tree / DATA)
     assert data.pull(tree, DATA, pipeline.data_cache_dir(settings)).nfiles == 1797 + 1
     champion = finished_run(settings, champion_sha)  # its work tree was removed: checked out and pulled again
-    assert champion["commit_sha"] == champion_sha and trees(settings) == {champion_sha}
-    commit = pipeline.resolve(settings, removed[0])["commit"]
+    assert champion.commit_sha == champion_sha and trees(settings) == {champion_sha}
+    commit = pipeline.resolve(settings, removed[0]).commit
     prepared = pipeline.prepare(settings, commit)
     with pytest.raises(DataError, match="directory manifest"):  # its objects are gone and need the remote
-        pipeline.pull_data(settings, commit, prepared["workdir"], prepared["params"])
+        pipeline.pull_data(settings, commit, prepared.workdir, prepared.params)
 
 
 def test_cleanup_failure_never_fails_the_run_and_paths_outside_home_are_refused(settings, demo_repo, tmp_path):
@@ -203,7 +204,7 @@ def test_cleanup_failure_never_fails_the_run_and_paths_outside_home_are_refused(
     assert "no work folder" in report.cache_skipped and not settings.work_dir.exists()
     bad = settings.with_overrides(keep_worktrees=0, keep_failed_hours=-1)
     commit = finished_run(bad, sha)  # the run ends normally; the cleanup only warns
-    assert commit["commit_sha"] == sha and trees(settings) == {sha}
+    assert commit.commit_sha == sha and trees(settings) == {sha}
     with pytest.raises(retention.RetentionError, match="GITOPS_ML_KEEP_FAILED_HOURS must be 0 or more"):
         retention.collect(bad)
 

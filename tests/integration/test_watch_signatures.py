@@ -252,7 +252,7 @@ def test_resolve_rechecks_enforced_signatures_on_every_trigger_path(remote, keys
                 pipeline.resolve(enforced, sha, watch_name)
     assert not (enforced.home / "work").exists(), "nothing of a rejected commit was checked out"
     resolved = pipeline.resolve(enforced, alice)
-    assert resolved["commit"]["commit_sha"] == alice and resolved["signature_warning"] is None
+    assert resolved.commit.commit_sha == alice and resolved.signature_warning is None
 
 
 def test_run_conf_cannot_point_around_an_enforcing_watch(remote, keys, enforced, tmp_path):

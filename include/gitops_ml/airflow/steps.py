@@ -10,16 +10,18 @@ Each task reads its context (the run conf, the run id) and its upstream XCom, ca
 from __future__ import annotations
 
 import functools
+import inspect
 import logging
 from collections.abc import Callable
-from typing import Any, NoReturn
+from typing import Any, NoReturn, get_type_hints
 
 from airflow.sdk import get_current_context
 from airflow.sdk.exceptions import AirflowFailException, AirflowSkipException
+from pydantic import TypeAdapter
 
 from gitops_ml.config import Settings
 from gitops_ml.errors import InputError
-from gitops_ml.payloads import RunConf
+from gitops_ml.payloads import Deployed, Evaluated, Payload, Prepared, Pulled, Registered, Resolved, RunConf, Trained
 
 log = logging.getLogger(__name__)
 
@@ -63,11 +65,19 @@ def _airflow_masker() -> Callable[[str], str] | None:
     return lambda message: str(redact(message))
 
 
+def _payload_types(fn: Callable[..., Any]) -> list[TypeAdapter]:
+    """A validator per positional parameter of a task body, from its annotation (``Resolved``, ``Deployed | None``)."""
+    hints = get_type_hints(fn)
+    return [TypeAdapter(hints[name]) for name in inspect.signature(fn).parameters]
+
+
 def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
-    """Ship the task's log lines (ECS, labelled with the SHA) and turn input errors into failures."""
+    """Translate one task body: its XCom arguments validated into their payload types and its payload dumped
+    back to JSON; the task's log lines shipped (ECS, labelled with the SHA); input errors turned into failures."""
+    payload_types = _payload_types(fn)
 
     @functools.wraps(fn)
-    def wrapper(*args, **kwargs):
+    def wrapper(*args):
         from gitops_ml import logs
         from gitops_ml.airflow.remote_log import uploads_task_log_file
 
@@ -86,10 +96,12 @@ def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
             shipped_by_supervisor=uploads_task_log_file(),
         ) as handler:
             try:
-                result = fn(*args, **kwargs)
+                result = fn(*(kind.validate_python(value) for kind, value in zip(payload_types, args, strict=True)))
             except InputError as exc:
                 log.error("%s", exc)
                 raise AirflowFailException(str(exc)) from None
+            if isinstance(result, Payload):
+                result = result.dump()
             if isinstance(result, dict) and isinstance(result.get("commit"), dict):
                 handler.labels["commit_sha"] = result["commit"]["commit_sha"]  # resolve_commit found it
             return result
@@ -114,7 +126,7 @@ def _skip(context, skip) -> NoReturn:
     raise AirflowSkipException(skip.reason)
 
 
-def _skip_training(resolved: dict[str, Any], prepared: dict[str, Any]) -> None:
+def _skip_training(resolved: Resolved, prepared: Prepared) -> None:
     from gitops_ml import flow
 
     skip = flow.skip_training(resolved, prepared)
@@ -123,7 +135,7 @@ def _skip_training(resolved: dict[str, Any], prepared: dict[str, Any]) -> None:
 
 
 @_adapter
-def resolve_commit() -> dict[str, Any]:
+def resolve_commit() -> Resolved:
     from gitops_ml import flow
 
     context = get_current_context()
@@ -135,52 +147,46 @@ def resolve_commit() -> dict[str, Any]:
 
 
 @_adapter
-def prepare_workspace(resolved: dict[str, Any]) -> dict[str, Any]:
+def prepare_workspace(resolved: Resolved) -> Prepared:
     from gitops_ml import pipeline
 
-    return pipeline.prepare(settings_from_context(get_current_context()), resolved["commit"])
+    return pipeline.prepare(settings_from_context(get_current_context()), resolved.commit)
 
 
 @_adapter
-def pull_data(resolved: dict[str, Any], prepared: dict[str, Any]) -> dict[str, Any]:
+def pull_data(resolved: Resolved, prepared: Prepared) -> Pulled:
     from gitops_ml import pipeline
 
     return pipeline.pull_data(
-        settings_from_context(get_current_context()), resolved["commit"], prepared["workdir"], prepared["params"]
+        settings_from_context(get_current_context()), resolved.commit, prepared.workdir, prepared.params
     )
 
 
 @_adapter
-def train(resolved: dict[str, Any], prepared: dict[str, Any], pulled: dict[str, Any]) -> dict[str, Any]:
+def train(resolved: Resolved, prepared: Prepared, pulled: Pulled) -> Trained:
     _skip_training(resolved, prepared)
     from gitops_ml import flow, pipeline
 
     return pipeline.train(
         settings_from_context(get_current_context()),
-        resolved["commit"],
-        prepared["params"],
+        resolved.commit,
+        prepared.params,
         flow.lineage(resolved, prepared, pulled),
     )
 
 
 @_adapter
-def evaluate(resolved: dict[str, Any], prepared: dict[str, Any], trained: dict[str, Any]) -> dict[str, Any]:
+def evaluate(resolved: Resolved, prepared: Prepared, trained: Trained) -> Evaluated:
     _skip_training(resolved, prepared)
     from gitops_ml import pipeline
 
-    return pipeline.evaluate(
-        settings_from_context(get_current_context()), resolved["commit"], prepared["params"], trained
-    )
+    return pipeline.evaluate(settings_from_context(get_current_context()), resolved.commit, prepared.params, trained)
 
 
 @_adapter
 def register(
-    resolved: dict[str, Any],
-    prepared: dict[str, Any],
-    pulled: dict[str, Any],
-    trained: dict[str, Any],
-    evaluated: dict[str, Any],
-) -> dict[str, Any]:
+    resolved: Resolved, prepared: Prepared, pulled: Pulled, trained: Trained, evaluated: Evaluated
+) -> Registered:
     _skip_training(resolved, prepared)
     from gitops_ml import flow, pipeline
 
@@ -190,7 +196,7 @@ def register(
 
 
 @_adapter
-def deploy(resolved: dict[str, Any], prepared: dict[str, Any], registered: dict[str, Any] | None) -> dict[str, Any]:
+def deploy(resolved: Resolved, prepared: Prepared, registered: Registered | None) -> Deployed:
     from gitops_ml import flow, pipeline
 
     context = get_current_context()
@@ -198,17 +204,17 @@ def deploy(resolved: dict[str, Any], prepared: dict[str, Any], registered: dict[
     model_version, not_promoted = flow.check_gate(settings, resolved, prepared, registered, context["run_id"])
     if not_promoted is not None:
         _skip(context, not_promoted)
-    return pipeline.deploy(settings, resolved["commit"], model_version, prepared["params"], context["run_id"])
+    return pipeline.deploy(settings, resolved.commit, model_version, prepared.params, context["run_id"])
 
 
 @_adapter
-def record(resolved: dict[str, Any], prepared: dict[str, Any], deployed: dict[str, Any] | None) -> dict[str, Any]:
+def record(resolved: Resolved, prepared: Prepared, deployed: Deployed | None) -> dict[str, Any]:
     from gitops_ml import flow
 
     context = get_current_context()
+    if deployed is None:  # deploy was skipped (the gate), yet this task runs (its trigger rule)
+        raise AirflowSkipException("nothing deployed: the deploy step recorded the outcome")
     outcome = flow.finish(settings_from_context(context), resolved, prepared, deployed, context["run_id"])
-    if isinstance(outcome, flow.Skip):
-        _skip(context, outcome)
     _push_outcome(context, outcome["summary"])
     return outcome
 
@@ -219,10 +225,11 @@ def record_failure(context) -> None:
 
     try:
         ti = context["ti"]
-        resolved = ti.xcom_pull(task_ids="resolve_commit") or {}
+        resolved = ti.xcom_pull(task_ids="resolve_commit")
+        commit = Resolved.model_validate(resolved).commit if resolved else None
         summary = flow.record_failure(
             settings_from_context(context),
-            resolved.get("commit"),
+            commit,
             context["params"].get("commit_sha"),
             context["run_id"],
             ti.task_id,
