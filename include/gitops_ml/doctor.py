@@ -227,7 +227,7 @@ def check_replicas(urls: list[str], model_name: str, variable: str) -> list[Chec
 def check_repository(watch, settings: Settings) -> list[Check]:
     """Git remote with its credentials, then the DVC remote named in the branch head's ``.dvc/config``."""
     from gitops_ml import data, source  # noqa: PLC0415
-    from gitops_ml.airflow.git_sensor import head_of  # noqa: PLC0415
+    from gitops_ml.remote_head import head_of  # noqa: PLC0415
 
     fix_git = (
         f"check repo_url and branch of watch {watch.name!r} and the variables its ${{VAR}} credentials "

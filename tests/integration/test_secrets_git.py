@@ -17,8 +17,9 @@ import stat
 import pytest
 
 from gitops_ml import git_auth, source
-from gitops_ml.airflow.git_sensor import GitCommitSensor, GitCommitTrigger, GitRemoteError, ahead_of, head_of
+from gitops_ml.airflow.git_sensor import GitCommitSensor, GitCommitTrigger
 from gitops_ml.errors import GitopsMLError
+from gitops_ml.remote_head import GitRemoteError, ahead_of, head_of
 from tests.git_http import GitHttpServer
 from tests.helpers import commit_file, git
 

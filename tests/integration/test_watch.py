@@ -9,8 +9,9 @@ import subprocess
 import pytest
 
 from gitops_ml import watch
-from gitops_ml.airflow.git_sensor import GitCommitSensor, GitCommitTrigger, GitRemoteError, head_of
+from gitops_ml.airflow.git_sensor import GitCommitSensor, GitCommitTrigger
 from gitops_ml.errors import InvalidRef
+from gitops_ml.remote_head import GitRemoteError, head_of
 from tests.git_http import GitHttpServer
 from tests.helpers import commit_file, git
 

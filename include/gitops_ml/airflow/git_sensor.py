@@ -2,7 +2,7 @@
 
 ``GitCommitSensor`` defers to ``GitCommitTrigger``, which runs in the Airflow triggerer:
 every ``poll_interval`` seconds it asks the remote for the branch head with
-``git ls-remote`` (no clone, no fetch: one small request), so a waiting sensor holds no
+``git ls-remote`` (``gitops_ml.remote_head``) (no clone, no fetch: one small request), so a waiting sensor holds no
 worker slot.  With ``deferrable=False`` the same check runs in poke mode (the baseline).
 
 An unreachable remote is not an error: the trigger logs a warning each interval (URL
@@ -22,7 +22,6 @@ from __future__ import annotations
 
 import asyncio
 import os
-import subprocess
 from collections.abc import AsyncIterator
 from datetime import timedelta
 from pathlib import Path
@@ -32,11 +31,8 @@ from airflow.sdk import BaseSensorOperator, PokeReturnValue
 from airflow.triggers.base import BaseTrigger, TriggerEvent
 
 from gitops_ml import git_auth
-from gitops_ml.refs import redact, redact_url, validate_branch, validate_repo_url
-
-
-class GitRemoteError(Exception):
-    """``git ls-remote`` failed (unreachable remote, refused credentials, timeout)."""
+from gitops_ml.refs import redact_url, validate_branch, validate_repo_url
+from gitops_ml.remote_head import GitRemoteError, ahead_of, head_of
 
 
 def literal_credentials(repo_url: str) -> bool:
@@ -63,71 +59,6 @@ def _resolve_url(watch_name: str | None, repo_url: str) -> str:
 
         return get_watch(watch_name).url
     return os.path.expandvars(repo_url)
-
-
-def _ls_remote(url: str, branch: str) -> tuple[list[str], dict[str, str]]:
-    """argv (URL without credentials) and environment (credential helper) of ``git ls-remote``."""
-    safe, env = git_auth.git_command(url)
-    env.update(
-        {
-            "GIT_TERMINAL_PROMPT": "0",
-            "GIT_ASKPASS": "",
-            "GIT_SSH_COMMAND": os.environ.get("GIT_SSH_COMMAND", "ssh -o BatchMode=yes"),
-        }
-    )
-    return ["git", "ls-remote", "--", safe, f"refs/heads/{branch}"], env
-
-
-def _parse_head(output: str, branch: str) -> str | None:
-    for line in output.splitlines():
-        sha, _, ref = line.partition("\t")
-        if ref.strip() == f"refs/heads/{branch}":
-            return sha.strip()
-    return None
-
-
-def _failure(url: str, env: dict[str, str], returncode: int | None, stderr: str) -> GitRemoteError:
-    detail = redact(stderr.strip().splitlines()[-1] if stderr.strip() else f"exit status {returncode}")
-    password = env.get(git_auth.PASSWORD_ENV)
-    if password:
-        detail = detail.replace(password, "***")
-    return GitRemoteError(f"git ls-remote {redact_url(url)} failed: {detail}")
-
-
-def head_of(repo_url: str, branch: str, timeout: float = 30.0) -> str | None:
-    """The SHA at the head of ``branch`` on the remote (None: no such branch); blocking.
-
-    ``repo_url`` may hold credentials or ``${VAR}``: git gets them through its environment.
-    """
-    url = os.path.expandvars(repo_url)
-    argv, env = _ls_remote(url, branch)
-    try:
-        done = subprocess.run(
-            argv, capture_output=True, text=True, timeout=timeout, env=env, stdin=subprocess.DEVNULL, check=False
-        )
-    except subprocess.TimeoutExpired:
-        raise GitRemoteError(f"git ls-remote {redact_url(url)} timed out after {timeout:.0f} s") from None
-    if done.returncode != 0:
-        raise _failure(url, env, done.returncode, done.stderr)
-    return _parse_head(done.stdout, branch)
-
-
-async def ahead_of(repo_url: str, branch: str, timeout: float = 30.0) -> str | None:
-    """``head_of`` for the triggerer's event loop (an asyncio subprocess, never blocking the loop)."""
-    url = os.path.expandvars(repo_url)
-    argv, env = _ls_remote(url, branch)
-    proc = await asyncio.create_subprocess_exec(
-        *argv, env=env, stdin=asyncio.subprocess.DEVNULL, stdout=asyncio.subprocess.PIPE, stderr=asyncio.subprocess.PIPE
-    )
-    try:
-        stdout, stderr = await asyncio.wait_for(proc.communicate(), timeout)
-    except TimeoutError:
-        proc.kill()
-        await proc.wait()
-        raise GitRemoteError(f"git ls-remote {redact_url(url)} timed out after {timeout:.0f} s") from None
-    if proc.returncode != 0:
-        raise _failure(url, env, proc.returncode, stderr.decode(errors="replace"))
-    return _parse_head(stdout.decode(errors="replace"), branch)
 
 
 class GitCommitTrigger(BaseTrigger):
