@@ -5,7 +5,7 @@
 One demo repository (1,797 digit PNGs, DVC remote) gets ``--commits`` commits that each change
 the data a little (two images replaced and one added, pixels from the commit's seed, ``dvc add``
 + ``dvc push``), so every commit has objects of its own.  The first commit runs through
-``pipeline.run_local`` (resolve, check out, dvc pull, train, evaluate, register; no server: its
+``flow.run_local`` (resolve, check out, dvc pull, train, evaluate, register; no server: its
 version is then made champion with ``registry.set_alias``, as the deploy step would); the others
 run the steps that touch the disk (resolve, prepare, pull_data) and the real end of a run
 (``pipeline.finish``) without training, so the champion stays on the first commit and its data
@@ -80,7 +80,7 @@ def main() -> None:
     for key in ("MLFLOW_TRACKING_URI", "GITOPS_ML_ARTIFACT_ROOT", "GITOPS_ML_KEEP_FAILED_HOURS"):
         os.environ.pop(key, None)
 
-    from gitops_ml import demo, pipeline, registry
+    from gitops_ml import demo, flow, pipeline, registry
     from gitops_ml.config import Settings
 
     demo.init_demo(repo, remote)
@@ -106,7 +106,7 @@ def main() -> None:
         for name, settings in homes.items():
             t0 = time.monotonic()
             if i == 1 or args.train == "all":
-                result = pipeline.run_local(settings, sha, run_id=f"bench-{i}", deploy_model=False)
+                result = flow.run_local(settings, sha, run_id=f"bench-{i}", deploy_model=False)
                 registry.set_alias(settings, result.model_version)  # promoted, as the deploy step does
             else:
                 commit = pipeline.resolve(settings, sha).commit

@@ -174,12 +174,12 @@ def main() -> None:
     out_dir = OUT_DIR
     import numpy as np
 
-    from gitops_ml import demo, pipeline, registry
+    from gitops_ml import demo, flow, registry
     from gitops_ml.config import Settings
 
     settings = Settings.from_env()
     info = demo.init_demo(home / "demo-repo", str(home / "dvc-remote"))
-    result = pipeline.run_local(settings, info["commit_sha"], deploy_model=False)
+    result = flow.run_local(settings, info["commit_sha"], deploy_model=False)
     registry.set_alias(settings, result.model_version)
     # The same trained model without the serving artifact: the server falls back to the Keras path.
     keras_path = settings.with_overrides(model_name=f"{settings.model_name}-keras-path")

@@ -149,6 +149,11 @@ class Settings(BaseSettings):
         return self.home / "work"
 
     @property
+    def dvc_cache_dir(self) -> Path:
+        """The DVC cache every work tree pulls into (shared by the runs on this machine)."""
+        return self.home / "dvc-cache"
+
+    @property
     def records_dir(self) -> Path:
         return self.home / "records"
 

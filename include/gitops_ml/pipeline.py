@@ -24,13 +24,9 @@ from typing import Any
 from gitops_ml import data, params as params_mod, records, source
 from gitops_ml.config import Settings
 from gitops_ml.errors import ModelCodeError, SignatureRejected
-from gitops_ml.payloads import Commit, Deployed, Evaluated, LocalRun, Prepared, Pulled, Registered, Resolved, Trained
+from gitops_ml.payloads import Commit, Deployed, Evaluated, Prepared, Pulled, Registered, Resolved, Trained
 
 log = logging.getLogger(__name__)
-
-
-def data_cache_dir(settings: Settings):
-    return settings.home / "dvc-cache"
 
 
 def resolve(settings: Settings, commit_sha: str | None, watch_name: str | None = None) -> Resolved:
@@ -166,10 +162,10 @@ def pull_data(settings: Settings, commit: Commit, workdir: str, params: dict[str
     data_path = params["data"]["path"]
     workdir = str(work_tree(settings, commit))  # ``workdir`` may name another worker's disk
     try:
-        snapshot = data.pull(workdir, data_path, data_cache_dir(settings))
+        snapshot = data.pull(workdir, data_path, settings.dvc_cache_dir)
         index = data.scan_images(snapshot.path, data_path)
         weights_at = weights_path(params)
-        weights = data.pull(workdir, weights_at, data_cache_dir(settings)) if weights_at else None
+        weights = data.pull(workdir, weights_at, settings.dvc_cache_dir) if weights_at else None
     except data.DataError as exc:
         raise data.DataError(f"commit {commit_sha}: {exc}") from None
     counts = {name: index.labels.count(i) for i, name in enumerate(index.class_names)}
@@ -214,9 +210,9 @@ def ensure_workspace(settings: Settings, commit: Commit, params: dict[str, Any])
     if not data_dir.is_dir():
         log.info("commit %s: data not on this worker, pulling it again", commit.commit_sha)
         workdir = work_tree(settings, commit)
-        data.pull(workdir, params["data"]["path"], data_cache_dir(settings))
+        data.pull(workdir, params["data"]["path"], settings.dvc_cache_dir)
         if weights_at := weights_path(params):
-            data.pull(workdir, weights_at, data_cache_dir(settings))
+            data.pull(workdir, weights_at, settings.dvc_cache_dir)
     return str(data_dir)
 
 
@@ -705,10 +701,3 @@ def finish(
 
     retention.after_run(settings, commit.commit_sha, failed=False, run_id=run_id)  # never raises: logs a warning
     return outcome
-
-
-def run_local(settings: Settings, commit_sha: str | None = None, **options: Any) -> LocalRun:
-    """Every step in this process, with the rules the Airflow tasks apply: see ``gitops_ml.flow.run_local``."""
-    from gitops_ml import flow
-
-    return flow.run_local(settings, commit_sha, **options)

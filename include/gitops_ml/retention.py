@@ -182,9 +182,7 @@ def _state_dir(settings: Settings) -> Path:
 
 
 def _cache_dir(settings: Settings) -> Path:
-    from gitops_ml.pipeline import data_cache_dir  # noqa: PLC0415
-
-    return _inside_home(settings, data_cache_dir(settings), "DVC cache")
+    return _inside_home(settings, settings.dvc_cache_dir, "DVC cache")
 
 
 def _trees(work_dir: Path) -> dict[str, Path]:

@@ -10,7 +10,7 @@ import shutil
 import pytest
 import yaml
 
-from gitops_ml import data, pipeline, registry
+from gitops_ml import data, flow, pipeline, registry
 from gitops_ml.errors import CommitNotFound, CommitNotOnBranch, DataError, DeployError, ParamsError
 from tests.helpers import commit_file, git
 
@@ -19,7 +19,7 @@ pytestmark = pytest.mark.e2e
 
 @pytest.fixture
 def deployed(settings, demo_repo, server):
-    result = pipeline.run_local(settings, demo_repo["commit_sha"])
+    result = flow.run_local(settings, demo_repo["commit_sha"])
     assert result.deploy.serving[settings.serving_url]["commit_sha"] == demo_repo["commit_sha"]
     return result
 
@@ -131,7 +131,7 @@ def test_bad_commits_change_nothing(settings, demo_repo, server, deployed):
 
     for commit_sha, error, message in cases:
         with pytest.raises(error) as info:
-            pipeline.run_local(settings, commit_sha)
+            flow.run_local(settings, commit_sha)
         assert message in str(info.value), f"{commit_sha}: {info.value}"
         assert commit_sha[:7] in str(info.value) or error is CommitNotFound
         assert state(settings, server) == before, f"state changed by bad commit {commit_sha}"
@@ -141,7 +141,7 @@ def test_failed_deploy_rolls_back_alias_and_server(settings, demo_repo, server, 
     from gitops_ml import demo
 
     new_sha = demo.bump_param(demo_repo["path"], "train.epochs", 2, "fewer epochs")
-    challenger = pipeline.run_local(settings, new_sha, deploy_model=False)
+    challenger = flow.run_local(settings, new_sha, deploy_model=False)
     version = registry.get_version(settings, challenger.model_version)
     # A real fault: the new version's artifacts vanish from the artifact store before the deploy.
     store = settings.home / "mlflow" / "artifacts"

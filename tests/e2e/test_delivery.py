@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gitops_ml import demo, pipeline, registry, trace, training
+from gitops_ml import demo, flow, pipeline, registry, trace, training
 from gitops_ml.errors import DeployError
 from tests.e2e.test_dag import all_versions, load_dag, run_note, task_states
 from tests.helpers import git
@@ -24,7 +24,7 @@ pytestmark = pytest.mark.e2e
 @pytest.fixture
 def champion(settings, demo_repo, server):
     """Version 1, trained from the demo's first commit and serving (the first model ever: absolute gate only)."""
-    result = pipeline.run_local(settings, demo_repo["commit_sha"])
+    result = flow.run_local(settings, demo_repo["commit_sha"])
     assert result.model_version == "1" and result.gate_passed
     evaluation = registry.load_run_json(settings, result.mlflow_run_id, "evaluation/evaluation.json")
     assert evaluation["champion_version"] is None and evaluation["gate"]["passed"]
@@ -96,12 +96,12 @@ def test_gate_failure_is_not_promoted_and_noted_on_the_commit(
 
 def test_revert_reuses_the_previous_version_without_training(settings, demo_repo, server, champion):
     repo = demo_repo["path"]
-    second = pipeline.run_local(settings, demo.bump_param(repo, "train.learning_rate", 0.004, "tune"))
+    second = flow.run_local(settings, demo.bump_param(repo, "train.learning_rate", 0.004, "tune"))
     assert second.model_version == "2" and server.version()["model_version"] == "2"
     git(repo, "revert", "--no-edit", "HEAD")
     revert_sha = git(repo, "rev-parse", "HEAD")
     started = time.monotonic()
-    result = pipeline.run_local(settings, revert_sha)
+    result = flow.run_local(settings, revert_sha)
     seconds = time.monotonic() - started
     assert result.reused is True and result.model_version == "1" and result.mlflow_run_id is None
     assert result.outcome["reused_from_commit"] == demo_repo["commit_sha"]
@@ -118,7 +118,7 @@ def test_revert_reuses_the_previous_version_without_training(settings, demo_repo
 
 
 def test_smoke_check_failure_rolls_back(settings, demo_repo, server, champion):
-    challenger = pipeline.run_local(settings, demo.bump_param(demo_repo["path"], "train.seed", 7), deploy_model=False)
+    challenger = flow.run_local(settings, demo.bump_param(demo_repo["path"], "train.seed", 7), deploy_model=False)
     version = registry.get_version(settings, challenger.model_version)
     store = settings.home / "mlflow" / "artifacts"
 
@@ -146,7 +146,7 @@ def test_smoke_check_failure_rolls_back(settings, demo_repo, server, champion):
 
 def test_no_request_fails_while_switching(settings, demo_repo, server, champion):
     repo = demo_repo["path"]
-    second = pipeline.run_local(settings, demo.bump_param(repo, "train.seed", 11), deploy_model=False)
+    second = flow.run_local(settings, demo.bump_param(repo, "train.seed", 11), deploy_model=False)
     with Traffic(server.url, [digit_png(repo)]) as traffic:
         time.sleep(0.5)
         pipeline.deploy(settings, second.commit, second.model_version, {})
@@ -238,9 +238,7 @@ def test_every_server_converges_or_all_roll_back(settings, demo_repo, server, ch
     monkeypatch.setenv("MLFLOW_TRACKING_URI", settings.tracking_uri)
     try:
         assert second.version()["model_version"] == "1" and misconfigured.version() is None
-        challenger = pipeline.run_local(
-            settings, demo.bump_param(demo_repo["path"], "train.seed", 5), deploy_model=False
-        )
+        challenger = flow.run_local(settings, demo.bump_param(demo_repo["path"], "train.seed", 5), deploy_model=False)
         both = settings.with_overrides(serving_url=f"{server.url},{second.url}")
         result = pipeline.deploy(both, challenger.commit, challenger.model_version, {})
         assert set(result.serving) == {server.url, second.url}
@@ -263,7 +261,7 @@ def test_bookkeeping_cut_short_by_a_crash_is_completed_by_the_next_run(settings,
     real steps up to the switch and stopping there, as ``kill -9`` would): the re-run records the
     promotion with the version it replaced instead of "unchanged"."""
     commit_sha = demo.bump_param(demo_repo["path"], "train.seed", 7, "second model")
-    second = pipeline.run_local(settings, commit_sha, run_id="commit__crashed", deploy_model=False)
+    second = flow.run_local(settings, commit_sha, run_id="commit__crashed", deploy_model=False)
     version = second.model_version
     params = {"deploy": {}}
     assert pipeline.deploy_intent(settings, version, "commit__crashed") is None
@@ -293,7 +291,7 @@ def test_runs_finishing_out_of_order_converge_on_the_branch_head(settings, demo_
     b = demo.bump_param(repo, "gate.max_accuracy_drop", 1.0, "B: tolerate any drop")
     c = demo.bump_param(repo, "gate.min_accuracy", 0.9999, "C: an impossible gate")
     d = demo.bump_param(repo, "gate.min_accuracy", 0.8, "D: back to B's params")
-    results = {sha: pipeline.run_local(settings, sha, run_id=f"commit__{sha}") for sha in (d, b, c)}
+    results = {sha: flow.run_local(settings, sha, run_id=f"commit__{sha}") for sha in (d, b, c)}
 
     d_version = results[d].model_version
     assert results[d].deploy.changed and results[d].outcome["summary"].startswith("PROMOTED")
@@ -316,7 +314,7 @@ def test_first_model_that_fails_on_one_server_leaves_every_server_serving_nothin
     from tests.conftest import ServerProcess
     from tests.helpers import free_port
 
-    first = pipeline.run_local(settings, demo_repo["commit_sha"], deploy_model=False)
+    first = flow.run_local(settings, demo_repo["commit_sha"], deploy_model=False)
     monkeypatch.setenv("MLFLOW_TRACKING_URI", f"sqlite:///{tmp_path / 'other.db'}")
     misconfigured = ServerProcess(
         settings.with_overrides(serving_url=f"http://127.0.0.1:{free_port()}"), tmp_path / "serve2.log"

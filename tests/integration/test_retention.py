@@ -21,7 +21,7 @@ import numpy as np
 import pytest
 from PIL import Image
 
-from gitops_ml import data, pipeline, registry, retention, source
+from gitops_ml import data, flow, pipeline, registry, retention, source
 from gitops_ml.errors import DataError
 from gitops_ml.payloads import Commit
 from tests.helpers import BIN, commit_file, git
@@ -86,7 +86,7 @@ def git_worktrees(settings) -> set[str]:
 
 
 def cache_objects(settings) -> set[str]:
-    root = pipeline.data_cache_dir(settings) / "files" / "md5"
+    root = settings.dvc_cache_dir / "files" / "md5"
     return {p.parent.name + p.name for p in root.glob("*/*") if p.is_file()}
 
 
@@ -172,7 +172,7 @@ def test_dvc_cache_keeps_exactly_what_retained_trees_and_model_versions_need(set
     repo, remote = demo_repo["path"], demo_repo["remote"]
     settings = settings.with_overrides(keep_worktrees=1)
     champion_sha = demo_repo["commit_sha"]
-    result = pipeline.run_local(settings, champion_sha, deploy_model=False)  # version 1, alias challenger
+    result = flow.run_local(settings, champion_sha, deploy_model=False)  # version 1, alias challenger
     registry.set_alias(settings, result.model_version)  # and champion
     shas = [change_data(repo, remote, seed, f"data {seed}") for seed in (1, 2, 3)]
     for sha in shas:
@@ -189,7 +189,7 @@ def test_dvc_cache_keeps_exactly_what_retained_trees_and_model_versions_need(set
     remote.rename(remote.with_name("remote-unreachable"))
     tree = settings.work_dir / last
     shutil.rmtree(tree / DATA)
-    assert data.pull(tree, DATA, pipeline.data_cache_dir(settings)).nfiles == 1797 + 1
+    assert data.pull(tree, DATA, settings.dvc_cache_dir).nfiles == 1797 + 1
     champion = finished_run(settings, champion_sha)  # its work tree was removed: checked out and pulled again
     assert champion.commit_sha == champion_sha and trees(settings) == {champion_sha}
     commit = pipeline.resolve(settings, removed[0]).commit
