@@ -10,12 +10,15 @@ names configure a cluster (see ``docker-compose.yml``).
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from pathlib import Path
+from typing import Any
 
-from pydantic import Field, ValidationError, ValidationInfo, field_validator
+from pydantic import Field, SecretStr, ValidationError, ValidationInfo, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from gitops_ml.errors import GitopsMLError
+from gitops_ml.refs import redact
 
 ENV_PREFIX = "GITOPS_ML_"
 
@@ -28,7 +31,9 @@ class Settings(BaseSettings):
     """Where gitops-ml keeps its state and which services it talks to.
 
     ``Settings()`` (or :meth:`from_env`) reads the environment; keyword arguments win over it.
-    Secrets are left out of ``repr``.
+    Passwords, tokens and keys are ``SecretStr`` (``.get_secret_value()`` where they are used), and
+    ``repr``/``str`` mask the credentials a URL carries (``https://user:token@host``), so printing or
+    logging the settings shows no secret.
     """
 
     model_config = SettingsConfigDict(
@@ -57,7 +62,9 @@ class Settings(BaseSettings):
     serving_url: str = Field(
         "http://127.0.0.1:8765", description="base URL of the running `gitops-ml serve` (comma-separated for several)"
     )
-    serving_token: str = Field("", repr=False, description="shared secret for the server's /admin endpoints")
+    serving_token: SecretStr = Field(
+        "", validate_default=True, description="shared secret for the server's /admin endpoints"
+    )
     trusted_proxies: str = Field("", description="comma-separated reverse proxies whose X-Forwarded-For is read")
     deploy_timeout: float = Field(120.0, description="seconds the deploy step waits for /version to report the SHA")
     mlflow_ui_url: str = Field("http://127.0.0.1:5000", description="MLflow UI the Airflow UI links point to")
@@ -65,15 +72,19 @@ class Settings(BaseSettings):
     keep_worktrees: int = Field(5, description="work trees of finished runs kept (latest first); -1 keeps all")
     keep_failed_hours: float = Field(24.0, description="hours the work tree of a failed run is kept")
     watch_config: Path | None = Field(None, description="the watch file (default: <home>/watch.yaml)")
-    webhook_secret: str = Field("", repr=False, description="webhook secret of a watch without webhook_secret_env")
+    webhook_secret: SecretStr = Field(
+        "", validate_default=True, description="webhook secret of a watch without webhook_secret_env"
+    )
     spool_max_bytes: int = Field(512 * 1024 * 1024, description="cap of the local log spool")
     log_flush_seconds: float = Field(1.0, description="interval of the live log preview into ES; 0: off")
     ship_wait_seconds: float = Field(60.0, description="how long the last task retries an unreachable ES")
     es_url: str = Field("", validation_alias="ES_URL", description="Elasticsearch for logs and run records")
-    es_api_key: str = Field("", validation_alias="ES_API_KEY", repr=False, description="API key for es_url")
+    es_api_key: SecretStr = Field(
+        "", validation_alias="ES_API_KEY", validate_default=True, description="API key for es_url"
+    )
     es_username: str = Field("", validation_alias="ES_USERNAME", description="basic-auth user for es_url")
-    es_password: str = Field(
-        "", validation_alias="ES_PASSWORD", repr=False, description="basic-auth password for es_url"
+    es_password: SecretStr = Field(
+        "", validation_alias="ES_PASSWORD", validate_default=True, description="basic-auth password for es_url"
     )
     es_ca_certs: str = Field("", validation_alias="ES_CA_CERTS", description="CA bundle for an https es_url")
     airflow_api_url: str = Field(
@@ -82,8 +93,11 @@ class Settings(BaseSettings):
     airflow_api_username: str = Field(
         "", validation_alias="AIRFLOW_API_USERNAME", description="user for Airflow's /auth/token"
     )
-    airflow_api_password: str = Field(
-        "", validation_alias="AIRFLOW_API_PASSWORD", repr=False, description="password for Airflow's /auth/token"
+    airflow_api_password: SecretStr = Field(
+        "",
+        validation_alias="AIRFLOW_API_PASSWORD",
+        validate_default=True,
+        description="password for Airflow's /auth/token",
     )
 
     @field_validator("home")
@@ -122,8 +136,18 @@ class Settings(BaseSettings):
             raise SettingsError(f"environment: {problems}") from None
 
     def with_overrides(self, **overrides: object) -> Settings:
-        """Return a copy with the non-empty ``overrides`` applied (run conf wins over env)."""
-        return self.model_copy(update={k: v for k, v in overrides.items() if v not in (None, "")})
+        """Return a copy with the non-empty ``overrides`` applied (run conf wins over env); a secret
+        given as plain text is wrapped as ``SecretStr`` like one read from the environment."""
+        update = {k: v for k, v in overrides.items() if v not in (None, "")}
+        for name, value in update.items():
+            if isinstance(value, str) and Settings.model_fields[name].annotation is SecretStr:
+                update[name] = SecretStr(value)
+        return self.model_copy(update=update)
+
+    def __repr_args__(self) -> Iterator[tuple[str | None, Any]]:
+        """The fields ``repr`` and ``str`` show: a URL's credentials masked (``SecretStr`` masks itself)."""
+        for name, value in super().__repr_args__():
+            yield name, redact(value) if isinstance(value, str) else value
 
     @property
     def serving_urls(self) -> list[str]:

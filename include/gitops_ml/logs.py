@@ -396,9 +396,9 @@ def es_credentials(settings: Settings) -> dict[str, Any]:
     for the Airflow UI's log reader (``stack.remote_logging_env``)."""
     options: dict[str, Any] = {}
     if settings.es_api_key:
-        options["api_key"] = settings.es_api_key
+        options["api_key"] = settings.es_api_key.get_secret_value()
     elif settings.es_username:
-        options["basic_auth"] = (settings.es_username, settings.es_password)
+        options["basic_auth"] = (settings.es_username, settings.es_password.get_secret_value())
     if settings.es_ca_certs:
         options["ca_certs"] = settings.es_ca_certs
     return options

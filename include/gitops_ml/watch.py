@@ -134,7 +134,7 @@ class Watch(BaseModel):
         """The variable the watch names (``webhook_secret_env``), else ``GITOPS_ML_WEBHOOK_SECRET``."""
         if self.webhook_secret_env:
             return os.environ.get(self.webhook_secret_env, "")
-        return Settings.from_env().webhook_secret
+        return Settings.from_env().webhook_secret.get_secret_value()
 
     def public(self) -> dict[str, Any]:
         """The fields that may be shown (URL without credentials)."""

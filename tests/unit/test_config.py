@@ -3,7 +3,10 @@ wrong types named by their variable, keyword arguments winning over the environm
 
 from __future__ import annotations
 
+import logging
+
 import pytest
+from pydantic import SecretStr
 
 from gitops_ml.config import Settings, SettingsError
 
@@ -54,3 +57,48 @@ def test_overrides_skip_empty_values_and_keep_the_rest(tmp_path):
     changed = settings.with_overrides(repo_url="/srv/other", branch=None, model_name="")
     assert (changed.repo_url, changed.branch, changed.model_name) == ("/srv/other", "dev", "gitops-ml-classifier")
     assert settings.repo_url == "/srv/models"
+
+
+SECRETS = {
+    "GITOPS_ML_SERVING_TOKEN": "serving-t0ken-1",
+    "GITOPS_ML_WEBHOOK_SECRET": "webhook-s3cret-2",
+    "ES_API_KEY": "es-api-k3y-3",
+    "ES_PASSWORD": "es-passw0rd-4",
+    "AIRFLOW_API_PASSWORD": "airflow-passw0rd-5",
+}
+URLS_WITH_CREDENTIALS = {
+    "GITOPS_ML_REPO_URL": ("https://ci-bot:repo-t0ken-6@git.example.org/models.git", "repo-t0ken-6"),
+    "MLFLOW_TRACKING_URI": ("postgresql://mlflow:db-passw0rd-7@db:5432/mlflow", "db-passw0rd-7"),
+    "ES_URL": ("https://elastic:es-url-passw0rd-8@es:9200", "es-url-passw0rd-8"),
+    "AIRFLOW_API_URL": ("http://admin:api-url-passw0rd-9@airflow:8080", "api-url-passw0rd-9"),
+    "GITOPS_ML_SERVING_URL": ("http://a:srv-passw0rd-10@s1:8765,http://s2:8765", "srv-passw0rd-10"),
+}
+
+
+def test_no_secret_shows_when_the_settings_are_printed_or_logged(tmp_path, monkeypatch, caplog):
+    monkeypatch.setenv("GITOPS_ML_HOME", str(tmp_path))
+    for name, value in SECRETS.items():
+        monkeypatch.setenv(name, value)
+    for name, (url, _) in URLS_WITH_CREDENTIALS.items():
+        monkeypatch.setenv(name, url)
+    settings = Settings.from_env().with_overrides(serving_token="override-t0ken-11")
+    with caplog.at_level(logging.INFO):
+        logging.getLogger("gitops_ml.test").info("settings: %s / %r", settings, settings)
+    shown = "\n".join([repr(settings), str(settings), f"{settings}", caplog.text])
+    secrets = [*SECRETS.values(), *(secret for _, secret in URLS_WITH_CREDENTIALS.values()), "override-t0ken-11"]
+    assert [s for s in secrets if s in shown] == []
+    assert "https://***@git.example.org/models.git" in shown  # masked, not dropped: still says which repository
+
+    # The code still gets the real values.
+    assert settings.serving_token.get_secret_value() == "override-t0ken-11"
+    assert settings.es_password.get_secret_value() == SECRETS["ES_PASSWORD"]
+    assert settings.repo_url == URLS_WITH_CREDENTIALS["GITOPS_ML_REPO_URL"][0]
+
+
+def test_every_secret_field_is_a_secret_type():
+    """A new password, token, key or secret setting is declared ``SecretStr`` (not a plain ``str`` that prints)."""
+    named_secret = [f for f in Settings.model_fields if f.endswith(("password", "token", "secret", "api_key"))]
+    assert sorted(named_secret) == sorted(
+        ["serving_token", "webhook_secret", "es_api_key", "es_password", "airflow_api_password"]
+    )
+    assert [f for f in named_secret if Settings.model_fields[f].annotation is not SecretStr] == []

@@ -124,7 +124,7 @@ class AirflowClient:
         return response
 
     def _token(self) -> str:
-        user, password = self.settings.airflow_api_username, self.settings.airflow_api_password
+        user, password = self.settings.airflow_api_username, self.settings.airflow_api_password.get_secret_value()
         if user and password:
             response = self._request("POST", "/auth/token", json={"username": user, "password": password})
         else:

@@ -23,7 +23,9 @@ class ServingClient:
 
     def __init__(self, settings: Settings, timeout: float = 10.0, base_url: str | None = None):
         self.base_url = base_url or settings.serving_urls[0]
-        headers = {"Authorization": f"Bearer {settings.serving_token}"} if settings.serving_token else {}
+        headers = (
+            {"Authorization": f"Bearer {settings.serving_token.get_secret_value()}"} if settings.serving_token else {}
+        )
         self._http = httpx.Client(base_url=self.base_url, timeout=timeout, headers=headers)
 
     def close(self) -> None:

@@ -439,7 +439,7 @@ class ServingState:
         if self.settings.serving_token:
             scheme, _, given = request.headers.get("authorization", "").partition(" ")
             if scheme.lower() != "bearer" or not hmac.compare_digest(
-                given.strip().encode(), self.settings.serving_token.encode()
+                given.strip().encode(), self.settings.serving_token.get_secret_value().encode()
             ):
                 raise ApiError("missing or wrong bearer token for /admin/reload", 401)
         elif not self.admin_without_token:
