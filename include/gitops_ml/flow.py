@@ -18,18 +18,26 @@ skip or stops the local run.  The rules:
   recorded, the serving model is untouched;
 - **finish**: the final record, the Git note and the disk cleanup of a run that deployed;
 - **failure**: a step that fails records the step and its reason against the SHA.
+
+Before any run, ``plan_runs`` (the watcher and the push webhook) and ``plan_retrain`` (the retraining
+schedule) plan the commits of a branch and record what gets no run (superseded commits,
+force-pushes); the run requests and their names come from ``gitops_ml.runs``.
 """
 
 from __future__ import annotations
 
 import logging
 from dataclasses import dataclass
-from typing import Any
+from datetime import datetime
+from typing import TYPE_CHECKING, Any
 
 from gitops_ml import pipeline
 from gitops_ml.config import Settings
 from gitops_ml.errors import GitopsMLError, InputError
 from gitops_ml.payloads import Commit, Deployed, LocalRun, Prepared, Pulled, Registered, Resolved, RunConf, RunIds
+
+if TYPE_CHECKING:
+    from gitops_ml.watch import Watch
 
 __all__ = [
     "STEPS",
@@ -37,7 +45,10 @@ __all__ = [
     "check_gate",
     "finish",
     "lineage",
+    "plan_retrain",
+    "plan_runs",
     "record_failure",
+    "record_plan",
     "refuse_conf_credentials",
     "reused_version",
     "run_local",
@@ -286,3 +297,69 @@ def _run_steps(
     deployed = pipeline.deploy(settings, commit, model_version, prepared.params, run_id)
     at("record")
     return LocalRun(**done, deploy=deployed, outcome=finish(settings, resolved, prepared, deployed, run_id))
+
+
+def record_plan(settings: Settings, plan: dict[str, Any], run_id: str) -> None:
+    """Record what gets no run: superseded commits and force-pushes (records, Elasticsearch, Git notes)."""
+    for decision in plan["decisions"]:
+        if decision["action"] == "superseded":
+            log.info("commit %s skipped: %s", decision["commit_sha"], decision["reason"])
+            pipeline.record(
+                settings,
+                decision["commit_sha"],
+                run_id,
+                "watch",
+                "superseded",
+                reason=decision["reason"],
+                superseded_by=decision["superseded_by"],
+            )
+            pipeline.write_note(
+                settings,
+                decision["commit_sha"],
+                {"gitops_ml_run": None, "decision": "superseded", "superseded_by": decision["superseded_by"]},
+            )
+    if plan.get("force_push"):
+        removed = plan["force_push"]["removed"]
+        log.warning(
+            "force-push detected on branch %r: %d commit(s) removed: %s",
+            plan["branch"],
+            len(removed),
+            ", ".join(removed),
+        )
+        pipeline.record(
+            settings,
+            plan["head_sha"],
+            run_id,
+            "watch",
+            "force_push",
+            reason=f"force-push removed {len(removed)} commit(s) from branch {plan['branch']!r}",
+            removed_commits=removed,
+            previous_sha=plan["previous_sha"],
+        )
+
+
+def plan_runs(
+    watch: Watch, settings: Settings, previous_sha: str | None, head_sha: str, run_id: str, trigger: str
+) -> tuple[dict[str, Any], list[dict[str, Any]]]:
+    """Plan the commits from ``previous_sha`` to ``head_sha`` of ``watch``, record what gets no run, and
+    return the plan with the run requests (the watcher and the push webhook both start runs so)."""
+    from gitops_ml import runs, watch as watch_mod  # noqa: PLC0415
+
+    plan = watch_mod.plan_branch(watch, settings.git_cache_dir, previous_sha, head_sha).to_dict()
+    for decision in plan["decisions"]:
+        log.info("commit %s: %s (%s)", decision["commit_sha"], decision["action"], decision["reason"])
+    record_plan(settings, plan, run_id)
+    return plan, runs.run_requests(watch.name, watch.branch, plan, trigger)
+
+
+def plan_retrain(watch: Watch, when: datetime) -> list[dict[str, Any]]:
+    """The one run of a scheduled retraining of the head of ``watch``'s branch (a rejected head is recorded)."""
+    from gitops_ml import runs, watch as watch_mod  # noqa: PLC0415
+
+    settings = runs.settings_for(watch)
+    plan = watch_mod.plan_branch(watch, settings.git_cache_dir, None).to_dict()
+    decision = plan["decisions"][0]
+    if decision["action"] == "rejected":
+        log.error("scheduled retraining of %s refused: %s", decision["commit_sha"], decision["reason"])
+        record_plan(settings, plan, "retrain")
+    return [runs.retrain_request(watch, plan, when)]

@@ -5,8 +5,9 @@ for a watched repository not named ``default``): Airflow refuses a second run wi
 whoever asks (watcher, webhook, a restarted scheduler, the CLI), and
 ``TriggerDagRunOperator(skip_when_already_exists=True)`` turns that refusal into "skipped".
 
-Nothing here imports Airflow or a backend: the DAG files, the webhook, the CLI and the REST
-client all take their names from this module.
+Nothing here imports Airflow, a backend or another gitops-ml module at import time: the DAG files,
+the webhook, the CLI and the REST client all take their names from this module.  Planning the
+commits of a push and recording what gets no run is ``flow.plan_runs``.
 """
 
 from __future__ import annotations
@@ -23,9 +24,6 @@ __all__ = [
     "DEFAULT_WATCH",
     "PIPELINE_DAG_ID",
     "RUN_ID_PREFIX",
-    "plan_retrain",
-    "plan_runs",
-    "record_plan",
     "retrain_dag_id",
     "retrain_request",
     "retrain_run_id",
@@ -141,71 +139,3 @@ def retrain_request(watch: Watch, plan: dict[str, Any], when: datetime) -> dict[
         "conf": _conf(decision, watch.name, watch.branch, "schedule"),
         "note": run_note(decision, "schedule"),
     }
-
-
-def record_plan(settings: Settings, plan: dict[str, Any], run_id: str) -> None:
-    """Record what gets no run: superseded commits and force-pushes (records, Elasticsearch, Git notes)."""
-    from gitops_ml import pipeline  # noqa: PLC0415
-
-    for decision in plan["decisions"]:
-        if decision["action"] == "superseded":
-            log.info("commit %s skipped: %s", decision["commit_sha"], decision["reason"])
-            pipeline.record(
-                settings,
-                decision["commit_sha"],
-                run_id,
-                "watch",
-                "superseded",
-                reason=decision["reason"],
-                superseded_by=decision["superseded_by"],
-            )
-            pipeline.write_note(
-                settings,
-                decision["commit_sha"],
-                {"gitops_ml_run": None, "decision": "superseded", "superseded_by": decision["superseded_by"]},
-            )
-    if plan.get("force_push"):
-        removed = plan["force_push"]["removed"]
-        log.warning(
-            "force-push detected on branch %r: %d commit(s) removed: %s",
-            plan["branch"],
-            len(removed),
-            ", ".join(removed),
-        )
-        pipeline.record(
-            settings,
-            plan["head_sha"],
-            run_id,
-            "watch",
-            "force_push",
-            reason=f"force-push removed {len(removed)} commit(s) from branch {plan['branch']!r}",
-            removed_commits=removed,
-            previous_sha=plan["previous_sha"],
-        )
-
-
-def plan_runs(
-    watch: Watch, settings: Settings, previous_sha: str | None, head_sha: str, run_id: str, trigger: str
-) -> tuple[dict[str, Any], list[dict[str, Any]]]:
-    """Plan the commits from ``previous_sha`` to ``head_sha`` of ``watch``, record what gets no run, and
-    return the plan with the run requests (the watcher and the push webhook both start runs so)."""
-    from gitops_ml import watch as watch_mod  # noqa: PLC0415
-
-    plan = watch_mod.plan_branch(watch, settings.git_cache_dir, previous_sha, head_sha).to_dict()
-    for decision in plan["decisions"]:
-        log.info("commit %s: %s (%s)", decision["commit_sha"], decision["action"], decision["reason"])
-    record_plan(settings, plan, run_id)
-    return plan, run_requests(watch.name, watch.branch, plan, trigger)
-
-
-def plan_retrain(watch: Watch, when: datetime) -> list[dict[str, Any]]:
-    """The one run of a scheduled retraining of the head of ``watch``'s branch (a rejected head is recorded)."""
-    from gitops_ml import watch as watch_mod  # noqa: PLC0415
-
-    settings = settings_for(watch)
-    plan = watch_mod.plan_branch(watch, settings.git_cache_dir, None).to_dict()
-    decision = plan["decisions"][0]
-    if decision["action"] == "rejected":
-        log.error("scheduled retraining of %s refused: %s", decision["commit_sha"], decision["reason"])
-        record_plan(settings, plan, "retrain")
-    return [retrain_request(watch, plan, when)]

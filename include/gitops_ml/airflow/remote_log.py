@@ -121,6 +121,16 @@ def file_documents(
     ]
 
 
+def airflow_masker() -> Callable[[str], str] | None:
+    """Airflow's secrets masker (connection passwords, sensitive variables) for the lines we ship, from
+    a task (``steps``) or from its finished log file (``upload``)."""
+    try:
+        from airflow.sdk._shared.secrets_masker import redact
+    except ImportError:  # moved in another Airflow version: our own URL/token redaction still applies
+        return None
+    return lambda message: str(redact(message))
+
+
 def uploads_task_log_file() -> bool:
     """True in a task process whose supervisor will ship the task's log file through
     :class:`EcsElasticsearchLogIO` (a worker with ``remote_logging`` on), False in-process (``dag.test()``)."""
@@ -186,7 +196,6 @@ class EcsElasticsearchLogIO(ElasticsearchRemoteLogIO):
         if not local.is_file():
             return
         from gitops_ml import logs
-        from gitops_ml.airflow.steps import _airflow_masker
         from gitops_ml.config import Settings
 
         home = Settings.from_env().home
@@ -200,7 +209,7 @@ class EcsElasticsearchLogIO(ElasticsearchRemoteLogIO):
                 "try_number": ti.try_number,
             },
         )
-        logs.replace_segment(home, labels, file_documents(local, labels, _airflow_masker()))
+        logs.replace_segment(home, labels, file_documents(local, labels, airflow_masker()))
         logs.ship_until_delivered(home, wait)
 
     def read(self, _relative_path: str, ti) -> tuple[list[str], list[str]]:

@@ -56,15 +56,6 @@ def _log_labels(context, args: tuple) -> dict[str, Any]:
     }
 
 
-def _airflow_masker() -> Callable[[str], str] | None:
-    """Airflow's secrets masker (connection passwords, sensitive variables) for our shipped lines."""
-    try:
-        from airflow.sdk._shared.secrets_masker import redact
-    except ImportError:  # moved in another Airflow version: our own URL/token redaction still applies
-        return None
-    return lambda message: str(redact(message))
-
-
 def _payload_types(fn: Callable[..., Any]) -> list[TypeAdapter]:
     """A validator per positional parameter of a task body, from its annotation (``Resolved``, ``Deployed | None``)."""
     hints = get_type_hints(fn)
@@ -79,7 +70,7 @@ def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
     @functools.wraps(fn)
     def wrapper(*args):
         from gitops_ml import logs
-        from gitops_ml.airflow.remote_log import uploads_task_log_file
+        from gitops_ml.airflow.remote_log import airflow_masker, uploads_task_log_file
 
         context = get_current_context()
         # The last task of a run waits a while for an unreachable Elasticsearch, so that an outage
@@ -92,7 +83,7 @@ def _adapter(fn: Callable[..., Any]) -> Callable[..., Any]:
             settings_from_context(context).home,
             _log_labels(context, args),
             ship_wait_seconds=wait,
-            redactor=_airflow_masker(),
+            redactor=airflow_masker(),
             shipped_by_supervisor=uploads_task_log_file(),
         ) as handler:
             try:

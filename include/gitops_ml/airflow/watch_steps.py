@@ -1,7 +1,7 @@
-"""Task bodies of the watcher and retraining DAGs: translation only, over ``gitops_ml.runs``.
+"""Task bodies of the watcher and retraining DAGs: translation only, over ``gitops_ml.flow`` and ``gitops_ml.runs``.
 
-The plans, the run requests and their names are in ``gitops_ml.runs`` (shared with the push
-webhook); here the watch name and the sensor's result come in, run requests for
+The plans (``flow.plan_runs``), the run requests and their names (``gitops_ml.runs``) are shared with the
+push webhook; here the watch name and the sensor's result come in, run requests for
 ``TriggerDagRunOperator`` go out, and the watcher's cursor is an Airflow Variable.
 """
 
@@ -13,12 +13,12 @@ from typing import Any
 
 def plan_commits(watch_name: str, found: dict[str, Any] | None, run_id: str) -> list[dict[str, Any]]:
     """Watcher task: from the sensor's result to the pipeline runs to start."""
-    from gitops_ml import runs, watch
+    from gitops_ml import flow, runs, watch
 
     if not found:
         return []
     watched = watch.get_watch(watch_name)
-    _, requests = runs.plan_runs(
+    _, requests = flow.plan_runs(
         watched, runs.settings_for(watched), found.get("previous_sha"), found["head_sha"], run_id, trigger="push"
     )
     return requests
@@ -42,6 +42,6 @@ def advance_cursor(watch_name: str, found: dict[str, Any] | None) -> str | None:
 
 def plan_retrain(watch_name: str, when: datetime) -> list[dict[str, Any]]:
     """Retraining DAG task: one pipeline run for the head of the branch, named by SHA + schedule time."""
-    from gitops_ml import runs, watch
+    from gitops_ml import flow, watch
 
-    return runs.plan_retrain(watch.get_watch(watch_name), when)
+    return flow.plan_retrain(watch.get_watch(watch_name), when)

@@ -238,7 +238,7 @@ def handle_push(watch_name: str, headers: dict[str, str], body: bytes) -> tuple[
 
 
 def _start_runs(watched, event) -> tuple[int, dict[str, Any]]:
-    from gitops_ml import runs
+    from gitops_ml import flow, runs
     from gitops_ml.errors import GitopsMLError, InputError
 
     settings = runs.settings_for(watched)
@@ -247,7 +247,7 @@ def _start_runs(watched, event) -> tuple[int, dict[str, Any]]:
         if refused:
             log.warning("webhook %s: %s", event.provider, refused[1]["error"])
             return refused
-        plan, requests = runs.plan_runs(
+        plan, requests = flow.plan_runs(
             watched, settings, event.previous_sha, event.after_sha, f"webhook__{event.after_sha}", trigger="webhook"
         )
     except InputError as exc:
