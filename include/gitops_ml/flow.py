@@ -81,9 +81,9 @@ def settings_for(conf: RunConf) -> Settings:
     """Settings of a run: the environment, then the watched repository named in the conf
     (``watch``: URL with its credentials, branch, model name, model servers), then explicit
     ``repo_url``/``branch``."""
-    from gitops_ml import runs, watch  # noqa: PLC0415
+    from gitops_ml import watch  # noqa: PLC0415
 
-    settings = runs.settings_for(watch.get_watch(conf.watch)) if conf.watch else Settings.from_env()
+    settings = watch.get_watch(conf.watch).run_settings() if conf.watch else Settings.from_env()
     return settings.with_overrides(repo_url=conf.repo_url, branch=conf.branch)
 
 
@@ -356,10 +356,10 @@ def plan_retrain(watch: Watch, when: datetime) -> list[dict[str, Any]]:
     """The one run of a scheduled retraining of the head of ``watch``'s branch (a rejected head is recorded)."""
     from gitops_ml import runs, watch as watch_mod  # noqa: PLC0415
 
-    settings = runs.settings_for(watch)
+    settings = watch.run_settings()
     plan = watch_mod.plan_branch(watch, settings.git_cache_dir, None).to_dict()
     decision = plan["decisions"][0]
     if decision["action"] == "rejected":
         log.error("scheduled retraining of %s refused: %s", decision["commit_sha"], decision["reason"])
         record_plan(settings, plan, "retrain")
-    return [runs.retrain_request(watch, plan, when)]
+    return [runs.retrain_request(watch.name, watch.branch, str(watch.retrain_schedule), plan, when)]

@@ -14,11 +14,7 @@ from __future__ import annotations
 
 import logging
 from datetime import datetime
-from typing import TYPE_CHECKING, Any
-
-if TYPE_CHECKING:
-    from gitops_ml.config import Settings
-    from gitops_ml.watch import Watch
+from typing import Any
 
 __all__ = [
     "DEFAULT_WATCH",
@@ -30,7 +26,6 @@ __all__ = [
     "run_id_for",
     "run_note",
     "run_requests",
-    "settings_for",
     "watch_dag_id",
 ]
 
@@ -67,16 +62,6 @@ def watch_dag_id(watch_name: str) -> str:
 def retrain_dag_id(watch_name: str) -> str:
     """The scheduled retraining DAG of a watched repository."""
     return f"gitops_ml_retrain__{watch_name}"
-
-
-def settings_for(watch: Watch) -> Settings:
-    """The settings of a run of ``watch``: the environment, with the watch's URL, branch, model name and
-    model servers."""
-    from gitops_ml.config import Settings  # noqa: PLC0415
-
-    return Settings.from_env().with_overrides(
-        repo_url=watch.url, branch=watch.branch, model_name=watch.model_name, serving_url=watch.serving_url
-    )
 
 
 def run_note(decision: dict[str, Any], trigger: str) -> str:
@@ -125,17 +110,20 @@ def run_requests(watch_name: str, branch: str, plan: dict[str, Any], trigger: st
     ]
 
 
-def retrain_request(watch: Watch, plan: dict[str, Any], when: datetime) -> dict[str, Any]:
-    """The run request of a scheduled retraining of the head (``plan`` from the head alone)."""
+def retrain_request(
+    watch_name: str, branch: str, schedule: str, plan: dict[str, Any], when: datetime
+) -> dict[str, Any]:
+    """The run request of a scheduled retraining (``schedule``) of the head of ``branch`` (``plan`` from the
+    head alone)."""
     decision = plan["decisions"][0]
     if decision["action"] != "rejected":
         decision = {
             **decision,
             "action": "train",
-            "reason": f"scheduled retraining ({watch.retrain_schedule}) of the head of {watch.branch!r}",
+            "reason": f"scheduled retraining ({schedule}) of the head of {branch!r}",
         }
     return {
-        "trigger_run_id": retrain_run_id(decision["commit_sha"], when, watch.name),
-        "conf": _conf(decision, watch.name, watch.branch, "schedule"),
+        "trigger_run_id": retrain_run_id(decision["commit_sha"], when, watch_name),
+        "conf": _conf(decision, watch_name, branch, "schedule"),
         "note": run_note(decision, "schedule"),
     }

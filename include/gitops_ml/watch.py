@@ -130,6 +130,13 @@ class Watch(BaseModel):
         """Airflow Variable holding the last commit the watcher has planned."""
         return f"{watch_dag_id(self.name)}__last_sha"
 
+    def run_settings(self) -> Settings:
+        """The settings of a run of this watch: the environment, with the watch's URL, branch, model name
+        and model servers."""
+        return Settings.from_env().with_overrides(
+            repo_url=self.url, branch=self.branch, model_name=self.model_name, serving_url=self.serving_url
+        )
+
     def webhook_secret(self) -> str:
         """The variable the watch names (``webhook_secret_env``), else ``GITOPS_ML_WEBHOOK_SECRET``."""
         if self.webhook_secret_env:

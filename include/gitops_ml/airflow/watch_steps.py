@@ -13,13 +13,13 @@ from typing import Any
 
 def plan_commits(watch_name: str, found: dict[str, Any] | None, run_id: str) -> list[dict[str, Any]]:
     """Watcher task: from the sensor's result to the pipeline runs to start."""
-    from gitops_ml import flow, runs, watch
+    from gitops_ml import flow, watch
 
     if not found:
         return []
     watched = watch.get_watch(watch_name)
     _, requests = flow.plan_runs(
-        watched, runs.settings_for(watched), found.get("previous_sha"), found["head_sha"], run_id, trigger="push"
+        watched, watched.run_settings(), found.get("previous_sha"), found["head_sha"], run_id, trigger="push"
     )
     return requests
 

@@ -238,10 +238,10 @@ def handle_push(watch_name: str, headers: dict[str, str], body: bytes) -> tuple[
 
 
 def _start_runs(watched, event) -> tuple[int, dict[str, Any]]:
-    from gitops_ml import flow, runs
+    from gitops_ml import flow
     from gitops_ml.errors import GitopsMLError, InputError
 
-    settings = runs.settings_for(watched)
+    settings = watched.run_settings()
     try:
         refused = verify_on_branch(watched, settings.git_cache_dir, event.after_sha)
         if refused:
