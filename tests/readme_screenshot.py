@@ -100,7 +100,6 @@ def shoot(folder: Path, out: Path) -> None:
     subprocess.run([str(BIN / "airflow"), "db", "migrate"], check=True, capture_output=True)
 
     from gitops_ml import stack
-    from gitops_ml.runs import settings_for
     from gitops_ml.watch import get_watch
     from tests.history_seed import seed
 
@@ -108,7 +107,7 @@ def shoot(folder: Path, out: Path) -> None:
         local = folder / "repositories" / watch["name"]
         local.parent.mkdir(parents=True, exist_ok=True)
         seed(
-            settings_for(get_watch(watch["name"])),
+            get_watch(watch["name"]).run_settings(),
             watch["commits"],
             failed_every=watch["failed_every"],
             watch=watch["name"],

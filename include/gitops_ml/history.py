@@ -508,12 +508,12 @@ def records_reader(settings: Settings, commit_shas: list[str], es_client=None):
 
 def watched(name: str | None = None) -> list[tuple[str, Settings]]:
     """Each watched repository's name and run settings (its URL, branch, model name and model servers;
-    ``gitops_ml.runs.settings_for``), in the watch file's order; without a watch file the ``default``
+    ``Watch.run_settings``), in the watch file's order; without a watch file the ``default``
     watch of the environment.  ``name`` picks one (``InputError`` naming it when nobody watches it)."""
     from gitops_ml import watch  # noqa: PLC0415 - the watch file is read per request: it may change
-    from gitops_ml.runs import DEFAULT_WATCH, settings_for  # noqa: PLC0415
+    from gitops_ml.runs import DEFAULT_WATCH  # noqa: PLC0415
 
-    found = [(w.name, settings_for(w)) for w in watch.load_watches()] or [(DEFAULT_WATCH, Settings.from_env())]
+    found = [(w.name, w.run_settings()) for w in watch.load_watches()] or [(DEFAULT_WATCH, Settings.from_env())]
     if name is None:
         return found
     picked = [(n, s) for n, s in found if n == name]

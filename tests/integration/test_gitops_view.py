@@ -52,7 +52,7 @@ def seeded_api(airflow_db, settings, tmp_path, monkeypatch):
     from sqlalchemy import delete
 
     from gitops_ml.config import Settings
-    from gitops_ml.runs import PIPELINE_DAG_ID, settings_for
+    from gitops_ml.runs import PIPELINE_DAG_ID
     from gitops_ml.watch import get_watch
 
     # The session's Airflow DB is shared: runs that earlier tests left (other repositories) would count
@@ -60,7 +60,7 @@ def seeded_api(airflow_db, settings, tmp_path, monkeypatch):
     with create_session() as session:
         session.execute(delete(DagRun).where(DagRun.dag_id == PIPELINE_DAG_ID))
     seeded = seed(Settings.from_env(), COMMITS)
-    seeded["vision"] = seed(settings_for(get_watch("vision")), VISION_COMMITS, failed_every=3, watch="vision")
+    seeded["vision"] = seed(get_watch("vision").run_settings(), VISION_COMMITS, failed_every=3, watch="vision")
     seeded["vision"]["serving_url"] = vision_serving
     app = create_app(apps="core")
 
