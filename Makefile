@@ -46,9 +46,10 @@ format: install  ## apply ruff's safe fixes and its formatting
 	$(VENV)/bin/ruff check --fix .
 	$(VENV)/bin/ruff format .
 
-bench: install  ## benchmarks: DAG parse time, commit-to-serving latency (writes benchmarks/out/)
+bench: install  ## benchmarks: DAG parse time, commit-to-serving latency (also with a user model.py against the built-in model) (writes benchmarks/out/)
 	$(VENV)/bin/python -m benchmarks.dag_parse
 	$(VENV)/bin/python -m benchmarks.commit_to_serving
+	$(VENV)/bin/python -m benchmarks.commit_to_serving --model-code
 	$(VENV)/bin/python -m benchmarks.serving
 
 es-up: install  ## a local single-node Elasticsearch 8.19 from Maven Central on 127.0.0.1:9200 (Java 17)
