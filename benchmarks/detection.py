@@ -35,28 +35,24 @@ split waiting for the next check from the work after it (plan, trigger the run).
 from __future__ import annotations
 
 import argparse
-import hashlib
-import hmac
 import json
 import os
-import platform
 import random
 import signal
 import statistics
-import subprocess
 import sys
 import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
-from datetime import UTC, datetime
+from datetime import datetime
 from pathlib import Path
 
 import httpx
 
-from benchmarks._common import OUT_DIR, ROOT, free_port, fresh_home
+from benchmarks._common import OUT_DIR, ROOT, begin, free_port, fresh_home, log
 from gitops_ml.airflow.client import AirflowClient
 from gitops_ml.runs import PIPELINE_DAG_ID, run_id_for
-from tests.helpers import git
+from tests.helpers import git, github_push_headers, push_body
 
 OURS, POKE = "gitops_ml_watch__", "bench_poke_watch__"
 WEBHOOK_SECRET = "bench-detection-secret"
@@ -79,10 +75,6 @@ class Abort(Exception):
 
 
 STOP = threading.Event()
-
-
-def log(msg: str) -> None:
-    print(f"[{time.strftime('%H:%M:%S')}] {msg}", flush=True)
 
 
 def make_repo(path: Path) -> str:
@@ -205,24 +197,9 @@ def measure_webhook(base_url: str, watch_name: str, repo: Path, pushes: int, see
     for i in range(pushes):
         before = git(repo, "rev-parse", "HEAD")
         sha, t_push = push(repo, offset + i)
-        body = json.dumps(
-            {
-                "ref": "refs/heads/main",
-                "before": before,
-                "after": sha,
-                "repository": {"clone_url": str(repo)},
-                "commits": [{"id": sha}],
-            }
-        ).encode()
-        digest = hmac.new(WEBHOOK_SECRET.encode(), body, hashlib.sha256).hexdigest()
+        body = push_body(before, sha, clone_url=str(repo), commits=[sha])
         response = hook.post(
-            f"/gitops-ml/webhooks/{watch_name}",
-            content=body,
-            headers={
-                "X-GitHub-Event": "push",
-                "X-Hub-Signature-256": f"sha256={digest}",
-                "Content-Type": "application/json",
-            },
+            f"/gitops-ml/webhooks/{watch_name}", content=body, headers=github_push_headers(body, WEBHOOK_SECRET)
         )
         t_response = time.time()
         if response.status_code != 202:
@@ -316,22 +293,6 @@ def summary(values: list[float]) -> dict:
     }
 
 
-def environment() -> dict:
-    from importlib.metadata import version
-
-    airflow_version = version("apache-airflow")
-    return {
-        "date": datetime.now(UTC).strftime("%Y-%m-%d %H:%M UTC"),
-        "cores": os.cpu_count(),
-        "load_avg_at_start": os.getloadavg(),
-        "platform": platform.platform(),
-        "python": platform.python_version(),
-        "airflow": airflow_version,
-        "git": subprocess.run(["git", "--version"], capture_output=True, text=True, check=False).stdout.strip(),
-        "command": "python -m benchmarks.detection " + " ".join(sys.argv[1:]),
-    }
-
-
 def main() -> None:
     parser = argparse.ArgumentParser()
     parser.add_argument("--pushes", type=int, default=20, help="pushes per watcher at the default poll interval")
@@ -341,11 +302,7 @@ def main() -> None:
     parser.add_argument("--idle", type=int, default=30, help="seconds of slot sampling without pushes")
     parser.add_argument("--seed", type=int, default=0)
     args = parser.parse_args()
-    # SIGTERM -> SystemExit, so the `finally` below stops Airflow.
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    env_info = environment()
-    for key, value in env_info.items():
-        print(f"{key}: {value}")
+    env_info = begin("detection")  # SIGTERM -> SystemExit, so the `finally` below stops Airflow.
 
     home = fresh_home("detection-", free_port())
     from gitops_ml import stack

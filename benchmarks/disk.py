@@ -28,6 +28,7 @@ import time
 from pathlib import Path
 
 from benchmarks._common import OUT_DIR
+from tests.helpers import change_demo_images
 
 PARTS = ("work", "dvc-cache", "dvc-cache-site", "mlflow")
 
@@ -36,26 +37,6 @@ def du_kib(path: Path) -> int:
     if not path.exists():
         return 0
     return int(subprocess.run(["du", "-sk", str(path)], check=True, capture_output=True, text=True).stdout.split()[0])
-
-
-def change_data(repo: Path, remote: str, seed: int) -> str:
-    import numpy as np
-    from PIL import Image
-
-    from gitops_ml import data, demo
-
-    images = repo / "data" / "images"
-    rng = np.random.default_rng(seed)
-    for target in (
-        sorted((images / "3").glob("0*.png"))[0],
-        sorted((images / "5").glob("0*.png"))[0],
-        images / "7" / "extra.png",
-    ):
-        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(target)
-    data.track_and_push(repo, "data/images", "storage", remote)
-    import git
-
-    return demo.commit_all(git.Repo(repo), f"data change {seed}")
 
 
 def main() -> None:
@@ -101,7 +82,7 @@ def main() -> None:
     rows, seconds = [], {"off": [], "on": []}
     started = time.monotonic()
     for i in range(1, args.commits + 1):
-        sha = change_data(repo, remote, i)
+        sha = change_demo_images(repo, remote, i, f"data change {i}")
         row = {"commit": i}
         for name, settings in homes.items():
             t0 = time.monotonic()

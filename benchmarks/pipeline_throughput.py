@@ -24,13 +24,11 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import signal
 import sys
 import time
 from datetime import datetime
 
-from benchmarks._common import OUT_DIR
-from benchmarks.detection import environment, log
+from benchmarks._common import OUT_DIR, begin, log
 from gitops_ml.airflow.client import AirflowClient
 from tests.cluster.harness import MODEL_REPOSITORIES, Cluster, missing_tools, watched_run
 
@@ -90,11 +88,7 @@ def main() -> None:
     missing = missing_tools()
     if missing:
         sys.exit("the benchmark needs: " + "; ".join(missing))
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    env_info = environment()
-    env_info["command"] = "python -m benchmarks.pipeline_throughput " + " ".join(sys.argv[1:])
-    for key, value in env_info.items():
-        print(f"{key}: {value}")
+    env_info = begin("pipeline_throughput")
     results: dict = {"environment": env_info, "args": vars(args), "phases": []}
     t_start = time.monotonic()
     cluster = Cluster()

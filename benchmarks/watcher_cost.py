@@ -34,7 +34,6 @@ import argparse
 import json
 import os
 import shutil
-import signal
 import sqlite3
 import subprocess
 import sys
@@ -44,8 +43,8 @@ from pathlib import Path
 
 import psutil
 
-from benchmarks._common import OUT_DIR, ROOT, free_port, fresh_home
-from benchmarks.detection import environment, git, log
+from benchmarks._common import OUT_DIR, ROOT, begin, free_port, fresh_home, log
+from tests.helpers import git
 
 SITECUSTOMIZE = '''"""Benchmark only (benchmarks/watcher_cost.py): count the SQL statements this process sends."""
 import os
@@ -172,11 +171,7 @@ def main() -> None:
     parser.add_argument("--settle-timeout", type=float, default=900.0)
     args = parser.parse_args()
     counts = [int(c) for c in args.counts.split(",")]
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    env_info = environment()
-    env_info["command"] = "python -m benchmarks.watcher_cost " + " ".join(sys.argv[1:])
-    for key, value in env_info.items():
-        print(f"{key}: {value}")
+    env_info = begin("watcher_cost")
 
     home = fresh_home("watcher-cost-", free_port())
     from gitops_ml import stack

@@ -13,7 +13,6 @@ from __future__ import annotations
 import json
 import os
 import random
-import re
 import shlex
 import subprocess
 import sys
@@ -23,24 +22,12 @@ import httpx
 import pytest
 
 from gitops_ml import params
+from tests.helpers import readme_block, run_bash
 
 pytestmark = pytest.mark.e2e
 
-ROOT = Path(__file__).resolve().parents[2]
 EXAMPLE_REMOTE = "/srv/dvc/my-model"
 CLASSES = {"red": (200, 40, 40), "green": (40, 180, 60), "blue": (40, 60, 200)}
-
-
-def readme_block(marker: str) -> str:
-    """The ```bash block that follows ``<!-- marker`` in README.md, dedented."""
-    text = (ROOT / "README.md").read_text()
-    found = re.search(
-        rf"<!-- {re.escape(marker)}\b.*?-->\s*\n(?P<indent>[ \t]*)```bash\n(?P<body>.*?)\n[ \t]*```", text, re.S
-    )
-    assert found, f"README.md has no ```bash block after a <!-- {marker} ... --> comment"
-    indent = found.group("indent")
-    lines = found.group("body").split("\n")
-    return "\n".join(line[len(indent) :] if line.startswith(indent) else line for line in lines) + "\n"
 
 
 def write_images(images: Path, per_class: int = 16) -> None:
@@ -59,18 +46,6 @@ def write_images(images: Path, per_class: int = 16) -> None:
             image = Image.new("RGB", size)
             image.putdata(pixels)
             image.save(folder / (f"{i:03d}.jpg" if i % 2 else f"{i:03d}.png"))
-
-
-def bash(script: str, cwd: Path, env: dict[str, str]) -> subprocess.CompletedProcess:
-    return subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=cwd,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=900,
-        check=False,
-    )
 
 
 def test_readme_walkthrough_gives_a_served_model(settings, server, tmp_path):
@@ -95,7 +70,7 @@ def test_readme_walkthrough_gives_a_served_model(settings, server, tmp_path):
     }
     env.pop("GITOPS_ML_REPO_URL")  # the README's block exports it
 
-    made = bash(repo_block, folder, env)
+    made = run_bash(repo_block, folder, env, timeout=900)
     assert made.returncode == 0, f"README byo-repo block failed:\n{repo_block}\n{made.stdout}\n{made.stderr}"
     tracked = subprocess.run(["git", "ls-files"], cwd=folder, capture_output=True, text=True, check=True).stdout.split()
     assert "data/images.dvc" in tracked and "params.yaml" in tracked and ".dvc/config" in tracked, tracked
@@ -111,7 +86,7 @@ def test_readme_walkthrough_gives_a_served_model(settings, server, tmp_path):
         == ""
     ), "the README's commands leave files uncommitted"
 
-    ran = bash(run_block, folder, env)
+    ran = run_bash(run_block, folder, env, timeout=900)
     assert ran.returncode == 0, f"README byo-run block failed:\n{run_block}\n{ran.stdout}\n{ran.stderr[-4000:]}"
     result = json.loads(ran.stdout[ran.stdout.index("{") :])
     assert result["commit"]["commit_sha"] == head

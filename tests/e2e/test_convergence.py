@@ -12,6 +12,7 @@ from gitops_ml import demo, registry
 from gitops_ml.runs import run_id_for
 from tests.e2e.test_dag import load_dag, run_note, task_states
 from tests.e2e.test_watch_dags import pipeline_runs, watch_config, watcher  # noqa: F401 - fixture
+from tests.helpers import github_push_headers, push_body
 
 pytestmark = pytest.mark.e2e
 
@@ -53,9 +54,6 @@ def test_five_commits_pushed_at_once_through_the_webhook_converge_on_the_head(
     """Five commits in one push, announced by a signed webhook (no poller): under ``every`` a run each, run
     newest first (the third fails its gate, the fourth reuses the second's model); under ``latest`` only the
     head's run. Either way the head serves once the runs settle."""
-    import hashlib
-    import hmac
-    import json
     import uuid
 
     from starlette.testclient import TestClient
@@ -78,24 +76,9 @@ def test_five_commits_pushed_at_once_through_the_webhook_converge_on_the_head(
     ]
     head = shas[-1]
     _sync_dags_to_db()
-    body = json.dumps(
-        {
-            "ref": "refs/heads/main",
-            "before": base,
-            "after": head,
-            "repository": {"clone_url": "https://git.example.com/m.git"},
-        }
-    ).encode()
-    signature = hmac.new(b"hook-secret-1", body, hashlib.sha256).hexdigest()
+    body = push_body(base, head)
     answer = TestClient(create_app()).post(
-        f"/webhooks/{name}",
-        content=body,
-        headers={
-            "X-GitHub-Event": "push",
-            "X-GitHub-Delivery": str(uuid.uuid4()),
-            "Content-Type": "application/json",
-            "X-Hub-Signature-256": f"sha256={signature}",
-        },
+        f"/webhooks/{name}", content=body, headers=github_push_headers(body, "hook-secret-1", str(uuid.uuid4()))
     )
     assert answer.status_code == 202, answer.text
     expected = shas if policy == "every" else [head]

@@ -1,9 +1,6 @@
 """The whole path on a live Airflow (``airflow standalone``: scheduler, dag-processor, triggerer,
 API server, LocalExecutor on SQLite), started by the test like ``make demo`` does."""
 
-import hashlib
-import hmac
-import json
 import time
 from collections import Counter
 
@@ -12,7 +9,7 @@ import pytest
 
 from gitops_ml import demo, logs, registry, stack
 from gitops_ml.airflow.client import AirflowClient
-from tests.helpers import commit_file
+from tests.helpers import commit_file, github_push_headers, push_body, task_log
 
 
 def total_runs(client) -> int:
@@ -66,13 +63,7 @@ def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_
     assert removed, "Airflow wrote no local task log files"
     for path in removed:
         path.unlink()
-    response = client._http.get(
-        f"/api/v2/dags/gitops_ml_pipeline/dagRuns/commit__{commit_sha}/taskInstances/train/logs/1",
-        params={"full_content": "true"},
-        headers={"Accept": "application/json"},
-    )
-    assert response.status_code == 200, response.text
-    content = response.json()["content"]
+    content = task_log(client, "gitops_ml_pipeline", f"commit__{commit_sha}", "train")
     events = [line.get("event", "") for line in content if isinstance(line, dict)]
     assert any(
         "Elasticsearch" in " ".join(line.get("sources", [])) for line in content if isinstance(line, dict)
@@ -127,23 +118,13 @@ def test_push_starts_a_run_named_by_sha_and_serves_it(settings, demo_repo, live_
     # The push webhook, served by the live API server (plugin app): a bad signature starts nothing,
     # a good one creates the run at once (a docs-only commit: recorded as "no retrain needed").
     docs_sha = commit_file(demo_repo["path"], "README.md", "how to use the model\n", "docs")
-    body = json.dumps(
-        {
-            "ref": "refs/heads/main",
-            "before": new_sha,
-            "after": docs_sha,
-            "repository": {"clone_url": "https://git.example.com/m.git"},
-        }
-    ).encode()
-    signature = hmac.new(b"live-hook-secret", body, hashlib.sha256).hexdigest()
+    body = push_body(new_sha, docs_sha)
     url = restarted["airflow"] + "/gitops-ml/webhooks/default"
     bad = httpx.post(url, content=body, headers={"X-GitHub-Event": "push", "X-Hub-Signature-256": "sha256=" + "0" * 64})
     assert (
         bad.status_code == 401 and "X-Hub-Signature-256" in bad.json()["error"]
     )  # (no run: tests/e2e/test_watch_dags)
-    good = httpx.post(
-        url, content=body, headers={"X-GitHub-Event": "push", "X-Hub-Signature-256": f"sha256={signature}"}
-    )
+    good = httpx.post(url, content=body, headers=github_push_headers(body, "live-hook-secret"))
     assert good.status_code == 202, good.text
     created = good.json()["created"] + good.json()["existing"]  # the 1 s poller may have been first
     assert created == [f"commit__{docs_sha}"]

@@ -22,7 +22,7 @@ from gitops_ml import logs, stack
 from gitops_ml.airflow.client import AirflowClient
 from gitops_ml.airflow.remote_log import file_documents
 from gitops_ml.config import Settings
-from tests.helpers import free_port
+from tests.helpers import free_port, task_log
 
 pytestmark = pytest.mark.e2e
 
@@ -106,13 +106,7 @@ def file_lines(path: Path) -> list[dict]:
 
 
 def ui_lines(client: AirflowClient, run_id: str, task_id: str) -> list[dict]:
-    response = client._http.get(
-        f"/api/v2/dags/{DAG_ID}/dagRuns/{run_id}/taskInstances/{task_id}/logs/1",
-        params={"full_content": "true"},
-        headers={"Accept": "application/json"},
-    )
-    assert response.status_code == 200, response.text
-    content = response.json()["content"]
+    content = task_log(client, DAG_ID, run_id, task_id)
     # Airflow's header: "::group::Log message source details", one line per source, "::endgroup::"
     end = next(i for i, line in enumerate(content) if line.get("event") == "::endgroup::")
     assert any("Elasticsearch" in line.get("event", "") for line in content[:end]), content[:end]

@@ -3,8 +3,6 @@ Airflow metadata DB: one pipeline run per commit (named by its SHA), bursts, the
 again, the path filter, the deferral path (the trigger runs inline), scheduled retraining and
 the push webhook."""
 
-import hashlib
-import hmac
 import importlib.util
 import json
 import threading
@@ -15,7 +13,7 @@ import pytest
 
 from gitops_ml import records
 from gitops_ml.runs import run_id_for
-from tests.helpers import ROOT, commit_file, git
+from tests.helpers import ROOT, commit_file, git, github_push_headers, push_body
 
 pytestmark = pytest.mark.e2e
 
@@ -156,11 +154,6 @@ def test_scheduled_retraining_run_is_named_by_sha_and_time(airflow_db, settings,
     assert retrains[0].conf["trigger"] == "schedule" and retrains[0].conf["commit_sha"] == demo_repo["commit_sha"]
 
 
-def _github(body: bytes, secret: str) -> dict[str, str]:
-    digest = hmac.new(secret.encode(), body, hashlib.sha256).hexdigest()
-    return {"X-GitHub-Event": "push", "X-Hub-Signature-256": f"sha256={digest}", "Content-Type": "application/json"}
-
-
 def test_webhook_starts_the_run_at_once_and_the_poller_finds_it_done(airflow_db, settings, demo_repo, watch_config):
     from airflow.models import Variable
     from starlette.testclient import TestClient
@@ -172,26 +165,20 @@ def test_webhook_starts_the_run_at_once_and_the_poller_finds_it_done(airflow_db,
     watcher(name).test()  # first observation: run for the current head
     before = demo_repo["commit_sha"]
     new_sha = model_code_commit(demo_repo["path"], "# webhook\n", "model code via webhook")
-    body = json.dumps(
-        {
-            "ref": "refs/heads/main",
-            "before": before,
-            "after": new_sha,
-            "repository": {"clone_url": "https://git.example.com/m.git"},
-            "commits": [{"id": new_sha}],
-        }
-    ).encode()
+    body = push_body(before, new_sha, commits=[new_sha])
     client = TestClient(create_app())
-    bad = client.post(f"/webhooks/{name}", content=body, headers=_github(body, "wrong-secret"))
+    bad = client.post(f"/webhooks/{name}", content=body, headers=github_push_headers(body, "wrong-secret"))
     assert bad.status_code == 401 and run_id_for(new_sha, watch=name) not in pipeline_runs()
     assert "hook-secret-1" not in bad.text
-    malformed = client.post(f"/webhooks/{name}", content=b"{not json", headers=_github(b"{not json", "hook-secret-1"))
+    malformed = client.post(
+        f"/webhooks/{name}", content=b"{not json", headers=github_push_headers(b"{not json", "hook-secret-1")
+    )
     assert malformed.status_code == 400
-    good = client.post(f"/webhooks/{name}", content=body, headers=_github(body, "hook-secret-1"))
+    good = client.post(f"/webhooks/{name}", content=body, headers=github_push_headers(body, "hook-secret-1"))
     assert good.status_code == 202, good.text
     assert good.json()["created"] == [run_id_for(new_sha, watch=name)]
     assert pipeline_runs()[run_id_for(new_sha, watch=name)].conf["trigger"] == "webhook"
-    assert client.post(f"/webhooks/{name}", content=body, headers=_github(body, "hook-secret-1")).json()[
+    assert client.post(f"/webhooks/{name}", content=body, headers=github_push_headers(body, "hook-secret-1")).json()[
         "existing"
     ] == [run_id_for(new_sha, watch=name)]
     count = len(pipeline_runs())

@@ -17,35 +17,16 @@ import subprocess
 import time
 from pathlib import Path
 
-import numpy as np
 import pytest
-from PIL import Image
 
 from gitops_ml import data, flow, pipeline, registry, retention, source
 from gitops_ml.errors import DataError
 from gitops_ml.payloads import Commit
-from tests.helpers import BIN, commit_file, git
+from tests.helpers import BIN, change_demo_images, commit_file, git
 
 pytestmark = pytest.mark.integration
 
 DATA = "data/images"
-
-
-def change_data(repo: Path, remote: Path, seed: int, message: str) -> str:
-    """Rewrite the same three images (two replaced, one added; pixels from ``seed``), ``dvc add`` +
-    ``dvc push``, commit: each such commit has four objects of its own (three images, the manifest)."""
-    images = repo / DATA
-    rng = np.random.default_rng(seed)
-    for target in (
-        sorted((images / "3").glob("0*.png"))[0],
-        sorted((images / "5").glob("0*.png"))[0],
-        images / "7" / "extra.png",
-    ):
-        Image.fromarray(rng.integers(0, 256, (8, 8), dtype=np.uint8), mode="L").save(target)
-    data.track_and_push(repo, DATA, "storage", str(remote))
-    git(repo, "add", "-A")
-    git(repo, "commit", "-qm", message)
-    return git(repo, "rev-parse", "HEAD")
 
 
 def start_run(settings, commit_sha: str) -> Commit:
@@ -111,7 +92,7 @@ def test_keeps_the_latest_n_by_finish_time_and_the_failed_one(settings, demo_rep
     shas = [demo_repo["commit_sha"]]
     for i in range(4):
         shas.append(commit_file(repo, "README.md", f"change {i}\n", f"readme {i}"))
-    broken = change_data(repo, remote, 99, "data whose new image never reached the remote")
+    broken = change_demo_images(repo, str(remote), 99, "data whose new image never reached the remote")
     remove_from_remote(remote, repo, "7/extra.png")
 
     # N + 3 = 5 finished runs; the third commit's run finishes last (a re-run), the broken one fails between.
@@ -142,7 +123,7 @@ def test_a_run_in_progress_is_never_removed(settings, demo_repo):
     repo, remote = demo_repo["path"], demo_repo["remote"]
     settings = settings.with_overrides(keep_worktrees=0, keep_failed_hours=0)
     first = demo_repo["commit_sha"]
-    second = change_data(repo, remote, 1, "more data")
+    second = change_demo_images(repo, str(remote), 1, "more data")
     running_commit = start_run(settings, second)  # checked out and pulled, not finished
     running = running_commit.commit_sha
 
@@ -174,7 +155,7 @@ def test_dvc_cache_keeps_exactly_what_retained_trees_and_model_versions_need(set
     champion_sha = demo_repo["commit_sha"]
     result = flow.run_local(settings, champion_sha, deploy_model=False)  # version 1, alias challenger
     registry.set_alias(settings, result.model_version)  # and champion
-    shas = [change_data(repo, remote, seed, f"data {seed}") for seed in (1, 2, 3)]
+    shas = [change_demo_images(repo, str(remote), seed, f"data {seed}") for seed in (1, 2, 3)]
     for sha in shas:
         finished_run(settings, sha)
     removed, last = shas[:2], shas[2]

@@ -21,7 +21,7 @@ from gitops_ml import stack
 from gitops_ml.airflow.client import AirflowClient
 from gitops_ml.config import Settings
 from tests.git_http import GitHttpServer
-from tests.helpers import commit_file, free_port, git
+from tests.helpers import commit_file, free_port, git, readme_block, run_bash
 
 pytestmark = pytest.mark.integration
 
@@ -198,12 +198,6 @@ def test_stack_settings_carry_the_repository_and_ports(tmp_path, monkeypatch):
     assert stack.stack_settings(configured).repo_url == "/srv/models/vision"
 
 
-def readme_block(marker: str) -> str:
-    from tests.e2e.test_byo_repo import readme_block as block
-
-    return block(marker)
-
-
 def test_readme_webhook_example_starts_the_run(api_server):
     """The README's example request, sent as written (curl, openssl) from the watched repository
     to this API server: the signature and headers it builds are accepted and the run is created."""
@@ -213,28 +207,12 @@ def test_readme_webhook_example_starts_the_run(api_server):
     hooked = api_server["hooked"]
     head = git(hooked, "rev-parse", "HEAD")
     env = {**_base_env(api_server["home"]), "GITOPS_ML_WEBHOOK_SECRET": WEBHOOK_SECRET}
-    sent = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=hooked,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    sent = run_bash(script, hooked, env, timeout=120)
     assert sent.returncode == 0, sent.stderr
     answer = json.loads(sent.stdout)
     assert answer.get("created") == [f"commit__{head}"], answer
     run = api_server["client"].get_run(f"commit__{head}")
     assert run is not None and run["conf"]["commit_sha"] == head and run["conf"]["trigger"] == "webhook"
     # The same script with another secret: refused, nothing more created.
-    wrong = subprocess.run(
-        ["bash", "-euo", "pipefail", "-c", script],
-        cwd=hooked,
-        env={**env, "GITOPS_ML_WEBHOOK_SECRET": "not-the-secret"},
-        capture_output=True,
-        text=True,
-        timeout=120,
-        check=False,
-    )
+    wrong = run_bash(script, hooked, {**env, "GITOPS_ML_WEBHOOK_SECRET": "not-the-secret"}, timeout=120)
     assert "X-Hub-Signature-256" in json.loads(wrong.stdout)["error"], wrong.stdout

@@ -4,8 +4,6 @@ for a SHA that is the pushed branch's head or on that branch."""
 
 from __future__ import annotations
 
-import hashlib
-import hmac
 import json
 import os
 import subprocess
@@ -16,7 +14,7 @@ import pytest
 from starlette.testclient import TestClient
 
 from gitops_ml.runs import run_id_for
-from tests.helpers import ROOT, commit_file, git
+from tests.helpers import ROOT, commit_file, git, github_push_headers, push_body
 
 pytestmark = pytest.mark.integration
 
@@ -62,21 +60,9 @@ def hook(airflow_db, settings, demo_repo, tmp_path, monkeypatch):
     }
 
 
-def push_body(before: str, after: str, ref: str = "refs/heads/main") -> bytes:
-    return json.dumps(
-        {"ref": ref, "before": before, "after": after, "repository": {"clone_url": "https://git.example.com/m.git"}}
-    ).encode()
-
-
 def github(body: bytes, delivery: str | None = None) -> dict[str, str]:
-    headers = {
-        "X-GitHub-Event": "push",
-        "Content-Type": "application/json",
-        "X-Hub-Signature-256": "sha256=" + hmac.new(SECRET.encode(), body, hashlib.sha256).hexdigest(),
-    }
-    if delivery:
-        headers["X-GitHub-Delivery"] = delivery
-    return headers
+    """The headers of a push delivery signed with this file's secret."""
+    return github_push_headers(body, SECRET, delivery)
 
 
 def pipeline_run_ids() -> set[str]:

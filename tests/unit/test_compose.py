@@ -9,6 +9,7 @@ import os
 import re
 import shutil
 import subprocess
+from pathlib import Path
 
 import yaml
 
@@ -121,24 +122,22 @@ def test_compose_validates_with_a_filled_env_and_refuses_without_one(tmp_path):
         "apt-get install docker-compose (.ci/run installs it)"
     )
     clean = {k: v for k, v in os.environ.items() if k not in SECRETS}
+
+    def config_check(env_file: Path) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [tool, "--env-file", str(env_file), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
+            capture_output=True,
+            text=True,
+            env=clean,
+            check=False,
+        )
+
     filled = tmp_path / "filled.env"
     filled.write_text("".join(f"{name}=test-{name.lower()}-0123456789\n" for name in SECRETS))
-    result = subprocess.run(
-        [tool, "--env-file", str(filled), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
-        capture_output=True,
-        text=True,
-        env=clean,
-        check=False,
-    )
+    result = config_check(filled)
     assert result.returncode == 0, result.stderr
     empty = tmp_path / "empty.env"
     empty.write_text((ROOT / ".env.example").read_text())  # the example as is: secrets left empty
-    result = subprocess.run(
-        [tool, "--env-file", str(empty), "-f", str(ROOT / "docker-compose.yml"), "config", "-q"],
-        capture_output=True,
-        text=True,
-        env=clean,
-        check=False,
-    )
+    result = config_check(empty)
     assert result.returncode != 0
     assert "see .env.example" in result.stderr and any(name in result.stderr for name in SECRETS), result.stderr
