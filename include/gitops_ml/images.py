@@ -49,9 +49,13 @@ def decode_pixels(data: bytes, height: int, width: int, channels: int, name: str
     return pixels[..., np.newaxis] if channels == 1 else pixels
 
 
+# The model's input is ``float32`` pixels divided by this (training's tf.data pipeline divides by it too).
+PIXEL_MAX = 255.0
+
+
 def to_model_input(pixels: np.ndarray) -> np.ndarray:
     """``uint8`` pixels (one image or a batch) -> the model's ``float32`` input in [0, 1]."""
-    return np.asarray(pixels, dtype=np.float32) / np.float32(255.0)
+    return np.asarray(pixels, dtype=np.float32) / np.float32(PIXEL_MAX)
 
 
 def decode(data: bytes, height: int, width: int, channels: int, name: str = "image") -> np.ndarray:
