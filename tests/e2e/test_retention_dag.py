@@ -7,14 +7,15 @@ import pytest
 
 from gitops_ml import retention
 from tests.e2e.test_dag import load_dag, task_states
-from tests.integration.test_retention import change_data, git_worktrees, remove_from_remote, trees
+from tests.helpers import change_demo_images
+from tests.integration.test_retention import git_worktrees, remove_from_remote, trees
 
 pytestmark = pytest.mark.e2e
 
 
 def test_failed_run_keeps_its_work_tree_for_the_configured_time(airflow_db, settings, demo_repo, monkeypatch):
     repo, remote = demo_repo["path"], demo_repo["remote"]
-    broken = change_data(repo, remote, 7, "an image whose object never reached the remote")
+    broken = change_demo_images(repo, str(remote), 7, "an image whose object never reached the remote")
     remove_from_remote(remote, repo, "7/extra.png")
     monkeypatch.setenv("GITOPS_ML_KEEP_WORKTREES", "0")
     monkeypatch.setenv("GITOPS_ML_KEEP_FAILED_HOURS", "2")
