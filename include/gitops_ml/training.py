@@ -195,8 +195,9 @@ def decoded_ahead(
             pending.append(pool.submit(load, chunk))
         while pending:
             batch = pending.popleft().result()
-            for chunk in itertools.islice(upcoming, 1):
-                pending.append(pool.submit(load, chunk))
+            following = next(upcoming, None)
+            if following is not None:
+                pending.append(pool.submit(load, following))
             yield batch
     finally:  # also when the consumer stops early: drop what was not started, do not wait for the rest
         pool.shutdown(wait=False, cancel_futures=True)
