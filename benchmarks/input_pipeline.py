@@ -12,7 +12,21 @@ files of the larger) are read by
 * the baseline: ``keras.utils.image_dataset_from_directory(image_size=(side, side),
   batch_size=32, shuffle=True)`` (TensorFlow's own JPEG decoder and bilinear resize).
 
-Both run under TensorFlow's op determinism, which ``training.train`` enables before it builds
+Three more pipelines answer "what bounds the first epoch" (``--pipelines ... tf-native
+tf-native-generator tf-native-cache``); none is what training uses:
+
+* ``tf-native``: the same shuffled file indices, batched, decoded by a TensorFlow graph in a
+  parallel ``tf.data`` map (libjpeg DCT scaling to at least the target, bilinear resize, rounded
+  to uint8, as ``tf_pixels`` below), no Python stage and no disk cache;
+* ``tf-native-generator``: the same, but the index batches come from ``from_generator``, the one
+  Python stage a disk cache of decoded pixels needs.  Under op determinism tf.data rewrites every
+  parallel map of a pipeline that holds a stateful op (a Python function, a variable) into a
+  sequential one; the child reports whether that rewrite happened (TensorFlow logs it);
+* ``tf-native-cache``: ``tf-native`` with tf.data's own disk cache (``Dataset.cache(file)``, a
+  dataset op, so no rewrite) after the decode: what a TensorFlow-only disk cache costs on the
+  first pass and saves on the next.
+
+All run under TensorFlow's op determinism, which ``training.train`` enables before it builds
 the pipeline.  Throughput is images per second while iterating the dataset for one epoch (every batch
 materialised, no model), per epoch: epoch 1 decodes every file for both; from epoch 2 on ours
 reads the decoded pixels back from its disk cache while the baseline decodes again.  Each
@@ -28,6 +42,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -40,7 +55,64 @@ from benchmarks._common import ROOT
 
 BATCH = 32
 SEED = 42
-PIPELINES = ("baseline", "ours")
+PIPELINES = ("baseline", "ours", "tf-native", "tf-native-generator", "tf-native-cache")
+DEFAULT_PIPELINES = ("baseline", "ours")
+
+
+def tf_pixels(data, side: int):
+    """Encoded JPEG bytes (scalar string tensor) -> uint8 ``(side, side, 3)``: DCT-scaled decode
+    (the largest 1/2, 1/4 or 1/8 that keeps both sides at or above ``side``), bilinear resize."""
+    import functools
+
+    import tensorflow as tf
+
+    shape = tf.io.extract_jpeg_shape(data)
+    fits = tf.minimum(shape[0] // side, shape[1] // side)
+    decoded = tf.case(
+        [(fits >= r, functools.partial(tf.io.decode_jpeg, data, channels=3, ratio=r)) for r in (8, 4, 2)],
+        default=functools.partial(tf.io.decode_jpeg, data, channels=3),
+    )
+    return tf.cast(tf.clip_by_value(tf.round(tf.image.resize(decoded, (side, side))), 0.0, 255.0), tf.uint8)
+
+
+def tf_native(files: list[str], labels: list[int], side: int, python_source: bool, cache_file: str | None):
+    """``tf-native``, ``tf-native-generator`` (``python_source``) or ``tf-native-cache``
+    (``cache_file``): see the module docstring."""
+    import numpy as np
+    import tensorflow as tf
+
+    from gitops_ml import training
+
+    n = len(files)
+    if python_source:
+        rng = np.random.default_rng(SEED)
+
+        def index_batches():
+            order = rng.permutation(n)
+            for start in range(0, n, BATCH):
+                yield order[start : start + BATCH]
+
+        ds = tf.data.Dataset.from_generator(index_batches, output_signature=tf.TensorSpec((None,), tf.int64))
+    else:
+        ds = tf.data.Dataset.range(n).shuffle(n, seed=SEED, reshuffle_each_iteration=True).batch(BATCH)
+    paths = tf.constant(files)
+    all_labels = tf.constant(np.asarray(labels, np.int64))
+    pixel_spec = tf.TensorSpec((side, side, 3), tf.uint8)
+
+    def decode(chunk):
+        x = tf.map_fn(
+            lambda p: tf_pixels(tf.io.read_file(p), side), tf.gather(paths, chunk), fn_output_signature=pixel_spec
+        )
+        return tf.cast(x, tf.float32) / 255.0, tf.gather(all_labels, chunk)
+
+    ds = ds.map(decode, num_parallel_calls=training.PARALLEL_BATCHES, deterministic=True)
+    if cache_file:
+        ds = ds.cache(cache_file)
+    ds = ds.prefetch(training.PREFETCH_BATCHES)
+    options = tf.data.Options()
+    options.experimental_optimization.inject_prefetch = False
+    options.autotune.enabled = False
+    return ds.with_options(options)
 
 
 def _rss_kib() -> int:
@@ -61,7 +133,7 @@ def child(pipeline: str, folder: Path, epochs: int, side: int) -> dict:
     tf.config.experimental.enable_op_determinism()
     rss_after_imports = _rss_kib()
     started = time.perf_counter()
-    cache = None
+    cache, cache_dir = None, None
     if pipeline == "ours":
         index = data.scan_images(folder, "images")
         p = params.validate(
@@ -73,6 +145,17 @@ def child(pipeline: str, folder: Path, epochs: int, side: int) -> dict:
         cache_dir = tempfile.mkdtemp(prefix="pixel-cache-", dir=folder.parent)
         cache = training.PixelCache(index.files, training.input_shape(p), cache_dir)
         ds = training.make_dataset(index.files, index.labels, p, shuffle=True, cache=cache)
+    elif pipeline.startswith("tf-native"):
+        index = data.scan_images(folder, "images")
+        if pipeline == "tf-native-cache":
+            cache_dir = tempfile.mkdtemp(prefix="tf-cache-", dir=folder.parent)
+        ds = tf_native(
+            index.files,
+            index.labels,
+            side,
+            python_source=pipeline == "tf-native-generator",
+            cache_file=os.path.join(cache_dir, "pixels") if cache_dir else None,
+        )
     else:
         ds = keras.utils.image_dataset_from_directory(
             folder, image_size=(side, side), batch_size=BATCH, shuffle=True, seed=SEED, verbose=False
@@ -90,7 +173,8 @@ def child(pipeline: str, folder: Path, epochs: int, side: int) -> dict:
     if cache is not None:
         result["cache_disk_bytes"] = cache.disk_bytes()
         cache.close()
-        os.rmdir(cache_dir)
+    if cache_dir:
+        shutil.rmtree(cache_dir)
     return result
 
 
@@ -109,14 +193,19 @@ def measure(pipeline: str, folder: Path, epochs: int, side: int) -> dict:
         "--side",
         str(side),
     ]
-    proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True)
-    out = proc.stdout.read()
-    _, status, usage = os.wait4(proc.pid, 0)
+    with tempfile.TemporaryFile("w+") as stderr:
+        proc = subprocess.Popen(cmd, cwd=ROOT, stdout=subprocess.PIPE, stderr=stderr, text=True)
+        out = proc.stdout.read()
+        _, status, usage = os.wait4(proc.pid, 0)
+        stderr.seek(0)
+        # TensorFlow's log line when tf.data turned a parallel map into a sequential one
+        serialised = "use_unbounded_threadpool" in stderr.read()
     proc.returncode = os.waitstatus_to_exitcode(status)
     if proc.returncode != 0:
         raise SystemExit(f"{pipeline} on {folder} failed with exit code {proc.returncode}")
     result = json.loads(out.strip().splitlines()[-1])
     result["peak_rss_kib"] = usage.ru_maxrss  # Linux: KiB
+    result["parallel_map_made_sequential"] = serialised
     return result
 
 
@@ -126,6 +215,7 @@ def main() -> None:
     parser.add_argument("--epochs", type=int, default=2)
     parser.add_argument("--runs", type=int, default=1)
     parser.add_argument("--side", type=int, default=128)
+    parser.add_argument("--pipelines", nargs="+", choices=PIPELINES, default=list(DEFAULT_PIPELINES))
     parser.add_argument("--child", choices=PIPELINES)
     parser.add_argument("--folder", type=Path)
     args = parser.parse_args()
@@ -139,7 +229,7 @@ def main() -> None:
     for size in args.sizes:
         folder = image_folder.folder(size)
         for run in range(args.runs):
-            for pipeline in PIPELINES if run % 2 == 0 else PIPELINES[::-1]:
+            for pipeline in args.pipelines if run % 2 == 0 else args.pipelines[::-1]:
                 result = measure(pipeline, folder, args.epochs, args.side)
                 rows.setdefault((size, pipeline), []).append(result)
                 rates = ", ".join(
@@ -148,7 +238,8 @@ def main() -> None:
                 )
                 print(
                     f"{size:>6} {pipeline:<8} run {run + 1}: images/s per epoch {rates}; "
-                    f"peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB",
+                    f"peak RSS {result['peak_rss_kib'] / 1024:.0f} MiB"
+                    + ("; tf.data made its parallel map sequential" if result["parallel_map_made_sequential"] else ""),
                     flush=True,
                 )
 
@@ -171,7 +262,7 @@ def main() -> None:
     print(header)
     print("|" + "---|" * (header.count("|") - 1))
     for size in args.sizes:
-        for pipeline in PIPELINES:
+        for pipeline in args.pipelines:
             build = statistics.median(r["build_seconds"] for r in rows[(size, pipeline)])
             rates = " | ".join(
                 f"{median_rate(size, pipeline, e):.0f} ({median_cpu_ms(size, pipeline, e):.2f})"
@@ -182,18 +273,19 @@ def main() -> None:
                 f"{median_mib(size, pipeline, 'peak_rss_kib'):.0f} | "
                 f"{median_mib(size, pipeline, 'rss_after_imports_kib'):.0f} |"
             )
-        ratios = " | ".join(
-            f"{median_rate(size, 'ours', e) / median_rate(size, 'baseline', e):.2f}x "
-            f"({median_cpu_ms(size, 'ours', e) / median_cpu_ms(size, 'baseline', e):.2f}x)"
-            for e in range(args.epochs)
-        )
-        print(
-            f"| {size:,} | ratio ours/baseline | | {ratios} | "
-            f"{median_mib(size, 'ours', 'peak_rss_kib') / median_mib(size, 'baseline', 'peak_rss_kib'):.2f} | |"
-        )
+        if "baseline" not in args.pipelines:
+            continue
+        for pipeline in (p for p in args.pipelines if p != "baseline"):
+            ratios = " | ".join(
+                f"{median_rate(size, pipeline, e) / median_rate(size, 'baseline', e):.2f}x "
+                f"({median_cpu_ms(size, pipeline, e) / median_cpu_ms(size, 'baseline', e):.2f}x)"
+                for e in range(args.epochs)
+            )
+            rss = median_mib(size, pipeline, "peak_rss_kib") / median_mib(size, "baseline", "peak_rss_kib")
+            print(f"| {size:,} | ratio {pipeline}/baseline | | {ratios} | {rss:.2f} | |")
     if len(args.sizes) > 1:
         small, large = min(args.sizes), max(args.sizes)
-        for pipeline in PIPELINES:
+        for pipeline in args.pipelines:
             grown = median_mib(large, pipeline, "peak_rss_kib") - median_mib(small, pipeline, "peak_rss_kib")
             print(f"{pipeline}: peak RSS at {large:,} minus at {small:,} images: {grown:+.0f} MiB")
 
