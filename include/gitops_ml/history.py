@@ -33,12 +33,12 @@ from gitops_ml import records
 from gitops_ml.config import Settings
 from gitops_ml.errors import InputError
 from gitops_ml.refs import redact_url
+from gitops_ml.runs import PIPELINE_DAG_ID, RUN_ID_PREFIX
 
 log = logging.getLogger(__name__)
 
-PIPELINE_DAG_ID = "gitops_ml_pipeline"
 TASK_ORDER = ("resolve_commit", "prepare_workspace", "pull_data", "train", "evaluate", "register", "deploy", "record")
-_RUN_SHA = re.compile(r"commit__([0-9a-f]{40}|[0-9a-f]{64})(?:__|$)")
+_RUN_SHA = re.compile(re.escape(RUN_ID_PREFIX) + r"([0-9a-f]{40}|[0-9a-f]{64})(?:__|$)")
 _BROWSABLE_HOSTS = ("github.com", "gitlab.com", "bitbucket.org", "codeberg.org")
 REPLICA_TIMEOUT = 2.0
 

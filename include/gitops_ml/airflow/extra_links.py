@@ -14,7 +14,7 @@ from urllib.parse import quote
 
 from airflow.sdk import BaseOperatorLink
 
-from gitops_ml.history import PIPELINE_DAG_ID
+from gitops_ml.runs import PIPELINE_DAG_ID
 
 
 class MLflowRunLink(BaseOperatorLink):

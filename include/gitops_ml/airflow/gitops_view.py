@@ -32,8 +32,8 @@ from starlette.concurrency import run_in_threadpool
 
 from gitops_ml.airflow.run_note import OUTCOME_KEY
 from gitops_ml.errors import InputError
-from gitops_ml.history import PIPELINE_DAG_ID, TASK_ORDER
-from gitops_ml.runs import DEFAULT_WATCH
+from gitops_ml.history import TASK_ORDER
+from gitops_ml.runs import DEFAULT_WATCH, PIPELINE_DAG_ID
 from gitops_ml.watch import NAME_PATTERN
 
 log = logging.getLogger(__name__)
