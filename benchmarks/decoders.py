@@ -8,6 +8,8 @@
 * ``tensorflow x1``: a TensorFlow graph decoder (``benchmarks.input_pipeline.tf_pixels`` for a
   JPEG, ``decode_png`` + bilinear resize for a PNG) traced once, one image per call: what a
   model server pays per single-image request if serving used TensorFlow's decoder;
+* ``tensorflow eager x1``: the same ops run eagerly, one image per call (no traced function: the
+  cheapest way to call TensorFlow for one image);
 * ``tensorflow x32``: the same graph over 32 images per call (``tf.map_fn``), what a batched
   request or a training batch pays.
 
@@ -65,28 +67,30 @@ def main() -> None:
         ("RGB JPEG, mixed sizes -> 128x128x3", jpegs, 128, 3, lambda d: tf_pixels(d, 128)),
         ("grey digit PNG 8x8 -> 8x8x1", pngs, 8, 1, lambda d: tf_png(d, 8, 1)),
     ]
-    print("| input | pillow x1 | tensorflow x1 | tensorflow x32 | (CPU us per image) |")
-    print("|---|---|---|---|---|")
+    print("| input | pillow x1 | tensorflow x1 | tensorflow eager x1 | tensorflow x32 | (CPU us per image) |")
+    print("|---|---|---|---|---|---|")
     for label, blobs, side, channels, graph in cases:
-        pillow, single, batched = measure_case(tf, images, blobs, side, channels, graph, args.seconds)
+        pillow, single, eager, batched = measure_case(tf, images, blobs, side, channels, graph, args.seconds)
         print(
-            f"| {label} | {pillow:.0f} | {single:.0f} ({single / pillow:.1f}x) | "
+            f"| {label} | {pillow:.0f} | {single:.0f} ({single / pillow:.1f}x) | {eager:.0f} ({eager / pillow:.1f}x) | "
             f"{batched:.0f} ({batched / pillow:.1f}x) | |"
         )
 
 
 def measure_case(tf, images, blobs: list[bytes], side: int, channels: int, graph, seconds: float):
-    """CPU us per image: Pillow one per call, the TensorFlow graph one per call and 32 per call."""
+    """CPU us per image: Pillow one per call, the TensorFlow graph one per call (traced and eager)
+    and 32 per call."""
     pillow = per_image_cpu_us(lambda b: images.decode_pixels(b, side, side, channels), blobs, 1, seconds)
     one = tf.function(graph, input_signature=[tf.TensorSpec((), tf.string)])
     single = per_image_cpu_us(lambda b: one(b).numpy(), blobs, 1, seconds)
+    eager = per_image_cpu_us(lambda b: graph(tf.constant(b)).numpy(), blobs, 1, seconds)
     spec = tf.TensorSpec((side, side, channels), tf.uint8)
     many = tf.function(
         lambda b: tf.map_fn(graph, b, fn_output_signature=spec), input_signature=[tf.TensorSpec((None,), tf.string)]
     )
     groups = [tf.constant(blobs[i : i + 32]) for i in range(0, len(blobs) - 31, 32)]
     batched = per_image_cpu_us(lambda b: many(b).numpy(), groups, 32, seconds)
-    return pillow, single, batched
+    return pillow, single, eager, batched
 
 
 if __name__ == "__main__":

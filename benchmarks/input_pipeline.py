@@ -24,11 +24,12 @@ tf-native-generator tf-native-cache``); none is what training uses:
   sequential one; the child reports whether that rewrite happened (TensorFlow logs it);
 * ``tf-native-cache``: ``tf-native`` with tf.data's own disk cache (``Dataset.cache(file)``, a
   dataset op, so no rewrite) after the decode: what a TensorFlow-only disk cache costs on the
-  first pass and saves on the next.
+  first pass and saves on the next (its epoch 2 replays epoch 1's order instead of reshuffling,
+  which can only flatter it).
 
 All run under TensorFlow's op determinism, which ``training.train`` enables before it builds
 the pipeline.  Throughput is images per second while iterating the dataset for one epoch (every batch
-materialised, no model), per epoch: epoch 1 decodes every file for both; from epoch 2 on ours
+materialised, no model), per epoch: epoch 1 decodes every file for all; from epoch 2 on ours
 reads the decoded pixels back from its disk cache while the baseline decodes again.  Each
 (pipeline, size, run) is its own fresh interpreter; its peak RSS is the child's ``ru_maxrss``
 from ``os.wait4`` in the parent, so the runs do not pollute each other.  "RSS after imports" is
