@@ -13,6 +13,12 @@
 * ``tensorflow x32``: the same graph over 32 images per call (``tf.map_fn``), what a batched
   request or a training batch pays.
 
+Then one single-image ``/predict`` request's CPU work, decode and model, with the demo's built-in
+CNN (untrained, 8x8x1, 10 classes) exported and loaded as the server does
+(``training.export_serving`` / ``load_serving``): Pillow's decode then the traced model call (what
+the server does today) against one traced call that decodes with TensorFlow and runs the loaded
+model in the same graph (what serving with a TensorFlow decoder would do at best).
+
 Two inputs: the benchmark's RGB JPEGs of mixed sizes (``benchmarks.image_folder``, first
 ``--images`` of the 2,000 folder) decoded to 128x128x3, and the demo's 8x8 grey digit PNGs
 decoded to 8x8x1 (what the serving benchmark sends).  All in one process, one after the other;
@@ -23,7 +29,9 @@ from __future__ import annotations
 
 import argparse
 import os
+import tempfile
 import time
+from pathlib import Path
 
 from benchmarks import image_folder
 from benchmarks._common import begin
@@ -46,9 +54,6 @@ def main() -> None:
     args = parser.parse_args()
     begin("decoders")
     os.environ.setdefault("TF_CPP_MIN_LOG_LEVEL", "2")
-    import tempfile
-    from pathlib import Path
-
     import tensorflow as tf
 
     from benchmarks.input_pipeline import tf_pixels
@@ -75,6 +80,39 @@ def main() -> None:
             f"| {label} | {pillow:.0f} | {single:.0f} ({single / pillow:.1f}x) | {eager:.0f} ({eager / pillow:.1f}x) | "
             f"{batched:.0f} ({batched / pillow:.1f}x) | |"
         )
+    today, fused = request_cpu_us(tf, images, pngs, lambda d: tf_png(d, 8, 1), args.seconds)
+    print("\n| one digit /predict request, decode + model | CPU us |")
+    print("|---|---|")
+    print(f"| Pillow decode, then the traced model call (today) | {today:.0f} |")
+    print(f"| TensorFlow decode and the model in one traced call | {fused:.0f} ({fused / today:.2f}x) |")
+
+
+def request_cpu_us(tf, images, pngs: list[bytes], graph, seconds: float) -> tuple[float, float]:
+    """CPU us per single-image request: today's decode-then-predict, and decode fused with the model."""
+    import numpy as np
+
+    from gitops_ml import demo, params, training
+
+    p = params.validate(demo.DEMO_PARAMS)
+    model = training.build_model(10, p)
+    with tempfile.TemporaryDirectory() as tmp:
+        training.export_serving(model, Path(tmp) / "model", np.zeros((2, 8, 8, 1), np.float32))
+        predict = training.load_serving(Path(tmp) / "model")
+    loaded = predict.artifact
+    spec = tf.TensorSpec((8, 8, 1), tf.uint8)
+
+    @tf.function(input_signature=[tf.TensorSpec((None,), tf.string)])
+    def fused(blobs):
+        pixels = tf.map_fn(graph, blobs, fn_output_signature=spec)
+        return loaded.serve(tf.cast(pixels, tf.float32) / 255.0)
+
+    def today(b):
+        return predict(images.to_model_input(images.decode_pixels(b, 8, 8, 1))[np.newaxis])
+
+    return (
+        per_image_cpu_us(today, pngs, 1, seconds),
+        per_image_cpu_us(lambda b: fused(tf.constant([b])), pngs, 1, seconds),
+    )
 
 
 def measure_case(tf, images, blobs: list[bytes], side: int, channels: int, graph, seconds: float):

@@ -104,11 +104,12 @@ def tf_native(files: list[str], labels: list[int], side: int, python_source: boo
         x = tf.map_fn(
             lambda p: tf_pixels(tf.io.read_file(p), side), tf.gather(paths, chunk), fn_output_signature=pixel_spec
         )
-        return tf.cast(x, tf.float32) / 255.0, tf.gather(all_labels, chunk)
+        return x, tf.gather(all_labels, chunk)
 
     ds = ds.map(decode, num_parallel_calls=training.PARALLEL_BATCHES, deterministic=True)
     if cache_file:
-        ds = ds.cache(cache_file)
+        ds = ds.cache(cache_file)  # uint8, as ours caches
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y))
     ds = ds.prefetch(training.PREFETCH_BATCHES)
     options = tf.data.Options()
     options.experimental_optimization.inject_prefetch = False
