@@ -23,6 +23,7 @@ stack, and prints the ratio (see ``compare_model_code``).
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import os
 import statistics
@@ -51,6 +52,34 @@ def wait_served(url: str, commit_sha: str, timeout: float = 120) -> float:
             return time.time()
         time.sleep(0.05)
     raise TimeoutError(f"server never reported {commit_sha}")
+
+
+@contextlib.contextmanager
+def demo_stack(prefix: str):
+    """The demo repository with its gate opened and the embedded stack on free loopback ports, stopped
+    on exit; yields ``(settings, repo, urls, client)`` once the pipeline DAG is loaded.
+
+    Every commit is deployed: a learning-rate bump may score a little below the champion, and a NOT
+    PROMOTED run would never reach /version (the gate is still evaluated, its work still timed).
+    """
+    serve_port = free_port()
+    home = fresh_home(prefix, serve_port)
+
+    from gitops_ml import demo, stack
+    from gitops_ml.airflow.client import AirflowClient
+    from gitops_ml.config import Settings
+
+    settings = Settings.from_env()
+    repo = home / "demo-repo"
+    demo.init_demo(repo, str(home / "dvc-remote"))
+    demo.bump_param(repo, "gate.max_accuracy_drop", 1.0, "benchmark: every commit is deployed")
+    urls = stack.up(settings, airflow_port=free_port(), mlflow_port=free_port(), serve_port=serve_port)
+    try:
+        client = AirflowClient(urls["airflow"])
+        client.wait_for_dag()
+        yield settings, repo, urls, client
+    finally:
+        stack.down(settings)
 
 
 def measure_run(client, serving_url: str, settings, commit_sha: str, t_commit: float) -> dict:
@@ -92,23 +121,11 @@ def compare_model_code(runs: int) -> None:
     """
     import shutil
 
-    serve_port = free_port()
-    home = fresh_home("commit-to-serving-model-code-", serve_port)
+    from gitops_ml import demo
 
-    from gitops_ml import demo, stack
-    from gitops_ml.airflow.client import AirflowClient
-    from gitops_ml.config import Settings
-
-    settings = Settings.from_env()
-    repo = home / "demo-repo"
-    demo.init_demo(repo, str(home / "dvc-remote"))
-    demo.bump_param(repo, "gate.max_accuracy_drop", 1.0, "benchmark: every commit is deployed")
-    urls = stack.up(settings, airflow_port=free_port(), mlflow_port=free_port(), serve_port=serve_port)
     rows: dict[str, list[dict]] = {"builtin": [], "model_code": []}
     step = 0
-    try:
-        client = AirflowClient(urls["airflow"])
-        client.wait_for_dag()
+    with demo_stack("commit-to-serving-model-code-") as (settings, repo, urls, client):
         for i in range(runs + 1):
             for variant in ("builtin", "model_code") if i % 2 == 0 else ("model_code", "builtin"):
                 if variant == "builtin":
@@ -128,8 +145,6 @@ def compare_model_code(runs: int) -> None:
                     f"{row['total_s']:.1f} s",
                     flush=True,
                 )
-    finally:
-        stack.down(settings)
 
     keys = ["total_s", "trigger_s", *TASKS, "scheduling_overhead_s", "train_peak_rss_mb"]
     med = {v: {k: statistics.median(r[k] for r in rs if not r["warmup"]) for k in keys} for v, rs in rows.items()}
@@ -156,25 +171,10 @@ def main() -> None:
     if args.model_code:
         compare_model_code(args.runs)
         return
-    serve_port = free_port()
-    home = fresh_home("commit-to-serving-", serve_port)
-    out_dir = OUT_DIR
-
     from gitops_ml import demo, stack
-    from gitops_ml.airflow.client import AirflowClient
-    from gitops_ml.config import Settings
 
-    settings = Settings.from_env()
-    repo = home / "demo-repo"
-    demo.init_demo(repo, str(home / "dvc-remote"))
-    # Every commit is deployed: a learning-rate bump may score a little below the champion, and a
-    # NOT PROMOTED run would never reach /version (the gate is still evaluated, its work still timed).
-    demo.bump_param(repo, "gate.max_accuracy_drop", 1.0, "benchmark: every commit is deployed")
-    urls = stack.up(settings, airflow_port=free_port(), mlflow_port=free_port(), serve_port=serve_port)
     rows = []
-    try:
-        client = AirflowClient(urls["airflow"])
-        client.wait_for_dag()
+    with demo_stack("commit-to-serving-") as (settings, repo, urls, client):
         for i in range(args.runs + 1):
             t_commit = time.time()
             commit_sha = demo.bump_param(repo, "train.learning_rate", round(0.003 + 0.0001 * (i + 1), 5))
@@ -245,8 +245,6 @@ def main() -> None:
             )
             baseline.append(wait_served(urls["serving"], commit_sha) - t0)
             print(f"baseline {i + 1}: {commit_sha[:12]} served after {baseline[-1]:.1f} s", flush=True)
-    finally:
-        stack.down(settings)
 
     measured = [r for r in rows if not r["warmup"]]
     med = {
@@ -272,7 +270,7 @@ def main() -> None:
         f"burst of 2 commits (newer run first): head served after {burst['head_served_s']:.1f} s, both settled "
         f"after {burst['settled_s']:.1f} s, final serving = head: {burst['final_serving_is_head']}"
     )
-    (out_dir / "commit_to_serving.json").write_text(
+    (OUT_DIR / "commit_to_serving.json").write_text(
         json.dumps({"runs": rows, "baseline_s": baseline, "median": med, "revert": reverted, "burst": burst}, indent=2)
     )
 

@@ -57,7 +57,7 @@ def main() -> None:
     import tensorflow as tf
 
     from benchmarks.input_pipeline import tf_pixels
-    from gitops_ml import data, demo, images
+    from gitops_ml import data, demo
 
     jpegs = [Path(f).read_bytes() for f in data.scan_images(image_folder.folder(2000), "images").files[: args.images]]
     with tempfile.TemporaryDirectory() as tmp:
@@ -75,23 +75,24 @@ def main() -> None:
     print("| input | pillow x1 | tensorflow x1 | tensorflow eager x1 | tensorflow x32 | (CPU us per image) |")
     print("|---|---|---|---|---|---|")
     for label, blobs, side, channels, graph in cases:
-        pillow, single, eager, batched = measure_case(tf, images, blobs, side, channels, graph, args.seconds)
+        pillow, single, eager, batched = measure_case(blobs, side, channels, graph, args.seconds)
         print(
             f"| {label} | {pillow:.0f} | {single:.0f} ({single / pillow:.1f}x) | {eager:.0f} ({eager / pillow:.1f}x) | "
             f"{batched:.0f} ({batched / pillow:.1f}x) | |"
         )
-    today, fused = request_cpu_us(tf, images, pngs, lambda d: tf_png(d, 8, 1), args.seconds)
+    today, fused = request_cpu_us(pngs, lambda d: tf_png(d, 8, 1), args.seconds)
     print("\n| one digit /predict request, decode + model | CPU us |")
     print("|---|---|")
     print(f"| Pillow decode, then the traced model call (today) | {today:.0f} |")
     print(f"| TensorFlow decode and the model in one traced call | {fused:.0f} ({fused / today:.2f}x) |")
 
 
-def request_cpu_us(tf, images, pngs: list[bytes], graph, seconds: float) -> tuple[float, float]:
+def request_cpu_us(pngs: list[bytes], graph, seconds: float) -> tuple[float, float]:
     """CPU us per single-image request: today's decode-then-predict, and decode fused with the model."""
     import numpy as np
+    import tensorflow as tf
 
-    from gitops_ml import demo, params, training
+    from gitops_ml import demo, images, params, training
 
     p = params.validate(demo.DEMO_PARAMS)
     model = training.build_model(10, p)
@@ -104,7 +105,7 @@ def request_cpu_us(tf, images, pngs: list[bytes], graph, seconds: float) -> tupl
     @tf.function(input_signature=[tf.TensorSpec((None,), tf.string)])
     def fused(blobs):
         pixels = tf.map_fn(graph, blobs, fn_output_signature=spec)
-        return loaded.serve(tf.cast(pixels, tf.float32) / 255.0)
+        return loaded.serve(tf.cast(pixels, tf.float32) / images.PIXEL_MAX)
 
     def today(b):
         return predict(images.to_model_input(images.decode_pixels(b, 8, 8, 1))[np.newaxis])
@@ -118,9 +119,13 @@ def request_cpu_us(tf, images, pngs: list[bytes], graph, seconds: float) -> tupl
     return per_image_cpu_us(today, pngs, 1, seconds), per_image_cpu_us(fused_request, pngs, 1, seconds)
 
 
-def measure_case(tf, images, blobs: list[bytes], side: int, channels: int, graph, seconds: float):
+def measure_case(blobs: list[bytes], side: int, channels: int, graph, seconds: float):
     """CPU us per image: Pillow one per call, the TensorFlow graph one per call (traced and eager)
     and 32 per call."""
+    import tensorflow as tf
+
+    from gitops_ml import images
+
     pillow = per_image_cpu_us(lambda b: images.decode_pixels(b, side, side, channels), blobs, 1, seconds)
     one = tf.function(graph, input_signature=[tf.TensorSpec((), tf.string)])
     single = per_image_cpu_us(lambda b: one(b).numpy(), blobs, 1, seconds)

@@ -82,7 +82,7 @@ def tf_native(files: list[str], labels: list[int], side: int, python_source: boo
     import numpy as np
     import tensorflow as tf
 
-    from gitops_ml import training
+    from gitops_ml import images, training
 
     n = len(files)
     if python_source:
@@ -109,12 +109,8 @@ def tf_native(files: list[str], labels: list[int], side: int, python_source: boo
     ds = ds.map(decode, num_parallel_calls=training.PARALLEL_BATCHES, deterministic=True)
     if cache_file:
         ds = ds.cache(cache_file)  # uint8, as ours caches
-    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / 255.0, y))
-    ds = ds.prefetch(training.PREFETCH_BATCHES)
-    options = tf.data.Options()
-    options.experimental_optimization.inject_prefetch = False
-    options.autotune.enabled = False
-    return ds.with_options(options)
+    ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / images.PIXEL_MAX, y))
+    return training.fixed_buffers(ds.prefetch(training.PREFETCH_BATCHES))
 
 
 def _rss_kib() -> int:

@@ -175,7 +175,11 @@ def make_dataset(
     # ``images.to_model_input`` in TensorFlow's own threads (no GIL, no fresh float array per batch in
     # Python), the same IEEE float32 division: the same values as serving (tested).
     ds = ds.map(lambda x, y: (tf.cast(x, tf.float32) / tf.constant(images.PIXEL_MAX, tf.float32), y))
-    # No buffer of tf.data's own on top of ours (it would inject a prefetch and autotune its size).
+    return fixed_buffers(ds)
+
+
+def fixed_buffers(ds: tf.data.Dataset) -> tf.data.Dataset:
+    """``ds`` with no buffer of tf.data's own on top of ours: no injected prefetch, no autotuned sizes."""
     options = tf.data.Options()
     options.experimental_optimization.inject_prefetch = False
     options.autotune.enabled = False
